@@ -1,0 +1,37 @@
+"""Registry of analyses: pure functions of a Graph whose results the Graph caches.
+
+A pass that changes the graph names the analyses it invalidates; the PassManager drops
+those cached results so the next reader recomputes them.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from graphopt.errors import GraphoptError
+
+if TYPE_CHECKING:
+    from graphopt.ir import Graph
+
+AnalysisFn = Callable[["Graph"], Any]
+_ANALYSES: dict[str, AnalysisFn] = {}
+
+
+def register_analysis(name: str) -> Callable[[AnalysisFn], AnalysisFn]:
+    """Decorator: make ``fn(graph)`` available as ``graph.analysis(name)``."""
+
+    def decorate(fn: AnalysisFn) -> AnalysisFn:
+        _ANALYSES[name] = fn
+        return fn
+
+    return decorate
+
+
+def analysis_names() -> list[str]:
+    return sorted(_ANALYSES)
+
+
+def get_analysis(name: str) -> AnalysisFn:
+    try:
+        return _ANALYSES[name]
+    except KeyError:
+        raise GraphoptError(f"unknown analysis {name!r}; known: {', '.join(analysis_names())}") from None

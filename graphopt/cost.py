@@ -1,0 +1,137 @@
+"""Cost analysis: parameters, multiply-accumulates and bytes, per node and in total.
+
+MACs count the work of conv, linear, matmul and attention nodes (the layers that
+dominate inference time); cheaper ops count zero. Parameters and bytes count every
+distinct tensor the GraphModule holds once, however many nodes read it.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from graphopt.analysis import register_analysis
+from graphopt.ops import OpKind
+from graphopt.shapes import SHAPE_KEY
+
+if TYPE_CHECKING:
+    from graphopt.ir import Graph
+
+
+@dataclass
+class NodeCost:
+    params: int = 0
+    macs: int = 0
+
+
+@dataclass
+class CostReport:
+    nodes: dict[str, NodeCost] = field(default_factory=dict)
+    params: int = 0
+    macs: int = 0
+    bytes: int = 0
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _shape(arg) -> tuple | None:
+    if isinstance(arg, fx.Node):
+        shape = arg.meta.get(SHAPE_KEY)
+        return shape if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) else None
+    return None
+
+
+def _module_macs(module: nn.Module, node: fx.Node, out_shape) -> int:
+    if out_shape is None or not all(isinstance(d, int) for d in out_shape):
+        return 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        in_shape = _shape(node.args[0])
+        k = _numel(module.kernel_size)
+        return _numel(in_shape) * (module.out_channels // module.groups) * k if in_shape else 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _numel(out_shape) * (module.in_channels // module.groups) * _numel(module.kernel_size)
+    if isinstance(module, nn.Linear):
+        return _numel(out_shape) * module.in_features
+    if isinstance(module, nn.MultiheadAttention):
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        if q is None or k is None:
+            return 0
+        e = module.embed_dim
+        q_tokens, k_tokens = _numel(q[:-1]), _numel(k[:-1])
+        k_len = k[1] if (module.batch_first and len(k) == 3) else k[0]
+        projections = q_tokens * e * e + k_tokens * e * (module.kdim + module.vdim) + q_tokens * e * e
+        return projections + 2 * q_tokens * k_len * e
+    return 0
+
+
+def _function_macs(node: fx.Node, kind: OpKind, out_shape) -> int:
+    if out_shape is None or not isinstance(out_shape, tuple) or not all(isinstance(d, int) for d in out_shape):
+        return 0
+    if kind == OpKind.CONV:
+        w = _shape(node.args[1]) if len(node.args) > 1 else None
+        return _numel(out_shape) * _numel(w[1:]) if w else 0
+    if kind == OpKind.LINEAR:
+        w = _shape(node.args[1]) if len(node.args) > 1 else None
+        return _numel(out_shape) * w[-1] if w else 0
+    if kind == OpKind.MATMUL:
+        a = _shape(node.args[0]) if node.args else None
+        if a is None and len(node.args) > 1:
+            a = _shape(node.args[1])
+        return _numel(out_shape) * a[-1] if a else 0
+    if kind == OpKind.ATTENTION:
+        q, k = _shape(node.args[0]), _shape(node.args[1]) if len(node.args) > 1 else None
+        return 2 * _numel(q) * k[-2] if q and k else 0
+    return 0
+
+
+@register_analysis("cost")
+def compute_cost(graph: "Graph") -> CostReport:
+    graph.analysis("shapes")
+    modules = dict(graph.gm.named_modules())
+    report = CostReport()
+    seen: set[int] = set()
+
+    def count_tensor(t: torch.Tensor) -> int:
+        if id(t) in seen:
+            return 0
+        seen.add(id(t))
+        return t.numel()
+
+    for node in graph.gm.graph.nodes:
+        kind = graph.kind(node)
+        out_shape = node.meta.get(SHAPE_KEY)
+        cost = NodeCost()
+        if node.op == "call_module":
+            module = modules[node.target]
+            cost.params = sum(count_tensor(p) for p in module.parameters())
+            cost.macs = _module_macs(module, node, out_shape)
+        elif node.op == "get_attr":
+            value = graph.attr(node.target)
+            if isinstance(value, nn.Parameter):
+                cost.params = count_tensor(value)
+        elif node.op == "call_function":
+            cost.macs = _function_macs(node, kind, out_shape)
+        elif node.op == "call_method" and kind == OpKind.MATMUL:
+            cost.macs = _function_macs(node, kind, out_shape)
+        report.nodes[node.name] = cost
+        report.params += cost.params
+        report.macs += cost.macs
+
+    by_dtype: dict[str, int] = defaultdict(int)
+    stored: set[int] = set()
+    for tensor in list(graph.gm.parameters()) + list(graph.gm.buffers()):
+        if id(tensor) in stored:
+            continue
+        stored.add(id(tensor))
+        by_dtype[str(tensor.dtype).replace("torch.", "")] += tensor.numel() * tensor.element_size()
+    report.bytes_by_dtype = dict(by_dtype)
+    report.bytes = sum(by_dtype.values())
+    return report

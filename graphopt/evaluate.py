@@ -1,0 +1,27 @@
+"""Task metrics over a data loader, for before/after comparisons in reports."""
+from __future__ import annotations
+
+from itertools import islice
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+
+
+def top1_accuracy(graph: Graph, batches: Iterable, limit: int | None = None, progress: bool = False) -> float:
+    """Share of samples whose argmax over the last axis equals the label, in [0, 1]."""
+    correct = total = 0
+    for item in tqdm(islice(batches, limit), desc="evaluate", disable=not progress, leave=False, delay=2):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ConfigError("evaluation data must yield (inputs, labels) pairs")
+        inputs, labels = item
+        with torch.no_grad():
+            logits = graph.gm(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise ConfigError("evaluation data yielded no samples")
+    return correct / total

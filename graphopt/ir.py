@@ -1,0 +1,210 @@
+"""The IR: a ``torch.fx.GraphModule`` (the executable truth) plus what passes need.
+
+``Graph`` adds per-node shape/dtype metadata, an op kind for every node, cached
+analyses, a networkx view, verification (``lint``) and a few rewriting primitives that
+every pass shares, so passes never edit the GraphModule behind the IR's back.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Iterator
+
+import networkx as nx
+import torch
+import torch.nn as nn
+from torch import fx
+
+from graphopt import cost as _cost  # noqa: F401  (registers the "cost" analysis)
+from graphopt import shapes as _shapes  # noqa: F401  (registers the "shapes" analysis)
+from graphopt.analysis import get_analysis
+from graphopt.errors import GraphLintError
+from graphopt.ops import OpKind, classify
+from graphopt.shapes import DTYPE_KEY, SHAPE_KEY
+
+KIND_KEY = "graphopt.kind"
+
+
+class Graph:
+    """A traced model. ``captured_by`` says which tracer produced it."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Iterable[Any], *,
+                 captured_by: str = "torch.fx", properties: Iterable[str] = ()):
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self.captured_by = captured_by
+        self.properties: set[str] = set(properties)
+        self._cache: dict[str, Any] = {}
+        self.classify()
+        self.analysis("shapes")
+
+    # -- reading -------------------------------------------------------------------
+    @property
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.gm.graph.nodes)
+
+    def node(self, name: str) -> fx.Node:
+        for node in self.gm.graph.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node named {name!r}")
+
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.gm.named_modules())
+
+    def module(self, node: fx.Node) -> nn.Module:
+        """The submodule a ``call_module`` node calls."""
+        return self.gm.get_submodule(node.target)
+
+    def attr(self, qualname: str) -> Any:
+        """The tensor (or other value) a ``get_attr`` target names."""
+        owner, _, name = qualname.rpartition(".")
+        return getattr(self.gm.get_submodule(owner) if owner else self.gm, name)
+
+    def kind(self, node: fx.Node) -> OpKind:
+        kind = node.meta.get(KIND_KEY)
+        if kind is None:
+            kind = node.meta[KIND_KEY] = classify(node, self.modules())
+        return kind
+
+    def shape(self, node: fx.Node):
+        self.analysis("shapes")
+        return node.meta.get(SHAPE_KEY)
+
+    def dtype(self, node: fx.Node):
+        self.analysis("shapes")
+        return node.meta.get(DTYPE_KEY)
+
+    def qualname(self, node: fx.Node) -> str:
+        """The module path a node came from (its target for call_module), for messages."""
+        if node.op == "call_module":
+            return str(node.target)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            return str(list(stack.values())[-1][0])
+        return node.name
+
+    # -- running -------------------------------------------------------------------
+    def run(self, *inputs: Any) -> Any:
+        """Execute on ``inputs`` (the example inputs when none are given), without grad."""
+        with torch.no_grad():
+            return self.gm(*(inputs or self.example_inputs))
+
+    __call__ = run
+
+    def clone(self) -> "Graph":
+        """A deep copy: modules, parameters and graph are all new objects."""
+        twin = Graph.__new__(Graph)
+        twin.gm = copy.deepcopy(self.gm)
+        twin.example_inputs = self.example_inputs
+        twin.captured_by = self.captured_by
+        twin.properties = set(self.properties)
+        twin._cache = {}
+        return twin
+
+    # -- analyses ------------------------------------------------------------------
+    def analysis(self, name: str) -> Any:
+        """Result of the named analysis, computed once and cached until invalidated."""
+        if name not in self._cache:
+            self._cache[name] = get_analysis(name)(self)
+        return self._cache[name]
+
+    def invalidate(self, names: Iterable[str] | None = None) -> None:
+        """Drop cached analyses (all when ``names`` is None)."""
+        if names is None:
+            self._cache.clear()
+        else:
+            for name in names:
+                self._cache.pop(name, None)
+
+    def classify(self) -> None:
+        modules = self.modules()
+        for node in self.gm.graph.nodes:
+            node.meta[KIND_KEY] = classify(node, modules)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A DiGraph over node names with ``op``, ``target``, ``kind``, ``shape``, ``dtype`` attributes."""
+        view = nx.DiGraph()
+        for node in self.gm.graph.nodes:
+            view.add_node(node.name, op=node.op, target=str(node.target), kind=self.kind(node),
+                          shape=self.shape(node), dtype=self.dtype(node))
+            for index, parent in enumerate(node.all_input_nodes):
+                view.add_edge(parent.name, node.name, index=index)
+        return view
+
+    # -- verification --------------------------------------------------------------
+    def lint(self) -> None:
+        """Check the graph is well formed; raise GraphLintError naming the node if not."""
+        seen: set[fx.Node] = set()
+        outputs = 0
+        modules = self.modules()
+        for node in self.gm.graph.nodes:
+            for parent in node.all_input_nodes:
+                if parent not in seen:
+                    raise GraphLintError(f"node {node.name!r} uses {parent.name!r} before it is defined", node.name)
+            if node.op == "call_module" and node.target not in modules:
+                raise GraphLintError(f"node {node.name!r} calls missing submodule {node.target!r}", node.name)
+            if node.op == "get_attr":
+                try:
+                    self.attr(node.target)
+                except AttributeError:
+                    raise GraphLintError(f"node {node.name!r} reads missing attribute {node.target!r}",
+                                         node.name) from None
+            outputs += node.op == "output"
+            seen.add(node)
+        if outputs != 1:
+            raise GraphLintError(f"graph has {outputs} output nodes, expected exactly 1")
+        try:
+            self.gm.graph.lint()
+        except Exception as exc:  # fx's own checks; its message names the node
+            raise GraphLintError(f"fx lint: {exc}") from exc
+
+    # -- rewriting primitives shared by all passes ---------------------------------
+    def replace_module(self, qualname: str, new: nn.Module) -> None:
+        """Put ``new`` where the submodule ``qualname`` was."""
+        owner, _, name = qualname.rpartition(".")
+        setattr(self.gm.get_submodule(owner) if owner else self.gm, name, new)
+
+    def users_of_module(self, qualname: str) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == qualname]
+
+    def bypass(self, node: fx.Node, replacement: fx.Node) -> None:
+        """Route every use of ``node`` to ``replacement`` and erase ``node``."""
+        node.replace_all_uses_with(replacement)
+        self.gm.graph.erase_node(node)
+
+    def commit(self) -> None:
+        """Finish an edit: drop unused submodules, regenerate code, reclassify nodes.
+
+        Cached analyses are dropped by whoever ran the pass, per its ``invalidates``."""
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+        self.classify()
+
+    # -- summaries -----------------------------------------------------------------
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per node: name, kind, target, shape, dtype, params, MACs."""
+        cost = self.analysis("cost")
+        rows = []
+        for node in self.gm.graph.nodes:
+            c = cost.nodes[node.name]
+            rows.append({"node": node.name, "kind": self.kind(node).value, "target": _target_name(node),
+                         "shape": self.shape(node), "dtype": _dtype_name(self.dtype(node)),
+                         "params": c.params, "macs": c.macs})
+        return rows
+
+    def __repr__(self) -> str:
+        n = sum(1 for _ in self.gm.graph.nodes)
+        return f"Graph({type(self.gm).__name__}, {n} nodes, captured_by={self.captured_by!r})"
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    if callable(target):
+        return getattr(target, "__name__", str(target))
+    return str(target)
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    return "" if dtype is None else str(dtype)

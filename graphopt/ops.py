@@ -1,0 +1,170 @@
+"""The op vocabulary: every IR node is classified into one ``OpKind``.
+
+Passes match on kinds rather than on torch types, so one table here decides what a
+"conv" or a "reshape" is for the whole framework. Anything not listed is ``UNKNOWN``:
+analyses must treat unknown ops conservatively, never as elementwise.
+"""
+from __future__ import annotations
+
+import enum
+import operator
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+
+class OpKind(str, enum.Enum):
+    INPUT = "input"
+    OUTPUT = "output"
+    CONSTANT = "constant"
+    CONV = "conv"
+    LINEAR = "linear"
+    NORM = "norm"
+    ACTIVATION = "activation"
+    ELEMENTWISE = "elementwise"
+    CONCAT = "concat"
+    SPLIT = "split"
+    INDEX = "index"
+    RESHAPE = "reshape"
+    PERMUTE = "permute"
+    POOL = "pool"
+    MATMUL = "matmul"
+    ATTENTION = "attention"
+    SOFTMAX = "softmax"
+    REDUCE = "reduce"
+    EMBEDDING = "embedding"
+    IDENTITY = "identity"
+    SHAPE = "shape"
+    QUANTIZE = "quantize"
+    DEQUANTIZE = "dequantize"
+    UNKNOWN = "unknown"
+
+
+_MODULE_KINDS: list[tuple[tuple[type, ...], OpKind]] = [
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), OpKind.CONV),
+    ((nn.Linear, nn.Bilinear), OpKind.LINEAR),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm), OpKind.NORM),
+    ((nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+      nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU), OpKind.ACTIVATION),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+      nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+      nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), OpKind.POOL),
+    ((nn.MultiheadAttention,), OpKind.ATTENTION),
+    ((nn.Softmax, nn.LogSoftmax), OpKind.SOFTMAX),
+    ((nn.Embedding, nn.EmbeddingBag), OpKind.EMBEDDING),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity), OpKind.IDENTITY),
+    ((nn.Flatten, nn.Unflatten), OpKind.RESHAPE),
+]
+
+_ELEMENTWISE_FUNCS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp,
+    torch.sqrt, torch.rsqrt, torch.pow, operator.pow, torch.clamp, torch.where,
+}
+_ACTIVATION_FUNCS = {
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
+    F.softplus, F.hardtanh, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+}
+_FUNCTION_KINDS: dict[Callable, OpKind] = {
+    **{f: OpKind.ELEMENTWISE for f in _ELEMENTWISE_FUNCS},
+    **{f: OpKind.ACTIVATION for f in _ACTIVATION_FUNCS},
+    F.conv1d: OpKind.CONV, F.conv2d: OpKind.CONV, F.conv3d: OpKind.CONV,
+    F.linear: OpKind.LINEAR,
+    F.batch_norm: OpKind.NORM, F.layer_norm: OpKind.NORM, F.group_norm: OpKind.NORM,
+    F.instance_norm: OpKind.NORM,
+    torch.cat: OpKind.CONCAT, torch.concat: OpKind.CONCAT, torch.stack: OpKind.CONCAT,
+    torch.split: OpKind.SPLIT, torch.chunk: OpKind.SPLIT, torch.unbind: OpKind.SPLIT,
+    operator.getitem: OpKind.INDEX,
+    torch.flatten: OpKind.RESHAPE, torch.reshape: OpKind.RESHAPE,
+    torch.squeeze: OpKind.RESHAPE, torch.unsqueeze: OpKind.RESHAPE,
+    torch.permute: OpKind.PERMUTE, torch.transpose: OpKind.PERMUTE,
+    F.max_pool1d: OpKind.POOL, F.max_pool2d: OpKind.POOL, F.avg_pool1d: OpKind.POOL,
+    F.avg_pool2d: OpKind.POOL, F.adaptive_avg_pool1d: OpKind.POOL, F.adaptive_avg_pool2d: OpKind.POOL,
+    F.adaptive_max_pool2d: OpKind.POOL,
+    torch.matmul: OpKind.MATMUL, operator.matmul: OpKind.MATMUL, torch.bmm: OpKind.MATMUL,
+    torch.mm: OpKind.MATMUL, torch.einsum: OpKind.MATMUL, torch.baddbmm: OpKind.MATMUL,
+    F.scaled_dot_product_attention: OpKind.ATTENTION,
+    F.softmax: OpKind.SOFTMAX, torch.softmax: OpKind.SOFTMAX, F.log_softmax: OpKind.SOFTMAX,
+    torch.mean: OpKind.REDUCE, torch.sum: OpKind.REDUCE, torch.amax: OpKind.REDUCE,
+    F.embedding: OpKind.EMBEDDING,
+    F.dropout: OpKind.IDENTITY, F.dropout1d: OpKind.IDENTITY, F.dropout2d: OpKind.IDENTITY,
+    F.dropout3d: OpKind.IDENTITY, F.alpha_dropout: OpKind.IDENTITY,
+    getattr: OpKind.SHAPE,
+    torch.quantize_per_tensor: OpKind.QUANTIZE, torch.quantize_per_channel: OpKind.QUANTIZE,
+    torch.dequantize: OpKind.DEQUANTIZE,
+    torch.fake_quantize_per_tensor_affine: OpKind.QUANTIZE,
+    torch.fake_quantize_per_channel_affine: OpKind.QUANTIZE,
+}
+_METHOD_KINDS: dict[str, OpKind] = {
+    **{m: OpKind.ELEMENTWISE for m in ("add", "add_", "sub", "mul", "mul_", "div", "neg", "abs",
+                                         "exp", "sqrt", "rsqrt", "pow", "clamp", "masked_fill")},
+    **{m: OpKind.ACTIVATION for m in ("relu", "relu_", "sigmoid", "tanh", "sigmoid_")},
+    **{m: OpKind.RESHAPE for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "expand",
+                                     "contiguous", "unflatten")},
+    **{m: OpKind.PERMUTE for m in ("permute", "transpose")},
+    **{m: OpKind.SPLIT for m in ("split", "chunk", "unbind", "tensor_split")},
+    **{m: OpKind.REDUCE for m in ("mean", "sum", "amax", "max", "min")},
+    **{m: OpKind.SHAPE for m in ("size", "dim")},
+    "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL,
+    "softmax": OpKind.SOFTMAX,
+    "dequantize": OpKind.DEQUANTIZE,
+}
+# torch.export graphs carry aten overloads; classify them by their packet name.
+_ATEN_KINDS: dict[str, OpKind] = {
+    "convolution": OpKind.CONV, "conv2d": OpKind.CONV, "conv1d": OpKind.CONV,
+    "linear": OpKind.LINEAR, "addmm": OpKind.LINEAR,
+    "_native_batch_norm_legit_no_training": OpKind.NORM, "batch_norm": OpKind.NORM,
+    "layer_norm": OpKind.NORM, "native_layer_norm": OpKind.NORM, "group_norm": OpKind.NORM,
+    "relu": OpKind.ACTIVATION, "relu_": OpKind.ACTIVATION, "gelu": OpKind.ACTIVATION,
+    "silu": OpKind.ACTIVATION, "sigmoid": OpKind.ACTIVATION, "hardtanh": OpKind.ACTIVATION,
+    "hardswish": OpKind.ACTIVATION, "tanh": OpKind.ACTIVATION,
+    "add": OpKind.ELEMENTWISE, "add_": OpKind.ELEMENTWISE, "sub": OpKind.ELEMENTWISE,
+    "mul": OpKind.ELEMENTWISE, "div": OpKind.ELEMENTWISE,
+    "cat": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
+    "chunk": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
+    "view": OpKind.RESHAPE, "reshape": OpKind.RESHAPE, "flatten": OpKind.RESHAPE,
+    "unsqueeze": OpKind.RESHAPE, "squeeze": OpKind.RESHAPE,
+    "permute": OpKind.PERMUTE, "transpose": OpKind.PERMUTE, "t": OpKind.PERMUTE,
+    "max_pool2d": OpKind.POOL, "avg_pool2d": OpKind.POOL, "adaptive_avg_pool2d": OpKind.POOL,
+    "mean": OpKind.REDUCE, "sum": OpKind.REDUCE,
+    "matmul": OpKind.MATMUL, "mm": OpKind.MATMUL, "bmm": OpKind.MATMUL,
+    "softmax": OpKind.SOFTMAX, "_softmax": OpKind.SOFTMAX,
+    "scaled_dot_product_attention": OpKind.ATTENTION,
+    "embedding": OpKind.EMBEDDING, "dropout": OpKind.IDENTITY, "clone": OpKind.IDENTITY,
+}
+
+
+def module_kind(module: nn.Module) -> OpKind:
+    """Kind of a leaf module, by type (subclasses of a listed type count)."""
+    for types, kind in _MODULE_KINDS:
+        if isinstance(module, types):
+            return kind
+    return OpKind.UNKNOWN
+
+
+def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
+    """Kind of one fx node; ``modules`` is ``dict(graph_module.named_modules())``."""
+    if node.op == "placeholder":
+        return OpKind.INPUT
+    if node.op == "output":
+        return OpKind.OUTPUT
+    if node.op == "get_attr":
+        return OpKind.CONSTANT
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return module_kind(module) if module is not None else OpKind.UNKNOWN
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target, OpKind.UNKNOWN)
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return _ATEN_KINDS.get(target.overloadpacket.__name__, OpKind.UNKNOWN)
+        try:
+            return _FUNCTION_KINDS.get(target, OpKind.UNKNOWN)
+        except TypeError:  # unhashable callable
+            return OpKind.UNKNOWN
+    return OpKind.UNKNOWN

@@ -1,0 +1,99 @@
+"""The pass interface: one small base class, a registry, and the result type.
+
+A pass declares its registered ``name``, its numerical ``contract``, what it
+``requires`` (an analysis, a named input such as ``calibration_data``, or a property an
+earlier pass ``ensures``), what it ``ensures``, and which analyses it ``invalidates``.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, TypeVar
+
+from graphopt.errors import ConfigError, GraphoptError
+from graphopt.ir import Graph
+from graphopt.options import check_options
+from graphopt.plugins import load_plugins
+
+
+class Contract(str, enum.Enum):
+    EXACT = "exact"      # outputs equal within float tolerance
+    BOUNDED = "bounded"  # lossy; error measured, reported and held to the pass's bound
+    NONE = "none"        # no promise (e.g. a pass followed by retraining)
+
+
+EXACT_TOLERANCE = 1e-5
+
+
+@dataclass
+class PassResult:
+    graph: Graph
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pipeline hands its passes besides the graph: named data (``calibration_data``,
+    ``train_data``, ...), keyed by the names passes list in ``requires``."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class of every pass. Subclass, set the class attributes, implement ``run``."""
+
+    name: ClassVar[str] = ""
+    contract: ClassVar[Contract] = Contract.EXACT
+    bound: float | None = None
+    requires: ClassVar[frozenset[str]] = frozenset()
+    ensures: ClassVar[frozenset[str]] = frozenset()
+    invalidates: ClassVar[frozenset[str] | None] = None  # None: every cached analysis
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any]) -> "Pass":
+        """Build from a pipeline file's options, rejecting unknown keys and wrong types."""
+        check_options(f"pass {cls.name!r}", cls.__init__, options)
+        return cls(**options)
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+_PASSES: dict[str, type[Pass]] = {}
+P = TypeVar("P", bound=type[Pass])
+
+
+def register_pass(name: str) -> Callable[[P], P]:
+    """Class decorator: make a Pass subclass available by ``name`` (Python and pipeline files)."""
+
+    def decorate(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise GraphoptError(f"@register_pass({name!r}) must decorate a subclass of Pass")
+        existing = _PASSES.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise GraphoptError(f"pass name {name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _PASSES[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    load_plugins()
+    return dict(sorted(_PASSES.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = registered_passes()
+    if name not in passes:
+        raise ConfigError(f"unknown pass {name!r}; registered passes: {', '.join(passes) or '(none)'}")
+    return passes[name]

@@ -1,0 +1,142 @@
+"""Runs passes in order, verifying the graph and each pass's numerical contract.
+
+After every pass: lint the graph, run it on the held batch and compare with the graph
+before the pass (exact: relative error <= 1e-5; bounded: <= the pass's bound), then
+record time, params, MACs, bytes and error. A failure raises PassFailed naming the pass
+and, where it can be found, the node; the last good graph travels with it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from tqdm.auto import tqdm
+
+from graphopt.analysis import analysis_names
+from graphopt.errors import ContractViolation, GraphLintError, PassFailed, RequirementError
+from graphopt.ir import Graph
+from graphopt.pass_base import EXACT_TOLERANCE, Contract, Pass, PassContext
+from graphopt.verify import compare_outputs, first_divergence
+
+
+@dataclass
+class PassRecord:
+    """One row of the per-pass report ("input" is the graph before any pass)."""
+
+    name: str
+    contract: str
+    changed: bool
+    seconds: float
+    params: int
+    macs: int
+    bytes: int
+    max_error: float          # vs the graph before this pass
+    error_vs_input: float     # vs the graph the pipeline started from
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        for key in ("max_error", "error_vs_input"):
+            if math.isinf(row[key]):
+                row[key] = "inf"
+        return row
+
+
+@dataclass
+class PipelineResult:
+    graph: Graph
+    records: list[PassRecord]
+
+
+def _record(name: str, contract: str, graph: Graph, seconds: float, changed: bool,
+            error: float, error_vs_input: float, stats: dict) -> PassRecord:
+    cost = graph.analysis("cost")
+    return PassRecord(name, contract, changed, seconds, cost.params, cost.macs, cost.bytes,
+                      error, error_vs_input, dict(stats))
+
+
+class PassManager:
+    """``PassManager([FoldBatchNorm(), ...]).run(graph)`` -> PipelineResult(graph, records).
+
+    ``check_inputs`` is the held batch the contracts are checked on (default: the graph's
+    example inputs); ``verify=False`` skips output checks (lint still runs).
+    """
+
+    def __init__(self, passes: Iterable[Pass], *, context: PassContext | None = None,
+                 check_inputs: tuple | None = None, verify: bool = True, progress: bool = False):
+        self.passes = list(passes)
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"PassManager takes Pass instances, got {p!r}")
+        self.context = context or PassContext()
+        self.check_inputs = check_inputs
+        self.verify = verify
+        self.progress = progress
+
+    def check_requirements(self, graph: Graph) -> None:
+        """Fail before running anything if some pass needs what nothing before it provides."""
+        available = set(graph.properties) | set(analysis_names()) | set(self.context.data)
+        for index, p in enumerate(self.passes):
+            missing = sorted(set(p.requires) - available)
+            if missing:
+                raise RequirementError(
+                    f"pass #{index} {p.name!r} requires {', '.join(map(repr, missing))}, which nothing "
+                    f"provides: give it as PassContext(data={{...}}) (a pipeline file's [data] table) "
+                    f"or schedule a pass that ensures it earlier")
+            available |= set(p.ensures)
+
+    def run(self, graph: Graph) -> PipelineResult:
+        self.check_requirements(graph)
+        inputs = self.check_inputs or graph.example_inputs
+        original = reference = graph.run(*inputs) if self.verify else None
+        records = [_record("input", "-", graph, 0.0, False, 0.0, 0.0, {})]
+        current = graph
+        bar = tqdm(self.passes, desc="passes", disable=not self.progress, leave=False, delay=2)
+        for p in bar:
+            bar.set_postfix_str(p.name)
+            try:
+                current, reference, record = self._run_one(p, current, inputs, reference, original)
+            except PassFailed as failure:
+                failure.records = records
+                raise
+            records.append(record)
+        return PipelineResult(current, records)
+
+    def _run_one(self, p: Pass, current: Graph, inputs: tuple, reference: Any, original: Any):
+        working = current.clone()
+        start = time.perf_counter()
+        try:
+            result = p.run(working, self.context)
+        except Exception as exc:
+            node = getattr(exc, "node", None)
+            raise PassFailed(f"pass {p.name!r} failed{f' at node {node!r}' if node else ''}: "
+                             f"{type(exc).__name__}: {exc}", p.name, node, current, [], exc) from exc
+        seconds = time.perf_counter() - start
+        graph = result.graph
+        if result.changed:
+            graph.invalidate(p.invalidates)
+        try:
+            graph.lint()
+        except GraphLintError as exc:
+            raise PassFailed(f"pass {p.name!r} left a malformed graph: {exc}", p.name, exc.node,
+                             current, [], exc) from exc
+        error = error_vs_input = 0.0
+        outputs = reference
+        if self.verify:
+            outputs = graph.run(*inputs)
+            error = compare_outputs(reference, outputs)[1]
+            error_vs_input = compare_outputs(original, outputs)[1]
+            bound = EXACT_TOLERANCE if p.contract == Contract.EXACT else p.bound
+            if p.contract != Contract.NONE and bound is not None and not error <= bound:
+                node = first_divergence(current.gm, graph.gm, inputs, bound)
+                where = f"; first divergence at node {node!r} ({graph.qualname(graph.node(node))})" if node else ""
+                violation = ContractViolation(
+                    f"pass {p.name!r} broke its {p.contract.value} contract: max relative error "
+                    f"{error:.3g} > {bound:.3g}{where}", error, bound, node)
+                raise PassFailed(str(violation), p.name, node, current, [], violation)
+        graph.properties |= set(p.ensures)
+        record = _record(p.name, p.contract.value, graph, seconds, result.changed, error, error_vs_input,
+                         result.stats)
+        return graph, outputs, record

@@ -1,0 +1,315 @@
+"""Pipelines from TOML files: model source, example input, passes, backends, evaluation.
+
+Everything in the file is checked before any work starts (unknown keys, wrong types,
+missing files, unwritable outputs, unknown passes or backends), so a typo costs
+seconds, not a half-finished run.
+
+    [model]                  # one of: torchvision = "resnet18" | factory = "pkg.mod:fn"
+    factory = "graphopt.tools.digits:DigitsCNN"
+    checkpoint = "digits_cnn.pt"   # a state_dict (paths are relative to this file)
+    input_shape = [1, 1, 8, 8]
+
+    [[passes]]
+    name = "fold_batchnorm"        # further keys are the pass's options
+
+    [[backends]]
+    name = "onnx"
+    path = "out/digits.onnx"       # further keys are the backend's options
+
+    [evaluate]
+    data = "graphopt.tools.digits:test_batches"   # callable -> iterable of (inputs, labels)
+
+    [report]
+    json = "out/report.json"
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from graphopt.backend import ExportReport, check_backend_options, get_backend
+from graphopt.errors import ConfigError
+from graphopt.evaluate import top1_accuracy
+from graphopt.ir import Graph
+from graphopt.pass_base import Pass, PassContext, get_pass
+from graphopt.pass_manager import PassManager, PassRecord
+from graphopt.trace import trace
+
+SECTIONS = {"model", "passes", "backends", "evaluate", "report", "data"}
+MODEL_KEYS = {"torchvision", "factory", "kwargs", "checkpoint", "trusted_checkpoint", "input_shape", "input_dtype"}
+EVALUATE_KEYS = {"data", "metric", "limit"}
+REPORT_KEYS = {"json"}
+METRICS = {"top1": top1_accuracy}
+
+
+def _check_keys(where: str, table: Any, valid: set[str]) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - valid)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    return table
+
+
+def _typed(where: str, value: Any, kind: type | tuple, what: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise ConfigError(f"{where} must be {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def resolve_callable(spec: str, where: str) -> Callable:
+    """'package.module:attribute' -> the attribute, with errors that name ``where``."""
+    _typed(where, spec, str, "a 'package.module:attribute' string")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{where}: {spec!r} is not of the form 'package.module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module {module_name!r}: {exc}") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{where}: {spec!r} is not callable")
+    return target
+
+
+def _writable(where: str, path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise ConfigError(f"{where}: cannot write {path}: {probe} is not a writable directory")
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: {path} is a directory")
+    return path
+
+
+@dataclass
+class ModelSpec:
+    torchvision: str | None = None
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    trusted_checkpoint: bool = False
+    input_shapes: list[list[int]] = field(default_factory=list)
+    input_dtype: str = "float32"
+
+    def example_inputs(self) -> tuple:
+        generator = torch.Generator().manual_seed(0)
+        dtype = getattr(torch, self.input_dtype)
+        if dtype.is_floating_point:
+            return tuple(torch.randn(*s, generator=generator, dtype=dtype) for s in self.input_shapes)
+        return tuple(torch.randint(0, 100, s, generator=generator, dtype=dtype) for s in self.input_shapes)
+
+    def build(self) -> nn.Module:
+        model = None
+        if self.torchvision:
+            import torchvision
+
+            model = torchvision.models.get_model(self.torchvision, weights=None, **self.kwargs)
+        elif self.factory:
+            model = resolve_callable(self.factory, "model.factory")(**self.kwargs)
+        if self.checkpoint:
+            model = _load_checkpoint(self.checkpoint, model, self.trusted_checkpoint)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model: the model source gave {type(model).__name__}, not a torch.nn.Module")
+        return model.eval()
+
+
+def _load_checkpoint(path: str, model: nn.Module | None, trusted: bool) -> nn.Module:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if model is not None or not trusted:
+            hint = "" if model is not None else " (a whole pickled module needs trusted_checkpoint = true)"
+            raise ConfigError(f"model.checkpoint: cannot load {path} as a state_dict: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if model is None:
+        raise ConfigError(f"model.checkpoint: {path} holds weights only; name the architecture with "
+                          "model.torchvision or model.factory")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.checkpoint: {path} does not fit the model: {str(exc).splitlines()[0]} "
+                          f"{' '.join(str(exc).split())[:400]}") from None
+    return model
+
+
+@dataclass
+class PipelineConfig:
+    path: str
+    model: ModelSpec
+    passes: list[Pass]
+    backends: list[tuple[str, str, dict]]
+    evaluate: dict | None = None
+    report_json: str | None = None
+    data: dict[str, str] = field(default_factory=dict)
+
+
+def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
+    """Parse and fully check a pipeline file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = os.path.dirname(os.path.abspath(path))
+
+    def local(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(base, p)
+
+    _check_keys(path, raw, SECTIONS)
+    if "model" not in raw:
+        raise ConfigError(f"{path}: missing [model] table")
+    model = _parse_model(_check_keys("[model]", raw["model"], MODEL_KEYS), local)
+
+    passes = []
+    for i, entry in enumerate(_typed("passes", raw.get("passes", []), list, "an array of tables ([[passes]])")):
+        where = f"passes[{i}]"
+        entry = dict(_typed(where, entry, dict, "a table"))
+        name = _typed(f"{where}.name", entry.pop("name", None), str, "a pass name")
+        passes.append(get_pass(name).from_config(entry))
+
+    backends = []
+    for i, entry in enumerate(_typed("backends", raw.get("backends", []), list, "an array of tables ([[backends]])")):
+        where = f"backends[{i}]"
+        entry = dict(_typed(where, entry, dict, "a table"))
+        name = _typed(f"{where}.name", entry.pop("name", None), str, "a backend name")
+        get_backend(name)
+        out = _writable(f"{where}.path", local(_typed(f"{where}.path", entry.pop("path", None), str, "an output path")))
+        check_backend_options(name, entry)
+        backends.append((name, out, entry))
+
+    evaluate = None
+    if "evaluate" in raw:
+        evaluate = dict(_check_keys("[evaluate]", raw["evaluate"], EVALUATE_KEYS))
+        resolve_callable(evaluate.get("data"), "evaluate.data")
+        metric = evaluate.setdefault("metric", "top1")
+        if metric not in METRICS:
+            raise ConfigError(f"evaluate.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+        if "limit" in evaluate and (not isinstance(evaluate["limit"], int) or evaluate["limit"] <= 0):
+            raise ConfigError(f"evaluate.limit must be a positive integer, got {evaluate['limit']!r}")
+
+    report_json = None
+    if "report" in raw:
+        report = _check_keys("[report]", raw["report"], REPORT_KEYS)
+        if "json" in report:
+            report_json = _writable("report.json", local(_typed("report.json", report["json"], str, "a path")))
+
+    data = {}
+    for key, spec in _check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
+        resolve_callable(spec, f"data.{key}")
+        data[key] = spec
+    return PipelineConfig(path, model, passes, backends, evaluate, report_json, data)
+
+
+def _parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
+    sources = [k for k in ("torchvision", "factory") if k in table]
+    if len(sources) > 1:
+        raise ConfigError("[model]: give one of torchvision or factory, not both")
+    if not sources and "checkpoint" not in table:
+        raise ConfigError("[model]: name a model source: torchvision = \"name\", factory = \"pkg.mod:fn\" "
+                          "or checkpoint = \"path\"")
+    spec = ModelSpec()
+    if "torchvision" in table:
+        import torchvision
+
+        name = _typed("model.torchvision", table["torchvision"], str, "a model name")
+        known = torchvision.models.list_models()
+        if name not in known:
+            raise ConfigError(f"model.torchvision: unknown model {name!r}; e.g. {', '.join(sorted(known)[:8])}, ...")
+        spec.torchvision = name
+    if "factory" in table:
+        spec.factory = table["factory"]
+        resolve_callable(spec.factory, "model.factory")
+    spec.kwargs = dict(_typed("model.kwargs", table.get("kwargs", {}), dict, "a table"))
+    if "checkpoint" in table:
+        spec.checkpoint = local(_typed("model.checkpoint", table["checkpoint"], str, "a file path"))
+        if not os.path.isfile(spec.checkpoint):
+            raise ConfigError(f"model.checkpoint: file not found: {spec.checkpoint}")
+    spec.trusted_checkpoint = _typed("model.trusted_checkpoint", table.get("trusted_checkpoint", False), bool,
+                                     "true or false")
+    shape = table.get("input_shape")
+    if shape is None:
+        raise ConfigError("[model]: input_shape is required, e.g. input_shape = [1, 3, 224, 224]")
+    shapes = shape if shape and isinstance(shape[0], list) else [shape]
+    for s in shapes:
+        if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                       for d in s):
+            raise ConfigError(f"model.input_shape must be a list of positive integers, got {shape!r}")
+    spec.input_shapes = shapes
+    dtype = table.get("input_dtype", "float32")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"model.input_dtype: unknown dtype {dtype!r} (e.g. float32, int64)")
+    spec.input_dtype = dtype
+    return spec
+
+
+@dataclass
+class PipelineOutcome:
+    config: PipelineConfig
+    input_graph: Graph
+    graph: Graph
+    records: list[PassRecord]
+    exports: list[ExportReport]
+    metrics: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.config.path,
+            "captured_by": self.graph.captured_by,
+            "passes": [r.to_dict() for r in self.records],
+            "exports": [e.to_dict() for e in self.exports],
+            "metrics": self.metrics,
+            "seconds": self.seconds,
+        }
+
+
+def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineOutcome:
+    """Build the model, trace, run the passes, export, evaluate before/after."""
+    seconds = {}
+    start = time.perf_counter()
+    model = config.model.build()
+    graph = trace(model, config.model.example_inputs())
+    seconds["trace"] = time.perf_counter() - start
+
+    context = PassContext({k: resolve_callable(v, f"data.{k}")() for k, v in config.data.items()})
+    start = time.perf_counter()
+    result = PassManager(config.passes, context=context, progress=progress).run(graph)
+    seconds["passes"] = time.perf_counter() - start
+
+    exports = []
+    start = time.perf_counter()
+    for name, out, options in config.backends:
+        exports.append(get_backend(name)(result.graph, out, **options))
+    seconds["export"] = time.perf_counter() - start
+
+    metrics: dict[str, dict[str, float]] = {}
+    if config.evaluate:
+        start = time.perf_counter()
+        metric = METRICS[config.evaluate["metric"]]
+        data_fn = resolve_callable(config.evaluate["data"], "evaluate.data")
+        limit = config.evaluate.get("limit")
+        metrics["before"] = {config.evaluate["metric"]: metric(graph, data_fn(), limit, progress)}
+        metrics["after"] = {config.evaluate["metric"]: metric(result.graph, data_fn(), limit, progress)}
+        seconds["evaluate"] = time.perf_counter() - start
+    return PipelineOutcome(config, graph, result.graph, result.records, exports, metrics, seconds)

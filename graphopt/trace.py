@@ -1,0 +1,122 @@
+"""Capture an ``nn.Module`` as a Graph: torch.fx first, torch.export as the fallback.
+
+When neither captures the model, the TraceError names the innermost module being traced,
+why it failed (data-dependent control flow, an unsupported call, ...) and the user-code
+line where it happened.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from graphopt.errors import TraceError
+from graphopt.ir import Graph
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _PathTracer(fx.Tracer):
+    """fx tracer that remembers which module it was inside when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: tuple[str, str] | None = None
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                try:
+                    path = self.path_of_module(m)
+                except NameError:
+                    path = "?"
+                self.failed_in = (path, type(m).__name__)
+            raise
+
+
+def _user_location(exc: BaseException) -> str:
+    """file:line of the last traceback frame outside torch (where the user's code failed)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{os.path.basename(last.filename)}:{last.lineno}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "cannot be used as inputs to control flow" in text or "data-dependent" in text.lower() \
+            or "GuardOnDataDependent" in type(exc).__name__:
+        return f"data-dependent control flow ({text})"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _fx_capture(model: nn.Module) -> fx.GraphModule:
+    tracer = _PathTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        exc.graphopt_module = tracer.failed_in  # type: ignore[attr-defined]
+        raise
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _export_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+    program = torch.export.export(model, inputs, strict=False)
+    return program.module()
+
+
+def _hf_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+    from transformers.utils import fx as hf_fx  # only for Hugging Face models
+
+    names = list(model.dummy_inputs.keys())[: len(inputs)] if hasattr(model, "dummy_inputs") else ["input_ids"]
+    return hf_fx.symbolic_trace(model, input_names=names)
+
+
+def trace(model: nn.Module, example_inputs: Any) -> Graph:
+    """Trace ``model`` (put in eval mode, deep-copied so the caller's model is never edited).
+
+    ``example_inputs``: a tensor or a tuple of positional inputs; they drive shape
+    propagation and serve as the held batch that passes are verified on.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    model = copy.deepcopy(model).eval()
+    is_hf = type(model).__module__.startswith("transformers.")
+    attempts: dict[str, str] = {}
+    first_module, first_reason = "", ""
+    capturers = [("transformers.fx", _hf_capture)] if is_hf else []
+    capturers += [("torch.fx", lambda m, i: _fx_capture(m)), ("torch.export", _export_capture)]
+    for name, capture in capturers:
+        try:
+            gm = capture(model, inputs)
+            graph = Graph(gm, inputs, captured_by=name)
+            if attempts:
+                graph.properties.add(f"fallback:{name}")
+            return graph
+        except Exception as exc:  # each tracer fails in its own way; keep what each said
+            module, typename = getattr(exc, "graphopt_module", None) or ("", type(model).__name__)
+            where = _user_location(exc)
+            reason = _reason(exc) + (f" at {where}" if where else "")
+            attempts[name] = f"{module or '<root>'} ({typename}): {reason}"
+            if not first_reason:
+                first_module, first_reason = module, reason
+    detail = "; ".join(f"{k}: {v}" for k, v in attempts.items())
+    raise TraceError(f"cannot trace {type(model).__name__}: {first_module or '<root>'}: {first_reason} "
+                     f"[tried {detail}]", module=first_module, reason=first_reason, attempts=attempts)

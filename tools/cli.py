@@ -1,0 +1,121 @@
+"""The ``graphopt`` command line: run a pipeline file, inspect a model, list passes.
+
+Errors graphopt raises on purpose are printed as one line naming the problem (exit 2);
+a pass that fails mid-pipeline prints the report so far and the failing pass (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from graphopt.backend import registered_backends
+from graphopt.errors import ConfigError, GraphoptError, PassFailed
+from graphopt.pass_base import registered_passes
+from graphopt.pipeline import ModelSpec, load_pipeline, resolve_callable, run_pipeline
+from graphopt.report import human, pass_table, table, write_json
+from graphopt.trace import trace
+
+
+def _cmd_run(args) -> int:
+    config = load_pipeline(args.pipeline)
+    try:
+        outcome = run_pipeline(config, progress=not args.quiet)
+    except PassFailed as failure:
+        if failure.records:
+            print(pass_table(failure.records))
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    print(f"pipeline {config.path} (captured by {outcome.graph.captured_by})\n")
+    print(pass_table(outcome.records))
+    if outcome.exports:
+        print()
+        print(table(["backend", "path", "size", "max abs err", "max rel err", "time s"],
+                    [(e.backend, e.path, human(e.bytes, "B"), f"{e.max_abs_error:.2e}", f"{e.max_rel_error:.2e}",
+                      f"{e.seconds:.2f}") for e in outcome.exports]))
+    if outcome.metrics:
+        print()
+        names = list(outcome.metrics["before"])
+        print(table(["metric", "before", "after", "change"],
+                    [(n, f"{outcome.metrics['before'][n]:.4f}", f"{outcome.metrics['after'][n]:.4f}",
+                      f"{outcome.metrics['after'][n] - outcome.metrics['before'][n]:+.4f}") for n in names]))
+    json_path = args.json or config.report_json
+    if json_path:
+        write_json(json_path, outcome.to_dict())
+        print(f"\nreport written to {json_path}")
+    return 0
+
+
+def _model_from_argument(model: str, input_shape: str | None, checkpoint: str | None):
+    if model.endswith(".toml"):
+        spec = load_pipeline(model).model
+    else:
+        spec = ModelSpec(checkpoint=checkpoint)
+        if ":" in model:
+            resolve_callable(model, "MODEL")
+            spec.factory = model
+        else:
+            spec.torchvision = model
+        shape = input_shape or "1,3,224,224"
+        try:
+            spec.input_shapes = [[int(d) for d in shape.split(",")]]
+        except ValueError:
+            raise ConfigError(f"--input-shape must be comma-separated integers, got {shape!r}") from None
+    return spec.build(), spec.example_inputs()
+
+
+def _cmd_inspect(args) -> int:
+    model, inputs = _model_from_argument(args.model, args.input_shape, args.checkpoint)
+    graph = trace(model, inputs)
+    rows = [r for r in graph.summary() if r["kind"] not in ("output",)]
+    print(table(["node", "kind", "target", "shape", "dtype", "params", "MACs"],
+                [(r["node"], r["kind"], r["target"], "x".join(map(str, r["shape"])) if isinstance(r["shape"], tuple)
+                  and all(isinstance(d, int) for d in r["shape"]) else "-", r["dtype"], human(r["params"]),
+                  human(r["macs"])) for r in rows]))
+    cost = graph.analysis("cost")
+    dtypes = ", ".join(f"{k} {human(v, 'B')}" for k, v in cost.bytes_by_dtype.items())
+    print(f"\n{len(rows)} nodes, captured by {graph.captured_by}; params {human(cost.params)}, "
+          f"MACs {human(cost.macs)}, bytes {human(cost.bytes, 'B')} "
+          f"({dtypes})")
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    print(table(["pass", "contract", "requires", "ensures", "description"],
+                [(name, cls.contract.value, ",".join(sorted(cls.requires)) or "-",
+                  ",".join(sorted(cls.ensures)) or "-", cls.summary())
+                 for name, cls in registered_passes().items()]))
+    print()
+    print(table(["backend", "description"],
+                [(name, (fn.__doc__ or "").strip().splitlines()[0]) for name, fn in registered_backends().items()]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description="Compress PyTorch models with verified graph passes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a TOML pipeline and print the per-pass report")
+    run.add_argument("pipeline", help="pipeline file (.toml)")
+    run.add_argument("--json", help="write the report as JSON here (overrides [report] json)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(fn=_cmd_run)
+    inspect = sub.add_parser("inspect", help="trace a model and print the IR per layer")
+    inspect.add_argument("model", help="torchvision name, package.module:factory, or a pipeline .toml")
+    inspect.add_argument("--input-shape", help="e.g. 1,3,224,224 (default)")
+    inspect.add_argument("--checkpoint", help="state_dict to load into the model")
+    inspect.set_defaults(fn=_cmd_inspect)
+    passes = sub.add_parser("passes", help="list registered passes and backends")
+    passes.set_defaults(fn=_cmd_passes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GraphoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
