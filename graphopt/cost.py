@@ -50,6 +50,8 @@ def _shape(arg) -> tuple | None:
 
 
 def _module_macs(module: nn.Module, node: fx.Node, out_shape) -> int:
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_module_macs(module, node)
     if out_shape is None or not all(isinstance(d, int) for d in out_shape):
         return 0
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -60,16 +62,19 @@ def _module_macs(module: nn.Module, node: fx.Node, out_shape) -> int:
         return _numel(out_shape) * (module.in_channels // module.groups) * _numel(module.kernel_size)
     if isinstance(module, nn.Linear):
         return _numel(out_shape) * module.in_features
-    if isinstance(module, nn.MultiheadAttention):
-        q, k = _shape(node.args[0]), _shape(node.args[1])
-        if q is None or k is None:
-            return 0
-        e = module.embed_dim
-        q_tokens, k_tokens = _numel(q[:-1]), _numel(k[:-1])
-        k_len = k[1] if (module.batch_first and len(k) == 3) else k[0]
-        projections = q_tokens * e * e + k_tokens * e * (module.kdim + module.vdim) + q_tokens * e * e
-        return projections + 2 * q_tokens * k_len * e
     return 0
+
+
+def _attention_module_macs(module: nn.MultiheadAttention, node: fx.Node) -> int:
+    args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key")[len(node.args):]]
+    q, k = (_shape(args[0]), _shape(args[1])) if len(args) >= 2 else (None, None)
+    if q is None or k is None:
+        return 0
+    e = module.embed_dim
+    q_tokens, k_tokens = _numel(q[:-1]), _numel(k[:-1])
+    k_len = k[1] if (module.batch_first and len(k) == 3) else k[0]
+    projections = q_tokens * e * e + k_tokens * e * (module.kdim + module.vdim) + q_tokens * e * e
+    return projections + 2 * q_tokens * k_len * e
 
 
 def _function_macs(node: fx.Node, kind: OpKind, out_shape) -> int:

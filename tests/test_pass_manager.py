@@ -1,0 +1,213 @@
+import json
+import os
+
+import pytest
+import torch
+
+import graphopt
+from graphopt import (Contract, ContractViolation, GraphLintError, Pass, PassContext, PassFailed, PassManager,
+                      PassResult, RequirementError, register_pass)
+from graphopt.passes import EliminateDeadCode, FoldBatchNorm, RemoveIdentity
+from graphopt.tools.cli import main as cli_main
+from graphopt.tools.digits import DigitsCNN, trained_digits_cnn
+
+
+@pytest.fixture
+def digits_graph():
+    return graphopt.trace(trained_digits_cnn(), torch.rand(4, 1, 8, 8))
+
+
+@register_pass("test_scale_second_conv")
+class ScaleSecondConv(Pass):
+    """Claims to be exact but scales one conv's weights: the contract check must catch it."""
+
+    contract = Contract.EXACT
+
+    def __init__(self, factor: float = 1.5):
+        self.factor = factor
+
+    def run(self, graph, ctx):
+        with torch.no_grad():
+            graph.gm.get_submodule("features.3").weight.mul_(self.factor)
+        return PassResult(graph, changed=True)
+
+
+@register_pass("test_needs_calibration")
+class NeedsCalibration(Pass):
+    """Needs a calibration loader."""
+
+    requires = frozenset({"calibration_data"})
+    runs = 0
+
+    def run(self, graph, ctx):
+        NeedsCalibration.runs += 1
+        assert ctx.data["calibration_data"] == "loader"
+        return PassResult(graph, changed=False)
+
+
+@register_pass("test_needs_folded")
+class NeedsFolded(Pass):
+    """Needs BatchNorm folded first."""
+
+    requires = frozenset({"folded_norms"})
+
+    def run(self, graph, ctx):
+        return PassResult(graph, changed=False)
+
+
+class Perturb(Pass):
+    name = "perturb"
+    contract = Contract.BOUNDED
+
+    def __init__(self, bound):
+        self.bound = bound
+
+    def run(self, graph, ctx):
+        with torch.no_grad():
+            w = graph.gm.get_submodule("classifier.2").weight
+            w.add_(1e-3 * torch.randn_like(w))
+        return PassResult(graph, changed=True, stats={"noise": 1e-3})
+
+
+def test_exact_pipeline_records_every_pass(digits_graph):
+    result = PassManager([FoldBatchNorm(), RemoveIdentity(), EliminateDeadCode()]).run(digits_graph)
+    names = [r.name for r in result.records]
+    assert names == ["input", "fold_batchnorm", "remove_identity", "eliminate_dead_code"]
+    fold = result.records[1]
+    assert fold.stats == {"folded": 2} and fold.changed
+    assert 0 <= fold.max_error <= 1e-5
+    # BN weight+bias gone; the bias-free convs gain a bias each
+    assert fold.params == result.records[0].params - 2 * (16 + 32) + (16 + 32)
+    assert fold.macs == result.records[0].macs
+    assert fold.bytes < result.records[0].bytes
+    assert result.records[2].stats == {"removed": 1}
+    assert "folded_norms" in result.graph.properties
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(result.graph.run(x), digits_graph.run(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.graph.gm.modules())
+    # the input graph is left as it was
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in digits_graph.gm.modules()) == 2
+
+
+def test_wrong_pass_is_caught_by_exact_contract_naming_pass_and_node(digits_graph):
+    before = digits_graph.run()
+    with pytest.raises(PassFailed) as info:
+        PassManager([FoldBatchNorm(), ScaleSecondConv()]).run(digits_graph)
+    failure = info.value
+    assert failure.pass_name == "test_scale_second_conv"
+    assert failure.node == "features_3"
+    assert isinstance(failure.cause, ContractViolation)
+    assert failure.cause.error > 1e-5
+    assert "test_scale_second_conv" in str(failure) and "features_3" in str(failure)
+    # the last good graph is the one after fold_batchnorm, untouched by the bad pass
+    assert "folded_norms" in failure.last_good.properties
+    torch.testing.assert_close(failure.last_good.run(), before, rtol=1e-5, atol=1e-5)
+    assert [r.name for r in failure.records] == ["input", "fold_batchnorm"]
+
+
+def test_missing_requirement_fails_before_any_pass_runs(digits_graph):
+    NeedsCalibration.runs = 0
+    with pytest.raises(RequirementError, match="'test_needs_calibration' requires 'calibration_data'"):
+        PassManager([FoldBatchNorm(), NeedsCalibration()]).run(digits_graph)
+    assert NeedsCalibration.runs == 0
+    PassManager([NeedsCalibration()], context=PassContext({"calibration_data": "loader"})).run(digits_graph)
+    assert NeedsCalibration.runs == 1
+
+
+def test_property_requirement_is_met_only_by_an_earlier_pass(digits_graph):
+    with pytest.raises(RequirementError, match="folded_norms"):
+        PassManager([NeedsFolded(), FoldBatchNorm()]).run(digits_graph)
+    PassManager([FoldBatchNorm(), NeedsFolded()]).run(digits_graph)
+
+
+def test_bounded_contract_measures_and_enforces_bound(digits_graph):
+    result = PassManager([Perturb(bound=0.5)]).run(digits_graph)
+    err = result.records[1].max_error
+    assert 0 < err <= 0.5
+    assert result.records[1].contract == "bounded"
+    with pytest.raises(PassFailed, match="bounded contract") as info:
+        PassManager([Perturb(bound=err / 100)]).run(digits_graph)
+    assert info.value.node == "classifier_2"
+
+
+def test_crashing_pass_is_named_and_keeps_last_good(digits_graph):
+    class Crash(Pass):
+        name = "crash"
+
+        def run(self, graph, ctx):
+            raise ValueError("boom")
+
+    with pytest.raises(PassFailed, match="pass 'crash' failed: ValueError: boom") as info:
+        PassManager([Crash()]).run(digits_graph)
+    assert info.value.last_good is digits_graph
+
+
+def test_malformed_graph_is_caught_by_lint(digits_graph):
+    class Dangling(Pass):
+        name = "dangling"
+
+        def run(self, graph, ctx):
+            delattr(graph.gm.get_submodule("classifier"), "2")
+            return PassResult(graph, changed=True)
+
+    with pytest.raises(PassFailed) as info:
+        PassManager([Dangling()]).run(digits_graph)
+    assert isinstance(info.value.cause, GraphLintError)
+    assert info.value.node == "classifier_2"
+
+
+def test_registering_a_non_pass_or_a_taken_name_is_refused():
+    with pytest.raises(graphopt.GraphoptError, match="subclass of Pass"):
+        register_pass("not_a_pass")(object)
+    with pytest.raises(graphopt.GraphoptError, match="taken"):
+        @register_pass("fold_batchnorm")
+        class Impostor(Pass):
+            pass
+
+
+def test_custom_pass_from_test_file_runs_in_toml_pipeline(tmp_path, capsys):
+    @register_pass("test_halve_then_double")
+    class HalveThenDouble(Pass):
+        """Scales the last layer by 0.5 then its output by 2: exact overall."""
+
+        def __init__(self, layer: str = "classifier.2"):
+            self.layer = layer
+
+        def run(self, graph, ctx):
+            linear = graph.gm.get_submodule(self.layer)
+            with torch.no_grad():
+                linear.weight.mul_(0.5)
+                linear.bias.mul_(0.5)
+            node = next(n for n in graph.nodes if n.op == "call_module" and n.target == self.layer)
+            with graph.gm.graph.inserting_after(node):
+                doubled = graph.gm.graph.call_function(torch.mul, (node, 2.0))
+            node.replace_all_uses_with(doubled, delete_user_cb=lambda user: user is not doubled)
+            graph.commit()
+            return PassResult(graph, changed=True, stats={"layer": self.layer})
+
+    checkpoint = os.path.join(os.path.dirname(graphopt.tools.digits.__file__), "examples", "digits_cnn.pt")
+    pipeline = tmp_path / "custom.toml"
+    pipeline.write_text(f"""
+[model]
+factory = "graphopt.tools.digits:DigitsCNN"
+checkpoint = "{checkpoint}"
+input_shape = [2, 1, 8, 8]
+
+[[passes]]
+name = "test_halve_then_double"
+layer = "classifier.2"
+
+[[passes]]
+name = "fold_batchnorm"
+
+[report]
+json = "report.json"
+""")
+    assert cli_main(["run", str(pipeline), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "test_halve_then_double" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["name"]: r for r in report["passes"]}
+    assert rows["test_halve_then_double"]["stats"] == {"layer": "classifier.2"}
+    assert rows["test_halve_then_double"]["max_error"] <= 1e-5
+    assert rows["fold_batchnorm"]["stats"]["folded"] == 2
