@@ -1,6 +1,7 @@
 """TorchScript backend: script (or trace) the GraphModule, save, reload and verify."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -16,6 +17,17 @@ from graphopt.backends.parity import parity_report
 METHODS = ("auto", "script", "trace")
 
 
+def _scriptable(graph: Graph) -> torch.fx.GraphModule:
+    """A copy without the input/output type annotations fx re-emits under mangled names
+    (``_torch_Tensor_``), which TorchScript cannot resolve; untyped arguments are Tensors."""
+    gm = copy.deepcopy(graph.gm)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            node.type = None
+    gm.recompile()
+    return gm
+
+
 def _compile(graph: Graph, method: str):
     """(ScriptModule, how): scripting keeps control flow; tracing is the fallback."""
     errors = []
@@ -23,7 +35,7 @@ def _compile(graph: Graph, method: str):
         warnings.simplefilter("ignore")
         if method in ("auto", "script"):
             try:
-                return torch.jit.script(graph.gm), "script"
+                return torch.jit.script(_scriptable(graph)), "script"
             except Exception as exc:
                 errors.append(f"script: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
         if method in ("auto", "trace"):

@@ -1,0 +1,78 @@
+"""Foundation benchmark: time per stage for ResNet-50 (trace, passes, ONNX, TorchScript).
+
+    python -m graphopt.tools.bench_foundation [--model resnet50] [--repeats 3] [--out bench-results/foundation.json]
+
+Each stage is repeated and the median printed; torch runs on a fixed thread count.
+Target (issue #2): trace + passes, with per-pass verification, <= 15 s on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torchvision
+
+import graphopt
+from graphopt.backends import onnx as onnx_backend
+from graphopt.backends import torchscript as ts_backend
+from graphopt.passes import EliminateDeadCode, FoldBatchNorm, RemoveIdentity
+from graphopt.report import table, write_json
+
+TARGET_SECONDS = 15.0
+
+
+def one_run(model: torch.nn.Module, x: torch.Tensor, folder: str) -> dict[str, float]:
+    times = {}
+    start = time.perf_counter()
+    graph = graphopt.trace(model, x)
+    times["trace"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = graphopt.PassManager([FoldBatchNorm(), RemoveIdentity(), EliminateDeadCode()]).run(graph)
+    times["passes (verified)"] = time.perf_counter() - start
+    times["trace + passes"] = times["trace"] + times["passes (verified)"]
+    start = time.perf_counter()
+    onnx_backend.export(result.graph, os.path.join(folder, "m.onnx"))
+    times["onnx export (+simplify, ort check)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ts_backend.export(result.graph, os.path.join(folder, "m.pt"))
+    times["torchscript export (+reload check)"] = time.perf_counter() - start
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench-results/foundation.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = torchvision.models.get_model(args.model, weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(args.repeats):
+            runs.append(one_run(model, x, folder))
+    medians = {stage: statistics.median(r[stage] for r in runs) for stage in runs[0]}
+    print(f"{args.model}, batch 1, {args.threads} threads, median of {args.repeats} runs\n")
+    print(table(["stage", "median s", "min s", "max s"],
+                [(s, f"{m:.3f}", f"{min(r[s] for r in runs):.3f}", f"{max(r[s] for r in runs):.3f}")
+                 for s, m in medians.items()]))
+    ok = medians["trace + passes"] <= TARGET_SECONDS
+    print(f"\ntrace + passes {medians['trace + passes']:.2f} s: {'meets' if ok else 'MISSES'} the "
+          f"{TARGET_SECONDS:.0f} s target")
+    write_json(args.out, {"model": args.model, "threads": args.threads, "repeats": args.repeats,
+                          "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+                          "median_seconds": medians, "runs": runs, "target_seconds": TARGET_SECONDS,
+                          "meets_target": ok})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
