@@ -89,6 +89,8 @@ class PassManager:
 
     def run(self, graph: Graph) -> PipelineResult:
         self.check_requirements(graph)
+        # passes may read the pipeline's starting graph (a distillation teacher, say)
+        context = PassContext({"input_graph": graph, **self.context.data})
         inputs = self.check_inputs or graph.example_inputs
         original = reference = graph.run(*inputs) if self.verify else None
         records = [_record("input", "-", graph, 0.0, False, 0.0, 0.0, {})]
@@ -97,18 +99,19 @@ class PassManager:
         for p in bar:
             bar.set_postfix_str(p.name)
             try:
-                current, reference, record = self._run_one(p, current, inputs, reference, original)
+                current, reference, record = self._run_one(p, context, current, inputs, reference, original)
             except PassFailed as failure:
                 failure.records = records
                 raise
             records.append(record)
         return PipelineResult(current, records)
 
-    def _run_one(self, p: Pass, current: Graph, inputs: tuple, reference: Any, original: Any):
+    def _run_one(self, p: Pass, context: PassContext, current: Graph, inputs: tuple, reference: Any,
+                 original: Any):
         working = current.clone()
         start = time.perf_counter()
         try:
-            result = p.run(working, self.context)
+            result = p.run(working, context)
         except Exception as exc:
             node = getattr(exc, "node", None)
             raise PassFailed(f"pass {p.name!r} failed{f' at node {node!r}' if node else ''}: "

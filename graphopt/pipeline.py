@@ -24,6 +24,7 @@ seconds, not a half-finished run.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import time
@@ -158,7 +159,19 @@ class PipelineConfig:
     backends: list[tuple[str, str, dict]]
     evaluate: dict | None = None
     report_json: str | None = None
-    data: dict[str, str] = field(default_factory=dict)
+    data: dict[str, Callable] = field(default_factory=dict)
+
+
+def _data_factory(key: str, spec: Any) -> Callable:
+    """A [data] entry: "pkg.mod:fn", or a table {factory = "pkg.mod:fn", kwargs = {...}}.
+    Passes receive the callable and call it each time they need a fresh pass over the data."""
+    where = f"data.{key}"
+    if isinstance(spec, dict):
+        _check_keys(f"[{where}]", spec, {"factory", "kwargs"})
+        fn = resolve_callable(spec.get("factory"), f"{where}.factory")
+        kwargs = _typed(f"{where}.kwargs", spec.get("kwargs", {}), dict, "a table")
+        return functools.partial(fn, **kwargs)
+    return resolve_callable(spec, where)
 
 
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
@@ -216,8 +229,7 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
 
     data = {}
     for key, spec in _check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
-        resolve_callable(spec, f"data.{key}")
-        data[key] = spec
+        data[key] = _data_factory(key, spec)
     return PipelineConfig(path, model, passes, backends, evaluate, report_json, data)
 
 
@@ -292,7 +304,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineOutco
     graph = trace(model, config.model.example_inputs())
     seconds["trace"] = time.perf_counter() - start
 
-    context = PassContext({k: resolve_callable(v, f"data.{k}")() for k, v in config.data.items()})
+    context = PassContext(dict(config.data))
     start = time.perf_counter()
     result = PassManager(config.passes, context=context, progress=progress).run(graph)
     seconds["passes"] = time.perf_counter() - start

@@ -1,0 +1,29 @@
+"""Recovery pass: fine-tune the graph against the pipeline's input model by distillation."""
+from __future__ import annotations
+
+from graphopt.distill import DistillConfig, distill
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+
+
+@register_pass("distill")
+class Distill(Pass):
+    """Fine-tune with knowledge distillation from the unpruned/uncompressed input model."""
+
+    contract = Contract.NONE
+    requires = frozenset({"train_data"})
+    invalidates = frozenset()  # weights change, structure does not
+
+    def __init__(self, epochs: float = 1.0, lr: float = 1e-3, temperature: float = 4.0, alpha: float = 0.7,
+                 weight_decay: float = 0.0, max_batches: int | None = None, feature_nodes: list | None = None,
+                 feature_weight: float = 1.0, progress: bool = True):
+        self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
+                                    temperature=temperature, alpha=alpha, max_batches=max_batches,
+                                    feature_nodes=tuple(feature_nodes or ()), feature_weight=feature_weight)
+        self.config.check()
+        self.progress = progress
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        teacher = ctx.data.get("teacher") or ctx.data["input_graph"]
+        stats = distill(graph, teacher, ctx.data["train_data"], self.config, progress=self.progress)
+        return PassResult(graph, changed=True, stats={k: round(v, 4) for k, v in stats.items()})

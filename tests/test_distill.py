@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt import ConfigError, PassContext, PassManager, RequirementError
+from graphopt.distill import DistillConfig, distill, kd_loss
+from graphopt.passes import Distill
+from graphopt.tools.digits import train_batches, trained_digits_cnn
+from graphopt.evaluate import top1_accuracy
+from graphopt.tools.digits import test_batches
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(8, 10)
+    assert kd_loss(logits, logits, None, 4.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, torch.randn(8, 10), None, 4.0, 1.0).item() > 0
+    labels = torch.randint(0, 10, (8,))
+    mixed = kd_loss(logits, logits, labels, 4.0, 0.5).item()
+    assert mixed == pytest.approx(0.5 * nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_distillation_recovers_a_damaged_student():
+    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    student = teacher.clone()
+    with torch.no_grad():
+        for p in student.gm.parameters():
+            p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
+    damaged = top1_accuracy(student, test_batches())
+    stats = distill(student, teacher, train_batches, DistillConfig(epochs=3, lr=2e-3), progress=False)
+    recovered = top1_accuracy(student, test_batches())
+    assert stats["loss_last"] < stats["loss_first"]
+    assert recovered > damaged
+    assert recovered >= 0.95
+    assert not student.gm.training
+
+
+def test_distill_pass_needs_training_data_and_uses_the_input_graph_as_teacher():
+    graph = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    with pytest.raises(RequirementError, match="train_data"):
+        PassManager([Distill()]).run(graph)
+    result = PassManager([Distill(epochs=0.5, progress=False)],
+                         context=PassContext({"train_data": train_batches})).run(graph)
+    assert result.records[1].contract == "none"
+    assert result.records[1].stats["steps"] == 11  # half of 23 batches of 64
+
+
+@pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "epochs must be > 0"),
+                                             ({"alpha": 1.5}, "alpha must be in"),
+                                             ({"temperature": -1.0}, "temperature must be > 0")])
+def test_bad_distillation_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Distill(**kwargs)

@@ -1,0 +1,55 @@
+"""Fashion-MNIST from Debian's dataset-fashion-mnist package (real 28x28 images, 10 classes).
+
+Install with ``apt-get install -y dataset-fashion-mnist``; nothing is downloaded at run time.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from graphopt.errors import ConfigError
+
+ROOT = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+MEAN, STD = 0.2860, 0.3530
+
+
+def available() -> bool:
+    return all(os.path.exists(os.path.join(ROOT, f)) for pair in _FILES.values() for f in pair)
+
+
+@lru_cache(maxsize=2)
+def load(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images N x 1 x 28 x 28 float, normalised; labels N int64) for 'train' or 'test'."""
+    if split not in _FILES:
+        raise ConfigError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    images_file, labels_file = (os.path.join(ROOT, f) for f in _FILES[split])
+    if not os.path.exists(images_file):
+        raise ConfigError(f"Fashion-MNIST not found in {ROOT}: apt-get install -y dataset-fashion-mnist")
+    with gzip.open(images_file) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(labels_file) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    x = (torch.from_numpy(images.astype(np.float32)) / 255.0 - MEAN) / STD
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def batches(split: str = "train", batch_size: int = 128, limit: int | None = None, shuffle: bool = False,
+            seed: int = 0):
+    """(images, labels) batches; ``limit`` keeps the first N samples (after shuffling)."""
+    x, y = load(split)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(y))
+    if limit:
+        order = order[:limit]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield x[idx], y[idx]
+
+
+def test_batches(batch_size: int = 256):
+    return batches("test", batch_size)
