@@ -6,9 +6,9 @@ import graphopt
 from graphopt import ConfigError, PassContext, PassManager, RequirementError
 from graphopt.distill import DistillConfig, distill, kd_loss
 from graphopt.passes import Distill
-from graphopt.tools.digits import train_batches, trained_digits_cnn
 from graphopt.evaluate import top1_accuracy
-from graphopt.tools.digits import test_batches
+from graphopt.tools import digits
+from graphopt.tools.digits import train_batches, trained_digits_cnn
 
 
 def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
@@ -26,9 +26,9 @@ def test_distillation_recovers_a_damaged_student():
     with torch.no_grad():
         for p in student.gm.parameters():
             p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
-    damaged = top1_accuracy(student, test_batches())
+    damaged = top1_accuracy(student, digits.test_batches())
     stats = distill(student, teacher, train_batches, DistillConfig(epochs=3, lr=2e-3), progress=False)
-    recovered = top1_accuracy(student, test_batches())
+    recovered = top1_accuracy(student, digits.test_batches())
     assert stats["loss_last"] < stats["loss_first"]
     assert recovered > damaged
     assert recovered >= 0.95
