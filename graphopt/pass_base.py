@@ -27,9 +27,14 @@ EXACT_TOLERANCE = 1e-5
 
 @dataclass
 class PassResult:
+    """What a pass did. ``reference``, when given, is the graph whose outputs the result
+    must match under the pass's contract (pruning: the original with the pruned channels
+    masked); by default the contract is checked against the graph before the pass."""
+
     graph: Graph
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    reference: Graph | None = None
 
 
 @dataclass

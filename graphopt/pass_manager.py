@@ -35,10 +35,11 @@ class PassRecord:
     max_error: float          # vs the graph before this pass
     error_vs_input: float     # vs the graph the pipeline started from
     stats: dict[str, Any] = field(default_factory=dict)
+    contract_error: float = 0.0  # vs the pass's reference (= max_error unless the pass names one)
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
-        for key in ("max_error", "error_vs_input"):
+        for key in ("max_error", "error_vs_input", "contract_error"):
             if math.isinf(row[key]):
                 row[key] = "inf"
         return row
@@ -51,10 +52,10 @@ class PipelineResult:
 
 
 def _record(name: str, contract: str, graph: Graph, seconds: float, changed: bool,
-            error: float, error_vs_input: float, stats: dict) -> PassRecord:
+            error: float, error_vs_input: float, stats: dict, contract_error: float = 0.0) -> PassRecord:
     cost = graph.analysis("cost")
     return PassRecord(name, contract, changed, seconds, cost.params, cost.macs, cost.bytes,
-                      error, error_vs_input, dict(stats))
+                      error, error_vs_input, dict(stats), contract_error)
 
 
 class PassManager:
@@ -125,15 +126,18 @@ class PassManager:
         except GraphLintError as exc:
             raise PassFailed(f"pass {p.name!r} left a malformed graph: {exc}", p.name, exc.node,
                              current, [], exc) from exc
-        error = error_vs_input = 0.0
+        error = error_vs_input = contract_error = 0.0
         outputs = reference
         if self.verify:
             outputs = graph.run(*inputs)
             error = compare_outputs(reference, outputs)[1]
             error_vs_input = compare_outputs(original, outputs)[1]
+            oracle = result.reference or current
+            contract_error = error if result.reference is None else compare_outputs(oracle.run(*inputs), outputs)[1]
             bound = EXACT_TOLERANCE if p.contract == Contract.EXACT else p.bound
-            if p.contract != Contract.NONE and bound is not None and not error <= bound:
-                node = first_divergence(current.gm, graph.gm, inputs, bound)
+            if p.contract != Contract.NONE and bound is not None and not contract_error <= bound:
+                error = contract_error
+                node = first_divergence(oracle.gm, graph.gm, inputs, bound)
                 where = f"; first divergence at node {node!r} ({graph.qualname(graph.node(node))})" if node else ""
                 violation = ContractViolation(
                     f"pass {p.name!r} broke its {p.contract.value} contract: max relative error "
@@ -141,5 +145,5 @@ class PassManager:
                 raise PassFailed(str(violation), p.name, node, current, [], violation)
         graph.properties |= set(p.ensures)
         record = _record(p.name, p.contract.value, graph, seconds, result.changed, error, error_vs_input,
-                         result.stats)
+                         result.stats, contract_error)
         return graph, outputs, record

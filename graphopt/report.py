@@ -45,9 +45,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def pass_table(records) -> str:
     rows = [(r.name, r.contract, human(r.params), human(r.macs), human(r.bytes, "B"),
-             format_error(r.max_error), format_error(r.error_vs_input), f"{r.seconds:.3f}",
-             ", ".join(f"{k}={v}" for k, v in r.stats.items())) for r in records]
-    return table(["pass", "contract", "params", "MACs", "bytes", "max err", "err vs input", "time s", "stats"], rows)
+             format_error(r.max_error), format_error(r.contract_error), format_error(r.error_vs_input),
+             f"{r.seconds:.3f}", ", ".join(f"{k}={v}" for k, v in r.stats.items())) for r in records]
+    return table(["pass", "contract", "params", "MACs", "bytes", "change", "contract err", "vs input", "time s",
+                  "stats"], rows)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -63,9 +63,32 @@ def _model_from_argument(model: str, input_shape: str | None, checkpoint: str | 
     return spec.build(), spec.example_inputs()
 
 
+def _prune_plan(graph, args) -> None:
+    from graphopt.passes.prune_channels import PruneChannels
+
+    pruner = PruneChannels(ratio=args.ratio if args.target_macs is None else None, target_macs=args.target_macs,
+                           importance=args.importance, round_to=args.round_to)
+    choice = pruner.plan(graph)
+    rows = []
+    for g in choice.plan.groups:
+        removing = len(choice.removed.get(g.id, ()))
+        status = "prunable" if g.prunable else "blocked: " + "; ".join(g.blocked)[:90]
+        rows.append((g.id, g.name[:48], g.size, len(g.members), f"{removing}" if g.prunable else "-", status))
+    print(table(["group", "layers", "channels", "members", "remove", "status"], rows))
+    summary = choice.summary()
+    cost = graph.analysis("cost")
+    print(f"\n{summary['prunable']}/{summary['groups']} groups prunable; removing {summary['removed']} of "
+          f"{summary['channels']} prunable channels; estimated MACs {human(choice.estimate['macs'])} "
+          f"({choice.estimate['macs'] / cost.macs:.1%}), params {human(choice.estimate['params'])} "
+          f"({choice.estimate['params'] / cost.params:.1%}); nothing has been changed")
+
+
 def _cmd_inspect(args) -> int:
     model, inputs = _model_from_argument(args.model, args.input_shape, args.checkpoint)
     graph = trace(model, inputs)
+    if args.prune_plan:
+        _prune_plan(graph, args)
+        return 0
     rows = [r for r in graph.summary() if r["kind"] not in ("output",)]
     print(table(["node", "kind", "target", "shape", "dtype", "params", "MACs"],
                 [(r["node"], r["kind"], r["target"], "x".join(map(str, r["shape"])) if isinstance(r["shape"], tuple)
@@ -102,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="torchvision name, package.module:factory, or a pipeline .toml")
     inspect.add_argument("--input-shape", help="e.g. 1,3,224,224 (default)")
     inspect.add_argument("--checkpoint", help="state_dict to load into the model")
+    inspect.add_argument("--prune-plan", action="store_true",
+                         help="show channel groups, blocked groups and the channels pruning would remove")
+    inspect.add_argument("--ratio", type=float, default=0.3, help="with --prune-plan: channel ratio (default 0.3)")
+    inspect.add_argument("--target-macs", type=float, help="with --prune-plan: MACs budget instead of a ratio")
+    inspect.add_argument("--importance", default="l2", help="with --prune-plan: l1, l2, bn_scale, fpgm")
+    inspect.add_argument("--round-to", type=int, default=1, help="with --prune-plan: keep multiples of this")
     inspect.set_defaults(fn=_cmd_inspect)
     passes = sub.add_parser("passes", help="list registered passes and backends")
     passes.set_defaults(fn=_cmd_passes)

@@ -1,0 +1,341 @@
+"""Structured channel pruning over dependency groups, with the weights physically shrunk.
+
+Plan: analyse channel groups (graphopt.channels), score channels with an importance
+criterion, choose what to remove (uniform ratio, global ranking with a per-group cap,
+per-layer overrides, rounding to a multiple, or a MACs/params budget found by search).
+Apply: slice every member of each group and rewrite shape literals. Oracle: the pass
+hands the PassManager the original graph with the removed channels masked (consumer
+columns zeroed) as its reference, and promises exact equality with it.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from graphopt.channels import (DEPTHWISE, EMBED, IN, NORM, OUT, PARAM, SHAPE_ARG, ChannelGroup, ChannelPlan,
+                               channel_groups)
+from graphopt.errors import ConfigError, GraphoptError
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.passes.pruning_importance import Importance, make_importance
+from graphopt.slicing import apply_cuts
+
+
+class NothingToPrune(GraphoptError):
+    """Every channel group of the model is blocked (the reasons are in the message)."""
+
+
+@dataclass
+class PruneChoice:
+    """What one planning step decided: channels to remove per group."""
+
+    plan: ChannelPlan
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    estimate: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        prunable = self.plan.prunable
+        return {"groups": len(self.plan.groups), "prunable": len(prunable), "blocked": len(self.plan.blocked),
+                "channels": sum(g.size for g in prunable),
+                "removed": sum(len(v) for v in self.removed.values())}
+
+
+def _ratio(value: Any, name: str, upper_open: bool = True) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"prune_channels: {name} must be a number, got {value!r}")
+    if not (0 <= value < 1 if upper_open else 0 < value <= 1):
+        bounds = "[0, 1)" if upper_open else "(0, 1]"
+        raise ConfigError(f"prune_channels: {name} must be in {bounds}, got {value}")
+    return float(value)
+
+
+@register_pass("prune_channels")
+class PruneChannels(Pass):
+    """Remove whole channels (conv filters, linear features) across dependency groups; weights shrink."""
+
+    contract = Contract.EXACT  # against the masked original (see PassResult.reference)
+
+    def __init__(self, ratio: float | None = None, target_macs: float | None = None,
+                 target_params: float | None = None, importance: Any = "l2", scope: str = "uniform",
+                 max_ratio: float = 0.9, round_to: int = 1, layers: dict | None = None,
+                 protected: list | None = None, steps: int = 1):
+        chosen = [n for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
+                  if v is not None]
+        if len(chosen) != 1:
+            raise ConfigError("prune_channels: give exactly one of ratio, target_macs, target_params"
+                              + (f" (got {', '.join(chosen)})" if chosen else ""))
+        self.ratio = None if ratio is None else _ratio(ratio, "ratio")
+        self.target_macs = None if target_macs is None else _ratio(target_macs, "target_macs", upper_open=False)
+        self.target_params = None if target_params is None else _ratio(target_params, "target_params",
+                                                                        upper_open=False)
+        if scope not in ("uniform", "global"):
+            raise ConfigError(f"prune_channels: scope must be 'uniform' or 'global', got {scope!r}")
+        self.scope = scope
+        self.max_ratio = _ratio(max_ratio, "max_ratio")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ConfigError(f"prune_channels: round_to must be a positive integer, got {round_to!r}")
+        self.round_to = round_to
+        self.layers = {str(k): _ratio(v, f"layers[{k!r}]") for k, v in (layers or {}).items()}
+        self.protected = list(protected or [])
+        if not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"prune_channels: steps must be a positive integer, got {steps!r}")
+        self.steps = steps
+        self.importance: Importance = make_importance(importance)
+        self.requires = frozenset({"train_data"}) if self.importance.needs_data else frozenset()
+
+    # -- planning --------------------------------------------------------------------
+    def check_names(self, graph: Graph) -> None:
+        modules = graph.modules()
+        for name in list(self.protected) + list(self.layers):
+            if name not in modules or name == "":
+                layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))][:6]
+                raise ConfigError(f"prune_channels: layer {name!r} does not exist in the model; "
+                                  f"e.g. {', '.join(layers)}")
+
+    def plan(self, graph: Graph, ctx: PassContext | None = None, ratio: float | None = None,
+             goal: float | None = None) -> PruneChoice:
+        """Decide what to remove, without changing ``graph``: ``ratio`` of each group's
+        channels, or the least pruning whose estimated cost is ``goal`` x the current one
+        (default: this pass's own ratio or target)."""
+        self.check_names(graph)
+        plan = channel_groups(graph, set(self.protected))
+        if not plan.groups:
+            raise NothingToPrune("nothing prunable: the model has no conv, linear or embedding layer "
+                                 "called as a module")
+        if not plan.prunable:
+            reasons = sorted({r for g in plan.blocked for r in g.blocked})
+            raise NothingToPrune(f"nothing prunable: all {len(plan.groups)} channel groups are blocked "
+                                 f"({'; '.join(reasons[:5])}{'; ...' if len(reasons) > 5 else ''})")
+        if self.importance.needs_data:
+            data = (ctx.data if ctx else {}).get("train_data")
+            if data is None:
+                raise ConfigError(f"prune_channels: importance {self.importance.name!r} needs train_data")
+            self.importance.prepare(graph, data)
+        scores = {g.id: self.importance.scores(graph, g).float() for g in plan.prunable}
+        estimator = _CostEstimator(graph, plan)
+        if ratio is None and goal is None:
+            ratio, goal = self.ratio, self.target_macs or self.target_params
+        if ratio is not None:
+            removed = self.select(plan, scores, ratio)
+        else:
+            removed = self.search(plan, scores, estimator, self.budget_key, goal)
+        return PruneChoice(plan, removed, estimator.estimate(removed))
+
+    @property
+    def budget_key(self) -> str:
+        return "params" if self.target_params is not None else "macs"
+
+    def group_ratio(self, group: ChannelGroup, ratio: float) -> float:
+        for target in group.targets(OUT) + group.targets(EMBED):
+            if target in self.layers:
+                return self.layers[target]
+        return ratio
+
+    def keep_count(self, size: int, remove: int) -> int:
+        keep = max(1, size - remove)
+        keep = min(size, math.ceil(keep / self.round_to) * self.round_to)
+        return keep
+
+    def select(self, plan: ChannelPlan, scores: dict[int, torch.Tensor], ratio: float) -> dict[int, list[int]]:
+        counts: dict[int, int] = {}
+        overridden = {g.id for g in plan.prunable if self.group_ratio(g, -1.0) >= 0}
+        if self.scope == "uniform":
+            for g in plan.prunable:
+                counts[g.id] = int(g.size * min(self.group_ratio(g, ratio), self.max_ratio))
+        else:
+            for g in plan.prunable:
+                if g.id in overridden:
+                    counts[g.id] = int(g.size * self.group_ratio(g, ratio))
+            pool = [g for g in plan.prunable if g.id not in overridden]
+            total = sum(g.size for g in pool)
+            ranked = sorted((float(s), g.id, c) for g in pool
+                            for c, s in enumerate(scores[g.id] / scores[g.id].mean().clamp_min(1e-12)))
+            want, caps = int(total * ratio), {g.id: int(g.size * self.max_ratio) for g in pool}
+            taken: dict[int, int] = defaultdict(int)
+            for _, gid, _ in ranked:
+                if sum(taken.values()) >= want:
+                    break
+                if taken[gid] < caps[gid]:
+                    taken[gid] += 1
+            counts.update({g.id: taken[g.id] for g in pool})
+        removed = {}
+        for g in plan.prunable:
+            n = g.size - self.keep_count(g.size, counts.get(g.id, 0))
+            if n > 0:
+                removed[g.id] = sorted(torch.argsort(scores[g.id], stable=True)[:n].tolist())
+        return removed
+
+    def search(self, plan, scores, estimator, key: str, goal: float) -> dict[int, list[int]]:
+        """Smallest ratio whose estimated cost is within ``goal`` x the original (bisection)."""
+        base = estimator.base[key]
+        best = self.select(plan, scores, self.max_ratio)
+        reachable = estimator.estimate(best)[key] / base
+        if reachable > goal + 1e-9:
+            raise ConfigError(f"prune_channels: cannot reach {key} <= {goal:.1%} of the original: pruning every "
+                              f"prunable group by max_ratio={self.max_ratio} gives {reachable:.1%}")
+        lo, hi = 0.0, self.max_ratio
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            candidate = self.select(plan, scores, mid)
+            if estimator.estimate(candidate)[key] / base <= goal:
+                hi, best = mid, candidate
+            else:
+                lo = mid
+        return best
+
+    # -- applying --------------------------------------------------------------------
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        original = graph.clone()
+        start = original.analysis("cost")
+        keeps: dict[tuple[str, int], torch.Tensor] = {}
+        summaries = []
+        for step in range(1, self.steps + 1):
+            if self.ratio is not None:  # each step keeps the same share, compounding to 1 - ratio
+                choice = self.plan(graph, ctx, ratio=1 - (1 - self.ratio) ** (1 / self.steps))
+            else:  # each step aims at its share of the way to the budget, from where it stands
+                key, target = self.budget_key, self.target_macs or self.target_params
+                now = getattr(graph.analysis("cost"), key)
+                choice = self.plan(graph, ctx, goal=min(1.0, target ** (step / self.steps) * getattr(start, key) / now))
+            summaries.append(choice.summary())
+            for (name, dim), removed in self.apply(graph, choice).items():
+                current = keeps.get((name, dim), torch.arange(original.attr(name).shape[dim]))
+                keeps[(name, dim)] = current[[i for i in range(len(current)) if i not in removed]]
+        first = summaries[0]
+        stats = {"groups": first["groups"], "prunable": first["prunable"], "blocked": first["blocked"],
+                 "channels_removed": sum(s["removed"] for s in summaries), "importance": self.importance.name}
+        if self.steps > 1:
+            stats["steps"] = self.steps
+        return PassResult(graph, changed=stats["channels_removed"] > 0, stats=stats,
+                          reference=_masked(original, keeps))
+
+    def apply(self, graph: Graph, choice: PruneChoice) -> dict[tuple[str, int], set[int]]:
+        """Slice every member of every chosen group; returns the cuts made, by (tensor, axis)."""
+        cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+        shape_edits: dict[tuple[str, int, int], int] = defaultdict(int)
+        depthwise = set()
+        groups = {g.id: g for g in choice.plan.groups}
+        for gid, channels in choice.removed.items():
+            group = groups[gid]
+            for m in group.members:
+                positions = {m.offset + c * m.inner + k for c in channels for k in range(m.inner)}
+                if m.role == SHAPE_ARG:
+                    shape_edits[(m.node, m.axis, m.arg)] += len(positions)
+                    continue
+                module_tensors = _tensors_of(graph, m)
+                for tensor_name, axis in module_tensors:
+                    cuts[tensor_name][axis] |= positions
+                if m.role == DEPTHWISE:
+                    depthwise.add(m.target)
+        apply_cuts(graph, {k: dict(v) for k, v in cuts.items()}, depthwise)
+        _rewrite_shapes(graph, shape_edits)
+        graph.commit()
+        graph.invalidate()
+        return {(name, axis): removed for name, axes in cuts.items() for axis, removed in axes.items()}
+
+
+def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
+    """(tensor qualname, axis) pairs a member cuts."""
+    if m.role == PARAM:
+        return [(m.target, m.axis)]
+    module = graph.gm.get_submodule(m.target)
+    names = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+    if m.role == IN:
+        return [(f"{m.target}.weight", 1)]
+    if m.role == EMBED:
+        return [(f"{m.target}.weight", 1)]
+    if m.role in (OUT, DEPTHWISE):
+        return [(f"{m.target}.{n}", 0) for n in ("weight", "bias") if names.get(n) is not None]
+    if m.role == NORM:
+        return [(f"{m.target}.{n}", 0) for n in ("weight", "bias", "running_mean", "running_var")
+                if names.get(n) is not None]
+    return []
+
+
+def _rewrite_shapes(graph: Graph, edits: dict[tuple[str, int, int], int]) -> None:
+    for (node_name, axis, packed), removed in edits.items():
+        node = graph.node(node_name)
+        if packed:
+            sizes = list(node.args[1])
+            sizes[axis] -= removed
+            node.args = (node.args[0], type(node.args[1])(sizes)) + tuple(node.args[2:])
+        else:
+            args = list(node.args)
+            args[1 + axis] -= removed
+            node.args = tuple(args)
+
+
+def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Graph:
+    """The original graph with every removed channel's consumer columns zeroed: what the
+    pruned graph must compute exactly."""
+    masked = original.clone()
+    modules = masked.modules()
+    with torch.no_grad():
+        for (name, dim), keep in keeps.items():
+            owner, _, attr = name.rpartition(".")
+            module = modules.get(owner)
+            consumer = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd)
+                                                          and module.groups == 1)
+            if dim == 1 and attr == "weight" and consumer:
+                tensor = masked.attr(name)
+                mask = torch.ones(tensor.shape[1], dtype=torch.bool)
+                mask[keep] = False
+                tensor[:, mask] = 0
+    return masked
+
+
+class _CostEstimator:
+    """MACs and params after a removal choice, without building the pruned graph."""
+
+    def __init__(self, graph: Graph, plan: ChannelPlan):
+        self.graph = graph
+        self.plan = plan
+        cost = graph.analysis("cost")
+        self.base = {"macs": cost.macs, "params": cost.params}
+        self.cost = cost
+        self.modules = graph.modules()
+
+    def estimate(self, removed: dict[int, list[int]]) -> dict[str, int]:
+        gone: dict[tuple[str, str], int] = defaultdict(int)  # (module, role) -> elements removed on its axis
+        for g in self.plan.groups:
+            n = len(removed.get(g.id, ()))
+            if not n:
+                continue
+            for m in g.members:
+                if m.role in (OUT, IN, DEPTHWISE, NORM, EMBED):
+                    gone[(m.target, m.role)] += n * m.inner
+        macs, params = self.base["macs"], self.base["params"]
+        for node in self.graph.nodes:
+            if node.op != "call_module" or node.target not in self.modules:
+                continue
+            module = self.modules[node.target]
+            fin, fout = self._fractions(module, node.target, gone)
+            if fin == fout == 1.0:
+                continue
+            node_macs = self.cost.nodes[node.name].macs
+            macs -= node_macs - node_macs * fin * fout
+        for target, module in self.modules.items():
+            fin, fout = self._fractions(module, target, gone)
+            if fin == fout == 1.0:
+                continue
+            for pname, p in module.named_parameters(recurse=False):
+                factor = fout * (fin if pname == "weight" and p.dim() > 1 else 1.0)
+                params -= p.numel() - p.numel() * factor
+        return {"macs": int(macs), "params": int(params)}
+
+    @staticmethod
+    def _fractions(module: nn.Module, target: str, gone) -> tuple[float, float]:
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            return 1.0, 1.0
+        if (target, DEPTHWISE) in gone or (target, NORM) in gone:
+            n = gone.get((target, DEPTHWISE), 0) or gone.get((target, NORM), 0)
+            return 1.0, 1 - n / w.shape[0]
+        fin = 1 - gone.get((target, IN), 0) / w.shape[1] if w.dim() > 1 else 1.0
+        fin -= gone.get((target, EMBED), 0) / w.shape[1] if w.dim() > 1 else 0.0
+        fout = 1 - gone.get((target, OUT), 0) / w.shape[0]
+        return fin, fout

@@ -1,0 +1,140 @@
+"""Channel importance criteria for structured pruning: small, swappable objects.
+
+A criterion maps a channel group to one score per channel (higher = more important).
+Scores sum over every weight slice the group's channels own (producer rows, consumer
+columns, depthwise filters), so a channel that feeds many layers counts all of them.
+Users pass their own by subclassing ``Importance`` (or any callable with that signature).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from graphopt.channels import DEPTHWISE, EMBED, IN, NORM, OUT, ChannelGroup, Member
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+
+WEIGHT_ROLES = (OUT, IN, DEPTHWISE, EMBED)
+
+
+def member_rows(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The ``size`` x k matrix of ``tensor``'s entries that belong to each channel of the group."""
+    moved = tensor.detach().movedim(member.axis, 0)
+    block = moved[member.offset:member.offset + size * member.inner]
+    return block.reshape(size, -1)
+
+
+class Importance:
+    """Base criterion: ``scores(graph, group) -> Tensor[group.size]``."""
+
+    name = ""
+    needs_data = False
+
+    def tensor(self, graph: Graph, qualname: str) -> torch.Tensor:
+        return graph.attr(qualname)
+
+    def rows(self, graph: Graph, group: ChannelGroup, roles: Iterable[str]) -> list[torch.Tensor]:
+        return [member_rows(self.tensor(graph, f"{m.target}.weight"), m, group.size)
+                for m in group.members if m.role in roles]
+
+    def scores(self, graph: Graph, group: ChannelGroup) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class L1(Importance):
+    """Sum of |w| over the group's slices."""
+
+    name = "l1"
+
+    def scores(self, graph, group):
+        return sum(r.abs().sum(1) for r in self.rows(graph, group, WEIGHT_ROLES))
+
+
+class L2(Importance):
+    """Euclidean norm of the group's slices taken together."""
+
+    name = "l2"
+
+    def scores(self, graph, group):
+        return sum(r.pow(2).sum(1) for r in self.rows(graph, group, WEIGHT_ROLES)).sqrt()
+
+
+class BNScale(Importance):
+    """|gamma| of the group's BatchNorms (network slimming); L2 where a group has none."""
+
+    name = "bn_scale"
+
+    def scores(self, graph, group):
+        gammas = [member_rows(graph.attr(f"{m.target}.weight"), m, group.size).abs().sum(1)
+                  for m in group.members if m.role == NORM and getattr(graph.gm.get_submodule(m.target),
+                                                                        "weight", None) is not None]
+        return sum(gammas) if gammas else L2().scores(graph, group)
+
+
+class FPGM(Importance):
+    """Distance to the other filters of the same layer (He et al. 2019): filters near the
+    geometric median are the most replaceable."""
+
+    name = "fpgm"
+
+    def scores(self, graph, group):
+        rows = self.rows(graph, group, (OUT, EMBED))
+        if not rows:
+            return L2().scores(graph, group)
+        return sum(torch.cdist(r.unsqueeze(0).float(), r.unsqueeze(0).float())[0].sum(1) for r in rows)
+
+
+class Taylor(Importance):
+    """First-order Taylor |w * dL/dw| summed over the group's slices, on a few batches of
+    training data (the gradient criterion; Molchanov et al. 2019)."""
+
+    name = "taylor"
+    needs_data = True
+
+    def __init__(self, batches: int = 4):
+        self.batches = batches
+        self.saliency: dict[str, torch.Tensor] = {}
+
+    def prepare(self, graph: Graph, data: Callable | Iterable) -> None:
+        gm = graph.gm
+        grads = {n: torch.zeros_like(p) for n, p in gm.named_parameters()}
+        seen = 0
+        for batch in (data() if callable(data) else data):
+            if seen >= self.batches:
+                break
+            inputs, labels = (batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None))
+            inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            gm.zero_grad()
+            with torch.enable_grad():
+                out = gm(*inputs)
+                loss = F.cross_entropy(out, labels) if labels is not None else out.pow(2).mean()
+                loss.backward()
+            for n, p in gm.named_parameters():
+                if p.grad is not None:
+                    grads[n] += p.grad.detach()
+            seen += 1
+        gm.zero_grad()
+        if not seen:
+            raise ConfigError("taylor importance: the training data yielded no batches")
+        self.saliency = {n: (p.detach() * grads[n] / seen).abs() for n, p in gm.named_parameters()}
+
+    def tensor(self, graph, qualname):
+        if qualname not in self.saliency:
+            raise ConfigError("taylor importance used before prepare(); it needs train_data")
+        return self.saliency[qualname]
+
+    def scores(self, graph, group):
+        return sum(r.sum(1) for r in self.rows(graph, group, WEIGHT_ROLES))
+
+
+CRITERIA: dict[str, type[Importance]] = {c.name: c for c in (L1, L2, BNScale, FPGM, Taylor)}
+
+
+def make_importance(spec: str | Importance) -> Importance:
+    if isinstance(spec, Importance):
+        return spec
+    if spec not in CRITERIA:
+        raise ConfigError(f"unknown importance {spec!r}; valid: {', '.join(CRITERIA)} (or an Importance object)")
+    return CRITERIA[spec]()

@@ -1,0 +1,244 @@
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import graphopt
+from graphopt import ConfigError, PassContext, PassFailed, PassManager
+from graphopt.backends import onnx as onnx_backend
+from graphopt.backends import torchscript as ts_backend
+from graphopt.ops import OpKind
+from graphopt.passes import PruneChannels
+from graphopt.passes.prune_channels import NothingToPrune
+from graphopt.tools.digits import train_batches, trained_digits_cnn
+
+from conftest import randomize_bn
+from test_channel_groups import ChannelsLast, Concat, Residual
+
+
+def prune(model, x, **options):
+    return PassManager([PruneChannels(**options)]).run(graphopt.trace(model.eval(), x))
+
+
+@pytest.mark.parametrize("model, x, expected", [
+    (Residual(), torch.randn(2, 3, 6, 6), {"stem": 4, "c1": 2, "c2": 4, "c3": 4}),
+    (Concat(), torch.randn(2, 3, 2, 2), {"a": 4, "b": 3, "fc": 4}),
+    (ChannelsLast(), torch.randn(2, 3, 4, 4), {"fc1": 12, "stem": 6}),
+])
+def test_pruned_structures_match_the_masked_original(model, x, expected):
+    randomize_bn(model)
+    result = prune(model, x, ratio=0.5)
+    record = result.records[1]
+    assert record.contract_error <= 1e-5  # the oracle: pruned == original with channels masked
+    for name, channels in expected.items():
+        layer = result.graph.gm.get_submodule(name)
+        assert getattr(layer, "out_channels", getattr(layer, "out_features", None)) == channels, name
+    out = result.graph.run(x)
+    assert out.shape == model(x).shape
+
+
+def test_depthwise_chain_shrinks_together():
+    class MB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Conv2d(3, 16, 1)
+            self.bn = nn.BatchNorm2d(16)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.project = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.project(self.dw(torch.relu(self.bn(self.expand(x)))))
+
+    result = prune(randomize_bn(MB()), torch.randn(1, 3, 5, 5), ratio=0.25)
+    dw = result.graph.gm.get_submodule("dw")
+    assert dw.in_channels == dw.out_channels == dw.groups == 12
+    assert result.graph.gm.get_submodule("bn").num_features == 12
+    assert result.graph.gm.get_submodule("project").in_channels == 12
+
+
+def test_oracle_catches_an_analysis_that_guesses():
+    """Treating a channel-mixing op as elementwise (Torch-Pruning's classic bug) must fail."""
+    class Flip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(torch.flip(self.a(x), [1]))
+
+    graph = graphopt.trace(Flip().eval(), torch.randn(1, 3, 4, 4))
+    flip = next(n for n in graph.nodes if n.name.startswith("flip"))
+    assert graph.kind(flip) == OpKind.UNKNOWN
+    with pytest.raises(PassFailed, match="flip: flip \\(unknown\\) is not understood"):
+        PassManager([PruneChannels(ratio=0.5)]).run(graph)  # honest: blocked
+    # now make the analysis guess
+    flip.meta["graphopt.kind"] = OpKind.ACTIVATION
+    with pytest.raises(PassFailed, match="exact contract") as info:
+        PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert info.value.pass_name == "prune_channels"
+
+
+def test_resnet18_budget_rounding_and_exports(tmp_path):
+    model = randomize_bn(torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    result = prune(model, x, target_macs=0.5, round_to=8)
+    before, after = result.records
+    assert 0.42 <= after.macs / before.macs <= 0.5
+    assert after.contract_error <= 1e-5
+    for name, m in result.graph.gm.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % 8 == 0, name
+    assert result.graph.gm.get_submodule("fc").out_features == 1000  # the output layer is kept
+    onnx_backend.export(result.graph, tmp_path / "r18.onnx")
+    ts_backend.export(result.graph, tmp_path / "r18.pt")
+
+
+def test_global_scope_caps_and_overrides():
+    model = randomize_bn(Residual())
+    x = torch.randn(1, 3, 6, 6)
+    result = prune(model, x, ratio=0.5, scope="global", max_ratio=0.5, layers={"c1": 0.0})
+    gm = result.graph.gm
+    assert gm.get_submodule("c1").out_channels == 4  # override: untouched
+    assert gm.get_submodule("stem").out_channels == 4  # the only other group takes the whole cut, capped
+    assert result.records[1].contract_error <= 1e-5
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "fpgm", "taylor"])
+def test_importance_criteria_prune_the_digits_cnn(criterion):
+    graph = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    result = PassManager([PruneChannels(ratio=0.25, importance=criterion)],
+                         context=PassContext({"train_data": train_batches})).run(graph)
+    assert result.graph.gm.get_submodule("features.0").out_channels == 12
+    assert result.graph.gm.get_submodule("features.3").out_channels == 24
+    assert result.graph.gm.get_submodule("classifier.2").in_features == 24 * 16
+    assert result.records[1].contract_error <= 1e-5
+
+
+def test_l1_removes_the_weakest_filters():
+    conv = nn.Conv2d(2, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 0.1, 3.0, 0.2]).view(4, 1, 1, 1).expand(4, 2, 1, 1))
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(4, 1, 1))
+    result = prune(model, torch.randn(1, 2, 3, 3), ratio=0.5, importance="l1")
+    kept = result.graph.gm.get_submodule("0").weight[:, 0, 0, 0]
+    torch.testing.assert_close(kept, torch.tensor([1.0, 3.0]))
+
+
+def test_iterative_schedule_meets_the_budget():
+    model = randomize_bn(torchvision.models.resnet18(weights=None))
+    result = prune(model, torch.randn(1, 3, 64, 64), target_macs=0.5, steps=3)
+    before, after = result.records
+    assert after.macs / before.macs <= 0.5
+    assert after.contract_error <= 1e-5
+    assert after.stats["steps"] == 3
+
+
+def test_custom_importance_object():
+    class Reverse(graphopt.passes.pruning_importance.Importance):
+        name = "reverse"
+
+        def scores(self, graph, group):
+            return -torch.arange(group.size, dtype=torch.float)  # keep the last channels
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+    ref = model[0].weight.detach().clone()
+    result = prune(model, torch.randn(1, 2, 3, 3), ratio=0.5, importance=Reverse())
+    torch.testing.assert_close(result.graph.gm.get_submodule("0").weight, ref[:2])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"ratio": 1.0}, "ratio must be in [0, 1)"),
+    ({"ratio": -0.1}, "ratio must be in [0, 1)"),
+    ({}, "give exactly one of ratio, target_macs, target_params"),
+    ({"ratio": 0.3, "target_macs": 0.5}, "got ratio, target_macs"),
+    ({"target_macs": 0.0}, "target_macs must be in (0, 1]"),
+    ({"ratio": 0.3, "importance": "random"}, "unknown importance 'random'"),
+    ({"ratio": 0.3, "scope": "local"}, "scope must be 'uniform' or 'global'"),
+    ({"ratio": 0.3, "round_to": 0}, "round_to must be a positive integer"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ConfigError) as info:
+        PruneChannels(**options)
+    assert message in str(info.value)
+
+
+def test_unreachable_budget_and_missing_layers():
+    graph = graphopt.trace(Residual().eval(), torch.randn(1, 3, 6, 6))
+    with pytest.raises(PassFailed, match="cannot reach macs <= 1.0% of the original"):
+        PassManager([PruneChannels(target_macs=0.01)]).run(graph)
+    with pytest.raises(PassFailed, match="layer 'layer9' does not exist in the model"):
+        PassManager([PruneChannels(ratio=0.3, protected=["layer9"])]).run(graph)
+    with pytest.raises(PassFailed, match="layer 'nope' does not exist"):
+        PassManager([PruneChannels(ratio=0.3, layers={"nope": 0.5})]).run(graph)
+
+
+def test_nothing_prunable_is_said_not_silently_skipped():
+    with pytest.raises(PassFailed, match="nothing prunable: all 1 channel groups are blocked "
+                                         r"\(reaches the model output\)") as info:
+        PassManager([PruneChannels(ratio=0.5)]).run(graphopt.trace(nn.Sequential(nn.Linear(4, 3)),
+                                                                   torch.randn(2, 4)))
+    assert isinstance(info.value.cause, NothingToPrune)
+    with pytest.raises(PassFailed, match="no conv, linear or embedding layer"):
+        PassManager([PruneChannels(ratio=0.5)]).run(graphopt.trace(nn.ReLU(), torch.randn(2, 4)))
+
+
+def test_protected_layer_keeps_its_channels():
+    result = prune(randomize_bn(Residual()), torch.randn(1, 3, 6, 6), ratio=0.5, protected=["c1"])
+    assert result.graph.gm.get_submodule("c1").out_channels == 4
+    assert result.graph.gm.get_submodule("stem").out_channels == 4
+
+
+def test_prune_plan_from_the_cli_changes_nothing(capsys):
+    from graphopt.tools.cli import main as cli_main
+
+    assert cli_main(["inspect", "resnet18", "--input-shape", "1,3,32,32", "--prune-plan",
+                     "--target-macs", "0.5", "--round-to", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.1.conv2 + layer1.0.conv2 + conv1" in out
+    assert "blocked: reaches the model output" in out
+    assert "12/13 groups prunable" in out and "nothing has been changed" in out
+
+
+def test_pruning_and_distillation_in_a_toml_pipeline(tmp_path):
+    import json
+
+    from graphopt.tools.cli import main as cli_main
+    from graphopt.tools.digits import CHECKPOINT
+
+    pipeline = tmp_path / "prune.toml"
+    pipeline.write_text(f"""
+[model]
+factory = "graphopt.tools.digits:DigitsCNN"
+checkpoint = "{CHECKPOINT}"
+input_shape = [1, 1, 8, 8]
+
+[data]
+train_data = "graphopt.tools.digits:train_batches"
+
+[[passes]]
+name = "fold_batchnorm"
+
+[[passes]]
+name = "prune_channels"
+target_macs = 0.5
+importance = "taylor"
+protected = ["features.0"]
+
+[[passes]]
+name = "distill"
+epochs = 2
+progress = false
+
+[evaluate]
+data = "graphopt.tools.digits:test_batches"
+
+[report]
+json = "report.json"
+""")
+    assert cli_main(["run", str(pipeline), "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    prune = next(r for r in report["passes"] if r["name"] == "prune_channels")
+    assert prune["macs"] <= 0.5 * report["passes"][0]["macs"]
+    assert prune["contract_error"] <= 1e-5
+    assert report["metrics"]["after"]["top1"] >= report["metrics"]["before"]["top1"] - 0.03
