@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 # Member roles: where a channel space lives and what pruning it cuts.
 OUT, IN, DEPTHWISE, NORM, PARAM, EMBED, SHAPE_ARG = "out", "in", "depthwise", "norm", "param", "embed", "shape_arg"
+HEADS = "heads"  # whole attention heads: q/k/v rows of in_proj (inner = head_dim)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,12 @@ class ChannelGroup:
 
     @property
     def prunable(self) -> bool:
-        return not self.blocked and any(m.role in (OUT, EMBED) for m in self.members)
+        return not self.blocked and any(m.role in (OUT, EMBED, HEADS) for m in self.members)
+
+    @property
+    def unit(self) -> int:
+        """Tensor elements per pruning unit: head_dim for a group of attention heads, else 1."""
+        return next((m.inner for m in self.members if m.role == HEADS), 1)
 
     def targets(self, role: str) -> list[str]:
         return sorted({m.target for m in self.members if m.role == role})
@@ -232,6 +238,8 @@ class _Analysis:
             if isinstance(x, Layout) and module.num_parameters > 1:
                 self.add_members(x, NORM, target, node, 0)
             return x if isinstance(x, Layout) else None
+        if isinstance(module, nn.MultiheadAttention):
+            return self.attention(node, module, target)
         if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             return self.softmax(node, x, module.dim)
         if isinstance(module, nn.Flatten):
@@ -242,6 +250,22 @@ class _Analysis:
             self.block(self.values.get(arg), f"{node.name}: {type(module).__name__} is not understood by the "
                                              "channel analysis")
         return None
+
+    def attention(self, node: fx.Node, module: nn.MultiheadAttention, target: str) -> Any:
+        """Whole heads are a group of their own; the embedding width in and out is kept."""
+        for arg in node.all_input_nodes:
+            self.block(self.values.get(arg), f"{node.name}: MultiheadAttention keeps its embedding width")
+        rank = len(self.graph.shape(node.args[0]))
+        out = self.new_space(module.embed_dim, f"{target}.out_proj")
+        self.block_space(out, f"{node.name}: MultiheadAttention keeps its embedding width")
+        if module._qkv_same_embed_dim and module.num_heads > 1:
+            heads = self.new_space(module.num_heads, f"{target} (heads)")
+            self.protect(heads, target)
+            d, e = module.head_dim, module.embed_dim
+            for offset in (0, e, 2 * e):
+                self.members[heads].append(Member(HEADS, target, node.name, 0, offset, d))
+            self.members[heads].append(Member(IN, f"{target}.out_proj", node.name, 1, 0, d))
+        return (Layout(rank - 1, [Seg(out, module.embed_dim)]), None)
 
     def protect(self, sid: int, target: str) -> None:
         if target in self.protected:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.analysis import register_analysis
+from graphopt.modules import PrunedMultiheadAttention
 from graphopt.ops import OpKind
 from graphopt.shapes import SHAPE_KEY
 
@@ -50,7 +51,7 @@ def _shape(arg) -> tuple | None:
 
 
 def _module_macs(module: nn.Module, node: fx.Node, out_shape) -> int:
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
         return _attention_module_macs(module, node)
     if out_shape is None or not all(isinstance(d, int) for d in out_shape):
         return 0
@@ -65,16 +66,18 @@ def _module_macs(module: nn.Module, node: fx.Node, out_shape) -> int:
     return 0
 
 
-def _attention_module_macs(module: nn.MultiheadAttention, node: fx.Node) -> int:
+def _attention_module_macs(module: nn.Module, node: fx.Node) -> int:
     args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key")[len(node.args):]]
     q, k = (_shape(args[0]), _shape(args[1])) if len(args) >= 2 else (None, None)
     if q is None or k is None:
         return 0
     e = module.embed_dim
+    inner = module.num_heads * module.head_dim  # == e unless heads were pruned
     q_tokens, k_tokens = _numel(q[:-1]), _numel(k[:-1])
     k_len = k[1] if (module.batch_first and len(k) == 3) else k[0]
-    projections = q_tokens * e * e + k_tokens * e * (module.kdim + module.vdim) + q_tokens * e * e
-    return projections + 2 * q_tokens * k_len * e
+    kdim, vdim = getattr(module, "kdim", e), getattr(module, "vdim", e)
+    projections = q_tokens * e * inner + k_tokens * inner * (kdim + vdim) + q_tokens * inner * e
+    return projections + 2 * q_tokens * k_len * inner
 
 
 def _function_macs(node: fx.Node, kind: OpKind, out_shape) -> int:

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from graphopt.modules import PrunedMultiheadAttention
+
 
 class OpKind(str, enum.Enum):
     INPUT = "input"
@@ -53,7 +55,7 @@ _MODULE_KINDS: list[tuple[tuple[type, ...], OpKind]] = [
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
       nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
       nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), OpKind.POOL),
-    ((nn.MultiheadAttention,), OpKind.ATTENTION),
+    ((nn.MultiheadAttention, PrunedMultiheadAttention), OpKind.ATTENTION),
     ((nn.Softmax, nn.LogSoftmax), OpKind.SOFTMAX),
     ((nn.Embedding, nn.EmbeddingBag), OpKind.EMBEDDING),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity), OpKind.IDENTITY),

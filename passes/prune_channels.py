@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphopt.channels import (DEPTHWISE, EMBED, IN, NORM, OUT, PARAM, SHAPE_ARG, ChannelGroup, ChannelPlan,
-                               channel_groups)
+from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, ChannelGroup,
+                               ChannelPlan, channel_groups)
+from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
@@ -136,10 +137,11 @@ class PruneChannels(Pass):
                 return self.layers[target]
         return ratio
 
-    def keep_count(self, size: int, remove: int) -> int:
+    def keep_count(self, size: int, remove: int, unit: int = 1) -> int:
+        """Units kept: at least one, and ``keep * unit`` a multiple of ``round_to``."""
+        step = self.round_to // math.gcd(self.round_to, unit)
         keep = max(1, size - remove)
-        keep = min(size, math.ceil(keep / self.round_to) * self.round_to)
-        return keep
+        return min(size, math.ceil(keep / step) * step)
 
     def select(self, plan: ChannelPlan, scores: dict[int, torch.Tensor], ratio: float) -> dict[int, list[int]]:
         counts: dict[int, int] = {}
@@ -165,7 +167,7 @@ class PruneChannels(Pass):
             counts.update({g.id: taken[g.id] for g in pool})
         removed = {}
         for g in plan.prunable:
-            n = g.size - self.keep_count(g.size, counts.get(g.id, 0))
+            n = g.size - self.keep_count(g.size, counts.get(g.id, 0), g.unit)
             if n > 0:
                 removed[g.id] = sorted(torch.argsort(scores[g.id], stable=True)[:n].tolist())
         return removed
@@ -218,6 +220,7 @@ class PruneChannels(Pass):
         cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         shape_edits: dict[tuple[str, int, int], int] = defaultdict(int)
         depthwise = set()
+        heads_kept: dict[str, int] = {}
         groups = {g.id: g for g in choice.plan.groups}
         for gid, channels in choice.removed.items():
             group = groups[gid]
@@ -231,7 +234,11 @@ class PruneChannels(Pass):
                     cuts[tensor_name][axis] |= positions
                 if m.role == DEPTHWISE:
                     depthwise.add(m.target)
+                if m.role == HEADS:
+                    heads_kept[m.target] = group.size - len(channels)
         apply_cuts(graph, {k: dict(v) for k, v in cuts.items()}, depthwise)
+        for target, kept in heads_kept.items():
+            graph.replace_module(target, PrunedMultiheadAttention.from_sliced(graph.gm.get_submodule(target), kept))
         _rewrite_shapes(graph, shape_edits)
         graph.commit()
         graph.invalidate()
@@ -246,6 +253,8 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
     names = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
     if m.role == IN:
         return [(f"{m.target}.weight", 1)]
+    if m.role == HEADS:
+        return [(f"{m.target}.{n}", 0) for n in ("in_proj_weight", "in_proj_bias") if names.get(n) is not None]
     if m.role == EMBED:
         return [(f"{m.target}.weight", 1)]
     if m.role in (OUT, DEPTHWISE):
@@ -306,8 +315,8 @@ class _CostEstimator:
             if not n:
                 continue
             for m in g.members:
-                if m.role in (OUT, IN, DEPTHWISE, NORM, EMBED):
-                    gone[(m.target, m.role)] += n * m.inner
+                if m.role in (OUT, IN, DEPTHWISE, NORM, EMBED, HEADS):
+                    gone[(m.target, m.role)] += n * m.inner * (1 if m.role != HEADS or m.offset == 0 else 0)
         macs, params = self.base["macs"], self.base["params"]
         for node in self.graph.nodes:
             if node.op != "call_module" or node.target not in self.modules:
@@ -329,6 +338,8 @@ class _CostEstimator:
 
     @staticmethod
     def _fractions(module: nn.Module, target: str, gone) -> tuple[float, float]:
+        if isinstance(module, nn.MultiheadAttention):  # every term of attention scales with the heads kept
+            return 1.0, 1 - gone.get((target, HEADS), 0) / module.embed_dim
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor):
             return 1.0, 1.0

@@ -12,11 +12,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from graphopt.channels import DEPTHWISE, EMBED, IN, NORM, OUT, ChannelGroup, Member
+from graphopt.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 
-WEIGHT_ROLES = (OUT, IN, DEPTHWISE, EMBED)
+WEIGHT_ROLES = (OUT, IN, DEPTHWISE, EMBED, HEADS)
 
 
 def member_rows(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
@@ -36,7 +36,8 @@ class Importance:
         return graph.attr(qualname)
 
     def rows(self, graph: Graph, group: ChannelGroup, roles: Iterable[str]) -> list[torch.Tensor]:
-        return [member_rows(self.tensor(graph, f"{m.target}.weight"), m, group.size)
+        return [member_rows(self.tensor(graph, f"{m.target}.{'in_proj_weight' if m.role == HEADS else 'weight'}"),
+                            m, group.size)
                 for m in group.members if m.role in roles]
 
     def scores(self, graph: Graph, group: ChannelGroup) -> torch.Tensor:
@@ -80,7 +81,7 @@ class FPGM(Importance):
     name = "fpgm"
 
     def scores(self, graph, group):
-        rows = self.rows(graph, group, (OUT, EMBED))
+        rows = self.rows(graph, group, (OUT, EMBED, HEADS))
         if not rows:
             return L2().scores(graph, group)
         return sum(torch.cdist(r.unsqueeze(0).float(), r.unsqueeze(0).float())[0].sum(1) for r in rows)

@@ -242,3 +242,33 @@ json = "report.json"
     assert prune["macs"] <= 0.5 * report["passes"][0]["macs"]
     assert prune["contract_error"] <= 1e-5
     assert report["metrics"]["after"]["top1"] >= report["metrics"]["before"]["top1"] - 0.03
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_heads_are_pruned_whole(batch_first, tmp_path):
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 8, batch_first=batch_first)
+            self.ff1 = nn.Linear(32, 64)
+            self.ff2 = nn.Linear(64, 32)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            x = x + self.ff2(torch.relu(self.ff1(x)))
+            return self.head(x)
+
+    x = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    result = prune(Encoder(), x, ratio=0.5)
+    attn = result.graph.gm.get_submodule("attn")
+    assert type(attn).__name__ == "PrunedMultiheadAttention"
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim) == (4, 4, 32)
+    assert attn.out_proj.in_features == 16
+    assert result.graph.gm.get_submodule("ff1").out_features == 32
+    assert result.records[1].contract_error <= 1e-5
+    cost = result.graph.analysis("cost")
+    tokens = 10
+    assert cost.nodes["attn"].macs == 4 * tokens * 32 * 16 + 2 * tokens * 5 * 16
+    ts_backend.export(result.graph, tmp_path / "enc.pt")
+    onnx_backend.export(result.graph, tmp_path / "enc.onnx")
