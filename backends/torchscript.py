@@ -62,4 +62,10 @@ def export(graph: Graph, path: str, *, method: str = "auto", tolerance: float = 
         with torch.no_grad():
             outputs = reloaded(*graph.example_inputs)
         report = parity_report("torchscript", graph, path, tmp, outputs, tolerance, started, {"method": how})
+
+    def runner(*inputs):
+        with torch.no_grad():
+            return reloaded(*inputs)
+
+    report.runner = runner
     return report

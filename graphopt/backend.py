@@ -5,7 +5,7 @@ under a name; it writes atomically and checks the artifact against the graph's o
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from graphopt.errors import ConfigError
@@ -22,9 +22,12 @@ class ExportReport:
     max_rel_error: float
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    # runs the written artifact on a tuple of inputs (for latency reports); not serialised
+    runner: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: getattr(self, k) for k in ("backend", "path", "bytes", "max_abs_error", "max_rel_error",
+                                               "seconds", "details")}
 
 
 ExportFn = Callable[..., ExportReport]

@@ -39,6 +39,7 @@ from graphopt.backend import ExportReport, check_backend_options, get_backend
 from graphopt.errors import ConfigError
 from graphopt.evaluate import top1_accuracy
 from graphopt.ir import Graph
+from graphopt.latency import interleaved_latency
 from graphopt.pass_base import Pass, PassContext, get_pass
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.trace import trace
@@ -46,7 +47,7 @@ from graphopt.trace import trace
 SECTIONS = {"model", "passes", "backends", "evaluate", "report", "data"}
 MODEL_KEYS = {"torchvision", "factory", "kwargs", "checkpoint", "trusted_checkpoint", "input_shape", "input_dtype"}
 EVALUATE_KEYS = {"data", "metric", "limit"}
-REPORT_KEYS = {"json"}
+REPORT_KEYS = {"json", "latency", "threads", "rounds"}
 METRICS = {"top1": top1_accuracy}
 
 
@@ -160,6 +161,7 @@ class PipelineConfig:
     evaluate: dict | None = None
     report_json: str | None = None
     data: dict[str, Callable] = field(default_factory=dict)
+    latency: dict | None = None  # {"threads": n, "rounds": n} when [report] latency = true
 
 
 def _data_factory(key: str, spec: Any) -> Callable:
@@ -221,16 +223,23 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
         if "limit" in evaluate and (not isinstance(evaluate["limit"], int) or evaluate["limit"] <= 0):
             raise ConfigError(f"evaluate.limit must be a positive integer, got {evaluate['limit']!r}")
 
-    report_json = None
+    report_json, latency = None, None
     if "report" in raw:
         report = _check_keys("[report]", raw["report"], REPORT_KEYS)
         if "json" in report:
             report_json = _writable("report.json", local(_typed("report.json", report["json"], str, "a path")))
+        if _typed("report.latency", report.get("latency", False), bool, "true or false"):
+            latency = {}
+            for key, default in (("threads", 2), ("rounds", 20)):
+                value = report.get(key, default)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"report.{key} must be a positive integer, got {value!r}")
+                latency[key] = value
 
     data = {}
     for key, spec in _check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
         data[key] = _data_factory(key, spec)
-    return PipelineConfig(path, model, passes, backends, evaluate, report_json, data)
+    return PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
 
 
 def _parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
@@ -284,6 +293,7 @@ class PipelineOutcome:
     exports: list[ExportReport]
     metrics: dict[str, dict[str, float]]
     seconds: dict[str, float]
+    latency: dict[str, float] = field(default_factory=dict)  # median ms on the example inputs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -292,6 +302,7 @@ class PipelineOutcome:
             "passes": [r.to_dict() for r in self.records],
             "exports": [e.to_dict() for e in self.exports],
             "metrics": self.metrics,
+            "latency_ms": self.latency,
             "seconds": self.seconds,
         }
 
@@ -324,4 +335,22 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineOutco
         metrics["before"] = {config.evaluate["metric"]: metric(graph, data_fn(), limit, progress)}
         metrics["after"] = {config.evaluate["metric"]: metric(result.graph, data_fn(), limit, progress)}
         seconds["evaluate"] = time.perf_counter() - start
-    return PipelineOutcome(config, graph, result.graph, result.records, exports, metrics, seconds)
+    latency = measure_latency(graph, result.graph, exports, **config.latency) if config.latency is not None else {}
+    return PipelineOutcome(config, graph, result.graph, result.records, exports, metrics, seconds, latency)
+
+
+def measure_latency(before: Graph, after: Graph, exports: list[ExportReport], threads: int,
+                    rounds: int) -> dict[str, float]:
+    """Median ms per call on the example inputs: the graph before and after the passes in
+    torch eager, and every exported artifact in its runtime, interleaved."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = before.example_inputs
+        runners = {"eager before": lambda: before.run(*inputs), "eager after": lambda: after.run(*inputs)}
+        for e in exports:
+            if e.runner is not None:
+                runners[e.backend] = functools.partial(e.runner, *inputs)
+        return {k: v * 1e3 for k, v in interleaved_latency(runners, rounds).items()}
+    finally:
+        torch.set_num_threads(previous)

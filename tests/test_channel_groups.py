@@ -147,5 +147,7 @@ def test_attention_module_and_layernorm_block():
     _, by_name = groups_of(Enc(), torch.randn(2, 5, 4))
     assert by_name["ff1"].prunable  # the FFN hidden dimension
     proj = next(g for n, g in by_name.items() if n.startswith("proj"))
-    assert any("MultiheadAttention is not understood" in r for r in proj.blocked)
+    assert any("MultiheadAttention keeps its embedding width" in r for r in proj.blocked)
+    heads = by_name["attn (heads)"]
+    assert heads.prunable and heads.size == 2 and heads.unit == 8
     assert any("LayerNorm normalises over these channels" in r for r in proj.blocked)

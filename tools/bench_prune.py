@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 from typing import Callable
@@ -32,6 +31,7 @@ import graphopt
 from graphopt.backends import onnx as onnx_backend
 from graphopt.distill import DistillConfig, distill
 from graphopt.evaluate import top1_accuracy
+from graphopt.latency import interleaved_latency
 from graphopt.passes import PruneChannels
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist
@@ -66,26 +66,9 @@ def output_layer(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def interleaved_latency(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call; variants alternate within each round so drift hits all alike."""
-    for run in runners.values():
-        run()
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def ort_runner(graph: graphopt.Graph, path: str, x: torch.Tensor) -> Callable[[], object]:
     onnx_backend.export(graph, path, tolerance=1e-3)
-    options = onnx_backend.ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnx_backend.ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = onnx_backend.ort_session(path, threads=THREADS)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
 

@@ -38,6 +38,11 @@ def _cmd_run(args) -> int:
         print(table(["metric", "before", "after", "change"],
                     [(n, f"{outcome.metrics['before'][n]:.4f}", f"{outcome.metrics['after'][n]:.4f}",
                       f"{outcome.metrics['after'][n] - outcome.metrics['before'][n]:+.4f}") for n in names]))
+    if outcome.latency:
+        print()
+        base = outcome.latency["eager before"]
+        print(table(["latency", "median ms", "vs eager before"],
+                    [(k, f"{v:.3f}", f"{base / v:.2f}x") for k, v in outcome.latency.items()]))
     json_path = args.json or config.report_json
     if json_path:
         write_json(json_path, outcome.to_dict())
