@@ -1,7 +1,8 @@
 """Built-in passes. Importing this package registers them (it is graphopt's own plugin)."""
+from graphopt.passes.binarize import Binarize, FreezeBinary
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.remove_identity import RemoveIdentity
 
-__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill"]
+__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "Binarize", "FreezeBinary"]
