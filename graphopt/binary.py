@@ -16,8 +16,6 @@ information) and ``beta`` = mean |x - shift| per sample. Convs zero-pad *before*
 sign, so every padded position is a real +1/-1 value and a 1-bit kernel computes the same
 thing as the float graph.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ def sign_pm1(x: torch.Tensor) -> torch.Tensor:
 
 
 def ste_sign(x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
-    """``sign_pm1(x)`` forward; gradient 1 where ``|x| <= clip``, 0 elsewhere (clipped STE).
+    """``sign_pm1(x)`` forward; gradient 1 inside ``(-clip, clip)``, 0 outside (clipped STE).
 
     Written with ``detach`` rather than an autograd.Function so TorchScript can compile it."""
     clipped = torch.clamp(x, -clip, clip)
@@ -40,7 +38,12 @@ def ste_sign(x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
 
 def channel_alpha(weight: torch.Tensor) -> torch.Tensor:
     """Mean |W| per output channel (axis 0), shaped to broadcast against ``weight``."""
-    return weight.abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+    return _row_mean_abs(weight)
+
+
+def _row_mean_abs(t: torch.Tensor) -> torch.Tensor:
+    """Mean |t| over every axis but the first, kept broadcastable (TorchScript-compatible)."""
+    return t.abs().reshape(t.shape[0], -1).mean(1).reshape([-1] + [1] * (t.dim() - 1))
 
 
 def binary_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -57,10 +60,9 @@ def weight_from_bits(bits: torch.Tensor, alpha16: torch.Tensor) -> torch.Tensor:
 
 
 class BinaryMixin:
-    """What the binary conv and linear share: flags, the weight used in forward, the input binarizer."""
+    """What the binary conv and linear share: flags, the weight used in forward, the input binarizer.
 
-    binary_activations: bool
-    frozen: bool
+    (No ``from __future__ import annotations`` in this module: TorchScript compiles these methods.)"""
 
     def _init_binary(self, activations: bool, in_channels: int) -> None:
         self.binary_activations = activations
@@ -77,7 +79,7 @@ class BinaryMixin:
 
     def _binarize_input(self, x: torch.Tensor, shift: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
         """``beta * sign(padded - shift)``; beta from the unpadded ``x``."""
-        beta = (x - shift).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+        beta = _row_mean_abs(x - shift)
         if self.training:
             return ste_sign(padded - shift) * beta
         return sign_pm1(padded - shift) * beta
