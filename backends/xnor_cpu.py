@@ -3,9 +3,9 @@
 For ±1 vectors ``a``, ``w`` of length K packed one bit per value (1 = +1),
 ``dot(a, w) = K - 2 * popcount(a XOR w)``. A frozen binary layer with binary inputs is then
 ``alpha[o] * beta[n] * dot + bias[o]``: the weights are packed once into uint64 words and
-each call packs the input's signs (for convs: after im2col over the zero-padded input,
-so padded positions are +1 exactly as in the float graph). ``np.bitwise_count`` (numpy
->= 2) is the popcount.
+each call packs the input's signs (for convs: im2col over the zero-padded input, so
+padded positions get the same sign, sign(0 - shift), as in the float graph).
+``np.bitwise_count`` (numpy >= 2) is the popcount.
 """
 from __future__ import annotations
 
@@ -20,8 +20,17 @@ CHUNK_BYTES = 1 << 22  # bound on the (rows, out, words) XOR temporary
 
 
 def xnor_dot(a_words: np.ndarray, w_words: np.ndarray, k: int) -> np.ndarray:
-    """(M, W) x (O, W) packed sign vectors -> (M, O) int32 dot products of the ±1 vectors."""
+    """(M, W) x (O, W) packed sign vectors -> (M, O) int32 dot products of the ±1 vectors.
+
+    Many rows (conv patches): one XOR + popcount pass per word, accumulated in place, which
+    keeps every temporary (M, O) and contiguous. Few rows (a linear layer on a small batch):
+    one broadcast (M, O, W) pass, chunked to bound memory."""
     m, o, words = a_words.shape[0], w_words.shape[0], w_words.shape[1]
+    if m >= 64:
+        acc = np.zeros((m, o), dtype=np.uint16 if words * 64 < 2 ** 16 else np.int32)
+        for j in range(words):
+            acc += np.bitwise_count(np.bitwise_xor.outer(a_words[:, j], w_words[:, j]))
+        return k - 2 * acc.astype(np.int32)
     out = np.empty((m, o), dtype=np.int32)
     step = max(1, CHUNK_BYTES // max(1, o * words * 8))
     for start in range(0, m, step):
@@ -69,20 +78,19 @@ class XnorConv2d:
         self.out_channels, self.k = w.shape[0], int(np.prod(w.shape[1:]))
         self.kernel, self.stride = layer.kernel_size, layer.stride
         self.padding, self.dilation = layer.padding, layer.dilation
-        self.w_words = pack_words((w >= 0).reshape(w.shape[0], -1).numpy())
+        self.w_words = pack_words((w >= 0).reshape(w.shape[0], -1).numpy())   # (C, kh, kw) order
         self.alpha = w.abs().amax(dim=(1, 2, 3)).numpy()
         self.bias = None if layer.bias is None else layer.bias.detach().float().numpy()
         self.shift = layer.shift.detach().float().numpy().reshape(1, -1, 1, 1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
-        centred = x - self.shift
-        beta = np.abs(centred).mean(axis=(1, 2, 3))
+        beta = np.abs(x - self.shift).mean(axis=(1, 2, 3))
         (ph, pw), (kh, kw), (sh, sw), (dh, dw) = self.padding, self.kernel, self.stride, self.dilation
         # pad x (not x - shift) with zeros, as the float layer does: padding gives sign(-shift)
         bits = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) - self.shift >= 0
         windows = np.lib.stride_tricks.sliding_window_view(bits, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (2, 3))
-        windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # N, C, Ho, Wo, kh, kw
+        windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]                      # N, C, Ho, Wo, kh, kw
         ho, wo = windows.shape[2], windows.shape[3]
         cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, self.k)
         dot = xnor_dot(pack_words(cols), self.w_words, self.k).reshape(n, ho, wo, self.out_channels)
