@@ -1,8 +1,8 @@
 """Binarization benchmark on Fashion-MNIST: accuracy, size and latency of fp32, int8, binary
 weights, and binary weights + activations; plus the XNOR-popcount path against fp32 layers.
 
-    python -m graphopt.tools.bench_binarize [--epochs 3] [--distill-epochs 3] [--threads 1]
-                                            [--out bench-results/binarize.json] [--retrain]
+    python -m graphopt.tools.bench_binarize [--epochs 3] [--distill-epochs 1] [--act-distill-epochs 1]
+                                            [--threads 2] [--out bench-results/binarize.json] [--retrain]
 
 Recipe: train the CNN in fp32 (cached under bench-results/); binarize the hidden layers
 (conv2, fc1; the input conv and output linear stay fp32), fine-tune the latent weights by
@@ -170,8 +170,8 @@ def xnor_layer_bench(repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="fp32 training epochs")
-    parser.add_argument("--distill-epochs", type=float, default=3.0)
-    parser.add_argument("--act-distill-epochs", type=float, default=3.0)
+    parser.add_argument("--distill-epochs", type=float, default=1.0)
+    parser.add_argument("--act-distill-epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2, help="threads for training")
     parser.add_argument("--bench-threads", type=int, default=1, help="threads for latency (numpy XNOR is 1)")
