@@ -1,8 +1,10 @@
 """Built-in passes. Importing this package registers them (it is graphopt's own plugin)."""
+from graphopt.passes.binarize import Binarize, FreezeBinary
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.prune_channels import PruneChannels
 from graphopt.passes.remove_identity import RemoveIdentity
 
-__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels"]
+__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
+           "FreezeBinary"]

@@ -74,7 +74,7 @@ path = "r18.onnx"
      "model.factory: module 'graphopt.tools.digits' has no attribute 'Nope'"),
     (MODEL.replace("graphopt.tools.digits:DigitsCNN", "nosuchpkg:f"), "cannot import module 'nosuchpkg'"),
     ('[model]\ntorchvision = "resnet99"\ninput_shape = [1]\n', "unknown model 'resnet99'"),
-    (MODEL + '[[backends]]\nname = "tflite"\npath = "x"\n', "unknown backend 'tflite'; registered backends: onnx"),
+    (MODEL + '[[backends]]\nname = "tflite"\npath = "x"\n', "unknown backend 'tflite'; registered backends: "),
     (MODEL + '[[backends]]\nname = "onnx"\npath = "x.onnx"\nopset = "18"\n', "option 'opset' must be int"),
     (MODEL + '[[backends]]\nname = "onnx"\n', "backends[0].path must be an output path"),
     (MODEL + '[evaluate]\ndata = "graphopt.tools.digits:test_batches"\nmetric = "f1"\n', "unknown metric 'f1'"),
