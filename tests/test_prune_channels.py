@@ -272,3 +272,29 @@ def test_attention_heads_are_pruned_whole(batch_first, tmp_path):
     assert cost.nodes["attn"].macs == 4 * tokens * 32 * 16 + 2 * tokens * 5 * 16
     ts_backend.export(result.graph, tmp_path / "enc.pt")
     onnx_backend.export(result.graph, tmp_path / "enc.onnx")
+
+
+def test_embeddings_and_shape_literals_are_rewritten():
+    class TextAndImage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.txt = nn.Linear(16, 4)
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.img = nn.Linear(8 * 2 * 2, 4)
+
+        def forward(self, tokens, image):
+            t = self.txt(self.emb(tokens).mean(1))
+            i = self.img(torch.relu(self.conv(image)).view(-1, 32))  # literal 8 * 2 * 2
+            return t + i
+
+    model = TextAndImage().eval()
+    inputs = (torch.randint(0, 50, (3, 7)), torch.randn(3, 3, 2, 2))
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graphopt.trace(model, inputs))
+    gm = result.graph.gm
+    assert gm.get_submodule("emb").embedding_dim == 8 and gm.get_submodule("txt").in_features == 8
+    assert gm.get_submodule("conv").out_channels == 4 and gm.get_submodule("img").in_features == 16
+    view = next(n for n in result.graph.nodes if n.target == "view")
+    assert view.args[1:] == (-1, 16)
+    assert result.records[1].contract_error <= 1e-5
+    assert result.graph.run(*inputs).shape == (3, 4)
