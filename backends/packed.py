@@ -34,6 +34,7 @@ from graphopt.backends.parity import parity_report
 from graphopt.errors import ConfigError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
+from graphopt.weights import ANNOTATIONS_KEY
 
 __all__ = ["save", "load", "load_module", "export", "size_table", "ANNOTATIONS_KEY", "PackedFormatError", "TruncatedFile",
            "CorruptFile", "UnsupportedVersion", "DisallowedTarget", "UnsupportedGraph", "FORMAT_VERSION"]
@@ -43,8 +44,6 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ32s")   # magic, version, flags, manifest bytes, data bytes, sha256
 _FLAG_ZLIB = 1
 _ALIGN = 64
-#: ``graph.gm.meta[ANNOTATIONS_KEY][param_name]``: what compression passes did to a weight
-ANNOTATIONS_KEY = "graphopt.compression"
 
 
 def _annotations(graph: Graph) -> dict[str, dict]:

@@ -185,12 +185,14 @@ def _encode_values(draft: _Draft, kind: str, values: np.ndarray, positions: np.n
         return {"kind": "quant", "group": group, "zero": zero, "scales": draft.array(scales, "codebook"),
                 "codes": draft.ints(codes + zero, "values")}
     if kind == "codebook":
-        if not values.size or np.unique(values[: 1 << 16]).size > MAX_CODEBOOK:
+        patterns = values.view(np.int32)  # distinct bit patterns: -0.0 is not 0.0
+        if not values.size or np.unique(patterns[: 1 << 16]).size > MAX_CODEBOOK:
             return None
-        book, codes = np.unique(values, return_inverse=True)
+        book, codes = np.unique(patterns, return_inverse=True)
         if book.size > MAX_CODEBOOK:
             return None
-        return {"kind": "codebook", "codebook": draft.array(book, "codebook"), "codes": draft.ints(codes, "values")}
+        return {"kind": "codebook", "codebook": draft.array(book.view(np.float32), "codebook"),
+                "codes": draft.ints(codes, "values")}
     raise ValueError(kind)
 
 

@@ -2,6 +2,10 @@
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.magnitude_prune import PruneMagnitude
+from graphopt.passes.quantize_weights_lowbit import QuantizeWeights
 from graphopt.passes.remove_identity import RemoveIdentity
+from graphopt.passes.weight_sharing import ShareWeights
 
-__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill"]
+__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneMagnitude", "ShareWeights",
+           "QuantizeWeights"]
