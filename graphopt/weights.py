@@ -81,12 +81,57 @@ def gradient_rewrites(rewrites: dict[torch.Tensor, Callable[[torch.Tensor], torc
             handle.remove()
 
 
+def tied_gradient(index: torch.Tensor, clusters: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient rewrite giving each weight the mean gradient of its cluster (``index``, flat);
+    cluster number ``clusters`` holds pruned zeros, which get none. Weights of one cluster
+    then receive identical updates from any elementwise optimizer, so they stay equal."""
+    counts = torch.bincount(index, minlength=clusters + 1).clamp(min=1).float()
+
+    def rewrite(grad: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(clusters + 1, dtype=grad.dtype).index_add_(0, index, grad.reshape(-1))
+        mean = sums / counts
+        mean[clusters] = 0
+        return mean[index].reshape(grad.shape)
+
+    return rewrite
+
+
+def _keep_structure(graph: Graph) -> tuple[dict, dict]:
+    """(rewrites, masks) that keep every annotated weight as earlier passes left it: shared
+    weights tied, pruned zeros at zero, quantized weights frozen."""
+    rewrites, masks = {}, {}
+    for name, note in annotations(graph).items():
+        try:
+            param = graph.gm.get_parameter(name)
+        except AttributeError:
+            continue
+        flat = param.detach().reshape(-1)
+        if "quant" in note:
+            rewrites[param] = torch.zeros_like
+        elif "shared" in note:
+            values, index = torch.unique(flat, return_inverse=True)
+            zero = values == 0
+            index = torch.where(zero[index], torch.tensor(values.numel()), index)
+            rewrites[param] = tied_gradient(index, values.numel())
+        if "sparsity" in note:
+            masks[param] = zero_mask(param)
+            if param not in rewrites:
+                rewrites[param] = lambda g, m=masks[param]: g.masked_fill(m, 0.0)
+    return rewrites, masks
+
+
 def finetune_constrained(graph: Graph, ctx_data: dict, config: DistillConfig,
                          rewrites: dict[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
                          progress: bool = False) -> dict[str, float]:
     """Distil ``graph`` from the pipeline's teacher (``ctx_data['teacher']`` or its input
-    graph) on ``ctx_data['train_data']``, each listed parameter's gradient passed through its
-    rewrite first."""
+    graph) on ``ctx_data['train_data']``. Each parameter in ``rewrites`` has its gradient
+    passed through its rewrite; weights annotated by earlier passes keep their structure."""
     teacher = ctx_data.get("teacher") or ctx_data["input_graph"]
-    with gradient_rewrites(rewrites):
-        return distill(graph, teacher, ctx_data["train_data"], config, progress=progress)
+    kept, masks = _keep_structure(graph)
+    kept.update(rewrites)
+    with gradient_rewrites(kept):
+        result = distill(graph, teacher, ctx_data["train_data"], config, progress=progress)
+    with torch.no_grad():
+        for param, mask in masks.items():
+            param.masked_fill_(mask, 0.0)
+    return result

@@ -14,7 +14,7 @@ from graphopt.distill import DistillConfig
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import annotate, check_patterns, finetune_constrained, forget, weight_layers
+from graphopt.weights import annotate, check_patterns, finetune_constrained, forget, tied_gradient, weight_layers
 
 BITS = range(2, 9)
 
@@ -34,20 +34,6 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 30) -> tupl
         counts = torch.bincount(assignment, minlength=clusters)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return centroids.float(), assignment
-
-
-def _cluster_mean(index: torch.Tensor, clusters: int):
-    """A gradient rewrite giving each weight its cluster's mean gradient (cluster ``clusters``
-    holds the pruned zeros, which get none)."""
-    counts = torch.bincount(index, minlength=clusters + 1).clamp(min=1).float()
-
-    def rewrite(grad: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(clusters + 1, dtype=grad.dtype).index_add_(0, index, grad.reshape(-1))
-        mean = sums / counts
-        mean[clusters] = 0
-        return mean[index].reshape(grad.shape)
-
-    return rewrite
 
 
 @register_pass("share_weights")
@@ -98,7 +84,7 @@ class ShareWeights(Pass):
             errors.append(float((w.detach().reshape(-1) - flat).norm() / flat.norm().clamp(min=1e-12)))
         stats = {"bits": self.bits, "layers": len(plans)}
         if self.finetune and plans:
-            rewrites = {w: _cluster_mean(index, clusters) for _, w, index in plans}
+            rewrites = {w: tied_gradient(index, clusters) for _, w, index in plans}
             result = finetune_constrained(graph, ctx.data, self.finetune, rewrites, self.progress)
             stats["distill_loss_last"] = round(result["loss_last"], 4)
             for _, w, index in plans:  # re-snap: exact fp16 centroids, one value per cluster

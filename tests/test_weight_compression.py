@@ -150,3 +150,13 @@ def test_layer_patterns_select_layers(folded):
     weights = _weights(result.graph)
     assert int((weights["features.0"] == 0).sum()) == 0
     assert result.records[-1].stats["layers"] == 2
+
+
+def test_later_finetuning_keeps_earlier_zeros_and_shared_values(folded):
+    result = _run(folded, PruneMagnitude(sparsity=0.5, layers=["features.0"]), ShareWeights(bits=3, layers=["features.3"]),
+                  PruneMagnitude(sparsity=0.5, layers=["classifier.2"], finetune_epochs=0.5, lr=2e-3),
+                  data={"train_data": train_batches})
+    weights = _weights(result.graph)
+    assert int((weights["features.0"] == 0).sum()) == 72
+    assert weights["features.3"].unique().numel() <= 8
+    assert int((weights["classifier.2"] == 0).sum()) == 2560
