@@ -72,7 +72,7 @@ class ShareWeights(Pass):
         errors = []
         for path, module in targets:
             w = module.weight
-            flat = w.detach().reshape(-1)
+            flat = w.detach().reshape(-1).clone()  # the weight is overwritten below
             keep = flat != 0
             if not keep.any():
                 continue

@@ -236,3 +236,36 @@ def test_well_sealed_but_inconsistent_manifest_is_a_clear_error(digits_graph, tm
     _rewrite_manifest(path, lambda m: m["tensors"].pop(0))
     with pytest.raises(packed.CorruptFile, match="lacks"):
         packed.load(path)
+
+
+def test_pipeline_file_prunes_shares_and_exports_packed(tmp_path):
+    from graphopt.pipeline import load_pipeline, run_pipeline
+    from graphopt.tools.digits import CHECKPOINT
+
+    path = tmp_path / "p.toml"
+    path.write_text(f"""
+[model]
+factory = "graphopt.tools.digits:DigitsCNN"
+checkpoint = "{CHECKPOINT}"
+input_shape = [1, 1, 8, 8]
+
+[[passes]]
+name = "fold_batchnorm"
+
+[[passes]]
+name = "prune_magnitude"
+sparsity = 0.6
+
+[[passes]]
+name = "share_weights"
+bits = 4
+
+[[backends]]
+name = "packed"
+path = "digits.gpk"
+""")
+    outcome = run_pipeline(load_pipeline(str(path)), progress=False)
+    export = outcome.exports[0]
+    assert export.backend == "packed" and export.max_rel_error == 0.0
+    assert export.details["size"]["ratio_vs_fp32"] > 5
+    assert (tmp_path / "digits.gpk").exists()

@@ -160,3 +160,8 @@ def test_later_finetuning_keeps_earlier_zeros_and_shared_values(folded):
     assert int((weights["features.0"] == 0).sum()) == 72
     assert weights["features.3"].unique().numel() <= 8
     assert int((weights["classifier.2"] == 0).sum()) == 2560
+
+
+def test_weight_sharing_reports_its_weight_error(folded):
+    stats = _run(folded, ShareWeights(bits=2)).records[-1].stats
+    assert 0.01 < stats["mean_weight_rel_error"] < 0.5
