@@ -1,4 +1,4 @@
 """Built-in backends. Importing this package registers them (it is graphopt's own plugin)."""
-from graphopt.backends import binary, onnx, torchscript, xnor_cpu
+from graphopt.backends import binary, onnx, packed, torchscript, xnor_cpu
 
-__all__ = ["binary", "onnx", "torchscript", "xnor_cpu"]
+__all__ = ["binary", "onnx", "packed", "torchscript", "xnor_cpu"]

@@ -1,0 +1,238 @@
+"""The packed format: one compact, code-free file per model (Deep Compression style).
+
+Layout::
+
+    header   64 bytes: magic, format version, flags, manifest length, data length, sha256
+    manifest zlib-compressed JSON: the fx graph as data, module tree, tensor encodings
+    data     the tensors' bytes: raw arrays, bit-packed and Huffman-coded integer streams
+
+The sha256 covers the header fields before it and everything after the header. Tensors
+are encoded by kind (see ``packed_tensors``); the graph through allow-lists (see
+``packed_graph``). ``save``/``load`` are the Python API; the ``packed`` backend saves,
+reloads and checks that the outputs are bit for bit the graph's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+import zlib
+from typing import Any
+
+import torch
+
+import graphopt
+from graphopt.backend import ExportReport, register_backend
+from graphopt.backends.packed_errors import (CorruptFile, DisallowedTarget, PackedFormatError, TruncatedFile,
+                                             UnsupportedGraph, UnsupportedVersion)
+from graphopt.backends.packed_graph import decode_graph, decode_modules, encode_modules, encode_nodes
+from graphopt.backends.packed_report import build_report, size_table
+from graphopt.backends.packed_tensors import (BlobWriter, Reader, dtype_name, encode_tensor, place, torch_dtype)
+from graphopt.backends.parity import parity_report
+from graphopt.errors import ConfigError
+from graphopt.files import atomic_path
+from graphopt.ir import Graph
+from graphopt.weights import ANNOTATIONS_KEY
+
+__all__ = ["save", "load", "load_module", "export", "size_table", "ANNOTATIONS_KEY", "PackedFormatError", "TruncatedFile",
+           "CorruptFile", "UnsupportedVersion", "DisallowedTarget", "UnsupportedGraph", "FORMAT_VERSION"]
+
+MAGIC = b"GOPACK\r\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQ32s")   # magic, version, flags, manifest bytes, data bytes, sha256
+_FLAG_ZLIB = 1
+_ALIGN = 64
+
+
+def _annotations(graph: Graph) -> dict[str, dict]:
+    return graph.gm.meta.get(ANNOTATIONS_KEY, {})
+
+
+def _json_annotations(annotations: dict[str, dict]) -> dict[str, dict]:
+    """The JSON part of the annotations (tensors such as scales live in the encodings)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if not isinstance(v, torch.Tensor)}
+        return value if isinstance(value, (int, float, str, bool, type(None), list)) else str(value)
+
+    return {name: plain(entry) for name, entry in annotations.items()}
+
+
+def _encode(graph: Graph, metadata: dict | None) -> tuple[bytes, dict[str, Any]]:
+    """(file bytes, size report)."""
+    gm = graph.gm
+    modules, tensors = encode_modules(gm)
+    nodes = encode_nodes(gm)
+    inputs = []
+    for index, value in enumerate(graph.example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedGraph(f"example input {index} is a {type(value).__name__}; only tensors can be stored")
+        inputs.append({"shape": list(value.shape), "dtype": dtype_name(value.dtype)})
+    annotations = _annotations(graph)
+    blob = BlobWriter()
+    entries, rows = [], []
+    for name, tensor, is_param in tensors:
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+            raise UnsupportedGraph(f"tensor {name!r} has dtype {tensor.dtype}, which the packed format cannot store")
+        entry, chunks, tally = encode_tensor(tensor, annotations.get(name))
+        entry["enc"] = place(entry["enc"], chunks, blob)
+        entries.append({"name": name, "param": is_param, **entry})
+        rows.append({"name": name, "numel": tensor.numel(), "kind": _kind_label(entry["enc"]), **tally})
+    manifest = {"format": "graphopt.packed", "version": FORMAT_VERSION, "graphopt": graphopt.__version__,
+                "torch": torch.__version__, "metadata": metadata or {},
+                "graph": {"class_name": type(gm).__name__, "captured_by": graph.captured_by,
+                          "properties": sorted(graph.properties), "inputs": inputs, "modules": modules,
+                          "nodes": nodes},
+                "tensors": entries, "annotations": _json_annotations(annotations)}
+    try:
+        text = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedGraph(f"the graph's description is not plain data: {exc}") from exc
+    packed_manifest = zlib.compress(text, 9)
+    pad = -(_HEADER.size + len(packed_manifest)) % _ALIGN  # the data section starts aligned
+    body = packed_manifest + b"\0" * pad + b"".join(blob.parts)
+    fields = (MAGIC, FORMAT_VERSION, _FLAG_ZLIB, len(packed_manifest), blob.size)
+    digest = hashlib.sha256(struct.pack("<8sIIQQ", *fields) + body).digest()
+    data = _HEADER.pack(*fields, digest) + body
+    report = build_report(rows, len(data), len(packed_manifest), gm.state_dict())
+    return data, report
+
+
+def _kind_label(enc: dict) -> str:
+    if enc["kind"] == "sparse":
+        return "sparse/" + _kind_label(enc["values"])
+    if enc["kind"] == "raw":
+        return f"raw-{enc['array']['dtype'].replace('float', 'fp')}"
+    return enc["kind"]
+
+
+def save(graph: Graph, path: str | os.PathLike, *, metadata: dict | None = None) -> dict[str, Any]:
+    """Write ``graph`` to ``path`` atomically; returns the size report (see ``size_table``).
+
+    Raises UnsupportedGraph (nothing written) if the graph uses a module, function or
+    method outside the allow-list."""
+    data, report = _encode(graph, metadata)
+    with atomic_path(path, ".gpk") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return report
+
+
+def _read_checked(path: str) -> tuple[dict, memoryview]:
+    """(manifest, data section) after checking magic, version, lengths and checksum."""
+    try:
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+    except OSError as exc:
+        raise PackedFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if raw[:len(MAGIC)] != MAGIC[:len(raw)] or not raw:
+        raise PackedFormatError(f"{path} is not a graphopt packed file (bad magic bytes)")
+    if len(raw) < _HEADER.size:
+        raise TruncatedFile(f"{path} is truncated: {len(raw)} bytes, shorter than the {_HEADER.size}-byte header")
+    magic, version, flags, manifest_len, data_len, digest = _HEADER.unpack_from(raw)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"{path} was written in packed format version {version}; this graphopt "
+                                 f"({graphopt.__version__}) reads version {FORMAT_VERSION}")
+    data_start = _HEADER.size + manifest_len + (-(_HEADER.size + manifest_len) % _ALIGN)
+    expected = data_start + data_len
+    if len(raw) < expected:
+        raise TruncatedFile(f"{path} is truncated: {len(raw)} bytes, the header says {expected}")
+    if len(raw) > expected:
+        raise CorruptFile(f"{path} has {len(raw) - expected} unexpected bytes after its end")
+    view = memoryview(raw)
+    checksum = hashlib.sha256(view[:_HEADER.size - 32])
+    checksum.update(view[_HEADER.size:])
+    if checksum.digest() != digest:
+        raise CorruptFile(f"{path} is corrupted: its sha256 checksum does not match its contents")
+    try:
+        text = bytes(view[_HEADER.size:_HEADER.size + manifest_len])
+        manifest = json.loads(zlib.decompress(text) if flags & _FLAG_ZLIB else text)
+    except (zlib.error, ValueError) as exc:
+        raise CorruptFile(f"{path}: the manifest cannot be read: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != "graphopt.packed" \
+            or manifest.get("version") != FORMAT_VERSION:
+        raise CorruptFile(f"{path}: the manifest is not a graphopt packed manifest of version {FORMAT_VERSION}")
+    return manifest, view[data_start:]
+
+
+def load(path: str | os.PathLike) -> Graph:
+    """Rebuild the Graph saved at ``path``; its outputs equal the saved graph's bit for bit.
+
+    Example inputs are not stored: the loaded graph gets seeded random ones of the saved
+    shapes and dtypes (shape propagation runs the model once on them). Raises a
+    PackedFormatError subclass naming what is wrong."""
+    gm, manifest = _load(os.fspath(path))
+    spec = manifest["graph"]
+    try:
+        inputs = _example_inputs(spec["inputs"])
+    except Exception as exc:
+        raise CorruptFile(f"{path}: malformed input description: {exc}") from exc
+    return Graph(gm, inputs, captured_by=str(spec.get("captured_by", "torch.fx")),
+                 properties=[str(p) for p in spec.get("properties", [])])
+
+
+def load_module(path: str | os.PathLike) -> torch.fx.GraphModule:
+    """Just the GraphModule saved at ``path`` (no Graph analyses, nothing run)."""
+    return _load(os.fspath(path))[0]
+
+
+def _load(path: str) -> tuple[torch.fx.GraphModule, dict]:
+    manifest, blob = _read_checked(path)
+    try:
+        reader = Reader(blob)
+        builders = [(e["name"], bool(e["param"]), reader.plan(e)) for e in manifest["tensors"]]
+        reader.run()
+        tensors = {name: (build(), is_param) for name, is_param, build in builders}
+        spec = manifest["graph"]
+        root = decode_modules(spec["modules"], tensors)
+        fx_graph = decode_graph(spec["nodes"])
+        gm = torch.fx.GraphModule(root, fx_graph, _class_name(spec["class_name"]))
+        gm.training = root.training
+        gm.meta[ANNOTATIONS_KEY] = dict(manifest.get("annotations", {}))
+        return gm, manifest
+    except PackedFormatError:
+        raise
+    except Exception as exc:  # a checksummed file that still does not describe a graph
+        raise CorruptFile(f"{path}: malformed contents: {type(exc).__name__}: {exc}") from exc
+
+
+def _class_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise DisallowedTarget(f"class name {name!r} is not a plain identifier")
+    return name
+
+
+def _example_inputs(specs: list[dict]) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for spec in specs:
+        shape, dtype = [int(d) for d in spec["shape"]], torch_dtype(spec["dtype"])
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            inputs.append(torch.zeros(shape, dtype=dtype))
+    return tuple(inputs)
+
+
+@register_backend("packed")
+def export(graph: Graph, path: str, *, tolerance: float = 0.0, table: bool = False) -> ExportReport:
+    """Write ``graph`` in the packed format, reload it and check its outputs (``tolerance``
+    relative; 0 means bit for bit). ``table`` prints the per-layer size table."""
+    if not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ConfigError(f"backend 'packed': tolerance must be a number >= 0, got {tolerance!r}")
+    started = time.perf_counter()
+    path = os.fspath(path)
+    data, report = _encode(graph, None)
+    with atomic_path(path, ".gpk") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        reloaded = load(tmp)
+        outputs = reloaded.run(*graph.example_inputs)
+        details = {"size": report["totals"], "layers": report["layers"]}
+        result = parity_report("packed", graph, path, tmp, outputs, tolerance, started, details)
+    if table:
+        print(size_table(report))
+    return result

@@ -1,0 +1,137 @@
+"""Shared mechanics of the weight-compression passes (pruning, sharing, low-bit quantization).
+
+- ``weight_layers``: the conv/linear weights a pass works on, filtered by glob patterns.
+- Annotations: what a pass did to a weight (sparsity, shared values, quantization scales),
+  kept in ``graph.gm.meta[ANNOTATIONS_KEY][param_name]`` so they travel with clones and
+  the packed backend can store the weight compactly.
+- ``finetune_constrained``: distillation fine-tuning that keeps a compressed weight's
+  structure (pruned zeros stay zero, shared values stay shared) by rewriting its gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from graphopt.distill import DistillConfig, distill
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.ops import OpKind
+
+ANNOTATIONS_KEY = "graphopt.compression"
+
+
+def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[str] | None = None
+                  ) -> list[tuple[str, nn.Module]]:
+    """(module path, module) of every conv/linear call with a weight, in graph order; ``layers``
+    and ``exclude`` are fnmatch patterns over module paths."""
+    found, seen = [], set()
+    for node in graph.nodes:
+        if node.op != "call_module" or graph.kind(node) not in (OpKind.CONV, OpKind.LINEAR):
+            continue
+        path = str(node.target)
+        module = graph.module(node)
+        if path in seen or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        if layers and not any(fnmatch.fnmatchcase(path, p) for p in layers):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(path, p) for p in exclude):
+            continue
+        seen.add(path)
+        found.append((path, module))
+    return found
+
+
+def check_patterns(owner: str, name: str, patterns: Any) -> list[str] | None:
+    if patterns is None:
+        return None
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{owner}: {name} must be a list of module path patterns, got {patterns!r}")
+    return list(patterns)
+
+
+def annotations(graph: Graph) -> dict[str, dict[str, Any]]:
+    """The graph's weight annotations, created empty on first use."""
+    return graph.gm.meta.setdefault(ANNOTATIONS_KEY, {})
+
+
+def annotate(graph: Graph, param: str, key: str, value: Any) -> None:
+    annotations(graph).setdefault(param, {})[key] = value
+
+
+def forget(graph: Graph, param: str, key: str) -> None:
+    annotations(graph).get(param, {}).pop(key, None)
+
+
+def zero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """True where the weight is exactly zero (its pruned positions)."""
+    return weight.detach() == 0
+
+
+@contextlib.contextmanager
+def gradient_rewrites(rewrites: dict[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    handles = [param.register_hook(fn) for param, fn in rewrites.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tied_gradient(index: torch.Tensor, clusters: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient rewrite giving each weight the mean gradient of its cluster (``index``, flat);
+    cluster number ``clusters`` holds pruned zeros, which get none. Weights of one cluster
+    then receive identical updates from any elementwise optimizer, so they stay equal."""
+    counts = torch.bincount(index, minlength=clusters + 1).clamp(min=1).float()
+
+    def rewrite(grad: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(clusters + 1, dtype=grad.dtype).index_add_(0, index, grad.reshape(-1))
+        mean = sums / counts
+        mean[clusters] = 0
+        return mean[index].reshape(grad.shape)
+
+    return rewrite
+
+
+def _keep_structure(graph: Graph) -> tuple[dict, dict]:
+    """(rewrites, masks) that keep every annotated weight as earlier passes left it: shared
+    weights tied, pruned zeros at zero, quantized weights frozen."""
+    rewrites, masks = {}, {}
+    for name, note in annotations(graph).items():
+        try:
+            param = graph.gm.get_parameter(name)
+        except AttributeError:
+            continue
+        flat = param.detach().reshape(-1)
+        if "quant" in note:
+            rewrites[param] = torch.zeros_like
+        elif "shared" in note:
+            values, index = torch.unique(flat, return_inverse=True)
+            zero = values == 0
+            index = torch.where(zero[index], torch.tensor(values.numel()), index)
+            rewrites[param] = tied_gradient(index, values.numel())
+        if "sparsity" in note:
+            masks[param] = zero_mask(param)
+            if param not in rewrites:
+                rewrites[param] = lambda g, m=masks[param]: g.masked_fill(m, 0.0)
+    return rewrites, masks
+
+
+def finetune_constrained(graph: Graph, ctx_data: dict, config: DistillConfig,
+                         rewrites: dict[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
+                         progress: bool = False) -> dict[str, float]:
+    """Distil ``graph`` from the pipeline's teacher (``ctx_data['teacher']`` or its input
+    graph) on ``ctx_data['train_data']``. Each parameter in ``rewrites`` has its gradient
+    passed through its rewrite; weights annotated by earlier passes keep their structure."""
+    teacher = ctx_data.get("teacher") or ctx_data["input_graph"]
+    kept, masks = _keep_structure(graph)
+    kept.update(rewrites)
+    with gradient_rewrites(kept):
+        result = distill(graph, teacher, ctx_data["train_data"], config, progress=progress)
+    with torch.no_grad():
+        for param, mask in masks.items():
+            param.masked_fill_(mask, 0.0)
+    return result

@@ -1,0 +1,102 @@
+"""Unstructured magnitude pruning: zero the smallest conv/linear weights.
+
+Per layer (each layer loses the same fraction) or global (one threshold for all layers),
+in one shot or along a gradual schedule (Zhu & Gupta's cubic ramp) with distillation
+fine-tuning after each step; fine-tuning keeps pruned weights at exactly zero.
+"""
+from __future__ import annotations
+
+import torch
+
+from graphopt.distill import DistillConfig
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.weights import annotate, check_patterns, finetune_constrained, weight_layers, zero_mask
+
+SCOPES = ("layer", "global")
+
+
+def schedule(sparsity: float, steps: int) -> list[float]:
+    """Target sparsity after each of ``steps`` steps: fast at first, gentle near the end."""
+    return [sparsity * (1 - (1 - i / steps) ** 3) for i in range(1, steps + 1)]
+
+
+def _zero_smallest(weights: list[torch.Tensor], count: int) -> None:
+    """Zero the ``count`` smallest-magnitude entries over all ``weights`` together."""
+    magnitudes = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+    if count <= 0:
+        return
+    chosen = torch.argsort(magnitudes, stable=True)[:count]
+    flat_mask = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    flat_mask[chosen] = True
+    start = 0
+    with torch.no_grad():
+        for w in weights:
+            n = w.numel()
+            w.masked_fill_(flat_mask[start:start + n].reshape(w.shape), 0.0)
+            start += n
+
+
+@register_pass("prune_magnitude")
+class PruneMagnitude(Pass):
+    """Zero the smallest-magnitude conv/linear weights (unstructured), per layer or globally."""
+
+    contract = Contract.BOUNDED
+    invalidates = frozenset()  # values change, shapes and counts do not
+
+    def __init__(self, sparsity: float = 0.5, scope: str = "layer", steps: int = 1, finetune_epochs: float = 0.0,
+                 lr: float = 1e-3, max_batches: int | None = None, layers: list | None = None,
+                 exclude: list | None = None, bound: float | None = None, progress: bool = False):
+        owner = "pass 'prune_magnitude'"
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ConfigError(f"{owner}: sparsity must be a number in [0, 1), got {sparsity!r}")
+        if scope not in SCOPES:
+            raise ConfigError(f"{owner}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"{owner}: steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
+            raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
+        self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
+        self.layers = check_patterns(owner, "layers", layers)
+        self.exclude = check_patterns(owner, "exclude", exclude)
+        self.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches) \
+            if finetune_epochs else None
+        if self.finetune:
+            self.finetune.check()
+            self.contract = Contract.NONE  # fine-tuning changes the function on purpose
+            self.requires = frozenset({"train_data"})
+        self.bound = bound
+        self.progress = progress
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        targets = weight_layers(graph, self.layers, self.exclude)
+        if not targets:
+            return PassResult(graph, changed=False, stats={"layers": 0})
+        weights = [module.weight for _, module in targets]
+        losses = []
+        for target in schedule(self.sparsity, self.steps):
+            if self.scope == "global":
+                _zero_smallest(weights, round(target * sum(w.numel() for w in weights)))
+            else:
+                for w in weights:
+                    _zero_smallest([w], round(target * w.numel()))
+            if self.finetune:
+                masks = {w: zero_mask(w) for w in weights}
+                rewrites = {w: (lambda g, m=m: g.masked_fill(m, 0.0)) for w, m in masks.items()}
+                losses.append(finetune_constrained(graph, ctx.data, self.finetune, rewrites, self.progress))
+                with torch.no_grad():
+                    for w, m in masks.items():
+                        w.masked_fill_(m, 0.0)
+        per_layer = {}
+        for path, module in targets:
+            zeros = int(zero_mask(module.weight).sum())
+            per_layer[path] = round(zeros / module.weight.numel(), 4)
+            annotate(graph, f"{path}.weight", "sparsity", per_layer[path])
+        total = sum(w.numel() for w in weights)
+        zeroed = sum(int(zero_mask(w).sum()) for w in weights)
+        stats = {"sparsity": round(zeroed / total, 4), "layers": len(targets), "zeroed": zeroed,
+                 "per_layer": per_layer}
+        if losses:
+            stats["distill_loss_last"] = round(losses[-1]["loss_last"], 4)
+        return PassResult(graph, changed=zeroed > 0, stats=stats)

@@ -1,0 +1,80 @@
+"""Low-bit weight quantization (int8, int4, int2) with per-channel or per-group scales.
+
+Weights stay float in the graph, replaced by ``code * scale`` (symmetric, codes in
+[-qmax, qmax] with qmax = 2**(bits-1) - 1, so int2 is ternary); the scales, rounded to fp16
+where that is exact, are recorded as the weight's annotation so the packed backend stores
+the codes bit-packed and the scales once per channel or group.
+"""
+from __future__ import annotations
+
+import torch
+
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.weights import annotate, check_patterns, forget, weight_layers
+
+BITS = (2, 4, 8)
+GRANULARITIES = ("channel", "group")
+
+
+def group_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
+    """One scale per row of ``rows``: max|w| / qmax, as an fp16 number when fp16 can hold it."""
+    scale = rows.abs().amax(dim=1) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    half = scale.half().float()
+    return torch.where((half > 0) & torch.isfinite(half), half, scale)
+
+
+@register_pass("quantize_weights")
+class QuantizeWeights(Pass):
+    """Round conv/linear weights to int8/int4/int2 codes times per-channel or per-group scales."""
+
+    contract = Contract.BOUNDED
+    invalidates = frozenset()
+
+    def __init__(self, bits: int = 4, granularity: str = "channel", group_size: int = 64,
+                 layers: list | None = None, exclude: list | None = None, bound: float | None = None):
+        owner = "pass 'quantize_weights'"
+        if isinstance(bits, bool) or bits not in BITS:
+            raise ConfigError(f"{owner}: bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"{owner}: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ConfigError(f"{owner}: group_size must be an integer >= 1, got {group_size!r}")
+        self.bits, self.granularity, self.group_size = bits, granularity, group_size
+        self.layers = check_patterns(owner, "layers", layers)
+        self.exclude = check_patterns(owner, "exclude", exclude)
+        self.bound = bound
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        qmax = (1 << (self.bits - 1)) - 1
+        per_channel_fallback, errors, count = [], [], 0
+        for path, module in weight_layers(graph, self.layers, self.exclude):
+            w = module.weight
+            channels = w.shape[0]
+            row = w.numel() // channels
+            group = row
+            if self.granularity == "group":
+                if row % self.group_size == 0:
+                    group = self.group_size
+                else:
+                    per_channel_fallback.append(path)
+            rows = w.detach().reshape(-1, group)
+            scales = group_scales(rows, qmax)
+            codes = torch.clamp(torch.round(rows / scales[:, None]), -qmax, qmax) + 0.0  # no -0.0 codes
+            quantized = (codes * scales[:, None]).reshape(w.shape)
+            errors.append(float((quantized - w.detach()).norm() / w.detach().norm().clamp(min=1e-12)))
+            with torch.no_grad():
+                w.copy_(quantized)
+            forget(graph, f"{path}.weight", "shared")
+            annotate(graph, f"{path}.weight", "quant", {"bits": self.bits, "group_size": group, "scales": scales})
+            count += 1
+        stats = {"bits": self.bits, "granularity": self.granularity, "layers": count}
+        if self.granularity == "group":
+            stats["group_size"] = self.group_size
+        if per_channel_fallback:
+            stats["per_channel_fallback"] = len(per_channel_fallback)
+        if errors:
+            stats["mean_weight_rel_error"] = round(sum(errors) / len(errors), 4)
+        return PassResult(graph, changed=count > 0, stats=stats)

@@ -1,0 +1,106 @@
+"""Weight sharing: each layer's weights take one of 2**bits shared values (per-layer k-means).
+
+Deep Compression's trained quantization: centroids start evenly spaced between the
+smallest and largest weight, Lloyd iterations refine them, and centroids are rounded to
+fp16 so the packed file stores the codebook exactly. Pruned (zero) weights stay zero and
+are not clustered. Optional distillation fine-tunes the centroids: every weight of a
+cluster receives the cluster's mean gradient, so shared weights stay shared.
+"""
+from __future__ import annotations
+
+import torch
+
+from graphopt.distill import DistillConfig
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.weights import annotate, check_patterns, finetune_constrained, forget, tied_gradient, weight_layers
+
+BITS = range(2, 9)
+
+
+def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids, assignment) of 1-D ``values`` into ``clusters`` groups, linear initialisation."""
+    values = values.double()
+    centroids = torch.linspace(float(values.min()), float(values.max()), clusters, dtype=torch.float64)
+    assignment = None
+    for _ in range(iterations):
+        centroids, _ = torch.sort(centroids)
+        new = torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        sums = torch.zeros(clusters, dtype=torch.float64).index_add_(0, assignment, values)
+        counts = torch.bincount(assignment, minlength=clusters)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids.float(), assignment
+
+
+@register_pass("share_weights")
+class ShareWeights(Pass):
+    """Cluster each conv/linear layer's weights into 2**bits shared values (k-means, fp16 codebook)."""
+
+    contract = Contract.BOUNDED
+    invalidates = frozenset()
+
+    def __init__(self, bits: int = 4, iterations: int = 30, finetune_epochs: float = 0.0, lr: float = 1e-4,
+                 max_batches: int | None = None, layers: list | None = None, exclude: list | None = None,
+                 bound: float | None = None, progress: bool = False):
+        owner = "pass 'share_weights'"
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+            raise ConfigError(f"{owner}: bits must be an integer from 2 to 8, got {bits!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ConfigError(f"{owner}: iterations must be an integer >= 1, got {iterations!r}")
+        if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
+            raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
+        self.bits, self.iterations = bits, iterations
+        self.layers = check_patterns(owner, "layers", layers)
+        self.exclude = check_patterns(owner, "exclude", exclude)
+        self.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches) \
+            if finetune_epochs else None
+        if self.finetune:
+            self.finetune.check()
+            self.contract = Contract.NONE
+            self.requires = frozenset({"train_data"})
+        self.bound = bound
+        self.progress = progress
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        clusters = 1 << self.bits
+        targets = weight_layers(graph, self.layers, self.exclude)
+        plans = []
+        errors = []
+        for path, module in targets:
+            w = module.weight
+            flat = w.detach().reshape(-1).clone()  # the weight is overwritten below
+            keep = flat != 0
+            if not keep.any():
+                continue
+            centroids, assignment = kmeans_1d(flat[keep], clusters, self.iterations)
+            index = torch.full((flat.numel(),), clusters, dtype=torch.long)  # zeros: their own cluster
+            index[keep] = assignment
+            plans.append((path, w, index))
+            self._assign(w, index, centroids.half().float())
+            errors.append(float((w.detach().reshape(-1) - flat).norm() / flat.norm().clamp(min=1e-12)))
+        stats = {"bits": self.bits, "layers": len(plans)}
+        if self.finetune and plans:
+            rewrites = {w: tied_gradient(index, clusters) for _, w, index in plans}
+            result = finetune_constrained(graph, ctx.data, self.finetune, rewrites, self.progress)
+            stats["distill_loss_last"] = round(result["loss_last"], 4)
+            for _, w, index in plans:  # re-snap: exact fp16 centroids, one value per cluster
+                sums = torch.zeros(clusters + 1).index_add_(0, index, w.detach().reshape(-1))
+                counts = torch.bincount(index, minlength=clusters + 1).clamp(min=1)
+                self._assign(w, index, (sums / counts)[:clusters].half().float())
+        for path, _, _ in plans:
+            forget(graph, f"{path}.weight", "quant")
+            annotate(graph, f"{path}.weight", "shared", {"bits": self.bits})
+        if errors:
+            stats["mean_weight_rel_error"] = round(sum(errors) / len(errors), 4)
+        return PassResult(graph, changed=bool(plans), stats=stats)
+
+    @staticmethod
+    def _assign(weight: torch.Tensor, index: torch.Tensor, centroids: torch.Tensor) -> None:
+        """weight = centroids[index], index len(centroids) meaning a pruned zero."""
+        table = torch.cat([centroids, torch.zeros(1)])
+        with torch.no_grad():
+            weight.copy_(table[index].reshape(weight.shape))
