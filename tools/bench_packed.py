@@ -188,14 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     cnn = trained("fashion_cnn", fashion_cnn, args.epochs, TRAIN_LIMIT)
     results["models"].append(compress("fashion_cnn", cnn, [
         PruneMagnitude(sparsity=0.5, layers=convs + ["9"]),
-        PruneMagnitude(sparsity=0.9, layers=["7"], steps=2, **finetune(0.25)),
-        ShareWeights(bits=4, **finetune(0.25))], target_ratio=10))
+        PruneMagnitude(sparsity=0.8, layers=["7"], steps=2, **finetune(0.5)),
+        ShareWeights(bits=5, **finetune(0.5))], target_ratio=10))
     vgg = trained("fashion_vgg", fashion_vgg, args.epochs, TRAIN_LIMIT)
     results["models"].append(compress("fashion_vgg", vgg, [
         FoldBatchNorm(), RemoveIdentity(),
-        PruneMagnitude(sparsity=0.7, exclude=["19", "22"]),
-        PruneMagnitude(sparsity=0.97, layers=["19", "22"], steps=3, **finetune(0.25)),
-        ShareWeights(bits=4, **finetune(0.3))], target_ratio=40))
+        PruneMagnitude(sparsity=0.5, exclude=["19", "22"]),
+        PruneMagnitude(sparsity=0.95, layers=["19", "22"], steps=3, **finetune(0.5)),
+        ShareWeights(bits=4, **finetune(0.5))], target_ratio=40))
     print()
     print(f"{'model':<12} {'params':>8} {'acc fp32':>8} {'acc packed':>10} {'loss pt':>7} {'bytes':>8} "
           f"{'x fp32':>7} {'x zip':>6} {'bits/w':>6} {'exact':>5} {'target':>7}")

@@ -15,9 +15,14 @@ same fine-tuning. Results print as a table and go to bench-results/prune_*.json.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import os
+
+# Idle OpenMP threads sleep instead of spinning, so interleaved torch and onnxruntime runs
+# do not stall each other (or behind other processes). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
 import tempfile
 import time
 from typing import Callable
