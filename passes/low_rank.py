@@ -172,8 +172,6 @@ class SplitLowRank(Pass):
             return f"grouped conv (groups={module.groups}): only groups=1 is split"
         if any(not _static(graph.shape(n)) or not n.args or not _static(graph.shape(n.args[0])) for n in nodes):
             return "no static input/output shape"
-        if module.weight.dim() < 2 or min(module.weight.shape[:2]) < 2:
-            return "a single input or output channel"
         return None
 
     def _layer(self, graph: Graph, name: str, module: nn.Module, nodes) -> Layer:
