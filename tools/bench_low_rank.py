@@ -19,6 +19,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -150,6 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random weights can drive activations into denormals, as slow as they are rare
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")  # numpy, after the line above
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
