@@ -13,8 +13,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
+
+# Idle OpenMP threads must sleep, not spin: on a shared machine a spinning torch pool
+# stalls behind other processes (and the interleaved onnxruntime runs). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import platform
 import statistics
 import tempfile
