@@ -43,10 +43,17 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in text_rows])
 
 
+def _stat(value: Any) -> str:
+    """A stats value for a table cell: collections are summarised by their size."""
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"[{len(value)}]"
+    return str(value)
+
+
 def pass_table(records) -> str:
     rows = [(r.name, r.contract, human(r.params), human(r.macs), human(r.bytes, "B"),
              format_error(r.max_error), format_error(r.contract_error), format_error(r.error_vs_input),
-             f"{r.seconds:.3f}", ", ".join(f"{k}={v}" for k, v in r.stats.items())) for r in records]
+             f"{r.seconds:.3f}", ", ".join(f"{k}={_stat(v)}" for k, v in r.stats.items())) for r in records]
     return table(["pass", "contract", "params", "MACs", "bytes", "change", "contract err", "vs input", "time s",
                   "stats"], rows)
 

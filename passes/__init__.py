@@ -3,6 +3,7 @@ from graphopt.passes.binarize import Binarize, FreezeBinary
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.low_rank import SplitLowRank
 from graphopt.passes.magnitude_prune import PruneMagnitude
 from graphopt.passes.prune_channels import PruneChannels
 from graphopt.passes.quantize_weights_lowbit import QuantizeWeights
@@ -10,4 +11,4 @@ from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.weight_sharing import ShareWeights
 
 __all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
-           "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights"]
+           "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank"]

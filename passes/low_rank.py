@@ -1,0 +1,363 @@
+"""Low-rank splitting: replace Linear and Conv2d layers by chains of thinner layers.
+
+Ranks come from one of four rules (the budget vocabulary the pruning pass shares):
+``ratio`` (share of the full rank kept), ``energy`` (share of sum(sigma^2) kept),
+``target_macs`` / ``target_params`` (share of the whole graph's MACs / parameters to
+reach; layers are cut greedily where the reconstruction error grows least per MAC or
+parameter saved). ``layers`` overrides the rule per layer, ``protected`` layers are
+never split, and a layer is split only where that lowers its MACs.
+
+The split layer becomes an ``nn.Sequential`` under the same name, and the graph calls
+its children one after another, so cost analysis, fx, ONNX and TorchScript all see
+plain Linear / Conv2d modules.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.passes.low_rank_factors import Candidate, MatrixSVD, Tucker2, reconstruction_error
+
+CONV_METHODS = ("auto", "spatial", "tucker2")
+OVERRIDE_KEYS = ("rank", "ratio", "energy", "method")
+_BUDGETS = ("ratio", "energy", "target_macs", "target_params")
+DEFAULT_ENERGY = 0.95
+
+
+@dataclass
+class Layer:
+    """One splittable module: its call sites' sizes and its decompositions by method."""
+
+    name: str
+    module: nn.Module
+    macs: int
+    params: int
+    methods: dict[str, Any] = field(default_factory=dict)   # method -> MatrixSVD | Tucker2
+
+    def keep(self) -> Candidate:
+        return Candidate("keep", (), self.macs, self.params, 0.0)
+
+
+def _unit(where: str, value: Any) -> float:
+    """A share in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"{where} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_override(name: Any, spec: Any) -> dict[str, Any]:
+    """A ``layers`` entry: an int (rank), a float (ratio) or a table of OVERRIDE_KEYS."""
+    where = f"split_low_rank: layers[{name!r}]"
+    if not isinstance(name, str):
+        raise ConfigError(f"split_low_rank: layers keys must be module names, got {name!r}")
+    if isinstance(spec, bool):
+        raise ConfigError(f"{where} must be a rank (int), a ratio (float) or a table, got {spec!r}")
+    if isinstance(spec, int):
+        spec = {"rank": spec}
+    elif isinstance(spec, float):
+        spec = {"ratio": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a rank (int), a ratio (float) or a table, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(OVERRIDE_KEYS)}")
+    rules = [k for k in ("rank", "ratio", "energy") if k in spec]
+    if len(rules) > 1:
+        raise ConfigError(f"{where}: give one of rank, ratio, energy, not {' and '.join(rules)}")
+    spec = dict(spec)
+    if "rank" in spec:
+        rank = spec["rank"]
+        ranks = tuple(rank) if isinstance(rank, (list, tuple)) else (rank,)
+        if not ranks or len(ranks) > 2 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                                  for r in ranks):
+            raise ConfigError(f"{where}: rank must be a positive integer (or [r1, r2] for tucker2), got {rank!r}")
+        spec["rank"] = ranks
+    for key in ("ratio", "energy"):
+        if key in spec:
+            spec[key] = _unit(f"{where}.{key}", spec[key])
+    method = spec.get("method")
+    if method is not None and method not in ("svd",) + CONV_METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}; valid: svd, {', '.join(CONV_METHODS)}")
+    return spec
+
+
+@register_pass("split_low_rank")
+class SplitLowRank(Pass):
+    """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2)."""
+
+    contract = Contract.BOUNDED
+    invalidates = None  # new nodes and modules: every analysis is stale
+
+    def __init__(self, ratio: float | None = None, energy: float | None = None, target_macs: float | None = None,
+                 target_params: float | None = None, conv_method: str = "auto", rank_multiple: int = 1,
+                 hooi_iters: int = 2, layers: dict | None = None, protected: list | None = None,
+                 only_if_cheaper: bool = True, max_error: float | None = None):
+        given = {k: v for k, v in zip(_BUDGETS, (ratio, energy, target_macs, target_params)) if v is not None}
+        if len(given) > 1:
+            raise ConfigError(f"split_low_rank: give one of {', '.join(_BUDGETS)}, not {' and '.join(given)}")
+        self.rule, value = next(iter(given.items())) if given else ("energy", DEFAULT_ENERGY)
+        self.value = _unit(f"split_low_rank: {self.rule}", value)
+        if conv_method not in CONV_METHODS:
+            raise ConfigError(f"split_low_rank: conv_method must be one of {', '.join(CONV_METHODS)}, "
+                              f"got {conv_method!r}")
+        for key, number, low in (("rank_multiple", rank_multiple, 1), ("hooi_iters", hooi_iters, 0)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < low:
+                raise ConfigError(f"split_low_rank: {key} must be an integer >= {low}, got {number!r}")
+        if layers is not None and not isinstance(layers, dict):
+            raise ConfigError(f"split_low_rank: layers must be a table of module name -> override, got "
+                              f"{type(layers).__name__}")
+        if protected is not None and (not isinstance(protected, (list, tuple))
+                                      or not all(isinstance(p, str) for p in protected)):
+            raise ConfigError(f"split_low_rank: protected must be a list of module names, got {protected!r}")
+        self.layers = {name: _check_override(name, spec) for name, spec in (layers or {}).items()}
+        self.protected = tuple(protected or ())
+        both = sorted(set(self.layers) & set(self.protected))
+        if both:
+            raise ConfigError(f"split_low_rank: layer {both[0]!r} is both protected and given an override")
+        if max_error is not None and (isinstance(max_error, bool) or not max_error > 0):
+            raise ConfigError(f"split_low_rank: max_error must be > 0, got {max_error!r}")
+        self.conv_method = conv_method
+        self.rank_multiple = rank_multiple
+        self.hooi_iters = hooi_iters
+        self.only_if_cheaper = only_if_cheaper
+        self.bound = max_error
+        full = self.rule in ("ratio", "energy") and self.value == 1.0
+        if full and all(spec.get("ratio", 1.0) == 1.0 and spec.get("energy", 1.0) == 1.0 and "rank" not in spec
+                        for spec in self.layers.values()):
+            self.contract = Contract.EXACT  # every split keeps the full rank
+
+    # -- finding layers -----------------------------------------------------------------
+    def _collect(self, graph: Graph) -> tuple[list[Layer], dict[str, str]]:
+        modules = graph.modules()
+        for name in list(self.layers) + list(self.protected):
+            if name not in modules or name == "":
+                close = difflib.get_close_matches(name, [m for m in modules if m], n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                what = "layers" if name in self.layers else "protected"
+                raise ConfigError(f"split_low_rank: {what} names {name!r}, which is not a module of the graph{hint}")
+        calls: dict[str, list] = {}
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(modules[node.target], (nn.Linear, nn.modules.conv._ConvNd)):
+                calls.setdefault(node.target, []).append(node)
+        for name in self.layers:
+            if name not in calls:
+                raise ConfigError(f"split_low_rank: layers[{name!r}] is a {type(modules[name]).__name__}, "
+                                  f"not a Linear or Conv2d the graph calls")
+        layers, skipped = [], {}
+        for name, nodes in calls.items():
+            reason = "protected" if name in self.protected else self._unsplittable(graph, modules[name], nodes)
+            if reason is None:
+                layers.append(self._layer(graph, name, modules[name], nodes))
+                continue
+            if name in self.layers:
+                raise ConfigError(f"split_low_rank: layers[{name!r}] cannot be split: {reason}")
+            skipped[name] = reason
+        return layers, skipped
+
+    @staticmethod
+    def _unsplittable(graph: Graph, module: nn.Module, nodes) -> str | None:
+        """Why this Linear or conv cannot be split (None if it can)."""
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            return f"{type(module).__name__} is not supported (Linear and Conv2d only)"
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            if module.groups == module.in_channels:
+                return f"depthwise conv (groups={module.groups}): already one filter per channel"
+            return f"grouped conv (groups={module.groups}): only groups=1 is split"
+        if any(not _static(graph.shape(n)) or not n.args or not _static(graph.shape(n.args[0])) for n in nodes):
+            return "no static input/output shape"
+        return None
+
+    def _layer(self, graph: Graph, name: str, module: nn.Module, nodes) -> Layer:
+        """The layer's cost and its decompositions (one per method it may use)."""
+        shapes = [(graph.shape(n.args[0]), graph.shape(n)) for n in nodes]
+        method = self.layers.get(name, {}).get("method")
+        matrix_like = isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1)
+        if method is not None and method != "auto" and (method == "svd") != matrix_like:
+            valid = "svd" if matrix_like else "spatial, tucker2"
+            raise ConfigError(f"split_low_rank: layers[{name!r}]: method {method!r} does not apply to a "
+                              f"{_describe(module)}; valid: auto, {valid}")
+        if isinstance(module, nn.Linear):
+            rows = [math.prod(out) // module.out_features for _, out in shapes]
+            layer = Layer(name, module, sum(rows) * module.in_features * module.out_features, _params(module))
+            layer.methods["svd"] = MatrixSVD(module, [(r, r) for r in rows])
+            return layer
+        kh, kw = module.kernel_size
+        # per call: output positions, positions of the kh x 1 factor's output, input positions
+        sites = [(out[0] * out[2] * out[3], out[0] * out[2] * inp[3], out[0] * inp[2] * inp[3]) for inp, out in shapes]
+        macs = sum(s[0] for s in sites) * module.in_channels * module.out_channels * kh * kw
+        layer = Layer(name, module, macs, _params(module))
+        if matrix_like:
+            layer.methods["svd"] = MatrixSVD(module, [(s[0], s[1]) for s in sites])
+            return layer
+        method = method or self.conv_method
+        if method in ("auto", "spatial"):
+            layer.methods["spatial"] = MatrixSVD(module, [(s[0], s[1]) for s in sites])
+        if method in ("auto", "tucker2"):
+            layer.methods["tucker2"] = Tucker2(module, [(s[0], s[2]) for s in sites])
+        return layer
+
+    # -- choosing ranks -------------------------------------------------------------------
+    def _by_rule(self, layer: Layer, rule: str, value: Any) -> Candidate | str:
+        """The candidate a per-layer rule picks, or the reason nothing is split."""
+        options, problems = [], []
+        for deco in layer.methods.values():
+            if rule == "rank":   # under "auto" a rank need only fit one of the methods
+                problem = deco.check_ranks(value)
+                if problem:
+                    problems.append(problem)
+                else:
+                    options.append(deco.candidate(value))
+            elif rule == "ratio":
+                options.append(deco.candidate(deco.ratio_ranks(value, self.rank_multiple)))
+            else:  # energy: the cheapest split that keeps at least this share of sum(sigma^2)
+                fits = [c for c in deco.candidates(self.rank_multiple) if c.error <= 1 - value + 1e-12]
+                options.append(min(fits, key=lambda c: (c.macs, c.error)))
+        if not options:
+            raise ConfigError(f"split_low_rank: layers[{layer.name!r}]: {'; '.join(problems)}")
+        cheaper = [c for c in options if c.macs < layer.macs]
+        if not cheaper:
+            if self.only_if_cheaper:
+                best = min(options, key=lambda c: c.macs)
+                return (f"{best.method} at rank {_ranks(best.ranks)} would not lower MACs "
+                        f"({best.macs} >= {layer.macs})")
+            return min(options, key=lambda c: (c.error, c.macs))
+        # several methods ("auto"): the one that loses least per MAC it saves
+        return min(cheaper, key=lambda c: (c.error / (layer.macs - c.macs), c.macs))
+
+    def _by_budget(self, free: list[Layer], spent: int, total: int) -> dict[str, Candidate]:
+        """Greedy allocation: cut where the error grows least per unit of cost saved, until
+        the graph's cost is at most ``self.value * total``."""
+        cost_key = "macs" if self.rule == "target_macs" else "params"
+        need = spent - self.value * total
+        steps = []
+        for layer in free:
+            points = [layer.keep()] + [c for m in layer.methods.values() for c in m.candidates(self.rank_multiple)
+                                       if c.macs < layer.macs and c.params <= layer.params]
+            hull = _lower_hull(points, cost_key)
+            for before, after in zip(hull, hull[1:]):
+                saved = getattr(before, cost_key) - getattr(after, cost_key)
+                steps.append(((after.error - before.error) / saved, layer.name, after, saved))
+        steps.sort(key=lambda s: (s[0], -s[3]))
+        chosen: dict[str, Candidate] = {}
+        for _, name, candidate, saved in steps:
+            if need <= 0:
+                break
+            chosen[name] = candidate
+            need -= saved
+        if need > 0:
+            floor = (self.value * total + need) / total
+            raise ConfigError(f"split_low_rank: {self.rule}={self.value:g} cannot be reached: splitting every "
+                              f"unprotected layer as far as it lowers {cost_key} leaves {floor:.3f} of the "
+                              f"original {cost_key}")
+        return chosen
+
+    def _plan(self, graph: Graph, layers: list[Layer], skipped: dict[str, str]) -> dict[str, Candidate]:
+        plan: dict[str, Candidate] = {}
+        free = []
+        for layer in layers:
+            spec = self.layers.get(layer.name)
+            if spec is None and self.rule in ("target_macs", "target_params"):
+                free.append(layer)
+                continue
+            rule = next((k for k in ("rank", "ratio", "energy") if k in (spec or {})), None)
+            choice = self._by_rule(layer, rule or self.rule, spec[rule] if rule else self.value)
+            if isinstance(choice, str):
+                skipped[layer.name] = choice
+            else:
+                plan[layer.name] = choice
+        if free:
+            cost = graph.analysis("cost")
+            total = cost.macs if self.rule == "target_macs" else cost.params
+            key = "macs" if self.rule == "target_macs" else "params"
+            spent = total - sum(getattr(l, key) - getattr(plan[l.name], key) for l in layers if l.name in plan)
+            plan.update(self._by_budget(free, spent, total))
+            for layer in free:
+                if layer.name not in plan:
+                    skipped[layer.name] = "kept whole by the budget allocation"
+        return plan
+
+    # -- rewriting ------------------------------------------------------------------------
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        layers, skipped = self._collect(graph)
+        plan = self._plan(graph, layers, skipped)
+        details = {}
+        for layer in layers:
+            choice = plan.get(layer.name)
+            if choice is None:
+                continue
+            factors = layer.methods[choice.method].build(choice.ranks, self.hooi_iters)
+            error = reconstruction_error(layer.module, factors)
+            _split(graph, layer.name, factors)
+            details[layer.name] = {
+                "method": choice.method, "rank": _ranks(choice.ranks),
+                "full_rank": _ranks(layer.methods[choice.method].full_ranks),
+                "error": round(error, 6), "macs": [layer.macs, choice.macs], "params": [layer.params, choice.params]}
+        if details:
+            graph.commit()
+        stats: dict[str, Any] = {"split": len(details), "skipped": len(skipped)}
+        if details:
+            before = sum(d["macs"][0] for d in details.values())
+            stats["layer_macs_kept"] = round(sum(d["macs"][1] for d in details.values()) / before, 4)
+            stats["max_layer_error"] = max(d["error"] for d in details.values())
+        stats["layers"] = details
+        stats["skipped_layers"] = skipped
+        return PassResult(graph, changed=bool(details), stats=stats)
+
+
+def _split(graph: Graph, name: str, factors: list[nn.Module]) -> None:
+    """Put ``nn.Sequential(*factors)`` at ``name`` and make every call of it a chain of
+    calls to the children (``name.0``, ``name.1``, ...)."""
+    graph.replace_module(name, nn.Sequential(*factors))
+    fx_graph = graph.gm.graph
+    for node in graph.users_of_module(name):
+        with fx_graph.inserting_before(node):
+            value = fx_graph.call_module(f"{name}.0", node.args, node.kwargs)
+            for index in range(1, len(factors)):
+                value = fx_graph.call_module(f"{name}.{index}", (value,))
+        graph.bypass(node, value)
+
+
+def _lower_hull(points: list[Candidate], key: str) -> list[Candidate]:
+    """The lower convex hull of (cost saved, error) starting at ``points[0]`` (the layer
+    kept whole: nothing saved, no error). Along it the error added per unit of cost saved
+    only grows, so taking its segments in order of that rate is the greedy optimum."""
+    start = getattr(points[0], key)
+    best: dict[int, Candidate] = {}
+    for p in points:   # one point per cost: the one with the least error
+        saved = start - getattr(p, key)
+        if saved >= 0 and (saved not in best or p.error < best[saved].error):
+            best[saved] = p
+    hull: list[tuple[int, Candidate]] = []
+    for saved, p in sorted(best.items()):
+        while len(hull) >= 2:
+            (x0, a), (x1, b) = hull[-2], hull[-1]
+            if (x1 - x0) * (p.error - a.error) - (b.error - a.error) * (saved - x0) > 0:
+                break   # b lies strictly below the chord from a to p
+            hull.pop()
+        hull.append((saved, p))
+    return [p for _, p in hull]
+
+
+def _ranks(ranks: tuple[int, ...]) -> int | list[int]:
+    return ranks[0] if len(ranks) == 1 else list(ranks)
+
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return f"{'x'.join(map(str, module.kernel_size))} {type(module).__name__}"
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _static(shape) -> bool:
+    return isinstance(shape, tuple) and bool(shape) and all(isinstance(d, int) for d in shape)
