@@ -2,6 +2,8 @@
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.fold_qdq import FoldQDQ
+from graphopt.passes.insert_qdq import InsertQDQ
 from graphopt.passes.remove_identity import RemoveIdentity
 
-__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill"]
+__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "InsertQDQ", "FoldQDQ"]

@@ -1,0 +1,123 @@
+"""Quantization parameters and the int8 arithmetic every quantization pass and backend shares.
+
+The IR keeps quantization explicit and executable (the simulated-quant graph is the numeric
+reference for every backend):
+
+- an activation quantized per tensor is a ``torch.fake_quantize_per_tensor_affine`` node whose
+  ``node.meta[QPARAMS_KEY]`` holds its ``QParams`` (uint8 affine by default);
+- a weight quantized per output channel is, after ``insert_qdq``, a
+  ``torch.fake_quantize_per_channel_affine`` node over the float weight and, after
+  ``fold_qdq``, an int8 constant read through ``dequantize_per_channel`` (bit-identical).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+QPARAMS_KEY = "graphopt.qparams"      # QParams of a fake-quant node
+FUSED_KEY = "graphopt.fused"          # activations a conv/linear/add absorbed (names, for reports)
+FLOAT_REASON_KEY = "graphopt.float"   # why a conv/linear stayed float (mixed precision, no kernel, ...)
+
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # symmetric, restricted: no -128, zero point 0
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor affine parameters: real = (q - zero_point) * scale, q in [qmin, qmax]."""
+
+    scale: float
+    zero_point: int
+    dtype: str = "uint8"
+
+    @property
+    def qmin(self) -> int:
+        return _RANGES[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return _RANGES[self.dtype][1]
+
+    @property
+    def real_range(self) -> tuple[float, float]:
+        return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
+
+
+def affine_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
+    """Parameters covering [lo, hi] (widened to include 0, so zero is exact).
+
+    The caller handles a zero range (all-zero activations): there is no scale to pick."""
+    if dtype not in _RANGES:
+        raise ValueError(f"activation dtype must be one of {', '.join(_RANGES)}, got {dtype!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"range [{lo}, {hi}] is not finite")
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = _RANGES[dtype]
+    scale = (hi - lo) / (qmax - qmin)
+    if scale <= 0:
+        raise ValueError("zero range")
+    zero_point = int(min(qmax, max(qmin, round(qmin - lo / scale))))
+    # float32 round trip so the graph and every backend use the same scale
+    return QParams(float(torch.tensor(scale, dtype=torch.float32)), zero_point, dtype)
+
+
+def weight_scales(weight: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Per-channel symmetric scales (float32) along ``axis``; all-zero channels get scale 1."""
+    dims = [d for d in range(weight.dim()) if d != axis]
+    amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
+    scales = (amax / WEIGHT_QMAX).float()
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    zeros = torch.zeros_like(scales, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight, scales, zeros, axis, WEIGHT_QMIN, WEIGHT_QMAX)
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """The int8 codes of ``fake_quantize_weight`` (same rounding, so dequantizing is bit-exact)."""
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return torch.round(fake_quantize_weight(weight, scales, axis) / scales.view(shape)).to(torch.int8)
+
+
+def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
+    """Float weight from int8 codes (the folded IR's weight read)."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return q.to(torch.float32) * scales.view(shape)
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+# -- recognising quantization nodes in the IR -------------------------------------------
+def is_activation_fq(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.fake_quantize_per_tensor_affine
+
+
+def is_weight_fq(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.fake_quantize_per_channel_affine
+
+
+def is_weight_dq(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is dequantize_per_channel
+
+
+def qparams(node: fx.Node) -> QParams | None:
+    return node.meta.get(QPARAMS_KEY) if isinstance(node, fx.Node) else None
+
+
+def make_fq_args(x: fx.Node, qp: QParams) -> tuple:
+    return (x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+# Functional layers the quantization passes rewrite modules into (and the backends read).
+CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+ADD_FUNCS = {operator.add, operator.iadd, torch.add}
