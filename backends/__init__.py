@@ -1,4 +1,4 @@
 """Built-in backends. Importing this package registers them (it is graphopt's own plugin)."""
-from graphopt.backends import onnx, torchscript
+from graphopt.backends import onnx, onnx_int8, torchscript
 
-__all__ = ["onnx", "torchscript"]
+__all__ = ["onnx", "onnx_int8", "torchscript"]
