@@ -271,6 +271,24 @@ class _Lowering:
         q = self.emit("QuantizeLinear", [out, *self.qp_inputs(qp)], "q")
         return _Value(self.emit("DequantizeLinear", [q, *self.qp_inputs(qp)], "dq"), from_qp=qp)
 
+    def float_layer(self, node: fx.Node, m: nn.Module) -> None:
+        """A conv/linear the quantization passes kept float (mixed precision, policy, no int8 kernel)."""
+        w = self.const("w_fp32", m.weight.detach().numpy())
+        b = [self.const("b_fp32", m.bias.detach().numpy())] if m.bias is not None else []
+        if isinstance(m, nn.Linear):
+            if len(self.graph.shape(node.args[0]) or ()) != 2:
+                raise ExportError(f"onnx_int8: float linear {node.name!r} on a rank-3+ input is not supported")
+            out = self.emit("Gemm", [self.as_float(node.args[0]), w] + b, "gemm_fp32", transB=1)
+        else:
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ExportError(f"onnx_int8: conv {node.name!r} ({node.target}) uses padding_mode={m.padding_mode!r} "
+                                  f"/ padding={m.padding!r}, which this backend does not lower")
+            out = self.emit("Conv", [self.as_float(node.args[0]), w] + b, "conv_fp32", kernel_shape=list(m.kernel_size),
+                            strides=list(m.stride), pads=list(m.padding) * 2, dilations=list(m.dilation),
+                            group=m.groups)
+        self.env[node.name] = _Value(out)
+        self.float_layers[str(node.target)] = node.meta.get("graphopt.float", "kept float")
+
     def lower_other(self, node: fx.Node, quant_in: bool, user: fx.Node | None) -> None:
         """Pooling, shape ops, activations and concat: on uint8 where a kernel exists, else float."""
         m = self.graph.module(node) if node.op == "call_module" else None
@@ -313,6 +331,8 @@ class _Lowering:
             out = self.emit("Concat", [self.as_float(t) for t in tensors], "concat", axis=dim)
             self.env[node.name] = _Value(out)
             return
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            return self.float_layer(node, m)
         op = _float_op(m, node)
         if op is None:
             raise ExportError(f"onnx_int8: no ONNX lowering for node {node.name!r} "

@@ -250,3 +250,25 @@ def calibrate(graph: Graph, observers: dict[str, Observer], data: Any, max_batch
             interpreter.run(*inputs)
             seen += 1
     return seen
+
+
+class ChannelMeanObserver(Observer):
+    """Mean of each channel (``axis``) over every batch and position: inputs for bias correction."""
+
+    def __init__(self, axis: int = 1):
+        super().__init__()
+        self.axis = axis
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def _update(self, x: torch.Tensor) -> None:
+        axis = self.axis % x.dim()
+        dims = [d for d in range(x.dim()) if d != axis]
+        sums = x.double().sum(dim=dims)
+        self.total = sums if self.total is None else self.total + sums
+        self.count += x.numel() // max(sums.numel(), 1)
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError("observer saw no data")
+        return (self.total / self.count).float()

@@ -108,7 +108,7 @@ class Planner:
                 plan.layers.append(node)
         plan.adds = self.add_candidates()
         while True:  # anchors whose input cannot be quantized drop out; repeat until stable
-            plan.observed = {self.output_of(n).name for n in plan.layers + plan.adds}
+            plan.observed = {self.output_of(n).name for n in plan.layers + plan.adds} - self.blocked
             self._propagate(plan)
             demoted = False
             for anchor in list(plan.layers) + list(plan.adds):
