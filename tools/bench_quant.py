@@ -18,6 +18,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -149,7 +150,17 @@ def measure(runners: dict, batch: int, rounds: int) -> dict[str, float]:
     return {c: statistics.median(v) for c, v in times.items()}
 
 
+def _passive_openmp() -> None:
+    """Re-run this process with OpenMP threads that sleep instead of spinning when idle: otherwise
+    torch's idle threads spin after each torch run and steal the cores of the runtime timed next
+    (on a shared machine, the spin of every process hurts all). Must be set before torch loads."""
+    if os.environ.get("OMP_WAIT_POLICY") is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "graphopt.tools.bench_quant", *sys.argv[1:]])
+
+
 def main() -> None:
+    _passive_openmp()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
     parser.add_argument("--batches", default="1,16")
@@ -160,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    results = {"threads": args.threads, "torch": torch.__version__, "onnxruntime": ort.__version__,
+    results = {"threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__, "onnxruntime": ort.__version__,
                "machine": platform.machine(), "cpus": os.cpu_count(), "models": {}}
     rows, size_rows = [], []
     for model_name in args.models.split(","):

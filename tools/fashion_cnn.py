@@ -1,6 +1,6 @@
 """A small CNN trained on Fashion-MNIST: the real-data accuracy check for int8 PTQ.
 
-    python -m graphopt.tools.fashion_cnn train     # ~2 epochs, writes tools/examples/fashion_cnn.pt
+    python -m graphopt.tools.fashion_cnn train     # 2 epochs, writes tools/examples/fashion_cnn.pt
     python -m graphopt.tools.fashion_cnn ptq       # fp32 vs int8 (simulated, ONNX, TorchScript) test accuracy
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ CHECKPOINT = os.path.join(os.path.dirname(__file__), "examples", "fashion_cnn.pt
 class FashionCNN(nn.Module):
     """conv-bn-relu, pool, conv-bn-relu, pool, conv-bn-relu with a residual add, linear."""
 
-    def __init__(self, width: int = 32, num_classes: int = 10):
+    def __init__(self, width: int = 16, num_classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
                                   nn.MaxPool2d(2))
