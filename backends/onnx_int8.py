@@ -32,7 +32,8 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, flatten_args, int8_mac_share, is_activation_fq,
-                            is_weight_dq, layerwise_within_one_step, output_steps, qparams, within_one_step)
+                            is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
+                            within_one_step)
 from graphopt.verify import compare_outputs
 
 FORMS = ("auto", "qoperator", "qdq")
@@ -297,6 +298,27 @@ class _Lowering:
         qop = self.form == "qoperator"
         if kind == OpKind.IDENTITY:
             self.env[node.name] = self.env[x.name]
+            return
+        if is_plain_relu(self.graph, node) and quant_in and qop:   # max(q, zero point) on uint8
+            xq = self.env[x.name]
+            if xq.qp.zero_point == xq.qp.qmin:
+                self.env[node.name] = xq
+            else:
+                low = self.const("relu_min", np.array(xq.qp.zero_point, _NP[xq.qp.dtype]))
+                self.env[node.name] = _Value(self.emit("Clip", [xq.name, low], "qrelu"), xq.qp)
+            return
+        if kind == OpKind.PERMUTE:
+            rank = len(self.graph.shape(x))
+            dims = list(node.args[1:]) if node.target != "transpose" and node.target is not torch.transpose else None
+            if dims is None:
+                a, b = (d % rank for d in node.args[1:3])
+                dims = list(range(rank))
+                dims[a], dims[b] = dims[b], dims[a]
+            elif len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = list(dims[0])
+            src = self.env[x.name].name if (qop and quant_in) else self.as_float(x)
+            self.env[node.name] = self.keep_grid(x, self.emit("Transpose", [src], "transpose",
+                                                              perm=[d % rank for d in dims]), quant_in)
             return
         if kind == OpKind.RESHAPE:
             shape = list(self.graph.shape(node))

@@ -24,7 +24,8 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
-from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, int8_mac_share, is_activation_fq, is_weight_dq,
+from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, int8_mac_share, is_activation_fq, is_plain_relu,
+                            is_weight_dq,
                             layerwise_within_one_step, output_steps, qparams, within_one_step)
 from graphopt.verify import compare_outputs, node_values
 
@@ -115,7 +116,7 @@ class _Rebuild:
             return
         m = self.graph.module(node) if node.op == "call_module" else None
         keeps_grid = self.graph.kind(node) in _ON_QUANTIZED or isinstance(m, _POOLS_ON_QUANTIZED) or \
-            (node.op == "call_function" and node.target in _POOL_FUNCS)
+            (node.op == "call_function" and node.target in _POOL_FUNCS) or is_plain_relu(self.graph, node)
         if keeps_grid and self.quantized(x) and len(node.all_input_nodes) == 1:
             self.env[node.name] = (self.copy(node, lambda a: self.env[a.name][0]), self.env[x.name][1])
             return

@@ -16,6 +16,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
@@ -116,6 +117,28 @@ def qparams(node: fx.Node) -> QParams | None:
 
 def make_fq_args(x: fx.Node, qp: QParams) -> tuple:
     return (x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+_ZERO_CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_ZERO_CLAMP_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
+
+
+def is_zero_clamp(graph: Graph, node: fx.Node) -> bool:
+    """An activation whose output is clamp(x, 0, hi): a quantized output with zero point 0 absorbs it."""
+    m = graph.module(node) if node.op == "call_module" else None
+    if m is not None:
+        return isinstance(m, _ZERO_CLAMPS) and (not isinstance(m, nn.Hardtanh) or m.min_val == 0)
+    if node.op == "call_function" and node.target in _ZERO_CLAMP_FUNCS:
+        return node.target is not F.hardtanh or node.kwargs.get("min_val", node.args[1] if len(node.args) > 1
+                                                                  else -1.0) == 0
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def is_plain_relu(graph: Graph, node: fx.Node) -> bool:
+    """max(x, 0): keeps a quantized tensor on its grid (zero is a grid point); ReLU6 does not."""
+    module = graph.module(node) if node.op == "call_module" else None
+    return is_zero_clamp(graph, node) and not isinstance(module, nn.Hardtanh) and node.target not in (F.relu6,
+                                                                                                     F.hardtanh)
 
 
 # Functional layers the quantization passes rewrite modules into (and the backends read).

@@ -28,30 +28,17 @@ from graphopt.ops import OpKind
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, WEIGHT_QMIN, QParams, affine_qparams,
                             is_activation_fq, make_fq_args, weight_scales)
-from graphopt.quant import ADD_FUNCS
+from graphopt.quant import ADD_FUNCS, is_plain_relu, is_zero_clamp
 from graphopt.verify import compare_outputs
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _GRID_KEEPING = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}
-_ZERO_CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_ZERO_CLAMP_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _POLICIES = ("int8", "float")
 
 
 def _module(graph: Graph, node: fx.Node):
     return graph.module(node) if node.op == "call_module" else None
-
-
-def is_zero_clamp(graph: Graph, node: fx.Node) -> bool:
-    """An activation whose output is clamp(x, 0, hi): a quantized output with zero point 0 absorbs it."""
-    m = _module(graph, node)
-    if m is not None:
-        return isinstance(m, _ZERO_CLAMPS) and (not isinstance(m, nn.Hardtanh) or m.min_val == 0)
-    if node.op == "call_function" and node.target in _ZERO_CLAMP_FUNCS:
-        return node.target is not F.hardtanh or node.kwargs.get("min_val", node.args[1] if len(node.args) > 1
-                                                                  else -1.0) == 0
-    return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
 def _no_kernel_reason(graph: Graph, node: fx.Node) -> str | None:
@@ -141,7 +128,7 @@ class Planner:
                 continue
             kind = self.graph.kind(node)
             m = _module(self.graph, node)
-            if kind in _GRID_KEEPING or isinstance(m, _MAX_POOLS) or is_zero_clamp(self.graph, node) \
+            if kind in _GRID_KEEPING or isinstance(m, _MAX_POOLS) or is_plain_relu(self.graph, node) \
                     or (node.op == "call_function" and node.target in (F.max_pool2d, F.max_pool1d)):
                 if len(node.all_input_nodes) == 1 or kind in _GRID_KEEPING:
                     plan.on_grid[node.name] = source[node.name] = source[x.name]

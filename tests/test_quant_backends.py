@@ -107,3 +107,33 @@ def test_onnx_int8_parity_failure_writes_nothing(int8_graph, tmp_path, monkeypat
     with pytest.raises(ExportError, match="within one step of the simulated-quant graph"):
         onnx_int8.export(int8_graph, path, form="qoperator")
     assert not path.exists()
+
+
+class PoolReluPermute(torch.nn.Module):
+    """ReLU after max pooling (not fusable into the conv) and a permute before a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = torch.relu(torch.nn.functional.max_pool2d(self.a(x), 2))
+        return self.fc(self.b(x).permute(0, 2, 3, 1))
+
+
+def test_relu_on_a_quantized_tensor_stays_integer(tmp_path):
+    torch.manual_seed(5)
+    graph = graphopt.trace(PoolReluPermute().eval(), torch.randn(2, 3, 8, 8))
+    data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                       context=PassContext({"calibration_data": data})).run(graph).graph
+    onnx_report = onnx_int8.export(int8, tmp_path / "m.onnx", form="qoperator")
+    ts_report = torchscript_int8.export(int8, tmp_path / "m.pt")
+    for report in (onnx_report, ts_report):
+        assert report.details["within_one_step"] >= 0.99
+    # both convs run in integer kernels; ONNX's QGemm takes 2-D inputs, so the rank-4 linear is named float
+    assert onnx_report.details["int8_layers"] == 2
+    assert onnx_report.details["float_layers"] == {"fc": "rank-4 input (QGemm takes 2-D)"}
+    assert ts_report.details["int8_layers"] == 3
