@@ -216,7 +216,7 @@ class InsertQDQ(Pass):
     ensures = frozenset({"qdq"})
     invalidates = None
 
-    def __init__(self, observer: str = "minmax", activation_dtype: str = "uint8", percentile: float = 99.99,
+    def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
                  max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
                  last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True):
         if observer not in observer_names():

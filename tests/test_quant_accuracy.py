@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not fashion_mnist.available(), reason="apt-get i
 
 
 def test_fashion_mnist_int8_ptq_within_0_3_points(tmp_path):
-    graph = graphopt.trace(trained_fashion_cnn(), torch.randn(4, 1, 28, 28))
+    graph = graphopt.trace(trained_fashion_cnn(), next(calibration_batches())[0][:4])  # real images: the
+    # contract is checked on the example inputs, which must look like the calibration data
     int8 = PassManager([FoldBatchNorm(), InsertQDQ(progress=False), FoldQDQ()],
                        context=PassContext({"calibration_data": calibration_batches})).run(graph).graph
     fp32_acc = top1_accuracy(graph, fashion_mnist.test_batches())
