@@ -7,6 +7,7 @@ outside it (adjacent bins merge, so nothing is re-estimated), never the activati
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -215,6 +216,14 @@ def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, pr
         yield inputs
     if not count:
         raise ConfigError("calibration data yielded no batches")
+
+
+def reiterable(data: Any, max_batches: int | None = None) -> Any:
+    """``data`` as something that can be read more than once: a callable or a container is kept;
+    a one-shot iterator (a generator) is read once, up to ``max_batches`` batches, into a list."""
+    if data is None or callable(data) or not isinstance(data, Iterable) or iter(data) is not data:
+        return data
+    return list(itertools.islice(data, max_batches))
 
 
 class _Observe(fx.Interpreter):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from graphopt.calibration import calibrate, iter_calibration, make_observer, observer_names
+from graphopt.calibration import calibrate, iter_calibration, make_observer, observer_names, reiterable
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
@@ -259,7 +259,7 @@ class InsertQDQ(Pass):
         return params, zero_range
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        data = ctx.data.get("calibration_data")
+        data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read up to three times
         keep = self._policy(graph)
         blocked: set[str] = set()
         plan = Planner(graph, keep, blocked).plan()

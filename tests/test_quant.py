@@ -210,6 +210,12 @@ def test_wrong_shape_loader_is_named(cnn_graph):
         PassManager([InsertQDQ(progress=False)], context=PassContext({"calibration_data": []})).run(cnn_graph)
 
 
+def test_a_one_shot_generator_is_read_once(cnn_graph):
+    batches = iter(calib())
+    result = quantize(cnn_graph, InsertQDQ(progress=False, sensitive_float=1), data=batches)
+    assert result.records[-1].stats["int8_layers"] == 3
+
+
 def test_bad_options():
     with pytest.raises(ConfigError, match="unknown observer 'kl'"):
         InsertQDQ(observer="kl")

@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds at batch 1 (fewer at larger batch)")
     parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--columns", default=",".join(COLUMNS),
+                        help="comma-separated subset of columns to time (ORT fp32 is always timed)")
     parser.add_argument("--out", default="bench-results/quant.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,13 +180,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             runners, sizes, info = build(model_name, folder, args.threads, args.calib_batches)
             entry = {"sizes": sizes, "export": info, "batches": {}}
+            wanted = {"ORT fp32", *args.columns.split(",")}
+            unknown = wanted - set(COLUMNS)
+            if unknown:
+                raise SystemExit(f"unknown columns {sorted(unknown)}; columns: {', '.join(COLUMNS)}")
+            runners = {c: r for c, r in runners.items() if c in wanted}
             for batch in (int(b) for b in args.batches.split(",")):
                 rounds = max(3, args.rounds // max(1, batch // 4))
                 ms = measure(runners, batch, rounds)
                 base = ms["ORT fp32"]
                 ratios = {c: base / v for c, v in ms.items()}
                 entry["batches"][batch] = {"median_ms": ms, "speedup_over_ort_fp32": ratios, "rounds": rounds}
-                rows.append([model_name, batch] + [f"{ratios[c]:.2f}x" for c in COLUMNS] + [f"{base:.1f}"])
+                rows.append([model_name, batch] + [f"{ratios[c]:.2f}x" if c in ratios else "-" for c in COLUMNS]
+                            + [f"{base:.1f}"])
             target = TARGETS.get(model_name)
             if target:
                 got = entry["batches"][int(args.batches.split(",")[0])]["speedup_over_ort_fp32"]["graphopt ONNX int8"]
