@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -461,7 +460,8 @@ def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True
     if not 0 < min_within_step <= 1:
         raise ConfigError(f"backend 'onnx_int8': min_within_step must be in (0, 1], got {min_within_step!r}")
     if not any(is_weight_dq(n) for n in graph.nodes):
-        raise ConfigError("backend 'onnx_int8': the graph has no int8 weights; run insert_qdq and fold_qdq first")
+        raise ConfigError("backend 'onnx_int8': the graph has no int8 weights; "
+                          "run insert_qdq and fold_qdq first")
     started = time.perf_counter()
     path = os.fspath(path)
     candidates = {}
@@ -480,7 +480,8 @@ def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True
     share, worst = _layerwise_parity(graph, built, lowering, threads)
     if share < min_within_step:
         raise ExportError(f"onnx_int8 export of {path}: only {share:.2%} of quantized values within one step of the "
-                          f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}); nothing written")
+                          f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}); "
+                          f"nothing written")
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)
         sess = session(tmp, threads)
@@ -488,7 +489,8 @@ def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True
         unsimplified = session(built.SerializeToString(), threads)
         expected = unsimplified.run(None, _feed(unsimplified, graph.example_inputs))
         if compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
-            raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ from the built one's")
+            raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ "
+                              f"from the built one's")
         size = os.path.getsize(tmp)
     reference = graph.run()
     abs_err, rel_err = compare_outputs(reference, outputs)
@@ -510,7 +512,8 @@ def _layerwise_parity(graph: Graph, model: onnx.ModelProto, lowering: _Lowering,
         value = lowering.env.get(node.name)
         if is_activation_fq(node) and value is not None:
             tensors[node.name] = value
-            elem = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[value.qp.dtype] if value.qp else TensorProto.FLOAT
+            elem = TensorProto.FLOAT if value.qp is None else \
+                {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[value.qp.dtype]
             probe.graph.output.append(helper.make_tensor_value_info(value.name, elem, None))
     sess = session(probe.SerializeToString(), threads)
     names = [o.name for o in sess.get_outputs()]
@@ -533,6 +536,7 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     simplified, ok = onnxsim.simplify(model, skip_constant_folding=True, skip_fuse_bn=True)
     after = quant_structure(simplified) if ok else None
     if not ok or after["int8_initializer_bytes"] < 0.99 * before["int8_initializer_bytes"] or \
-            after["quant_ops"] != before["quant_ops"] or after["float_initializer_bytes"] > before["float_initializer_bytes"]:
+            after["quant_ops"] != before["quant_ops"] or \
+            after["float_initializer_bytes"] > before["float_initializer_bytes"]:
         raise ExportError(f"onnx-simplifier changed the quantization structure ({before} -> {after})")
     return simplified

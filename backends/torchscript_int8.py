@@ -188,9 +188,11 @@ def _layerwise_parity(graph: Graph, gm: fx.GraphModule, rebuild: _Rebuild) -> tu
 def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportReport:
     """Rebuild ``graph`` on torch's int8 kernels, script, save, reload and check it."""
     if not 0 < min_within_step <= 1:
-        raise ConfigError(f"backend 'torchscript_int8': min_within_step must be in (0, 1], got {min_within_step!r}")
+        raise ConfigError(f"backend 'torchscript_int8': min_within_step must be in (0, 1], "
+                          f"got {min_within_step!r}")
     if not any(is_weight_dq(n) for n in graph.nodes):
-        raise ConfigError("backend 'torchscript_int8': the graph has no int8 weights; run insert_qdq and fold_qdq first")
+        raise ConfigError("backend 'torchscript_int8': the graph has no int8 weights; "
+                          "run insert_qdq and fold_qdq first")
     started = time.perf_counter()
     path = os.fspath(path)
     try:
@@ -208,7 +210,8 @@ def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportR
             outputs = reloaded(*graph.example_inputs)
         reference = graph.run()
         if compare_outputs(gm(*graph.example_inputs), outputs)[1] > 1e-6:
-            raise ExportError(f"torchscript_int8 export of {path}: the reloaded module's outputs differ from the built one's")
+            raise ExportError(f"torchscript_int8 export of {path}: the reloaded module's outputs differ "
+                              f"from the built one's")
         share, worst = _layerwise_parity(graph, gm, rebuild)
         if share < min_within_step:
             raise ExportError(f"torchscript_int8 export of {path}: only {share:.2%} of quantized values within one "

@@ -8,4 +8,5 @@ from graphopt.passes.fold_qdq import FoldQDQ
 from graphopt.passes.insert_qdq import InsertQDQ
 from graphopt.passes.remove_identity import RemoveIdentity
 
-__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "InsertQDQ", "FoldQDQ", "CrossLayerEqualization", "BiasCorrection"]
+__all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "InsertQDQ", "FoldQDQ",
+           "CrossLayerEqualization", "BiasCorrection"]

@@ -70,7 +70,8 @@ class CrossLayerEqualization(Pass):
     def __init__(self, iterations: int = 4, through_relu6: bool = False, bound: float = 0.05):
         if not isinstance(iterations, int) or iterations < 1:
             from graphopt.errors import ConfigError
-            raise ConfigError(f"pass 'cross_layer_equalization': iterations must be a positive integer, got {iterations!r}")
+            raise ConfigError(f"pass 'cross_layer_equalization': iterations must be a positive integer, "
+                              f"got {iterations!r}")
         self.iterations, self.through_relu6 = iterations, through_relu6
         if through_relu6:  # no longer function-preserving: measured and held to ``bound``
             self.contract, self.bound = Contract.BOUNDED, bound

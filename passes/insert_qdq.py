@@ -27,7 +27,7 @@ from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, WEIGHT_QMIN, QParams, affine_qparams,
-                            is_activation_fq, make_fq_args, weight_scales)
+                            make_fq_args, weight_scales)
 from graphopt.quant import ADD_FUNCS, is_plain_relu, is_zero_clamp
 from graphopt.verify import compare_outputs
 
@@ -222,7 +222,8 @@ class InsertQDQ(Pass):
         if observer not in observer_names():
             raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
         if activation_dtype not in ("uint8", "int8"):
-            raise ConfigError(f"pass 'insert_qdq': activation_dtype must be 'uint8' or 'int8', got {activation_dtype!r}")
+            raise ConfigError(f"pass 'insert_qdq': activation_dtype must be 'uint8' or 'int8', "
+                              f"got {activation_dtype!r}")
         for key, value in (("first_layer", first_layer), ("last_layer", last_layer)):
             if value not in _POLICIES:
                 raise ConfigError(f"pass 'insert_qdq': {key} must be 'int8' or 'float', got {value!r}")

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import ConfigError, PassContext, PassManager, RequirementError
-from graphopt.calibration import ChannelMeanObserver, calibrate, make_observer
+from graphopt.calibration import ChannelMeanObserver, make_observer
 from graphopt.passes import BiasCorrection, CrossLayerEqualization, FoldBatchNorm, FoldQDQ, InsertQDQ
 from graphopt.passes.insert_qdq import sqnr_db
 from graphopt.quant import (FUSED_KEY, affine_qparams, dequantize_per_channel, is_activation_fq, is_weight_dq,
@@ -92,7 +92,8 @@ def calib(n=4, batch=8, shape=(1, 28, 28)):
 
 
 def quantize(graph, *passes, data=None):
-    return PassManager([FoldBatchNorm(), *passes], context=PassContext({"calibration_data": data or calib()})).run(graph)
+    context = PassContext({"calibration_data": data or calib()})
+    return PassManager([FoldBatchNorm(), *passes], context=context).run(graph)
 
 
 def test_insert_qdq_places_nodes_and_bounds_the_error(cnn_graph):

@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 import graphopt
 from graphopt import ConfigError, ExportError, PassContext, PassManager

@@ -23,7 +23,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import onnxruntime as ort
 import torch
 import torchvision
@@ -173,7 +172,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    results = {"threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__, "onnxruntime": ort.__version__,
+    results = {"threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "torch": torch.__version__, "onnxruntime": ort.__version__,
                "machine": platform.machine(), "cpus": os.cpu_count(), "models": {}}
     rows, size_rows = [], []
     for model_name in args.models.split(","):
