@@ -85,7 +85,7 @@ def fashion_rgb(split: str, limit: int, offset: int = 0) -> torch.Tensor:
 def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool):
     graph = graphopt.trace(model, example)
     passes = [FoldBatchNorm(), RemoveIdentity()]
-    passes += [CrossLayerEqualization(through_relu6=True, bound=0.2)] if cle_bc else []
+    passes += [CrossLayerEqualization()] if cle_bc else []   # exact: pairs joined by ReLU or nothing
     passes += [InsertQDQ(progress=False, bound=1.0)]
     passes += [BiasCorrection(progress=False, bound=1.0)] if cle_bc else []
     passes += [FoldQDQ()]
