@@ -123,8 +123,8 @@ def compute_cost(graph: "Graph") -> CostReport:
             cost.macs = _module_macs(module, node, out_shape)
         elif node.op == "get_attr":
             value = graph.attr(node.target)
-            if isinstance(value, nn.Parameter):
-                cost.params = count_tensor(value)
+            if isinstance(value, nn.Parameter) or (isinstance(value, torch.Tensor) and value.dtype == torch.int8):
+                cost.params = count_tensor(value)  # int8 buffers are folded quantized weights
         elif node.op == "call_function":
             cost.macs = _function_macs(node, kind, out_shape)
         elif node.op == "call_method" and kind == OpKind.MATMUL:

@@ -1,8 +1,12 @@
 """Built-in passes. Importing this package registers them (it is graphopt's own plugin)."""
+from graphopt.passes.bias_correction import BiasCorrection
 from graphopt.passes.binarize import Binarize, FreezeBinary
 from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
+from graphopt.passes.equalize import CrossLayerEqualization
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.fold_qdq import FoldQDQ
+from graphopt.passes.insert_qdq import InsertQDQ
 from graphopt.passes.low_rank import SplitLowRank
 from graphopt.passes.magnitude_prune import PruneMagnitude
 from graphopt.passes.prune_channels import PruneChannels
@@ -11,4 +15,5 @@ from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.weight_sharing import ShareWeights
 
 __all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
-           "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank"]
+           "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank", "InsertQDQ",
+           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection"]

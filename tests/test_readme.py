@@ -24,7 +24,7 @@ def test_readme_pipeline_example_runs(tmp_path, monkeypatch):
 
 def test_readme_custom_pass_runs_and_is_held_to_its_bound():
     scope = {}
-    exec(python_blocks()[1], scope)
+    exec(next(b for b in python_blocks() if "register_pass" in b), scope)
     ScaleLogits = scope["ScaleLogits"]
     assert graphopt.get_pass("scale_logits") is ScaleLogits
     graph = graphopt.trace(torch.nn.Linear(4, 3), torch.randn(2, 4))
@@ -33,3 +33,14 @@ def test_readme_custom_pass_runs_and_is_held_to_its_bound():
     torch.testing.assert_close(result.graph.run(), graph.run() * 1.1)
     with pytest.raises(graphopt.PassFailed, match="bounded contract"):
         graphopt.PassManager([ScaleLogits(factor=2.0)]).run(graph)
+
+
+def test_readme_quantization_example_runs(tmp_path, monkeypatch):
+    from graphopt.tools.fashion_cnn import FashionCNN
+
+    monkeypatch.chdir(tmp_path)
+    scope = {"g": graphopt.trace(FashionCNN(width=8).eval(), torch.randn(2, 1, 28, 28)),
+             "loader": [torch.randn(8, 1, 28, 28) for _ in range(2)]}
+    exec(next(b for b in python_blocks() if "onnx_int8" in b), scope)
+    assert [r.name for r in scope["result"].records][-2:] == ["bias_correction", "fold_qdq"]
+    assert (tmp_path / "model.int8.onnx").exists() and (tmp_path / "model.int8.pt").exists()

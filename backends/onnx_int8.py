@@ -1,0 +1,542 @@
+"""ONNX int8 backend: the folded simulated-quant IR lowered straight to ONNX with onnx.helper.
+
+Two forms, both with int8 weight initializers (never float weights) and uint8 activations:
+- ``qoperator``: QLinearConv, QGemm, QLinearAdd, QLinearGlobalAveragePool, QLinearConcat, and
+  MaxPool/Flatten/Reshape directly on uint8 tensors;
+- ``qdq``: float ops between QuantizeLinear/DequantizeLinear pairs (int32 biases), which
+  onnxruntime fuses into the same integer kernels at load time.
+``form="auto"`` builds both, times them in onnxruntime on this CPU (interleaved) and keeps the
+faster. The artifact is checked against the IR: at least ``min_within_step`` of the outputs
+must lie within one quantization step of the simulated-quant graph's outputs.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import fx
+
+from graphopt.backend import ExportReport, register_backend
+from graphopt.errors import ConfigError, ExportError
+from graphopt.files import atomic_path
+from graphopt.ir import Graph
+from graphopt.ops import OpKind
+from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, flatten_args, int8_mac_share, is_activation_fq,
+                            is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
+                            within_one_step)
+from graphopt.verify import compare_outputs
+
+FORMS = ("auto", "qoperator", "qdq")
+MS = "com.microsoft"
+_NP = {"uint8": np.uint8, "int8": np.int8}
+_INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
+
+
+@dataclass(frozen=True)
+class _Value:
+    name: str
+    qp: QParams | None = None     # set: a uint8/int8 tensor on this grid (qoperator form)
+    from_qp: QParams | None = None  # qdq form: a float tensor that is DequantizeLinear(q, qp)
+
+
+class _Lowering:
+    """Walks the IR once, emitting ONNX nodes; records which layers ran in integer kernels."""
+
+    def __init__(self, graph: Graph, form: str):
+        self.graph, self.form = graph, form
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.env: dict[str, _Value] = {}
+        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}   # dq node -> (int8, scales, axis)
+        self.int8_layers: list[str] = []
+        self.float_layers: dict[str, str] = {}
+        self._uid = 0
+        self._dq_cache: dict[str, str] = {}
+
+    # -- small helpers -----------------------------------------------------------------
+    def fresh(self, stem: str) -> str:
+        self._uid += 1
+        return f"{stem}_{self._uid}"
+
+    def emit(self, op: str, inputs: list[str], stem: str, domain: str = "", **attrs) -> str:
+        out = self.fresh(stem)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
+        return out
+
+    def const(self, stem: str, array: np.ndarray) -> str:
+        name = self.fresh(stem)
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def qp_inputs(self, qp: QParams) -> list[str]:
+        key = f"qp_{qp.scale!r}_{qp.zero_point}_{qp.dtype}"
+        if key + "_s" not in self.inits:
+            self.inits[key + "_s"] = numpy_helper.from_array(np.array(qp.scale, np.float32), key + "_s")
+            self.inits[key + "_z"] = numpy_helper.from_array(np.array(qp.zero_point, _NP[qp.dtype]), key + "_z")
+        return [key + "_s", key + "_z"]
+
+    def as_float(self, arg) -> str:
+        if isinstance(arg, fx.Node) and is_weight_dq(arg):
+            return self.weight_float(arg)
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            return self.const(arg.name, self.graph.attr(arg.target).detach().cpu().numpy())
+        if not isinstance(arg, fx.Node):
+            return self.const("c", np.array(arg, np.float32))
+        value = self.env[arg.name]
+        if value.qp is None:
+            return value.name
+        if value.name not in self._dq_cache:
+            self._dq_cache[value.name] = self.emit("DequantizeLinear", [value.name, *self.qp_inputs(value.qp)], "dq")
+        return self._dq_cache[value.name]
+
+    def as_quant(self, arg: fx.Node, qp: QParams) -> str:
+        value = self.env[arg.name]
+        if value.qp == qp:
+            return value.name
+        return self.emit("QuantizeLinear", [self.as_float(arg), *self.qp_inputs(qp)], "q")
+
+    def weight_float(self, dq: fx.Node) -> str:
+        q, scales, axis = self.weight(dq)
+        return self.emit("DequantizeLinear", [self.const("w_int8", q.numpy()), self.const("w_scale", scales.numpy()),
+                                              self.const("w_zp", np.zeros(len(scales), np.int8))], "w", axis=axis)
+
+    def weight(self, dq: fx.Node):
+        q_node, s_node, axis = dq.args
+        return self.graph.attr(q_node.target), self.graph.attr(s_node.target).float(), axis
+
+    def int32_bias(self, bias_node, in_scale: float, w_scales: torch.Tensor) -> str | None:
+        if bias_node is None:
+            return None
+        bias = self.graph.attr(bias_node.target).detach().double()
+        return self.const("bias_int32", torch.round(bias / (in_scale * w_scales.double())).to(torch.int32).numpy())
+
+    def quant_user(self, node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 and is_activation_fq(users[0]) else None
+
+    def layer_name(self, node: fx.Node) -> str:
+        return node.meta.get("graphopt.layer") or self.graph.qualname(node)
+
+    # -- lowering --------------------------------------------------------------------------
+    def run(self) -> onnx.ModelProto:
+        inputs, outputs = [], []
+        for node in self.graph.nodes:
+            if node.name in self.env:
+                continue
+            if node.op == "placeholder":
+                shape = ["N", *self.graph.shape(node)[1:]]
+                inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
+                self.env[node.name] = _Value(node.name)
+            elif node.op == "get_attr":
+                continue
+            elif node.op == "output":
+                for i, out in enumerate(flatten_args(node.args[0])):
+                    name = self.emit("Identity", [self.as_float(out)], f"output_{i}")
+                    shape = self.graph.shape(out)
+                    outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                                 ["N", *shape[1:]] if shape else None))
+            elif is_weight_dq(node):
+                continue
+            else:
+                self.lower(node)
+        g = helper.make_graph(self.nodes, "graphopt_int8", inputs, outputs, list(self.inits.values()))
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+                                  producer_name="graphopt")
+        model.ir_version = 9
+        return model
+
+    def lower(self, node: fx.Node) -> None:
+        if is_activation_fq(node):
+            self.lower_fq(node)
+            return
+        x = node.args[0] if node.args else None
+        quant_in = isinstance(x, fx.Node) and self.env.get(x.name, _Value("")).qp is not None
+        user = self.quant_user(node)
+        if node.op == "call_function" and node.target in CONV_FUNCS and is_weight_dq(node.args[1]):
+            return self.lower_conv(node, quant_in, user)
+        if node.op == "call_function" and node.target is F.linear and is_weight_dq(node.args[1]):
+            return self.lower_linear(node, quant_in, user)
+        if node.op == "call_function" and node.target in ADD_FUNCS and len(node.args) == 2 \
+                and all(isinstance(a, fx.Node) for a in node.args):
+            a, b = node.args
+            if self.form == "qoperator" and user is not None and all(self.env[v.name].qp for v in (a, b)):
+                qa, qb = self.env[a.name], self.env[b.name]
+                out = self.emit("QLinearAdd", [qa.name, *self.qp_inputs(qa.qp), qb.name, *self.qp_inputs(qb.qp),
+                                               *self.qp_inputs(qparams(user))], "qadd", domain=MS)
+                self.env[node.name] = self.env[user.name] = _Value(out, qparams(user))
+                return
+            self.env[node.name] = _Value(self.emit("Add", [self.as_float(a), self.as_float(b)], "add"))
+            return
+        self.lower_other(node, quant_in, user)
+
+    def lower_fq(self, node: fx.Node) -> None:
+        qp, x = qparams(node), node.args[0]
+        if self.form == "qoperator":
+            self.env[node.name] = _Value(self.as_quant(x, qp), qp)
+            return
+        q = self.emit("QuantizeLinear", [self.as_float(x), *self.qp_inputs(qp)], "q")
+        self.env[node.name] = _Value(self.emit("DequantizeLinear", [q, *self.qp_inputs(qp)], "dq"), from_qp=qp)
+
+    def conv_attrs(self, node: fx.Node) -> dict:
+        args = list(node.args) + [None] * (7 - len(node.args))
+        dims = CONV_FUNCS[node.target]
+        q, _, _ = self.weight(node.args[1])
+        stride, padding, dilation, groups = (args[3] or 1), (args[4] or 0), (args[5] or 1), (args[6] or 1)
+        expand = (lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * dims)
+        if isinstance(padding, str):
+            raise ExportError(f"onnx_int8: conv {node.name!r} uses padding={padding!r}; only explicit padding lowers")
+        pads = expand(padding)
+        return {"kernel_shape": list(q.shape[2:]), "strides": expand(stride), "pads": pads + pads,
+                "dilations": expand(dilation), "group": int(groups)}
+
+    def lower_conv(self, node: fx.Node, quant_in: bool, user: fx.Node | None) -> None:
+        x, dq, bias = node.args[0], node.args[1], (node.args[2] if len(node.args) > 2 else None)
+        q, scales, _ = self.weight(dq)
+        attrs = self.conv_attrs(node)
+        in_qp = self.env[x.name].qp or self.env[x.name].from_qp
+        if self.form == "qoperator" and quant_in and user is not None:
+            inputs = [self.env[x.name].name, *self.qp_inputs(in_qp), self.const("w_int8", q.numpy()),
+                      self.const("w_scale", scales.numpy()), self.const("w_zp", np.zeros(len(scales), np.int8)),
+                      *self.qp_inputs(qparams(user))]
+            b = self.int32_bias(bias, in_qp.scale, scales)
+            out = self.emit("QLinearConv", inputs + ([b] if b else []), "qconv", **attrs)
+            self.env[node.name] = self.env[user.name] = _Value(out, qparams(user))
+            self.int8_layers.append(node.name)
+            return
+        b = self.qdq_bias(bias, in_qp, scales) if self.form == "qdq" and in_qp else \
+            (self.as_float(bias) if bias is not None else None)
+        out = self.emit("Conv", [self.as_float(x), self.weight_float(dq)] + ([b] if b else []), "conv", **attrs)
+        self.env[node.name] = _Value(out)
+        self.record(node, in_qp is not None and user is not None)
+
+    def qdq_bias(self, bias, in_qp: QParams, scales: torch.Tensor) -> str | None:
+        b = self.int32_bias(bias, in_qp.scale, scales)
+        if b is None:
+            return None
+        scale = self.const("bias_scale", (in_qp.scale * scales.double()).float().numpy())
+        return self.emit("DequantizeLinear", [b, scale, self.const("bias_zp", np.zeros(len(scales), np.int32))],
+                         "bias", axis=0)
+
+    def record(self, node: fx.Node, fusable: bool) -> None:
+        """In qdq form a DQ -> layer -> Q pattern runs in onnxruntime's integer kernels."""
+        if self.form == "qdq" and fusable:
+            self.int8_layers.append(node.name)
+        else:
+            self.float_layers[self.layer_name(node)] = "input or output not quantized"
+
+    def lower_linear(self, node: fx.Node, quant_in: bool, user: fx.Node | None) -> None:
+        x, dq, bias = node.args[0], node.args[1], (node.args[2] if len(node.args) > 2 else None)
+        q, scales, _ = self.weight(dq)
+        rank = len(self.graph.shape(x) or ())
+        in_qp = self.env[x.name].qp or self.env[x.name].from_qp
+        if self.form == "qoperator" and quant_in and user is not None and rank == 2:
+            inputs = [self.env[x.name].name, *self.qp_inputs(in_qp), self.const("w_int8", q.numpy()),
+                      self.const("w_scale", scales.numpy()), self.const("w_zp", np.zeros(len(scales), np.int8)),
+                      self.int32_bias(bias, in_qp.scale, scales) or "", *self.qp_inputs(qparams(user))]
+            out = self.emit("QGemm", inputs, "qgemm", domain=MS, transB=1)
+            self.env[node.name] = self.env[user.name] = _Value(out, qparams(user))
+            self.int8_layers.append(node.name)
+            return
+        xf = self.as_float(x)
+        if rank == 2:
+            b = self.qdq_bias(bias, in_qp, scales) if self.form == "qdq" and in_qp else \
+                (self.as_float(bias) if bias is not None else None)
+            out = self.emit("Gemm", [xf, self.weight_float(dq)] + ([b] if b else []), "gemm", transB=1)
+            self.record(node, in_qp is not None and user is not None)
+        else:
+            wt = self.emit("Transpose", [self.weight_float(dq)], "wt", perm=[1, 0])
+            out = self.emit("MatMul", [xf, wt], "matmul")
+            if bias is not None:
+                out = self.emit("Add", [out, self.as_float(bias)], "linear")
+            self.float_layers[self.layer_name(node)] = f"rank-{rank} input (QGemm takes 2-D)"
+        self.env[node.name] = _Value(out)
+
+    def keep_grid(self, x: fx.Node, out: str, quant_in: bool) -> _Value:
+        """The value of a grid-keeping op (reshape, max pool): uint8 in qoperator form; in qdq form
+        re-wrapped in Q/DQ (exact: the values are on the grid) so the next layer sees a DequantizeLinear."""
+        if self.form == "qoperator":
+            return _Value(out, self.env[x.name].qp if quant_in else None)
+        qp = self.env[x.name].from_qp
+        if qp is None:
+            return _Value(out)
+        q = self.emit("QuantizeLinear", [out, *self.qp_inputs(qp)], "q")
+        return _Value(self.emit("DequantizeLinear", [q, *self.qp_inputs(qp)], "dq"), from_qp=qp)
+
+    def float_layer(self, node: fx.Node, m: nn.Module) -> None:
+        """A conv/linear the quantization passes kept float (mixed precision, policy, no int8 kernel)."""
+        w = self.const("w_fp32", m.weight.detach().numpy())
+        b = [self.const("b_fp32", m.bias.detach().numpy())] if m.bias is not None else []
+        if isinstance(m, nn.Linear):
+            if len(self.graph.shape(node.args[0]) or ()) != 2:
+                raise ExportError(f"onnx_int8: float linear {node.name!r} on a rank-3+ input is not supported")
+            out = self.emit("Gemm", [self.as_float(node.args[0]), w] + b, "gemm_fp32", transB=1)
+        else:
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ExportError(f"onnx_int8: conv {node.name!r} ({node.target}) uses padding_mode={m.padding_mode!r} "
+                                  f"/ padding={m.padding!r}, which this backend does not lower")
+            out = self.emit("Conv", [self.as_float(node.args[0]), w] + b, "conv_fp32", kernel_shape=list(m.kernel_size),
+                            strides=list(m.stride), pads=list(m.padding) * 2, dilations=list(m.dilation),
+                            group=m.groups)
+        self.env[node.name] = _Value(out)
+        self.float_layers[str(node.target)] = node.meta.get("graphopt.float", "kept float")
+
+    def lower_other(self, node: fx.Node, quant_in: bool, user: fx.Node | None) -> None:
+        """Pooling, shape ops, activations and concat: on uint8 where a kernel exists, else float."""
+        m = self.graph.module(node) if node.op == "call_module" else None
+        kind = self.graph.kind(node)
+        x = node.args[0] if node.args else None
+        qop = self.form == "qoperator"
+        if kind == OpKind.IDENTITY:
+            self.env[node.name] = self.env[x.name]
+            return
+        if is_plain_relu(self.graph, node) and quant_in and qop:   # max(q, zero point) on uint8
+            xq = self.env[x.name]
+            if xq.qp.zero_point == xq.qp.qmin:
+                self.env[node.name] = xq
+            else:
+                low = self.const("relu_min", np.array(xq.qp.zero_point, _NP[xq.qp.dtype]))
+                self.env[node.name] = _Value(self.emit("Clip", [xq.name, low], "qrelu"), xq.qp)
+            return
+        if kind == OpKind.PERMUTE:
+            rank = len(self.graph.shape(x))
+            dims = list(node.args[1:]) if node.target != "transpose" and node.target is not torch.transpose else None
+            if dims is None:
+                a, b = (d % rank for d in node.args[1:3])
+                dims = list(range(rank))
+                dims[a], dims[b] = dims[b], dims[a]
+            elif len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = list(dims[0])
+            src = self.env[x.name].name if (qop and quant_in) else self.as_float(x)
+            self.env[node.name] = self.keep_grid(x, self.emit("Transpose", [src], "transpose",
+                                                              perm=[d % rank for d in dims]), quant_in)
+            return
+        if kind == OpKind.RESHAPE:
+            shape = list(self.graph.shape(node))
+            shape_in = self.const("shape", np.array([0, *shape[1:]], np.int64))
+            src = self.env[x.name].name if (qop and quant_in) else self.as_float(x)
+            self.env[node.name] = self.keep_grid(x, self.emit("Reshape", [src, shape_in], "reshape"), quant_in)
+            return
+        if isinstance(m, nn.MaxPool2d) or (node.op == "call_function" and node.target is F.max_pool2d):
+            attrs = _pool_attrs(m, node)
+            src = self.env[x.name].name if (qop and quant_in) else self.as_float(x)
+            self.env[node.name] = self.keep_grid(x, self.emit("MaxPool", [src], "maxpool", **attrs), quant_in)
+            return
+        if _is_global_avg(m, node, self.graph):
+            if qop and quant_in and user is not None:
+                xq = self.env[x.name]
+                out = self.emit("QLinearGlobalAveragePool", [xq.name, *self.qp_inputs(xq.qp),
+                                                              *self.qp_inputs(qparams(user))],
+                                "qgap", domain=MS, channels_last=0)
+                self.env[node.name] = self.env[user.name] = _Value(out, qparams(user))
+                return
+            self.env[node.name] = _Value(self.emit("GlobalAveragePool", [self.as_float(x)], "gap"))
+            return
+        if kind == OpKind.CONCAT:
+            tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if qop and user is not None and all(self.env[t.name].qp for t in tensors):
+                ins = [*self.qp_inputs(qparams(user))]
+                for t in tensors:
+                    ins += [self.env[t.name].name, *self.qp_inputs(self.env[t.name].qp)]
+                out = self.emit("QLinearConcat", ins, "qconcat", domain=MS, axis=dim)
+                self.env[node.name] = self.env[user.name] = _Value(out, qparams(user))
+                return
+            out = self.emit("Concat", [self.as_float(t) for t in tensors], "concat", axis=dim)
+            self.env[node.name] = _Value(out)
+            return
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            return self.float_layer(node, m)
+        op = _float_op(m, node)
+        if op is None:
+            raise ExportError(f"onnx_int8: no ONNX lowering for node {node.name!r} "
+                              f"({getattr(node.target, '__name__', node.target)}); keep it out of the graph "
+                              f"or export with the float 'onnx' backend")
+        name, attrs, extra = op
+        ins = [self.as_float(x)] + [self.const("c", np.array(v, np.float32)) for v in extra]
+        self.env[node.name] = _Value(self.emit(name, ins, name.lower(), **attrs))
+
+
+def _pool_attrs(m, node) -> dict:
+    if m is not None:
+        k, s, p, d, ceil = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+    else:
+        args = list(node.args) + [None] * 6
+        k, s, p, d, ceil = args[1], args[2] or args[1], args[3] or 0, args[4] or 1, bool(args[5])
+    pair = (lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v])
+    if pair(d) != [1, 1]:
+        raise ExportError(f"onnx_int8: dilated max pooling at {node.name!r} is not supported")
+    return {"kernel_shape": pair(k), "strides": pair(s), "pads": pair(p) * 2, "ceil_mode": int(ceil)}
+
+
+def _is_global_avg(m, node, graph: Graph) -> bool:
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        size = m.output_size
+    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1]
+    else:
+        return False
+    return size in (1, (1, 1), [1, 1])
+
+
+def _float_op(m, node) -> tuple[str, dict, list] | None:
+    """(ONNX op, attributes, extra constant inputs) of a single-input float activation."""
+    if isinstance(m, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)) \
+            or (node.op == "call_method" and node.target in ("relu", "relu_")):
+        return "Relu", {}, []
+    if isinstance(m, nn.Hardtanh):  # ReLU6 too
+        return "Clip", {}, [m.min_val, m.max_val]
+    if node.op == "call_function" and node.target is F.relu6:
+        return "Clip", {}, [0.0, 6.0]
+    if isinstance(m, nn.Sigmoid) or (node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid)):
+        return "Sigmoid", {}, []
+    if isinstance(m, nn.Hardswish) or (node.op == "call_function" and node.target is F.hardswish):
+        return "HardSwish", {}, []
+    if isinstance(m, nn.Tanh) or (node.op == "call_function" and node.target is torch.tanh):
+        return "Tanh", {}, []
+    return None
+
+
+# -- checking and timing -------------------------------------------------------------------
+def session(path_or_bytes, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, inputs) -> dict:
+    return {m.name: np.ascontiguousarray(t.detach().cpu().numpy()) for m, t in zip(sess.get_inputs(), inputs)}
+
+
+def time_forms(models: dict[str, bytes], inputs, threads: int, rounds: int = 15) -> dict[str, float]:
+    """Median ms per run of each model, runs interleaved."""
+    sessions = {k: session(v, threads) for k, v in models.items()}
+    feeds = {k: _feed(s, inputs) for k, s in sessions.items()}
+    times = {k: [] for k in models}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def quant_structure(model: onnx.ModelProto) -> dict[str, int]:
+    """Counts that onnx-simplifier must not change: int8 initializers and quantization ops."""
+    int8 = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+               if t.data_type in (TensorProto.INT8, TensorProto.UINT8))
+    qops = sum(1 for n in model.graph.node if n.op_type.startswith("QLinear") or n.op_type in
+               ("QuantizeLinear", "DequantizeLinear", "QGemm"))
+    float_bytes = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+                      if t.data_type == TensorProto.FLOAT)
+    return {"int8_initializer_bytes": int(int8), "quant_ops": qops, "float_initializer_bytes": int(float_bytes)}
+
+
+def build(graph: Graph, form: str) -> tuple[onnx.ModelProto, _Lowering]:
+    lowering = _Lowering(graph, form)
+    model = lowering.run()
+    onnx.checker.check_model(model)
+    return model, lowering
+
+
+@register_backend("onnx_int8")
+def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True, threads: int = 2,
+           min_within_step: float = 0.99) -> ExportReport:
+    """Write the folded int8 graph at ``path`` (QOperator or QDQ form, the faster by default) and
+    check it in onnxruntime against the simulated-quant IR."""
+    if form not in FORMS:
+        raise ConfigError(f"backend 'onnx_int8': form must be one of {', '.join(FORMS)}, got {form!r}")
+    if not 0 < min_within_step <= 1:
+        raise ConfigError(f"backend 'onnx_int8': min_within_step must be in (0, 1], got {min_within_step!r}")
+    if not any(is_weight_dq(n) for n in graph.nodes):
+        raise ConfigError("backend 'onnx_int8': the graph has no int8 weights; "
+                          "run insert_qdq and fold_qdq first")
+    started = time.perf_counter()
+    path = os.fspath(path)
+    candidates = {}
+    for f in (("qoperator", "qdq") if form == "auto" else (form,)):
+        try:
+            built, lowering = build(graph, f)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"onnx_int8 ({f}): could not build the model: {type(exc).__name__}: {exc}") from exc
+        candidates[f] = (_simplify(built) if simplify else built, built, lowering)
+    timings = time_forms({f: c[0].SerializeToString() for f, c in candidates.items()}, graph.example_inputs,
+                         threads) if len(candidates) > 1 else {}
+    chosen = min(timings, key=timings.get) if timings else next(iter(candidates))
+    model, built, lowering = candidates[chosen]
+    share, worst = _layerwise_parity(graph, built, lowering, threads)
+    if share < min_within_step:
+        raise ExportError(f"onnx_int8 export of {path}: only {share:.2%} of quantized values within one step of the "
+                          f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}); "
+                          f"nothing written")
+    with atomic_path(path, ".onnx") as tmp:
+        onnx.save(model, tmp)
+        sess = session(tmp, threads)
+        outputs = [torch.from_numpy(o) for o in sess.run(None, _feed(sess, graph.example_inputs))]
+        unsimplified = session(built.SerializeToString(), threads)
+        expected = unsimplified.run(None, _feed(unsimplified, graph.example_inputs))
+        if compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
+            raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ "
+                              f"from the built one's")
+        size = os.path.getsize(tmp)
+    reference = graph.run()
+    abs_err, rel_err = compare_outputs(reference, outputs)
+    details = {"form": chosen, "ms_by_form": {k: round(v, 3) for k, v in timings.items()},
+               "within_one_step": share, "outputs_within_one_step": within_one_step(reference, outputs,
+                                                                                    output_steps(graph)),
+               "int8_mac_share": int8_mac_share(graph, lowering.int8_layers),
+               "int8_layers": len(lowering.int8_layers), "float_layers": dict(lowering.float_layers),
+               **quant_structure(model), "simplified": simplify}
+    return ExportReport("onnx_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
+
+
+def _layerwise_parity(graph: Graph, model: onnx.ModelProto, lowering: _Lowering, threads: int):
+    """Run the model with every quantized tensor as an extra output; compare layer by layer."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    tensors = {}
+    for node in graph.nodes:
+        value = lowering.env.get(node.name)
+        if is_activation_fq(node) and value is not None:
+            tensors[node.name] = value
+            elem = TensorProto.FLOAT if value.qp is None else \
+                {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[value.qp.dtype]
+            probe.graph.output.append(helper.make_tensor_value_info(value.name, elem, None))
+    sess = session(probe.SerializeToString(), threads)
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(None, _feed(sess, graph.example_inputs))))
+    artifact = {}
+    for node_name, value in tensors.items():
+        array = values[value.name].astype(np.float32)
+        if value.qp is not None:
+            array = (array - value.qp.zero_point) * np.float32(value.qp.scale)
+        artifact[node_name] = torch.from_numpy(array)
+    return layerwise_within_one_step(graph, graph.example_inputs, artifact)
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx-simplifier without constant folding (which would re-expand int8 weights to float);
+    the quantization structure is checked to survive."""
+    import onnxsim
+
+    before = quant_structure(model)
+    simplified, ok = onnxsim.simplify(model, skip_constant_folding=True, skip_fuse_bn=True)
+    after = quant_structure(simplified) if ok else None
+    if not ok or after["int8_initializer_bytes"] < 0.99 * before["int8_initializer_bytes"] or \
+            after["quant_ops"] != before["quant_ops"] or \
+            after["float_initializer_bytes"] > before["float_initializer_bytes"]:
+        raise ExportError(f"onnx-simplifier changed the quantization structure ({before} -> {after})")
+    return simplified

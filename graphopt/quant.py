@@ -1,0 +1,219 @@
+"""Quantization parameters and the int8 arithmetic every quantization pass and backend shares.
+
+The IR keeps quantization explicit and executable (the simulated-quant graph is the numeric
+reference for every backend):
+
+- an activation quantized per tensor is a ``torch.fake_quantize_per_tensor_affine`` node whose
+  ``node.meta[QPARAMS_KEY]`` holds its ``QParams`` (uint8 affine by default);
+- a weight quantized per output channel is, after ``insert_qdq``, a
+  ``torch.fake_quantize_per_channel_affine`` node over the float weight and, after
+  ``fold_qdq``, an int8 constant read through ``dequantize_per_channel`` (bit-identical).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+QPARAMS_KEY = "graphopt.qparams"      # QParams of a fake-quant node
+FUSED_KEY = "graphopt.fused"          # activations a conv/linear/add absorbed (names, for reports)
+FLOAT_REASON_KEY = "graphopt.float"   # why a conv/linear stayed float (mixed precision, no kernel, ...)
+
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # symmetric, restricted: no -128, zero point 0
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor affine parameters: real = (q - zero_point) * scale, q in [qmin, qmax]."""
+
+    scale: float
+    zero_point: int
+    dtype: str = "uint8"
+
+    @property
+    def qmin(self) -> int:
+        return _RANGES[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return _RANGES[self.dtype][1]
+
+    @property
+    def real_range(self) -> tuple[float, float]:
+        return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
+
+
+def affine_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
+    """Parameters covering [lo, hi] (widened to include 0, so zero is exact).
+
+    The caller handles a zero range (all-zero activations): there is no scale to pick."""
+    if dtype not in _RANGES:
+        raise ValueError(f"activation dtype must be one of {', '.join(_RANGES)}, got {dtype!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"range [{lo}, {hi}] is not finite")
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = _RANGES[dtype]
+    scale = (hi - lo) / (qmax - qmin)
+    if scale <= 0:
+        raise ValueError("zero range")
+    zero_point = int(min(qmax, max(qmin, round(qmin - lo / scale))))
+    # float32 round trip so the graph and every backend use the same scale
+    return QParams(float(torch.tensor(scale, dtype=torch.float32)), zero_point, dtype)
+
+
+def weight_scales(weight: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Per-channel symmetric scales (float32) along ``axis``; all-zero channels get scale 1."""
+    dims = [d for d in range(weight.dim()) if d != axis]
+    amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
+    scales = (amax / WEIGHT_QMAX).float()
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    zeros = torch.zeros_like(scales, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight, scales, zeros, axis, WEIGHT_QMIN, WEIGHT_QMAX)
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """The int8 codes of ``fake_quantize_weight`` (same rounding, so dequantizing is bit-exact)."""
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return torch.round(fake_quantize_weight(weight, scales, axis) / scales.view(shape)).to(torch.int8)
+
+
+def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
+    """Float weight from int8 codes (the folded IR's weight read)."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return q.to(torch.float32) * scales.view(shape)
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+# -- recognising quantization nodes in the IR -------------------------------------------
+def is_activation_fq(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.fake_quantize_per_tensor_affine
+
+
+def is_weight_fq(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.fake_quantize_per_channel_affine
+
+
+def is_weight_dq(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is dequantize_per_channel
+
+
+def qparams(node: fx.Node) -> QParams | None:
+    return node.meta.get(QPARAMS_KEY) if isinstance(node, fx.Node) else None
+
+
+def make_fq_args(x: fx.Node, qp: QParams) -> tuple:
+    return (x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+_ZERO_CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_ZERO_CLAMP_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
+
+
+def is_zero_clamp(graph: Graph, node: fx.Node) -> bool:
+    """An activation whose output is clamp(x, 0, hi): a quantized output with zero point 0 absorbs it."""
+    m = graph.module(node) if node.op == "call_module" else None
+    if m is not None:
+        return isinstance(m, _ZERO_CLAMPS) and (not isinstance(m, nn.Hardtanh) or m.min_val == 0)
+    if node.op == "call_function" and node.target in _ZERO_CLAMP_FUNCS:
+        return node.target is not F.hardtanh or node.kwargs.get("min_val", node.args[1] if len(node.args) > 1
+                                                                  else -1.0) == 0
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def is_plain_relu(graph: Graph, node: fx.Node) -> bool:
+    """max(x, 0): keeps a quantized tensor on its grid (zero is a grid point); ReLU6 does not."""
+    module = graph.module(node) if node.op == "call_module" else None
+    return is_zero_clamp(graph, node) and not isinstance(module, nn.Hardtanh) and node.target not in (F.relu6,
+                                                                                                     F.hardtanh)
+
+
+# Functional layers the quantization passes rewrite modules into (and the backends read).
+CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+
+
+# -- checks shared by the int8 backends ---------------------------------------------------
+def output_steps(graph) -> list[float | None]:
+    """Quantization step of each graph output (None where an output is float)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    return [qparams(a).scale if qparams(a) else None for a in flatten_args(out.args[0])]
+
+
+def flatten_args(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in flatten_args(item)]
+    return [value]
+
+
+def within_one_step(reference, outputs, steps: list[float | None]) -> float:
+    """Share of output elements within one quantization step of the reference
+    (within 1e-4 of the largest magnitude for a float output)."""
+    from graphopt.verify import flatten_outputs
+
+    within = total = 0
+    for ref, out, step in zip(flatten_outputs(reference), flatten_outputs(outputs), steps):
+        ref, out = ref.detach().double(), out.detach().double()
+        tol = step * 1.001 if step else 1e-4 * max(ref.abs().max().item(), 1e-12)
+        within += int(((ref - out).abs() <= tol).sum())
+        total += ref.numel()
+    return within / max(total, 1)
+
+
+def int8_mac_share(graph, int8_layers: list[str]) -> float:
+    """Share of the conv/linear/matmul MACs done by the named (integer-kernel) nodes."""
+    from graphopt.ops import OpKind
+
+    cost = graph.analysis("cost")
+    macs = {n.name: cost.nodes[n.name].macs for n in graph.nodes
+            if graph.kind(n) in (OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL)}
+    return sum(macs.get(n, 0) for n in int8_layers) / max(sum(macs.values()), 1)
+
+
+class _TeacherForced(fx.Interpreter):
+    """Runs the simulated-quant graph, but every quantized tensor the artifact also produced is
+    replaced by the artifact's value before later nodes read it; records what the graph computed."""
+
+    def __init__(self, gm: fx.GraphModule, forced: dict):
+        super().__init__(gm)
+        self.forced, self.computed = forced, {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n.name in self.forced:
+            self.computed[n.name] = value
+            return self.forced[n.name].to(value.dtype)
+        return value
+
+
+def layerwise_within_one_step(graph, inputs: tuple, artifact: dict[str, torch.Tensor]) -> tuple[float, str | None]:
+    """Share of quantized elements the artifact computes within one step of the simulated-quant
+    graph, each layer fed the artifact's own inputs (so rounding differences do not compound
+    through depth); also the node with the most elements off by more than a step."""
+    interpreter = _TeacherForced(graph.gm, artifact)
+    with torch.no_grad():
+        interpreter.run(*inputs)
+    within = total = 0
+    worst, worst_count = None, 0
+    nodes = {n.name: n for n in graph.nodes}
+    for name, ref in interpreter.computed.items():
+        step = qparams(nodes[name]).scale * 1.001
+        off = int(((ref.double() - artifact[name].double()).abs() > step).sum())
+        within += ref.numel() - off
+        total += ref.numel()
+        if off > worst_count:
+            worst, worst_count = name, off
+    return within / max(total, 1), worst

@@ -1,0 +1,302 @@
+"""Insert quantize/dequantize (fake-quant) nodes: the simulated-int8 graph every backend must match.
+
+Placement follows what integer runtimes execute (onnxruntime QOperator / torch.ao):
+- conv and linear layers ("anchors") get int8 per-channel symmetric weights, a quantized input
+  and a quantized output; an activation that clamps at zero (ReLU, ReLU6, Hardtanh(0, x)) right
+  after a layer is quantized instead of the layer's output, so backends can fuse it;
+- adds of two tensors are anchors too (quantized inputs, quantized output after a fused ReLU);
+- max pooling, reshapes, dropout and ReLU keep their input's grid (no new node); average
+  pooling and means get a node with their input's parameters (shared, not observed);
+- concatenation gets its own observed output parameters;
+- everything else runs in float on dequantized values.
+Layers listed in ``keep_float`` (or chosen by the first/last-layer policy or by sensitivity
+analysis) and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+from graphopt.calibration import calibrate, iter_calibration, make_observer, observer_names, reiterable
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.ops import OpKind
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, WEIGHT_QMIN, QParams, affine_qparams,
+                            make_fq_args, weight_scales)
+from graphopt.quant import ADD_FUNCS, is_plain_relu, is_zero_clamp
+from graphopt.verify import compare_outputs
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_GRID_KEEPING = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_POLICIES = ("int8", "float")
+
+
+def _module(graph: Graph, node: fx.Node):
+    return graph.module(node) if node.op == "call_module" else None
+
+
+def _no_kernel_reason(graph: Graph, node: fx.Node) -> str | None:
+    """Why a conv/linear module has no int8 kernel here (None when it has one)."""
+    m = _module(graph, node)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
+        return f"no int8 kernel for padding_mode={m.padding_mode!r}"
+    if not isinstance(node.args[0], fx.Node) or node.kwargs:
+        return "unusual call signature"
+    return None
+
+
+@dataclass
+class QuantPlan:
+    """Which layers run in int8 and which tensors get which (shared) parameters."""
+
+    layers: list[fx.Node] = field(default_factory=list)      # conv/linear anchors
+    adds: list[fx.Node] = field(default_factory=list)
+    observed: set[str] = field(default_factory=set)           # tensors with their own parameters
+    shared: dict[str, str] = field(default_factory=dict)      # tensor -> tensor whose parameters it reuses
+    on_grid: dict[str, str] = field(default_factory=dict)     # tensor -> parameter source (no node needed)
+    float_layers: dict[str, str] = field(default_factory=dict)
+
+
+class Planner:
+    """Decides placement (see the module docstring) for one graph and one float-layer policy."""
+
+    def __init__(self, graph: Graph, keep_float: dict[str, str], blocked: set[str]):
+        self.graph, self.keep_float, self.blocked = graph, keep_float, blocked
+
+    def layer_candidates(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if isinstance(_module(self.graph, n), _LAYER_TYPES)]
+
+    def add_candidates(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "call_function" and n.target in ADD_FUNCS
+                and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs
+                and self.graph.shape(n.args[0]) == self.graph.shape(n.args[1])]
+
+    def output_of(self, node: fx.Node) -> fx.Node:
+        """The tensor an anchor's quantized output is: a fused zero-clamp activation or the node."""
+        users = list(node.users)
+        if len(users) == 1 and is_zero_clamp(self.graph, users[0]):
+            return users[0]
+        return node
+
+    def plan(self) -> QuantPlan:
+        plan = QuantPlan()
+        for node in self.layer_candidates():
+            reason = self.keep_float.get(node.name) or self.keep_float.get(str(node.target)) \
+                or _no_kernel_reason(self.graph, node)
+            if reason:
+                plan.float_layers[node.name] = reason
+            else:
+                plan.layers.append(node)
+        plan.adds = self.add_candidates()
+        while True:  # anchors whose input cannot be quantized drop out; repeat until stable
+            plan.observed = {self.output_of(n).name for n in plan.layers + plan.adds} - self.blocked
+            self._propagate(plan)
+            demoted = False
+            for anchor in list(plan.layers) + list(plan.adds):
+                inputs = [anchor.args[0]] if anchor in plan.layers else list(anchor.args)
+                for x in inputs:
+                    if x.name in plan.observed or x.name in plan.shared or x.name in plan.on_grid:
+                        continue
+                    if x.name in self.blocked or self.graph.dtype(x) not in (torch.float32, None):
+                        (plan.layers if anchor in plan.layers else plan.adds).remove(anchor)
+                        if anchor.op == "call_module":
+                            plan.float_layers[anchor.name] = f"input {x.name!r} cannot be quantized"
+                        demoted = True
+                        break
+                    plan.observed.add(x.name)
+            self._propagate(plan)
+            if not demoted:
+                plan.observed -= self.blocked
+                return plan
+
+    def _propagate(self, plan: QuantPlan) -> None:
+        """Mark tensors that stay on a quantized grid, and averaging ops that reuse their input's."""
+        plan.shared.clear()
+        plan.on_grid.clear()
+        source: dict[str, str] = {name: name for name in plan.observed}
+        for node in self.graph.nodes:
+            if node.name in source:
+                continue
+            x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if x is None or x.name not in source:
+                continue
+            kind = self.graph.kind(node)
+            m = _module(self.graph, node)
+            if kind in _GRID_KEEPING or isinstance(m, _MAX_POOLS) or is_plain_relu(self.graph, node) \
+                    or (node.op == "call_function" and node.target in (F.max_pool2d, F.max_pool1d)):
+                if len(node.all_input_nodes) == 1 or kind in _GRID_KEEPING:
+                    plan.on_grid[node.name] = source[node.name] = source[x.name]
+            elif kind in (OpKind.POOL, OpKind.REDUCE) and len(node.all_input_nodes) == 1 \
+                    and not (kind == OpKind.REDUCE and node.target not in ("mean", torch.mean)):
+                plan.shared[node.name] = source[node.name] = source[x.name]
+
+
+def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
+    """Replace a conv/linear module call by F.conv*/F.linear over a per-channel fake-quantized weight."""
+    m = graph.module(node)
+    target = str(node.target)
+    scales = weight_scales(m.weight, 0)
+    m.register_buffer("weight_scale", scales)
+    m.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
+    g = graph.gm.graph
+    with g.inserting_before(node):
+        w = g.get_attr(f"{target}.weight")
+        wq = g.call_function(torch.fake_quantize_per_channel_affine,
+                             (w, g.get_attr(f"{target}.weight_scale"), g.get_attr(f"{target}.weight_zero_point"),
+                              0, WEIGHT_QMIN, WEIGHT_QMAX))
+        b = g.get_attr(f"{target}.bias") if m.bias is not None else None
+        if isinstance(m, nn.Linear):
+            new = g.call_function(F.linear, (node.args[0], wq, b))
+        else:
+            fn = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+            new = g.call_function(fn, (node.args[0], wq, b, m.stride, m.padding, m.dilation, m.groups))
+    new.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
+    new.meta["graphopt.layer"] = target
+    graph.bypass(node, new)
+    return new
+
+
+def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], layers: list[str] | None = None) -> int:
+    """Rewrite ``graph`` (whose nodes the plan names) with fake-quant nodes; returns how many were added.
+
+    ``layers`` restricts the rewrite to those anchors and their own inputs/outputs (sensitivity)."""
+    g = graph.gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    if layers is None:
+        tensors = {name: params[name] for name in plan.observed} | \
+                  {name: params[src] for name, src in plan.shared.items()}
+        anchors = [n.name for n in plan.layers]
+    else:
+        planner = Planner(graph, {}, set())
+        tensors, anchors = {}, list(layers)
+        for name in layers:
+            node = by_name[name]
+            grid = {**plan.on_grid, **plan.shared, **{o: o for o in plan.observed}}
+            x = node.args[0]
+            tensors[x.name] = params[grid[x.name]]
+            out = planner.output_of(node)
+            tensors[out.name] = params[grid[out.name]]
+    added = 0
+    for name, qp in tensors.items():
+        node = by_name[name]
+        with g.inserting_after(node):
+            fq = g.call_function(torch.fake_quantize_per_tensor_affine, make_fq_args(node, qp))
+        node.replace_all_uses_with(fq, delete_user_cb=lambda user: user is not fq)
+        fq.meta[QPARAMS_KEY] = qp
+        added += 1
+    for name in anchors:
+        _functionalize(graph, by_name[name])
+    for name, reason in plan.float_layers.items():
+        if name in by_name:
+            by_name[name].meta[FLOAT_REASON_KEY] = reason
+    graph.commit()
+    return added
+
+
+def sqnr_db(reference, output) -> float:
+    from graphopt.verify import flatten_outputs
+    ref = torch.cat([t.flatten().double() for t in flatten_outputs(reference)])
+    out = torch.cat([t.flatten().double() for t in flatten_outputs(output)])
+    noise = (ref - out).pow(2).sum().item()
+    return float("inf") if noise == 0 else 10 * torch.log10(ref.pow(2).sum() / noise).item()
+
+
+@register_pass("insert_qdq")
+class InsertQDQ(Pass):
+    """Calibrate activations and insert fake-quant nodes (int8 weights, uint8/int8 activations)."""
+
+    contract = Contract.BOUNDED
+    requires = frozenset({"calibration_data"})
+    ensures = frozenset({"qdq"})
+    invalidates = None
+
+    def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
+                 max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
+                 last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True):
+        if observer not in observer_names():
+            raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
+        if activation_dtype not in ("uint8", "int8"):
+            raise ConfigError(f"pass 'insert_qdq': activation_dtype must be 'uint8' or 'int8', "
+                              f"got {activation_dtype!r}")
+        for key, value in (("first_layer", first_layer), ("last_layer", last_layer)):
+            if value not in _POLICIES:
+                raise ConfigError(f"pass 'insert_qdq': {key} must be 'int8' or 'float', got {value!r}")
+        if not isinstance(max_batches, int) or max_batches < 1:
+            raise ConfigError(f"pass 'insert_qdq': max_batches must be a positive integer, got {max_batches!r}")
+        if not isinstance(sensitive_float, int) or sensitive_float < 0:
+            raise ConfigError(f"pass 'insert_qdq': sensitive_float must be an integer >= 0, got {sensitive_float!r}")
+        self.observer_options = {"percentile": {"percentile": percentile}}.get(observer, {})
+        make_observer(observer, **self.observer_options)  # validates its options now
+        self.observer, self.activation_dtype = observer, activation_dtype
+        self.max_batches, self.keep_float = max_batches, list(keep_float or [])
+        self.first_layer, self.last_layer = first_layer, last_layer
+        self.sensitive_float, self.bound, self.progress = sensitive_float, bound, progress
+
+    def _policy(self, graph: Graph) -> dict[str, str]:
+        keep = {name: "kept float (keep_float)" for name in self.keep_float}
+        layers = Planner(graph, {}, set()).layer_candidates()
+        if layers and self.first_layer == "float":
+            keep[layers[0].name] = "first layer kept float (first_layer='float')"
+        if layers and self.last_layer == "float":
+            keep[layers[-1].name] = "last layer kept float (last_layer='float')"
+        return keep
+
+    def _params(self, graph: Graph, plan: QuantPlan, data) -> tuple[dict[str, QParams], dict[str, str]]:
+        observers = {name: make_observer(self.observer, **self.observer_options) for name in plan.observed}
+        calibrate(graph, observers, data, self.max_batches, self.progress)
+        params, zero_range = {}, {}
+        for name, observer in observers.items():
+            lo, hi = observer.range()
+            if max(hi, 0.0) - min(lo, 0.0) <= 1e-12 * max(1.0, abs(lo), abs(hi)):
+                zero_range[name] = "zero range (constant activation)"
+                continue
+            params[name] = affine_qparams(lo, hi, self.activation_dtype)
+        return params, zero_range
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read up to three times
+        keep = self._policy(graph)
+        blocked: set[str] = set()
+        plan = Planner(graph, keep, blocked).plan()
+        params, zero = self._params(graph, plan, data)
+        while zero:  # constant activations cannot be scaled: keep them (and the layers they feed) float
+            blocked |= set(zero)
+            plan = Planner(graph, keep, blocked).plan()
+            params, zero = self._params(graph, plan, data)
+        held = next(iter(iter_calibration(graph, data, 1, progress=False)))
+        reference = graph.run(*held)
+        sensitivity = {}
+        if self.sensitive_float and plan.layers:
+            sensitivity = self._sensitivity(graph, plan, params, held, reference)
+            worst = sorted(sensitivity, key=sensitivity.get, reverse=True)[:self.sensitive_float]
+            keep |= {name: f"sensitive (error {sensitivity[name]:.3g} when quantized alone)" for name in worst}
+            plan = Planner(graph, keep, blocked).plan()
+            params, _ = self._params(graph, plan, data)
+        added = apply_plan(graph, plan, params)
+        output = graph.run(*held)
+        stats = {"int8_layers": len(plan.layers), "quantized_adds": len(plan.adds), "fake_quant_nodes": added,
+                 "observer": self.observer, "sqnr_db": round(sqnr_db(reference, output), 2),
+                 "max_rel_error": compare_outputs(reference, output)[1]}
+        if plan.float_layers:
+            stats["float_layers"] = dict(plan.float_layers)
+        if blocked:
+            stats["zero_range_tensors"] = sorted(blocked)
+        if sensitivity:
+            stats["sensitivity"] = {k: round(v, 5) for k, v in sorted(sensitivity.items(), key=lambda kv: -kv[1])}
+        return PassResult(graph, changed=added > 0, stats=stats)
+
+    @staticmethod
+    def _sensitivity(graph, plan, params, held, reference) -> dict[str, float]:
+        """Output error (relative) with one layer quantized at a time."""
+        errors = {}
+        for layer in plan.layers:
+            trial = graph.clone()
+            apply_plan(trial, plan, params, layers=[layer.name])
+            errors[layer.name] = compare_outputs(reference, trial.run(*held))[1]
+        return errors

