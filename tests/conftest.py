@@ -12,8 +12,13 @@ def _seed():
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics so folding is really exercised."""
+    """Give every BatchNorm non-trivial statistics so folding is really exercised, and
+    re-draw all-zero weights (ViT's zero-initialised head would make every output 0 and
+    every comparison vacuous)."""
     with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():
+                nn.init.normal_(m.weight, std=0.02)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)

@@ -35,6 +35,7 @@ def test_zoo_model_prunes_and_matches_the_masked_original(name):
     before, after = result.records
     assert after.stats["channels_removed"] > 0
     assert after.contract_error <= 1e-5
+    assert after.max_error > 1e-4  # pruning did change the outputs, so the oracle compared something real
     assert after.macs / before.macs <= max_macs
     x = torch.randn(2, 3, size, size)
     assert result.graph.run(x).shape == (2, 1000)

@@ -28,6 +28,10 @@ INPUT_SIZE = {"inception_v3": 299, "vit_h_14": 224}
 def sweep_one(name: str, ratio: float) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():  # ViT's head starts at zero: every output 0 would make the oracle vacuous
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.any():
+                torch.nn.init.normal_(m.weight, std=0.02)
     size = INPUT_SIZE.get(name, 224)
     x = torch.randn(1, 3, size, size)
     row = {"model": name}
