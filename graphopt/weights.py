@@ -53,6 +53,17 @@ def check_patterns(owner: str, name: str, patterns: Any) -> list[str] | None:
     return list(patterns)
 
 
+def finetune_config(owner: str, finetune_epochs: Any, lr: float, max_batches: int | None) -> DistillConfig | None:
+    """The distillation settings of a weight-compression pass (None: no fine-tuning)."""
+    if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
+        raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
+    if not finetune_epochs:
+        return None
+    config = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches)
+    config.check()
+    return config
+
+
 def annotations(graph: Graph) -> dict[str, dict[str, Any]]:
     """The graph's weight annotations, created empty on first use."""
     return graph.gm.meta.setdefault(ANNOTATIONS_KEY, {})

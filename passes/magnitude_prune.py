@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.distill import DistillConfig
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import annotate, check_patterns, finetune_constrained, weight_layers, zero_mask
+from graphopt.weights import (annotate, check_patterns, finetune_config, finetune_constrained, weight_layers,
+                              zero_mask)
 
 SCOPES = ("layer", "global")
 
@@ -55,15 +55,11 @@ class PruneMagnitude(Pass):
             raise ConfigError(f"{owner}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"{owner}: steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
-            raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
         self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
         self.layers = check_patterns(owner, "layers", layers)
         self.exclude = check_patterns(owner, "exclude", exclude)
-        self.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches) \
-            if finetune_epochs else None
+        self.finetune = finetune_config(owner, finetune_epochs, lr, max_batches)
         if self.finetune:
-            self.finetune.check()
             self.contract = Contract.NONE  # fine-tuning changes the function on purpose
             self.requires = frozenset({"train_data"})
         self.bound = bound

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.distill import DistillConfig
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import annotate, check_patterns, finetune_constrained, forget, tied_gradient, weight_layers
+from graphopt.weights import (annotate, check_patterns, finetune_config, finetune_constrained, forget,
+                              tied_gradient, weight_layers)
 
 BITS = range(2, 9)
 
@@ -51,16 +51,12 @@ class ShareWeights(Pass):
             raise ConfigError(f"{owner}: bits must be an integer from 2 to 8, got {bits!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ConfigError(f"{owner}: iterations must be an integer >= 1, got {iterations!r}")
-        if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
-            raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
         self.bits, self.iterations = bits, iterations
         self.layers = check_patterns(owner, "layers", layers)
         self.exclude = check_patterns(owner, "exclude", exclude)
-        self.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches) \
-            if finetune_epochs else None
+        self.finetune = finetune_config(owner, finetune_epochs, lr, max_batches)
         if self.finetune:
-            self.finetune.check()
-            self.contract = Contract.NONE
+            self.contract = Contract.NONE  # fine-tuning changes the function on purpose
             self.requires = frozenset({"train_data"})
         self.bound = bound
         self.progress = progress
