@@ -14,11 +14,15 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
+
+if TYPE_CHECKING:
+    from graphopt.ir import Graph
 
 QPARAMS_KEY = "graphopt.qparams"      # QParams of a fake-quant node
 FUSED_KEY = "graphopt.fused"          # activations a conv/linear/add absorbed (names, for reports)

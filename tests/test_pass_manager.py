@@ -9,7 +9,7 @@ from graphopt import (Contract, ContractViolation, GraphLintError, Pass, PassCon
                       PassResult, RequirementError, register_pass)
 from graphopt.passes import EliminateDeadCode, FoldBatchNorm, RemoveIdentity
 from graphopt.tools.cli import main as cli_main
-from graphopt.tools.digits import DigitsCNN, trained_digits_cnn
+from graphopt.tools.digits import trained_digits_cnn
 
 
 @pytest.fixture

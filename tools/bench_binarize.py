@@ -33,7 +33,6 @@ from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
 from graphopt.backends import xnor_cpu
 from graphopt.binary import BinaryConv2d, BinaryLinear, freeze
-from graphopt.evaluate import top1_accuracy
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist

@@ -8,7 +8,6 @@ Target (issue #2): trace + passes, with per-pass verification, <= 15 s on 2 core
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
