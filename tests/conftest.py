@@ -4,6 +4,7 @@ import torch.nn as nn
 
 import graphopt.backends  # noqa: F401  (registers built-in backends)
 import graphopt.passes  # noqa: F401  (registers built-in passes)
+from graphopt.tools.random_init import informative_init
 
 
 @pytest.fixture(autouse=True)
@@ -12,21 +13,8 @@ def _seed():
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics so folding is really exercised, and
-    re-draw all-zero weights (ViT's zero-initialised head would make every output 0 and
-    every comparison vacuous)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():
-                nn.init.normal_(m.weight, std=0.02)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    """Weights that make comparisons meaningful (see graphopt.tools.random_init)."""
+    return informative_init(model)
 
 
 class ConvBnRelu(nn.Module):

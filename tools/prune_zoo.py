@@ -20,6 +20,7 @@ import graphopt
 from graphopt.passes import PruneChannels
 from graphopt.passes.prune_channels import NothingToPrune
 from graphopt.report import table, write_json
+from graphopt.tools.random_init import informative_init
 
 # models whose default input is larger than 224 or needs a specific size
 INPUT_SIZE = {"inception_v3": 299, "vit_h_14": 224}
@@ -27,11 +28,7 @@ INPUT_SIZE = {"inception_v3": 299, "vit_h_14": 224}
 
 def sweep_one(name: str, ratio: float) -> dict:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    with torch.no_grad():  # ViT's head starts at zero: every output 0 would make the oracle vacuous
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.any():
-                torch.nn.init.normal_(m.weight, std=0.02)
+    model = informative_init(torchvision.models.get_model(name, weights=None))
     size = INPUT_SIZE.get(name, 224)
     x = torch.randn(1, 3, size, size)
     row = {"model": name}
