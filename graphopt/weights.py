@@ -20,6 +20,7 @@ from graphopt.distill import DistillConfig, distill
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
+from graphopt.pass_base import Contract
 
 ANNOTATIONS_KEY = "graphopt.compression"
 
@@ -53,15 +54,17 @@ def check_patterns(owner: str, name: str, patterns: Any) -> list[str] | None:
     return list(patterns)
 
 
-def finetune_config(owner: str, finetune_epochs: Any, lr: float, max_batches: int | None) -> DistillConfig | None:
-    """The distillation settings of a weight-compression pass (None: no fine-tuning)."""
+def configure_finetune(pass_: Any, owner: str, finetune_epochs: Any, lr: float, max_batches: int | None) -> None:
+    """Set a weight-compression pass's ``finetune`` settings (None: no fine-tuning); a pass
+    that fine-tunes changes the function on purpose (contract NONE) and needs train_data."""
     if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
         raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
-    if not finetune_epochs:
-        return None
-    config = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches)
-    config.check()
-    return config
+    pass_.finetune = None
+    if finetune_epochs:
+        pass_.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches)
+        pass_.finetune.check()
+        pass_.contract = Contract.NONE
+        pass_.requires = frozenset({"train_data"})
 
 
 def annotations(graph: Graph) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ import torch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import (annotate, check_patterns, finetune_config, finetune_constrained, weight_layers,
+from graphopt.weights import (annotate, check_patterns, configure_finetune, finetune_constrained, weight_layers,
                               zero_mask)
 
 SCOPES = ("layer", "global")
@@ -58,10 +58,7 @@ class PruneMagnitude(Pass):
         self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
         self.layers = check_patterns(owner, "layers", layers)
         self.exclude = check_patterns(owner, "exclude", exclude)
-        self.finetune = finetune_config(owner, finetune_epochs, lr, max_batches)
-        if self.finetune:
-            self.contract = Contract.NONE  # fine-tuning changes the function on purpose
-            self.requires = frozenset({"train_data"})
+        configure_finetune(self, owner, finetune_epochs, lr, max_batches)
         self.bound = bound
         self.progress = progress
 

@@ -279,9 +279,9 @@ def _rewrite_shapes(graph: Graph, edits: dict[tuple[str, int, int], int]) -> Non
 
 
 def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Graph:
-    """The original graph with every removed channel's consumer columns zeroed: what the
-    pruned graph must compute exactly."""
-    masked = original.clone()
+    """The original graph (edited in place: the pass's own copy) with every removed
+    channel's consumer columns zeroed: what the pruned graph must compute exactly."""
+    masked = original
     modules = masked.modules()
     with torch.no_grad():
         for (name, dim), keep in keeps.items():
