@@ -70,19 +70,8 @@ class ShuffledTrain:
 
 def train_fp32(epochs: int) -> FashionCNN:
     torch.manual_seed(0)
-    model = FashionCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     data = ShuffledTrain()
-    steps = epochs * (60000 // 128 + 1)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        for x, y in data():
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
+    return fashion_mnist.train_classifier(FashionCNN(), epochs, lr=2e-3, one_cycle=True, data=lambda _: data())
 
 
 def binarize_pipeline(graph, activations: bool, epochs: float, lr: float):

@@ -28,7 +28,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 import graphopt
@@ -108,22 +107,8 @@ class FashionCNN(nn.Module):
 
 def trained_fashion_cnn(epochs: int, cache: str) -> FashionCNN:
     """Train (seed 0) or load the cached checkpoint for this many epochs."""
-    model = FashionCNN()
-    if os.path.exists(cache):
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        return model.eval()
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for epoch in range(epochs):
-        model.train()
-        for images, labels in fashion_mnist.batches("train", 128, shuffle=True, seed=epoch):
-            optimizer.zero_grad()
-            F.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-    model.eval()
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    torch.save(model.state_dict(), cache)
-    return model
+    return fashion_mnist.cached_model(cache, FashionCNN, lambda m: fashion_mnist.train_classifier(m, epochs, lr=2e-3))
 
 
 def accuracy(target: float, epochs: int, distill_epochs: float, cache: str) -> dict:

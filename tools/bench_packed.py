@@ -79,25 +79,11 @@ def train_data(limit: int = TRAIN_LIMIT, seed: int = 0):
 
 def trained(name: str, factory, epochs: int, limit: int) -> nn.Module:
     """The model trained with Adam (cached in bench-results/cache by name and settings)."""
-    path = os.path.join(OUT, "cache", f"{name}-e{epochs}-n{limit}.pt")
-    model = factory()
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = train_data(limit, seed=100)
-    model.train()
-    for _ in range(epochs):
-        for x, y in data():
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model
+    return fashion_mnist.cached_model(os.path.join(OUT, "cache", f"{name}-e{epochs}-n{limit}.pt"), factory,
+                                      lambda m: fashion_mnist.train_classifier(m, epochs, lr=1e-3,
+                                                                               data=lambda _: data()))
 
 
 def accuracy(model) -> float:

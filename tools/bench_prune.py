@@ -163,32 +163,12 @@ class ResidualCNN(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def train(model: nn.Module, epochs: int, lr: float = 2e-3) -> nn.Module:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (60000 // 128 + 1)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
-    model.train()
-    for epoch in range(epochs):
-        for x, y in fashion_mnist.batches("train", 128, shuffle=True, seed=epoch):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
-
-
 def trained_residual_cnn(epochs: int) -> nn.Module:
     """The dense Fashion-MNIST model, trained once and cached under bench-results/cache."""
-    path = os.path.join("bench-results", "cache", f"residual_cnn-e{epochs}.pt")
-    model = ResidualCNN()
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
     torch.manual_seed(0)
-    model = train(model, epochs)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model
+    return fashion_mnist.cached_model(
+        os.path.join("bench-results", "cache", f"residual_cnn-e{epochs}.pt"), ResidualCNN,
+        lambda m: fashion_mnist.train_classifier(m, epochs, lr=2e-3, weight_decay=1e-4, one_cycle=True))
 
 
 def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, lr: float, out: str) -> None:

@@ -46,16 +46,7 @@ def trained_fashion_cnn() -> FashionCNN:
 
 def train(epochs: int = 2, seed: int = 0) -> FashionCNN:
     torch.manual_seed(seed)
-    model = FashionCNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for epoch in range(epochs):
-        model.train()
-        for x, y in fashion_mnist.batches("train", 128, shuffle=True, seed=epoch):
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return fashion_mnist.train_classifier(FashionCNN(), epochs, lr=2e-3)
 
 
 def calibration_batches():

@@ -53,3 +53,38 @@ def batches(split: str = "train", batch_size: int = 128, limit: int | None = Non
 
 def test_batches(batch_size: int = 256):
     return batches("test", batch_size)
+
+
+def train_classifier(model: torch.nn.Module, epochs: int, lr: float = 2e-3, weight_decay: float = 0.0,
+                     one_cycle: bool = False, data=None) -> torch.nn.Module:
+    """Cross-entropy training with AdamW (plain Adam at weight_decay 0), optionally a
+    one-cycle schedule. ``data(epoch)`` yields (images, labels); by default the whole
+    training set, shuffled with the epoch as seed. Returns the model in eval mode."""
+    import torch.nn.functional as F
+
+    data = data or (lambda epoch: batches("train", 128, shuffle=True, seed=epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    epoch_batches = [list(data(0))]
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * len(epoch_batches[0]))
+                 if one_cycle else None)
+    model.train()
+    for epoch in range(epochs):
+        for x, y in (epoch_batches.pop() if epoch_batches else data(epoch)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if scheduler:
+                scheduler.step()
+    return model.eval()
+
+
+def cached_model(path: str, build, train) -> torch.nn.Module:
+    """``build()`` loaded from ``path`` if it exists, else ``train(build())`` saved there."""
+    model = build()
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    model = train(model)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
