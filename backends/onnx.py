@@ -26,6 +26,7 @@ def _to_proto(graph: Graph, opset: int) -> onnx_lib.ModelProto:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph.gm, graph.example_inputs, dynamo=True, opset_version=opset,
+                                    dynamic_shapes=graph.dynamic_shapes,
                                     external_data=False, verbose=False)
     return program.model_proto
 

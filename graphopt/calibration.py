@@ -201,6 +201,7 @@ def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, pr
         raise ConfigError(f"calibration data must be iterable (or a callable returning an iterable), "
                           f"got {type(batches).__name__}")
     expected = [tuple(t.shape) for t in graph.example_inputs if isinstance(t, torch.Tensor)]
+    free = _dynamic_axes(graph, len(expected))
     count = 0
     for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, delay=2,
                                        total=max_batches)):
@@ -208,14 +209,22 @@ def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, pr
             break
         inputs = batch_inputs(batch)
         got = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs]
-        if len(got) != len(expected) or any(g is None or len(g) != len(e) or g[1:] != e[1:]
-                                             for g, e in zip(got, expected)):
+        if len(got) != len(expected) or any(
+                g is None or len(g) != len(e) or any(a != b for d, (a, b) in enumerate(zip(g, e)) if d not in f)
+                for g, e, f in zip(got, expected, free)):
             raise ConfigError(f"calibration batch {index} has input shapes {got}, but the model was traced with "
-                              f"{expected} (only the batch dimension may differ)")
+                              f"{expected} (only the batch dimension and axes traced as dynamic may differ)")
         count += 1
         yield inputs
     if not count:
         raise ConfigError("calibration data yielded no batches")
+
+
+def _dynamic_axes(graph: Graph, count: int) -> list[set[int]]:
+    """Per input, the axes a batch may size freely: the batch axis and those traced as dynamic."""
+    spec = graph.dynamic_shapes
+    specs = list(spec) if isinstance(spec, (tuple, list)) else [None] * count
+    return [{0} | set(s or {}) if isinstance(s, dict) or s is None else {0} for s in (specs + [None] * count)[:count]]
 
 
 def reiterable(data: Any, max_batches: int | None = None) -> Any:
@@ -281,3 +290,25 @@ class ChannelMeanObserver(Observer):
         if self.total is None:
             raise ValueError("observer saw no data")
         return (self.total / self.count).float()
+
+
+class InputMomentObserver(Observer):
+    """``E[x x^T]`` over the features on ``axis`` (every other axis is a sample): the input
+    statistics that data-aware low-rank splitting whitens a layer's weight with."""
+
+    def __init__(self, axis: int = -1):
+        super().__init__()
+        self.axis = axis
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def _update(self, x: torch.Tensor) -> None:
+        rows = x.movedim(self.axis % x.dim(), -1).reshape(-1, x.shape[self.axis]).double()
+        moment = rows.T @ rows
+        self.total = moment if self.total is None else self.total + moment
+        self.count += rows.shape[0]
+
+    def moment(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError("observer saw no data")
+        return self.total / self.count

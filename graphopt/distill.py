@@ -1,7 +1,9 @@
 """Recovery by fine-tuning with knowledge distillation (Hinton et al.).
 
 The student is trained on ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) *
-CE(s, labels)``; optional feature matching adds an MSE between named intermediate nodes
+CE(s, labels)`` (``loss="kd"``, for classifiers) or, for models whose output is an
+embedding rather than logits, on ``1 - cos(s, t)`` (``"cosine"``) or ``MSE(s, t)``
+(``"mse"``), which need no labels; optional feature matching adds an MSE between named intermediate nodes
 of student and teacher that have the same shape. Shared by every pass that needs
 recovery (pruning, low-rank splitting, binarization, weight sharing).
 """
@@ -29,8 +31,11 @@ class DistillConfig:
     feature_nodes: tuple[str, ...] = ()
     feature_weight: float = 1.0
     max_batches: int | None = None
+    loss: str = "kd"
 
     def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"distillation loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.epochs > 0:
             raise ConfigError(f"distillation epochs must be > 0, got {self.epochs}")
         if not self.lr > 0:
@@ -49,6 +54,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if labels is None or alpha >= 1:
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, labels=None) -> torch.Tensor:
+    """Mean ``1 - cos`` over the last axis: embeddings are read by their direction."""
+    return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+def mse_loss(student: torch.Tensor, teacher: torch.Tensor, labels=None) -> torch.Tensor:
+    return F.mse_loss(student, teacher)
+
+
+LOSSES = ("kd", "cosine", "mse")
+
+
+def _loss_fn(config: DistillConfig) -> Callable:
+    if config.loss == "cosine":
+        return cosine_loss
+    if config.loss == "mse":
+        return mse_loss
+    return lambda s, t, y: kd_loss(s, t, y, config.temperature, config.alpha)
 
 
 class _Tap(fx.Interpreter):
@@ -108,8 +133,7 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                 with torch.no_grad():
                     t_out, t_feats = _forward(teacher.gm, inputs, names)
                 s_out, s_feats = _forward(student.gm, inputs, names)
-                loss = (loss_fn or (lambda s, t, y: kd_loss(s, t, y, config.temperature, config.alpha)))(
-                    s_out, t_out, labels)
+                loss = (loss_fn or _loss_fn(config))(s_out, t_out, labels)
                 for name in names:
                     if name in s_feats and name in t_feats and s_feats[name].shape == t_feats[name].shape:
                         loss = loss + config.feature_weight * F.mse_loss(s_feats[name], t_feats[name])

@@ -25,13 +25,15 @@ KIND_KEY = "graphopt.kind"
 
 
 class Graph:
-    """A traced model. ``captured_by`` says which tracer produced it."""
+    """A traced model. ``captured_by`` says which tracer produced it; ``dynamic_shapes``
+    (torch.export's format) names the input axes that stay symbolic, for the exporters."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Iterable[Any], *,
-                 captured_by: str = "torch.fx", properties: Iterable[str] = ()):
+                 captured_by: str = "torch.fx", properties: Iterable[str] = (), dynamic_shapes: Any = None):
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.captured_by = captured_by
+        self.dynamic_shapes = dynamic_shapes
         self.properties: set[str] = set(properties)
         self._cache: dict[str, Any] = {}
         self.classify()
@@ -97,6 +99,7 @@ class Graph:
         twin.gm = copy.deepcopy(self.gm)
         twin.example_inputs = self.example_inputs
         twin.captured_by = self.captured_by
+        twin.dynamic_shapes = self.dynamic_shapes
         twin.properties = set(self.properties)
         twin._cache = {}
         return twin

@@ -17,6 +17,7 @@ from torch import fx
 
 from graphopt.errors import TraceError
 from graphopt.ir import Graph
+from graphopt.lift_layers import lift_functional_layers
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -76,9 +77,11 @@ def _fx_capture(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _export_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
-    program = torch.export.export(model, inputs, strict=False)
-    return program.module()
+def _export_capture(model: nn.Module, inputs: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
+    program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    gm = program.module()
+    lift_functional_layers(gm)  # one IR whichever tracer captured it: layers as modules
+    return gm
 
 
 def _hf_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
@@ -88,11 +91,14 @@ def _hf_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     return hf_fx.symbolic_trace(model, input_names=names)
 
 
-def trace(model: nn.Module, example_inputs: Any) -> Graph:
+def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) -> Graph:
     """Trace ``model`` (put in eval mode, deep-copied so the caller's model is never edited).
 
     ``example_inputs``: a tensor or a tuple of positional inputs; they drive shape
     propagation and serve as the held batch that passes are verified on.
+    ``dynamic_shapes`` (torch.export's format, e.g. ``({0: Dim("batch"), 1: Dim("seq")}, ...)``)
+    keeps those axes symbolic when torch.export captures, so one graph serves every batch
+    size and sequence length; torch.fx graphs carry no sizes and need none.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
@@ -102,11 +108,12 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
     attempts: dict[str, str] = {}
     first_module, first_reason = "", ""
     capturers = [("transformers.fx", _hf_capture)] if is_hf else []
-    capturers += [("torch.fx", lambda m, i: _fx_capture(m)), ("torch.export", _export_capture)]
+    capturers += [("torch.fx", lambda m, i: _fx_capture(m)),
+                  ("torch.export", lambda m, i: _export_capture(m, i, dynamic_shapes))]
     for name, capture in capturers:
         try:
             gm = capture(model, inputs)
-            graph = Graph(gm, inputs, captured_by=name)
+            graph = Graph(gm, inputs, captured_by=name, dynamic_shapes=dynamic_shapes)
             if attempts:
                 graph.properties.add(f"fallback:{name}")
             return graph

@@ -7,6 +7,10 @@ reach; layers are cut greedily where the reconstruction error grows least per MA
 parameter saved). ``layers`` overrides the rule per layer, ``protected`` layers are
 never split, and a layer is split only where that lowers its MACs.
 
+With ``data_aware=True`` the Linear and 1x1-conv truncations minimise the error of each
+layer's outputs on calibration data (``calibration_data`` in the context, else the held
+batch) instead of its weights: the budget then also goes where outputs suffer least.
+
 The split layer becomes an ``nn.Sequential`` under the same name, and the graph calls
 its children one after another, so cost analysis, fx, ONNX and TorchScript all see
 plain Linear / Conv2d modules.
@@ -19,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
+from torch import fx
 
+from graphopt.calibration import InputMomentObserver, calibrate
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
@@ -98,7 +104,8 @@ class SplitLowRank(Pass):
     def __init__(self, ratio: float | None = None, energy: float | None = None, target_macs: float | None = None,
                  target_params: float | None = None, conv_method: str = "auto", rank_multiple: int = 1,
                  hooi_iters: int = 2, layers: dict | None = None, protected: list | None = None,
-                 only_if_cheaper: bool = True, max_error: float | None = None):
+                 only_if_cheaper: bool = True, max_error: float | None = None, data_aware: bool = False,
+                 calibration_batches: int = 8, progress: bool = True):
         given = {k: v for k, v in zip(_BUDGETS, (ratio, energy, target_macs, target_params)) if v is not None}
         if len(given) > 1:
             raise ConfigError(f"split_low_rank: give one of {', '.join(_BUDGETS)}, not {' and '.join(given)}")
@@ -107,7 +114,8 @@ class SplitLowRank(Pass):
         if conv_method not in CONV_METHODS:
             raise ConfigError(f"split_low_rank: conv_method must be one of {', '.join(CONV_METHODS)}, "
                               f"got {conv_method!r}")
-        for key, number, low in (("rank_multiple", rank_multiple, 1), ("hooi_iters", hooi_iters, 0)):
+        for key, number, low in (("rank_multiple", rank_multiple, 1), ("hooi_iters", hooi_iters, 0),
+                                 ("calibration_batches", calibration_batches, 1)):
             if isinstance(number, bool) or not isinstance(number, int) or number < low:
                 raise ConfigError(f"split_low_rank: {key} must be an integer >= {low}, got {number!r}")
         if layers is not None and not isinstance(layers, dict):
@@ -123,6 +131,10 @@ class SplitLowRank(Pass):
             raise ConfigError(f"split_low_rank: layer {both[0]!r} is both protected and given an override")
         if max_error is not None and (isinstance(max_error, bool) or not max_error > 0):
             raise ConfigError(f"split_low_rank: max_error must be > 0, got {max_error!r}")
+        if not isinstance(data_aware, bool):
+            raise ConfigError(f"split_low_rank: data_aware must be true or false, got {data_aware!r}")
+        self.data_aware, self.calibration_batches, self.progress = data_aware, calibration_batches, progress
+        self.moments: dict[str, Any] = {}
         self.conv_method = conv_method
         self.rank_multiple = rank_multiple
         self.hooi_iters = hooi_iters
@@ -183,10 +195,11 @@ class SplitLowRank(Pass):
             valid = "svd" if matrix_like else "spatial, tucker2"
             raise ConfigError(f"split_low_rank: layers[{name!r}]: method {method!r} does not apply to a "
                               f"{_describe(module)}; valid: auto, {valid}")
+        moment = self._moment(nodes)
         if isinstance(module, nn.Linear):
             rows = [math.prod(out) // module.out_features for _, out in shapes]
             layer = Layer(name, module, sum(rows) * module.in_features * module.out_features, _params(module))
-            layer.methods["svd"] = MatrixSVD(module, [(r, r) for r in rows])
+            layer.methods["svd"] = MatrixSVD(module, [(r, r) for r in rows], moment)
             return layer
         kh, kw = module.kernel_size
         # per call: output positions, positions of the kh x 1 factor's output, input positions
@@ -194,7 +207,7 @@ class SplitLowRank(Pass):
         macs = sum(s[0] for s in sites) * module.in_channels * module.out_channels * kh * kw
         layer = Layer(name, module, macs, _params(module))
         if matrix_like:
-            layer.methods["svd"] = MatrixSVD(module, [(s[0], s[1]) for s in sites])
+            layer.methods["svd"] = MatrixSVD(module, [(s[0], s[1]) for s in sites], moment)
             return layer
         method = method or self.conv_method
         if method in ("auto", "spatial"):
@@ -202,6 +215,26 @@ class SplitLowRank(Pass):
         if method in ("auto", "tucker2"):
             layer.methods["tucker2"] = Tucker2(module, [(s[0], s[2]) for s in sites])
         return layer
+
+    def _observe_inputs(self, graph: Graph, ctx: PassContext) -> None:
+        """``E[x x^T]`` of the input of every Linear / 1x1 conv, for data-aware splitting."""
+        observers = {}
+        for node in graph.nodes:
+            module = graph.modules().get(node.target) if node.op == "call_module" else None
+            matrix_like = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+                                                            and tuple(module.kernel_size) == (1, 1))
+            if matrix_like and node.args and isinstance(node.args[0], fx.Node):
+                observers[node.args[0].name] = InputMomentObserver(-1 if isinstance(module, nn.Linear) else 1)
+        data = ctx.data.get("calibration_data") or [graph.example_inputs]
+        calibrate(graph, observers, data, self.calibration_batches, self.progress)
+        self.moments = {name: obs.moment() for name, obs in observers.items()}
+
+    def _moment(self, nodes) -> Any:
+        """The summed input moment over a layer's call sites (None unless data-aware)."""
+        if not self.data_aware:
+            return None
+        moments = [self.moments[n.args[0].name] for n in nodes if n.args[0].name in self.moments]
+        return sum(moments) / len(moments) if len(moments) == len(nodes) else None
 
     # -- choosing ranks -------------------------------------------------------------------
     def _by_rule(self, layer: Layer, rule: str, value: Any) -> Candidate | str:
@@ -285,6 +318,8 @@ class SplitLowRank(Pass):
 
     # -- rewriting ------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.data_aware:
+            self._observe_inputs(graph, ctx)
         layers, skipped = self._collect(graph)
         plan = self._plan(graph, layers, skipped)
         details = {}
@@ -298,7 +333,7 @@ class SplitLowRank(Pass):
             details[layer.name] = {
                 "method": choice.method, "rank": _ranks(choice.ranks),
                 "full_rank": _ranks(layer.methods[choice.method].full_ranks),
-                "error": round(error, 6), "macs": [layer.macs, choice.macs], "params": [layer.params, choice.params]}
+                "error": round(error, 6), **self._output_error(layer, choice), "macs": [layer.macs, choice.macs], "params": [layer.params, choice.params]}
         if details:
             graph.commit()
         stats: dict[str, Any] = {"split": len(details), "skipped": len(skipped)}
@@ -309,6 +344,14 @@ class SplitLowRank(Pass):
         stats["layers"] = details
         stats["skipped_layers"] = skipped
         return PassResult(graph, changed=bool(details), stats=stats)
+
+
+    @staticmethod
+    def _output_error(layer: Layer, choice: Candidate) -> dict[str, float]:
+        """For a data-aware split, the relative error of the layer's outputs on the calibration data."""
+        if getattr(layer.methods[choice.method], "data_aware", False):
+            return {"output_error": round(math.sqrt(choice.error), 6)}
+        return {}
 
 
 def _split(graph: Graph, name: str, factors: list[nn.Module]) -> None:

@@ -4,6 +4,10 @@ Three ways to write one layer as a chain of thinner ones, all computed in float6
 
 * **svd** (Linear, 1x1 conv): ``W = U S Vh`` truncated to rank r; the first factor holds
   ``sqrt(S) Vh``, the second ``U sqrt(S)``, so neither factor carries all the scale.
+  Given the layer's input second moment ``C = E[x x^T]`` (data-aware), the truncation is
+  of ``C^(1/2) W`` instead and is unwhitened afterwards: it then minimises the error of the
+  layer's *outputs* on that data, not of its weights (the idea of ASVD / SVD-LLM), and
+  the error it reports is the share of output energy lost.
 * **spatial** (k x k conv): the kernel reshaped to a ``(Cin*kh) x (Cout*kw)`` matrix and
   truncated the same way: a ``kh x 1`` conv to r channels, then a ``1 x kw`` conv.
 * **tucker2** (k x k conv): HOSVD on the output and input channel modes (optionally
@@ -63,6 +67,18 @@ def balanced_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return sigma, (matrix @ vectors) * inverse, root[:, None] * vectors.T   # vectors = V
 
 
+def whitened_svd(matrix: torch.Tensor, moment: torch.Tensor, damping: float = 1e-6):
+    """``balanced_svd`` of ``S^T matrix`` with ``S S^T = moment`` (+ damping, relative to its mean
+    diagonal, so unused input directions stay finite), unwhitened: ``matrix ~ left @ right``
+    with ``left = S^-T left_w``, optimal for ``E||x @ matrix - x @ left @ right||^2``."""
+    moment = moment.double().cpu()
+    moment = moment + damping * max(moment.diagonal().mean().item(), 1e-30) * torch.eye(len(moment), dtype=moment.dtype)
+    energy, basis = torch.linalg.eigh(moment)
+    root = energy.clamp_min(1e-300).sqrt()
+    sigma, left, right = balanced_svd((basis.T * root[:, None]) @ matrix)
+    return sigma, basis @ (left / root[:, None]), right
+
+
 def _kept_share(sigma: torch.Tensor) -> np.ndarray:
     """kept[r - 1] = share of sum(sigma^2) in the first r singular values."""
     energy = np.cumsum(sigma.double().numpy() ** 2)
@@ -76,9 +92,10 @@ class MatrixSVD:
     multiplies; for a conv ``(N*Hout*Wout, N*Hout*Win)``, the positions the second and
     the first factor run at."""
 
-    def __init__(self, module: nn.Module, calls: list[tuple[int, int]]):
+    def __init__(self, module: nn.Module, calls: list[tuple[int, int]], input_moment: torch.Tensor | None = None):
         self.module = module
         self.calls = calls
+        self.data_aware = input_moment is not None
         weight = module.weight.detach().double().cpu()
         if isinstance(module, nn.Linear):
             self.method, self.kh, self.kw = "svd", 1, 1
@@ -89,7 +106,12 @@ class MatrixSVD:
             self.method = "svd" if (self.kh, self.kw) == (1, 1) else "spatial"
             self.n_in, self.n_out = module.in_channels, module.out_channels
             matrix = weight.permute(1, 2, 0, 3).reshape(self.n_in * self.kh, self.n_out * self.kw)
-        self.sigma, self.left, self.right = balanced_svd(matrix)
+        if input_moment is None:
+            self.sigma, self.left, self.right = balanced_svd(matrix)
+        else:
+            if self.method != "svd":
+                raise ValueError("data-aware splitting applies to Linear and 1x1 conv layers only")
+            self.sigma, self.left, self.right = whitened_svd(matrix, input_moment)
         self.full_ranks = (len(self.sigma),)
         self.kept = _kept_share(self.sigma)
 

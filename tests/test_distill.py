@@ -4,7 +4,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import ConfigError, PassContext, PassManager, RequirementError
-from graphopt.distill import DistillConfig, distill, kd_loss
+from graphopt.distill import DistillConfig, cosine_loss, distill, kd_loss
 from graphopt.passes import Distill
 from graphopt.evaluate import top1_accuracy
 from graphopt.tools import digits
@@ -47,7 +47,24 @@ def test_distill_pass_needs_training_data_and_uses_the_input_graph_as_teacher():
 
 @pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "epochs must be > 0"),
                                              ({"alpha": 1.5}, "alpha must be in"),
-                                             ({"temperature": -1.0}, "temperature must be > 0")])
+                                             ({"temperature": -1.0}, "temperature must be > 0"),
+                                             ({"loss": "hinge"}, "loss must be one of kd, cosine, mse")])
 def test_bad_distillation_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         Distill(**kwargs)
+
+
+def test_embedding_distillation_needs_no_labels_and_pulls_directions_together():
+    torch.manual_seed(0)
+    teacher_net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 8))
+    inputs = torch.randn(4, 12)
+    teacher = graphopt.trace(teacher_net, inputs)
+    student = graphopt.trace(nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 8)), inputs)
+    data = [((torch.randn(32, 12),), None) for _ in range(40)]
+    x = torch.randn(256, 12)
+    before = cosine_loss(student.gm(x), teacher.gm(x)).item()
+    stats = distill(student, teacher, data, DistillConfig(epochs=5, lr=1e-2, loss="cosine"), progress=False)
+    after = cosine_loss(student.gm(x), teacher.gm(x)).item()
+    assert cosine_loss(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)   # scale does not count
+    assert stats["loss_last"] < stats["loss_first"]
+    assert after < 0.2 * before

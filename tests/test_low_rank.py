@@ -100,6 +100,34 @@ def test_linear_split_error_is_the_discarded_singular_energy_and_factors_share_s
     torch.testing.assert_close(second.bias, model[0].bias)
 
 
+def test_data_aware_split_minimises_the_output_error_on_the_calibration_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24)).eval()
+    mixing = torch.randn(32, 32) * torch.logspace(0, -3, 32)      # inputs live near a few directions
+    batches = [torch.randn(64, 32) @ mixing.T for _ in range(4)]
+    context = PassContext({"calibration_data": batches})
+    x = torch.cat(batches)
+    signal = model(x) - model[0].bias
+    errors, reported = {}, {}
+    for aware in (False, True):
+        result = PassManager([SplitLowRank(layers={"0": 6}, data_aware=aware, progress=False)],
+                             context=context).run(graphopt.trace(model, batches[0]))
+        errors[aware] = ((result.graph.gm(x) - model(x)).norm() / signal.norm()).item()
+        reported[aware] = result.records[-1].stats["layers"]["0"].get("output_error")
+    assert errors[True] < 0.5 * errors[False]
+    assert reported[False] is None                      # weight-only splits report the weight error only
+    assert reported[True] == pytest.approx(errors[True], rel=1e-3)
+
+
+def test_data_aware_split_is_exact_at_full_rank():
+    model = nn.Sequential(nn.Linear(20, 64)).eval()
+    x = torch.randn(8, 20)
+    result = PassManager([SplitLowRank(layers={"0": 20}, data_aware=True, only_if_cheaper=False,
+                                       progress=False)]).run(graphopt.trace(model, x))
+    assert result.records[-1].stats["split"] == 1
+    torch.testing.assert_close(result.graph.gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_spatial_split_error_is_the_discarded_energy_of_the_reshaped_kernel():
     conv = nn.Conv2d(6, 8, 3, padding=1)
     result, record = split(nn.Sequential(conv), torch.randn(1, 6, 10, 10), layers={"0": {"rank": 4, "method": "spatial"}})
@@ -233,6 +261,8 @@ def test_split_model_exports_to_onnx_and_torchscript(tmp_path):
     ({"layers": {"fc1": {"rnak": 3}}}, r"layers\['fc1'\]: unknown key 'rnak'; valid keys: rank, ratio"),
     ({"layers": {"fc1": 3}, "protected": ["fc1"]}, "'fc1' is both protected and given an override"),
     ({"protected": "fc1"}, "protected must be a list of module names"),
+    ({"data_aware": "yes"}, "data_aware must be true or false, got 'yes'"),
+    ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ConfigError, match=message):

