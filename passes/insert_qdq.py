@@ -3,7 +3,8 @@
 Placement follows what integer runtimes execute (onnxruntime QOperator / torch.ao):
 - conv and linear layers ("anchors") get int8 per-channel symmetric weights, a quantized input
   and a quantized output; an activation that clamps at zero (ReLU, ReLU6, Hardtanh(0, x)) right
-  after a layer is quantized instead of the layer's output, so backends can fuse it;
+  after a layer is quantized instead of the layer's output, so backends can fuse it; Linears
+  on token sequences (rank > 2 inputs) keep a float output by default (``layer_outputs``);
 - adds of two tensors are anchors too (quantized inputs, quantized output after a fused ReLU);
 - max pooling, reshapes, dropout and ReLU keep their input's grid (no new node); average
   pooling and means get a node with their input's parameters (shared, not observed);
@@ -66,8 +67,18 @@ class QuantPlan:
 class Planner:
     """Decides placement (see the module docstring) for one graph and one float-layer policy."""
 
-    def __init__(self, graph: Graph, keep_float: dict[str, str], blocked: set[str]):
+    def __init__(self, graph: Graph, keep_float: dict[str, str], blocked: set[str], layer_outputs: str = "auto"):
         self.graph, self.keep_float, self.blocked = graph, keep_float, blocked
+        self.layer_outputs = layer_outputs
+
+    def quantized_output(self, node: fx.Node) -> bool:
+        """Whether an int8 layer's output is requantized (QLinearConv/QGemm: int8 in, int8 out) or
+        left float (MatMulIntegerToFloat: int8 in, float out). ``auto`` leaves float the outputs
+        of Linears on token sequences (rank > 2), which feed residual adds and LayerNorms in
+        transformers, where an extra per-tensor rounding costs accuracy and saves no time."""
+        if self.layer_outputs != "auto":
+            return self.layer_outputs == "int8"
+        return not (isinstance(_module(self.graph, node), nn.Linear) and len(self.graph.shape(node.args[0]) or ()) > 2)
 
     def layer_candidates(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if isinstance(_module(self.graph, n), _LAYER_TYPES)]
@@ -95,7 +106,8 @@ class Planner:
                 plan.layers.append(node)
         plan.adds = self.add_candidates()
         while True:  # anchors whose input cannot be quantized drop out; repeat until stable
-            plan.observed = {self.output_of(n).name for n in plan.layers + plan.adds} - self.blocked
+            plan.observed = {self.output_of(n).name for n in plan.adds} - self.blocked
+            plan.observed |= {self.output_of(n).name for n in plan.layers if self.quantized_output(n)} - self.blocked
             self._propagate(plan)
             demoted = False
             for anchor in list(plan.layers) + list(plan.adds):
@@ -181,7 +193,8 @@ def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], layers
             x = node.args[0]
             tensors[x.name] = params[grid[x.name]]
             out = planner.output_of(node)
-            tensors[out.name] = params[grid[out.name]]
+            if out.name in grid:
+                tensors[out.name] = params[grid[out.name]]
     added = 0
     for name, qp in tensors.items():
         node = by_name[name]
@@ -218,7 +231,8 @@ class InsertQDQ(Pass):
 
     def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
                  max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
-                 last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True):
+                 last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True,
+                 layer_outputs: str = "auto"):
         if observer not in observer_names():
             raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
         if activation_dtype not in ("uint8", "int8"):
@@ -227,6 +241,9 @@ class InsertQDQ(Pass):
         for key, value in (("first_layer", first_layer), ("last_layer", last_layer)):
             if value not in _POLICIES:
                 raise ConfigError(f"pass 'insert_qdq': {key} must be 'int8' or 'float', got {value!r}")
+        if layer_outputs not in ("auto", "int8", "float"):
+            raise ConfigError(f"pass 'insert_qdq': layer_outputs must be 'auto', 'int8' or 'float', got {layer_outputs!r}")
+        self.layer_outputs = layer_outputs
         if not isinstance(max_batches, int) or max_batches < 1:
             raise ConfigError(f"pass 'insert_qdq': max_batches must be a positive integer, got {max_batches!r}")
         if not isinstance(sensitive_float, int) or sensitive_float < 0:
@@ -263,11 +280,11 @@ class InsertQDQ(Pass):
         data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read up to three times
         keep = self._policy(graph)
         blocked: set[str] = set()
-        plan = Planner(graph, keep, blocked).plan()
+        plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
         params, zero = self._params(graph, plan, data)
         while zero:  # constant activations cannot be scaled: keep them (and the layers they feed) float
             blocked |= set(zero)
-            plan = Planner(graph, keep, blocked).plan()
+            plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, zero = self._params(graph, plan, data)
         held = next(iter(iter_calibration(graph, data, 1, progress=False)))
         reference = graph.run(*held)
@@ -276,7 +293,7 @@ class InsertQDQ(Pass):
             sensitivity = self._sensitivity(graph, plan, params, held, reference)
             worst = sorted(sensitivity, key=sensitivity.get, reverse=True)[:self.sensitive_float]
             keep |= {name: f"sensitive (error {sensitivity[name]:.3g} when quantized alone)" for name in worst}
-            plan = Planner(graph, keep, blocked).plan()
+            plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, _ = self._params(graph, plan, data)
         added = apply_plan(graph, plan, params)
         output = graph.run(*held)
