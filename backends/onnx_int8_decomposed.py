@@ -20,11 +20,12 @@ import warnings
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from graphopt.errors import ExportError
 from graphopt.ir import Graph
-from graphopt.quant import is_activation_fq, is_weight_dq, qparams
+from graphopt.quant import CONV_FUNCS, gather_int8_rows, is_activation_fq, is_weight_dq, qparams
 
 INTEGER_KERNELS = {"MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger",
                    "ConvInteger", "DynamicQuantizeMatMul", "QAttention"}
@@ -41,6 +42,7 @@ def decompose(graph: Graph) -> tuple[Graph, list[str]]:
     its activation fake-quant nodes in graph order (the k-th becomes the k-th QuantizeLinear)."""
     ops = _decomposed_ops()
     twin = graph.clone()
+    gather_int8_rows(twin)
     fx_graph = twin.gm.graph
     activations = []
     for node in list(fx_graph.nodes):
@@ -131,8 +133,8 @@ def fused_layers(model: onnx.ModelProto, graph: Graph, threads: int) -> tuple[li
     int8, floating = [], {}
     for node in graph.nodes:
         weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
-        if weight is None or not is_weight_dq(weight):
-            continue
+        if weight is None or not is_weight_dq(weight) or not (node.target is F.linear or node.target in CONV_FUNCS):
+            continue   # embedding tables are weight-only: gathered, not multiplied
         if weight.args[0].target in fused:
             int8.append(node.name)
         else:

@@ -24,8 +24,8 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
-from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, int8_mac_share, is_activation_fq, is_plain_relu,
-                            is_weight_dq,
+from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, gather_int8_rows, int8_mac_share, is_activation_fq,
+                            is_plain_relu, is_weight_dq,
                             layerwise_within_one_step, output_steps, qparams, within_one_step)
 from graphopt.verify import compare_outputs, node_values
 
@@ -76,7 +76,7 @@ class _Rebuild:
 
     def run(self) -> fx.GraphModule:
         for node in self.graph.nodes:
-            if node.name in self.env or node.op == "get_attr" or is_weight_dq(node):
+            if node.name in self.env or node.op == "get_attr" or _weight_constant(node):
                 continue
             if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
                 continue   # torch.export's input-shape guards: Python-only, nothing reads them
@@ -131,7 +131,7 @@ class _Rebuild:
         def lookup(a: fx.Node):
             if a.op == "get_attr":
                 return self.constant(a)
-            if is_weight_dq(a):
+            if _weight_constant(a):
                 q, s, axis = a.args
                 return self.g.call_function(a.target, (self.constant(q), self.constant(s), axis))
             return arg_fn(a)
@@ -183,6 +183,11 @@ class _Rebuild:
         self.int8_layers.append(node.name)
 
 
+def _weight_constant(node: fx.Node) -> bool:
+    """A dequantized int8 weight constant (read where used), not dequantized gathered rows."""
+    return is_weight_dq(node) and node.args[0].op == "get_attr"
+
+
 def _unflattened(graph: Graph, outputs):
     """A torch.export graph returns its flat outputs through a pytree spec; a single tensor
     stays a single tensor in the rebuilt module (tuples and other trees stay flat tuples)."""
@@ -196,6 +201,8 @@ def _unflattened(graph: Graph, outputs):
 
 def build_int8_module(graph: Graph) -> tuple[torch.jit.ScriptModule, _Rebuild]:
     kernels.use_engine()
+    graph = graph.clone()
+    gather_int8_rows(graph)
     rebuild = _Rebuild(graph)
     gm = rebuild.run()
     with warnings.catch_warnings():

@@ -10,6 +10,8 @@ Placement follows what integer runtimes execute (onnxruntime QOperator / torch.a
   pooling and means get a node with their input's parameters (shared, not observed);
 - concatenation gets its own observed output parameters;
 - everything else runs in float on dequantized values.
+Embedding tables (``embeddings=True``) get int8 weights with one scale per embedding column, so
+a backend can gather int8 rows and dequantize only those (weight-only: their outputs stay float).
 Layers listed in ``keep_float`` (or chosen by the first/last-layer policy or by sensitivity
 analysis) and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
 """
@@ -174,6 +176,25 @@ def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
     return new
 
 
+def quantize_embedding(graph: Graph, node: fx.Node) -> fx.Node:
+    """An ``nn.Embedding`` call as ``F.embedding`` over its table fake-quantized per column (axis 1)."""
+    m = graph.module(node)
+    target = str(node.target)
+    scales = weight_scales(m.weight, 1)
+    m.register_buffer("weight_scale", scales)
+    m.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
+    g = graph.gm.graph
+    with g.inserting_before(node):
+        wq = g.call_function(torch.fake_quantize_per_channel_affine,
+                             (g.get_attr(f"{target}.weight"), g.get_attr(f"{target}.weight_scale"),
+                              g.get_attr(f"{target}.weight_zero_point"), 1, WEIGHT_QMIN, WEIGHT_QMAX))
+        new = g.call_function(F.embedding, (node.args[0], wq, m.padding_idx, m.max_norm, m.norm_type,
+                                             m.scale_grad_by_freq, m.sparse))
+    new.meta["graphopt.layer"] = target
+    graph.bypass(node, new)
+    return new
+
+
 def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], layers: list[str] | None = None) -> int:
     """Rewrite ``graph`` (whose nodes the plan names) with fake-quant nodes; returns how many were added.
 
@@ -232,7 +253,7 @@ class InsertQDQ(Pass):
     def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
                  max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
                  last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True,
-                 layer_outputs: str = "auto"):
+                 layer_outputs: str = "auto", embeddings: bool = True):
         if observer not in observer_names():
             raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
         if activation_dtype not in ("uint8", "int8"):
@@ -243,7 +264,9 @@ class InsertQDQ(Pass):
                 raise ConfigError(f"pass 'insert_qdq': {key} must be 'int8' or 'float', got {value!r}")
         if layer_outputs not in ("auto", "int8", "float"):
             raise ConfigError(f"pass 'insert_qdq': layer_outputs must be 'auto', 'int8' or 'float', got {layer_outputs!r}")
-        self.layer_outputs = layer_outputs
+        if not isinstance(embeddings, bool):
+            raise ConfigError(f"pass 'insert_qdq': embeddings must be true or false, got {embeddings!r}")
+        self.layer_outputs, self.embeddings = layer_outputs, embeddings
         if not isinstance(max_batches, int) or max_batches < 1:
             raise ConfigError(f"pass 'insert_qdq': max_batches must be a positive integer, got {max_batches!r}")
         if not isinstance(sensitive_float, int) or sensitive_float < 0:
@@ -296,8 +319,14 @@ class InsertQDQ(Pass):
             plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, _ = self._params(graph, plan, data)
         added = apply_plan(graph, plan, params)
+        tables = [quantize_embedding(graph, n) for n in list(graph.nodes) if self.embeddings
+                  and isinstance(_module(graph, n), nn.Embedding) and n.args and not n.kwargs
+                  and n.name not in self.keep_float and str(n.target) not in self.keep_float]
+        if tables:
+            graph.commit()
         output = graph.run(*held)
         stats = {"int8_layers": len(plan.layers), "quantized_adds": len(plan.adds), "fake_quant_nodes": added,
+                 "int8_embeddings": len(tables),
                  "observer": self.observer, "sqnr_db": round(sqnr_db(reference, output), 2),
                  "max_rel_error": compare_outputs(reference, output)[1]}
         if plan.float_layers:
@@ -306,7 +335,7 @@ class InsertQDQ(Pass):
             stats["zero_range_tensors"] = sorted(blocked)
         if sensitivity:
             stats["sensitivity"] = {k: round(v, 5) for k, v in sorted(sensitivity.items(), key=lambda kv: -kv[1])}
-        return PassResult(graph, changed=added > 0, stats=stats)
+        return PassResult(graph, changed=added > 0 or bool(tables), stats=stats)
 
     @staticmethod
     def _sensitivity(graph, plan, params, held, reference) -> dict[str, float]:
