@@ -151,19 +151,27 @@ class Planner:
                 plan.shared[node.name] = source[node.name] = source[x.name]
 
 
-def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
-    """Replace a conv/linear module call by F.conv*/F.linear over a per-channel fake-quantized weight."""
+def _fake_quantized_weight(graph: Graph, node: fx.Node, axis: int) -> fx.Node:
+    """A fake-quant node (inserted before ``node``) over its module's weight, per channel along ``axis``."""
     m = graph.module(node)
     target = str(node.target)
-    scales = weight_scales(m.weight, 0)
+    scales = weight_scales(m.weight, axis)
     m.register_buffer("weight_scale", scales)
     m.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
     g = graph.gm.graph
     with g.inserting_before(node):
-        w = g.get_attr(f"{target}.weight")
-        wq = g.call_function(torch.fake_quantize_per_channel_affine,
-                             (w, g.get_attr(f"{target}.weight_scale"), g.get_attr(f"{target}.weight_zero_point"),
-                              0, WEIGHT_QMIN, WEIGHT_QMAX))
+        return g.call_function(torch.fake_quantize_per_channel_affine,
+                               (g.get_attr(f"{target}.weight"), g.get_attr(f"{target}.weight_scale"),
+                                g.get_attr(f"{target}.weight_zero_point"), axis, WEIGHT_QMIN, WEIGHT_QMAX))
+
+
+def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
+    """Replace a conv/linear module call by F.conv*/F.linear over a per-channel fake-quantized weight."""
+    m = graph.module(node)
+    target = str(node.target)
+    wq = _fake_quantized_weight(graph, node, 0)
+    g = graph.gm.graph
+    with g.inserting_before(node):
         b = g.get_attr(f"{target}.bias") if m.bias is not None else None
         if isinstance(m, nn.Linear):
             new = g.call_function(F.linear, (node.args[0], wq, b))
@@ -179,18 +187,11 @@ def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
 def quantize_embedding(graph: Graph, node: fx.Node) -> fx.Node:
     """An ``nn.Embedding`` call as ``F.embedding`` over its table fake-quantized per column (axis 1)."""
     m = graph.module(node)
-    target = str(node.target)
-    scales = weight_scales(m.weight, 1)
-    m.register_buffer("weight_scale", scales)
-    m.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
-    g = graph.gm.graph
-    with g.inserting_before(node):
-        wq = g.call_function(torch.fake_quantize_per_channel_affine,
-                             (g.get_attr(f"{target}.weight"), g.get_attr(f"{target}.weight_scale"),
-                              g.get_attr(f"{target}.weight_zero_point"), 1, WEIGHT_QMIN, WEIGHT_QMAX))
-        new = g.call_function(F.embedding, (node.args[0], wq, m.padding_idx, m.max_norm, m.norm_type,
-                                             m.scale_grad_by_freq, m.sparse))
-    new.meta["graphopt.layer"] = target
+    wq = _fake_quantized_weight(graph, node, 1)
+    with graph.gm.graph.inserting_before(node):
+        new = graph.gm.graph.call_function(F.embedding, (node.args[0], wq, m.padding_idx, m.max_norm, m.norm_type,
+                                                         m.scale_grad_by_freq, m.sparse))
+    new.meta["graphopt.layer"] = str(node.target)
     graph.bypass(node, new)
     return new
 

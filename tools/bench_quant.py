@@ -121,8 +121,19 @@ def build(model_name: str, folder: str, threads: int, calib_batches: int):
     fp32_path = os.path.join(folder, "fp32.onnx")
     fp32_onnx(model, x, fp32_path)
     folded = PassManager([FoldBatchNorm(), RemoveIdentity()]).run(raw).graph
+    ao = torch_ao_fx(model, x, batches)
+    ao_path = os.path.join(folder, "torch_ao.pt")
+    torch.jit.save(ao, ao_path)
+    runners, sizes, info = int8_columns(folded, fp32_path, folder, batches, threads, model, ao)
+    sizes["torch.ao FX int8"] = os.path.getsize(ao_path)
+    return runners, sizes, info
+
+
+def int8_columns(graph, fp32_path: str, folder: str, batches, threads: int, eager, torch_int8):
+    """Every column's runner from the float graph (quantized here by graphopt), its fp32 ONNX file
+    (quantized by onnxruntime's two recipes), the eager model and torch's int8 model."""
     int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()], verify=False,
-                       context=PassContext({"calibration_data": batches})).run(folded).graph
+                       context=PassContext({"calibration_data": batches})).run(graph).graph
     paths = {"ORT fp32": fp32_path,
              "ORT quantize_static plain": ort_quantized(fp32_path, folder, batches, False),
              "ORT pre_process+quantize_static": ort_quantized(fp32_path, folder, batches, True),
@@ -130,11 +141,7 @@ def build(model_name: str, folder: str, threads: int, calib_batches: int):
              "graphopt TorchScript int8": os.path.join(folder, "graphopt.int8.pt")}
     onnx_report = onnx_int8.export(int8, paths["graphopt ONNX int8"], threads=threads)
     ts_report = torchscript_int8.export(int8, paths["graphopt TorchScript int8"])
-    ao = torch_ao_fx(model, x, batches)
-    ao_path = os.path.join(folder, "torch_ao.pt")
-    torch.jit.save(ao, ao_path)
-    paths["torch.ao FX int8"] = ao_path
-    runners = {"eager fp32": torch_runner(model), "torch.ao FX int8": torch_runner(ao),
+    runners = {"eager fp32": torch_runner(eager), "torch.ao FX int8": torch_runner(torch_int8),
                "graphopt TorchScript int8": torch_runner(torch.jit.load(paths["graphopt TorchScript int8"]))}
     for column in ("ORT fp32", "ORT quantize_static plain", "ORT pre_process+quantize_static", "graphopt ONNX int8"):
         runners[column] = ort_runner(paths[column], threads)
@@ -155,25 +162,13 @@ def build_minilm(folder: str, threads: int, calib_batches: int):
     batches = [tuple(b[0]) for b in minilm.distill_batches(tokenizer, batch_size=16)[:calib_batches]]
     fp32_path = os.path.join(folder, "fp32.onnx")
     onnx_backend.export(graph, fp32_path, simplify=False, tolerance=1e-3)
-    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()], verify=False,
-                       context=PassContext({"calibration_data": batches})).run(graph).graph
-    paths = {"ORT fp32": fp32_path,
-             "ORT quantize_static plain": ort_quantized(fp32_path, folder, batches, False),
-             "ORT pre_process+quantize_static": ort_quantized(fp32_path, folder, batches, True),
-             "graphopt ONNX int8": os.path.join(folder, "graphopt.int8.onnx"),
-             "graphopt TorchScript int8": os.path.join(folder, "graphopt.int8.pt")}
-    onnx_report = onnx_int8.export(int8, paths["graphopt ONNX int8"], threads=threads)
-    ts_report = torchscript_int8.export(int8, paths["graphopt TorchScript int8"])
     dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8)
-    runners = {"eager fp32": torch_runner(encoder), "torch.ao FX int8": torch_runner(dynamic),
-               "graphopt TorchScript int8": torch_runner(torch.jit.load(paths["graphopt TorchScript int8"]))}
-    for column in ("ORT fp32", "ORT quantize_static plain", "ORT pre_process+quantize_static", "graphopt ONNX int8"):
-        runners[column] = ort_runner(paths[column], threads)
-    sizes = {c: os.path.getsize(p) for c, p in paths.items()}
-    info = {"onnx_int8": onnx_report.details, "torchscript_int8": ts_report.details,
-            "torch.ao column": "torch.ao quantize_dynamic (eager): torch.fx cannot trace BERT"}
+    runners, sizes, info = int8_columns(graph, fp32_path, folder, batches, threads, encoder, dynamic)
+    info["torch.ao column"] = "torch.ao quantize_dynamic (eager): torch.fx cannot trace BERT"
+    torch.save(dynamic.state_dict(), os.path.join(folder, "torch_dynamic.pt"))
+    sizes["torch.ao FX int8"] = os.path.getsize(os.path.join(folder, "torch_dynamic.pt"))
     inputs = lambda batch: minilm.tokenize(tokenizer, ["word " * 126] * batch, max_length=128)
-    return {c: runners[c] for c in COLUMNS}, sizes, info, inputs
+    return runners, sizes, info, inputs
 
 
 def _image(batch: int) -> tuple:
