@@ -16,6 +16,7 @@ its torch.ao column is torch's dynamic int8, since torch.fx cannot trace BERT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -76,16 +77,17 @@ def ort_quantized(fp32_path: str, folder: str, batches, pre_process: bool) -> st
     names = [i.name for i in ort.InferenceSession(fp32_path, providers=["CPUExecutionProvider"]).get_inputs()]
     source = fp32_path
     out = os.path.join(folder, "ort_pre.int8.onnx" if pre_process else "ort_plain.int8.onnx")
-    if pre_process:
-        source = os.path.join(folder, "pre.onnx")
-        try:
-            quant_pre_process(fp32_path, source)
-        except Exception:   # symbolic shape inference fails on some exports (BERT): ORT's documented way out
-            quant_pre_process(fp32_path, source, skip_symbolic_shape=True)
-        quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QOperator,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    else:
-        quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QDQ, per_channel=True)
+    with contextlib.chdir(folder):   # onnxruntime's tools leave scratch files in the working directory
+        if pre_process:
+            source = os.path.join(folder, "pre.onnx")
+            try:
+                quant_pre_process(fp32_path, source)
+            except Exception:   # symbolic shape inference fails on some exports (BERT): ORT's documented way out
+                quant_pre_process(fp32_path, source, skip_symbolic_shape=True)
+            quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QOperator,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        else:
+            quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QDQ, per_channel=True)
     return out
 
 
