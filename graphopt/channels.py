@@ -723,30 +723,34 @@ class _Analysis:
             raise Unaligned(f"{name} pools over the channels")
         return x
 
-    def heads(self, layout: Layout, rank: int, contracted: int, kept: int, out_rank: int) -> tuple[Layout, Layout | None]:
+    def heads(self, layout: Layout, rank: int, contracted: int, kept: int | None,
+              out_rank: int) -> tuple[Layout, Layout | None]:
         """An attention operand seen one position per head on its batch axis (in output
-        numbering), and the operand as a grid of whole heads when its columns survive."""
+        numbering), and the operand as a grid of whole heads when its columns survive on
+        axis ``kept`` (None: no axis of this operand reaches the output)."""
         if layout.axis >= rank - 2:
             raise Unaligned("attention or matmul over the channels")
         lead = out_rank - rank
         if layout.sub is None:
             return layout.shifted(lead), None
         if layout.sub not in (contracted, kept):
-            raise Unaligned("attention over a grid whose columns lie on a batch axis")
+            raise Unaligned("attention over a grid of channels whose columns do not lie on the head dim")
         rows = self.as_rows(layout)
         return _positions(rows).shifted(lead), (rows if layout.sub == kept else None)
 
     def attend(self, node: fx.Node, operands: list, out_rank: int) -> Layout:
-        """Unite the heads of every operand; the result is heads on the shared batch axis."""
+        """Unite the heads of every operand ``(layout, source, contracted axis, kept axis)``;
+        the result carries them on the shared batch axis."""
         positions, kept = [], None
         for layout, source, contracted, keeps in operands:
             rank = len(self.graph.shape(source))
-            pos, grid = self.heads(layout, rank, contracted % rank, keeps % rank, out_rank)
+            keeps = None if keeps is None else keeps % rank
+            pos, grid = self.heads(layout, rank, contracted % rank, keeps, out_rank)
             positions.append(pos)
             if grid is not None:
                 if kept is not None:
                     raise Unaligned("both operands keep a grid of channels")
-                kept = (grid, (keeps % rank) + out_rank - rank)
+                kept = (grid, keeps + out_rank - rank)
         if len({p.axis for p in positions}) > 1:
             raise Unaligned("operands carry their heads on different axes")
         for other in positions[1:]:
@@ -792,7 +796,7 @@ class _Analysis:
         if not all(isinstance(l, Layout) for l in layouts) or node.kwargs.get("enable_gqa"):
             raise Unaligned("query, key and value do not all carry the heads")
         out_rank = len(self.graph.shape(node))
-        out = self.attend(node, [(layouts[0], q, -1, -2), (layouts[1], k, -1, -2), (layouts[2], v, -2, -1)],
+        out = self.attend(node, [(layouts[0], q, -1, -2), (layouts[1], k, -1, None), (layouts[2], v, -2, -1)],
                           out_rank)
         m = self.get(mask)
         if isinstance(m, Layout):
