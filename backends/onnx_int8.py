@@ -450,13 +450,68 @@ def build(graph: Graph, form: str) -> tuple[onnx.ModelProto, _Lowering]:
     return model, lowering
 
 
+LOWERINGS = ("auto", "direct", "torch_onnx")
+
+
+@dataclass
+class _Candidate:
+    """One built artifact: the model to write, the model as built (before onnxsim), which layers
+    run in integer kernels, and the layer-by-layer parity check."""
+
+    model: onnx.ModelProto
+    built: onnx.ModelProto
+    form: str
+    lowering: str
+    int8_layers: list
+    float_layers: dict
+    parity: object   # () -> (share within one step, worst node)
+
+
+def _direct(graph: Graph, form: str, simplify: bool, threads: int) -> _Candidate:
+    try:
+        built, lowering = build(graph, form)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"onnx_int8 ({form}): could not build the model: {type(exc).__name__}: {exc}") from exc
+    return _Candidate(_simplify(built) if simplify else built, built, form, "direct", lowering.int8_layers,
+                      dict(lowering.float_layers), lambda: _layerwise_parity(graph, built, lowering, threads))
+
+
+def _through_torch_onnx(graph: Graph, simplify: bool, threads: int) -> _Candidate:
+    from graphopt.backends import onnx_int8_decomposed as decomposed
+
+    built, quantized = decomposed.build(graph)
+    int8_layers, float_layers = decomposed.fused_layers(built, graph, threads)
+    model = _simplify(built, fold_constants=True) if simplify else built
+    return _Candidate(model, built, "qdq", "torch_onnx", int8_layers, float_layers,
+                      lambda: _probe_parity(graph, built, quantized, threads))
+
+
+def _candidates(graph: Graph, form: str, lowering: str, simplify: bool, threads: int) -> dict[str, _Candidate]:
+    """The direct lowering in the requested form(s); torch.onnx's QDQ export when asked for, or
+    when the direct lowering has no rule for an op of the graph (``auto``)."""
+    if lowering == "torch_onnx":
+        return {"qdq": _through_torch_onnx(graph, simplify, threads)}
+    try:
+        return {f: _direct(graph, f, simplify, threads) for f in (("qoperator", "qdq") if form == "auto" else (form,))}
+    except ExportError as exc:
+        if lowering == "direct" or "no ONNX lowering" not in str(exc):
+            raise
+    return {"qdq": _through_torch_onnx(graph, simplify, threads)}
+
+
 @register_backend("onnx_int8")
-def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True, threads: int = 2,
-           min_within_step: float = 0.99) -> ExportReport:
+def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto", simplify: bool = True,
+           threads: int = 2, min_within_step: float = 0.99) -> ExportReport:
     """Write the folded int8 graph at ``path`` (QOperator or QDQ form, the faster by default) and
-    check it in onnxruntime against the simulated-quant IR."""
+    check it in onnxruntime against the simulated-quant IR. ``lowering``: ``direct`` (this
+    module's op-by-op lowering), ``torch_onnx`` (onnx_int8_decomposed: any graph torch.onnx
+    exports, QDQ form) or ``auto`` (direct where it has a rule for every op)."""
     if form not in FORMS:
         raise ConfigError(f"backend 'onnx_int8': form must be one of {', '.join(FORMS)}, got {form!r}")
+    if lowering not in LOWERINGS:
+        raise ConfigError(f"backend 'onnx_int8': lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
     if not 0 < min_within_step <= 1:
         raise ConfigError(f"backend 'onnx_int8': min_within_step must be in (0, 1], got {min_within_step!r}")
     if not any(is_weight_dq(n) for n in graph.nodes):
@@ -464,20 +519,12 @@ def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True
                           "run insert_qdq and fold_qdq first")
     started = time.perf_counter()
     path = os.fspath(path)
-    candidates = {}
-    for f in (("qoperator", "qdq") if form == "auto" else (form,)):
-        try:
-            built, lowering = build(graph, f)
-        except ExportError:
-            raise
-        except Exception as exc:
-            raise ExportError(f"onnx_int8 ({f}): could not build the model: {type(exc).__name__}: {exc}") from exc
-        candidates[f] = (_simplify(built) if simplify else built, built, lowering)
-    timings = time_forms({f: c[0].SerializeToString() for f, c in candidates.items()}, graph.example_inputs,
+    candidates = _candidates(graph, form, lowering, simplify, threads)
+    timings = time_forms({f: c.model.SerializeToString() for f, c in candidates.items()}, graph.example_inputs,
                          threads) if len(candidates) > 1 else {}
-    chosen = min(timings, key=timings.get) if timings else next(iter(candidates))
-    model, built, lowering = candidates[chosen]
-    share, worst = _layerwise_parity(graph, built, lowering, threads)
+    chosen = candidates[min(timings, key=timings.get) if timings else next(iter(candidates))]
+    model, built = chosen.model, chosen.built
+    share, worst = chosen.parity()
     if share < min_within_step:
         raise ExportError(f"onnx_int8 export of {path}: only {share:.2%} of quantized values within one step of the "
                           f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}); "
@@ -494,13 +541,31 @@ def export(graph: Graph, path: str, *, form: str = "auto", simplify: bool = True
         size = os.path.getsize(tmp)
     reference = graph.run()
     abs_err, rel_err = compare_outputs(reference, outputs)
-    details = {"form": chosen, "ms_by_form": {k: round(v, 3) for k, v in timings.items()},
+    details = {"form": chosen.form, "lowering": chosen.lowering,
+               "ms_by_form": {k: round(v, 3) for k, v in timings.items()},
                "within_one_step": share, "outputs_within_one_step": within_one_step(reference, outputs,
                                                                                     output_steps(graph)),
-               "int8_mac_share": int8_mac_share(graph, lowering.int8_layers),
-               "int8_layers": len(lowering.int8_layers), "float_layers": dict(lowering.float_layers),
+               "int8_mac_share": int8_mac_share(graph, chosen.int8_layers),
+               "int8_layers": len(chosen.int8_layers), "float_layers": dict(chosen.float_layers),
                **quant_structure(model), "simplified": simplify}
     return ExportReport("onnx_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
+
+
+def _probe_parity(graph: Graph, model: onnx.ModelProto, quantized: dict[str, str], threads: int):
+    """Layer-by-layer parity of a torch.onnx export: every QuantizeLinear output becomes a graph output."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    nodes = {n.name: n for n in graph.nodes}
+    elem = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+    for name, tensor in quantized.items():
+        probe.graph.output.append(helper.make_tensor_value_info(tensor, elem[qparams(nodes[name]).dtype], None))
+    sess = session(probe.SerializeToString(), threads)
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feed(sess, graph.example_inputs))))
+    artifact = {}
+    for name, tensor in quantized.items():
+        qp = qparams(nodes[name])
+        artifact[name] = torch.from_numpy((values[tensor].astype(np.float32) - qp.zero_point) * np.float32(qp.scale))
+    return layerwise_within_one_step(graph, graph.example_inputs, artifact)
 
 
 def _layerwise_parity(graph: Graph, model: onnx.ModelProto, lowering: _Lowering, threads: int):
@@ -527,13 +592,14 @@ def _layerwise_parity(graph: Graph, model: onnx.ModelProto, lowering: _Lowering,
     return layerwise_within_one_step(graph, graph.example_inputs, artifact)
 
 
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx-simplifier without constant folding (which would re-expand int8 weights to float);
-    the quantization structure is checked to survive."""
+def _simplify(model: onnx.ModelProto, fold_constants: bool = False) -> onnx.ModelProto:
+    """onnx-simplifier, by default without constant folding (which could re-expand int8 weights
+    to float; torch.onnx exports need it for their shape arithmetic); the quantization structure
+    is checked to survive either way."""
     import onnxsim
 
     before = quant_structure(model)
-    simplified, ok = onnxsim.simplify(model, skip_constant_folding=True, skip_fuse_bn=True)
+    simplified, ok = onnxsim.simplify(model, skip_constant_folding=not fold_constants, skip_fuse_bn=True)
     after = quant_structure(simplified) if ok else None
     if not ok or after["int8_initializer_bytes"] < 0.99 * before["int8_initializer_bytes"] or \
             after["quant_ops"] != before["quant_ops"] or \

@@ -69,3 +69,26 @@ def linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, sca
         module.set_weight_bias(_qweight(q, scales), None if bias is None else bias.detach().float())
     module.scale, module.zero_point = float(scale), int(zero_point)
     return module
+
+
+class LinearFloatOutput(nn.Module):
+    """int8 input (quantized here with fixed parameters), int8 per-channel weight, float output:
+    FBGEMM's fused kernel, for Linears whose output the IR leaves unquantized (transformers)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                 zero_point: int):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.packed = torch.ops.quantized.linear_prepack(
+                _qweight(q, scales), None if bias is None else bias.detach().float())
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, self.scale, self.zero_point, self.packed)
+
+
+def linear_float_output(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                        zero_point: int) -> nn.Module:
+    return LinearFloatOutput(q, scales, bias, scale, zero_point)

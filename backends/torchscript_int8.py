@@ -24,8 +24,8 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
-from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, int8_mac_share, is_activation_fq, is_plain_relu,
-                            is_weight_dq,
+from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, gather_int8_rows, int8_mac_share, is_activation_fq,
+                            is_plain_relu, is_weight_dq,
                             layerwise_within_one_step, output_steps, qparams, within_one_step)
 from graphopt.verify import compare_outputs, node_values
 
@@ -76,12 +76,14 @@ class _Rebuild:
 
     def run(self) -> fx.GraphModule:
         for node in self.graph.nodes:
-            if node.name in self.env or node.op == "get_attr" or is_weight_dq(node):
+            if node.name in self.env or node.op == "get_attr" or _weight_constant(node):
                 continue
+            if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+                continue   # torch.export's input-shape guards: Python-only, nothing reads them
             if node.op == "placeholder":
                 self.env[node.name] = (self.g.placeholder(node.name), None)
             elif node.op == "output":
-                self.g.output(fx.node.map_arg(node.args[0], self.as_float))
+                self.g.output(fx.node.map_arg(_unflattened(self.graph, node.args[0]), self.as_float))
             elif is_activation_fq(node):
                 qp = qparams(node)
                 if qp.dtype != "uint8":
@@ -99,6 +101,8 @@ class _Rebuild:
                 and is_weight_dq(node.args[1]):
             if self.quantized(x) and user is not None:
                 return self.quantized_layer(node, user)
+            if self.quantized(x) and node.target is F.linear:
+                return self.quantized_layer(node, None)
             self.float_layers[node.meta.get("graphopt.layer", node.name)] = "input or output not quantized"
         if node.op == "call_function" and node.target in ADD_FUNCS and len(node.args) == 2 and user is not None \
                 and all(self.quantized(a) for a in node.args):
@@ -127,12 +131,17 @@ class _Rebuild:
         def lookup(a: fx.Node):
             if a.op == "get_attr":
                 return self.constant(a)
-            if is_weight_dq(a):
+            if _weight_constant(a):
                 q, s, axis = a.args
                 return self.g.call_function(a.target, (self.constant(q), self.constant(s), axis))
             return arg_fn(a)
 
         new = self.g.node_copy(node, lookup)
+        if isinstance(new.target, torch._ops.OpOverload):   # torch.export's aten.op.overload: TorchScript
+            if new.target is torch.ops.aten.sym_size.int:    # resolves the packet by schema instead
+                new.op, new.target = "call_method", "size"
+            else:
+                new.target = new.target.overloadpacket
         if node.op == "call_module":
             new.target = self.add_module(self.graph.module(node), str(node.target))
         return new
@@ -147,11 +156,20 @@ class _Rebuild:
                 self.root.register_buffer(name, value.detach().clone())
         return self.g.get_attr(name)
 
-    def quantized_layer(self, node: fx.Node, user: fx.Node) -> None:
+    def quantized_layer(self, node: fx.Node, user: fx.Node | None) -> None:
+        """An int8 conv/linear; without a quantized ``user`` (a Linear the IR leaves with a float
+        output), the kernel that quantizes its input with the IR's parameters and returns float."""
         x, dq = node.args[0], node.args[1]
         bias_node = node.args[2] if len(node.args) > 2 else None
         q, s = self.graph.attr(dq.args[0].target), self.graph.attr(dq.args[1].target)
         bias = self.graph.attr(bias_node.target) if bias_node is not None else None
+        if user is None:
+            qp = self.env[x.name][1]
+            module = kernels.linear_float_output(q, s, bias, qp.scale, qp.zero_point)
+            name = self.add_module(module, node.meta.get("graphopt.layer", node.name))
+            self.env[node.name] = (self.g.call_module(name, (self.as_float(x),)), None)
+            self.int8_layers.append(node.name)
+            return
         qp = qparams(user)
         if node.target is F.linear:
             module = kernels.linear(q, s, bias, qp.scale, qp.zero_point)
@@ -165,8 +183,26 @@ class _Rebuild:
         self.int8_layers.append(node.name)
 
 
+def _weight_constant(node: fx.Node) -> bool:
+    """A dequantized int8 weight constant (read where used), not dequantized gathered rows."""
+    return is_weight_dq(node) and node.args[0].op == "get_attr"
+
+
+def _unflattened(graph: Graph, outputs):
+    """A torch.export graph returns its flat outputs through a pytree spec; a single tensor
+    stays a single tensor in the rebuilt module (tuples and other trees stay flat tuples)."""
+    spec = getattr(graph.gm, "_out_spec", None)
+    if spec is not None and isinstance(outputs, (tuple, list)) and len(outputs) == 1:
+        import torch.utils._pytree as pytree
+        if pytree.tree_unflatten([0], spec) == 0:
+            return outputs[0]
+    return outputs
+
+
 def build_int8_module(graph: Graph) -> tuple[torch.jit.ScriptModule, _Rebuild]:
     kernels.use_engine()
+    graph = graph.clone()
+    gather_int8_rows(graph)
     rebuild = _Rebuild(graph)
     gm = rebuild.run()
     with warnings.catch_warnings():

@@ -32,8 +32,11 @@ class DistillConfig:
     feature_weight: float = 1.0
     max_batches: int | None = None
     loss: str = "kd"
+    schedule: str = "constant"     # or "cosine": lr annealed to 0 over the run (short runs recover more)
 
     def check(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"distillation schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"distillation loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.epochs > 0:
@@ -66,6 +69,7 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor, labels=None) -> torch
 
 
 LOSSES = ("kd", "cosine", "mse")
+SCHEDULES = ("constant", "cosine")
 
 
 def _loss_fn(config: DistillConfig) -> Callable:
@@ -120,6 +124,7 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     whole, fraction = int(config.epochs), config.epochs - int(config.epochs)
     epochs = whole + (1 if fraction > 0 else 0)
     student.gm.train()
+    scheduler = None
     try:
         for epoch in range(epochs):
             batches = list(data() if callable(data) else data)
@@ -127,6 +132,12 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                 batches = batches[:max(1, int(len(batches) * fraction))]
             if config.max_batches:
                 batches = batches[:config.max_batches]
+            if scheduler is None and config.schedule == "cosine":
+                per_epoch = len(batches)
+                total = per_epoch * whole + (max(1, int(per_epoch * fraction)) if fraction > 0 else 0)
+                if config.max_batches:
+                    total = min(per_epoch, config.max_batches) * epochs
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
             for batch in tqdm(batches, desc=f"distill {epoch + 1}/{epochs}", disable=not progress, leave=False,
                               delay=2):
                 inputs, labels = _split(batch)
@@ -140,6 +151,8 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 losses.append(loss.item())
     finally:
         student.gm.eval()

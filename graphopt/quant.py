@@ -221,3 +221,29 @@ def layerwise_within_one_step(graph, inputs: tuple, artifact: dict[str, torch.Te
         if off > worst_count:
             worst, worst_count = name, off
     return within / max(total, 1), worst
+
+
+def gather_int8_rows(graph) -> int:
+    """Rewrite ``F.embedding(ids, dequantize_per_channel(q, s, 1))`` as ``embedding(ids, q) * s``:
+    the backends then gather int8 rows and dequantize only those, instead of the whole table on
+    every run. Bit-identical (per-column scales survive the row gather). Returns how many."""
+    g = graph.gm.graph
+    count = 0
+    for node in list(g.nodes):
+        if not (node.op == "call_function" and node.target is F.embedding and len(node.args) >= 2
+                and is_weight_dq(node.args[1]) and node.args[1].args[2] == 1 and len(node.args[1].users) == 1):
+            continue
+        dq = node.args[1]
+        codes, scales, _ = dq.args
+        last = len(graph.shape(node)) - 1
+        with g.inserting_before(node):
+            rows = g.call_function(F.embedding, (node.args[0], codes, *node.args[2:]), dict(node.kwargs))
+            value = g.call_function(dequantize_per_channel, (rows, scales, last))
+        value.meta.update(node.meta)
+        node.replace_all_uses_with(value)
+        g.erase_node(node)
+        g.erase_node(dq)
+        count += 1
+    if count:
+        graph.gm.recompile()
+    return count

