@@ -1,11 +1,16 @@
 """Channel dependency groups: every tensor axis that must shrink together.
 
 The analysis walks the graph once in topological order and tracks, for each tensor, which
-*channel spaces* lie along one of its axes (``Layout``). Conv/linear/embedding outputs
-create spaces; elementwise ops, norms and pooling carry them; concat lays them side by
-side; flatten spreads each channel over a block of features; residual adds and
-depthwise convs merge spaces (union-find). Every place a space lives is a ``Member``:
-a weight slice to cut, a norm to shrink, a constant to slice, a shape literal to rewrite.
+*channel spaces* lie along one of its axes (``Layout``; the algebra is in
+``graphopt.channel_spaces``). Conv/linear/embedding outputs create spaces; elementwise ops,
+norms and pooling carry them; concat lays them side by side and split/chunk cut them into
+index ranges; flatten spreads each channel over a block of features; residual adds,
+depthwise convs and GLU halves unite spaces. A view of the channel axis as two axes
+(``view(B, T, H, d)``) is a *grid*: attention (matmul, scaled_dot_product_attention) and
+reductions within a row make whole rows (heads) the unit; merging the axes back in the
+other order (a channel shuffle) makes every row keep the same columns. GroupNorm makes
+whole groups the unit. Every place a space lives is a ``Member``: a weight slice to cut,
+a norm to shrink, a constant to slice, a size literal or split size to rewrite.
 
 Anything not understood **blocks** the spaces that reach it, with the reason recorded;
 nothing is guessed to be elementwise. A group is prunable only if nothing blocked it.
@@ -13,6 +18,7 @@ nothing is guessed to be elementwise. A group is prunable only if nothing blocke
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +28,7 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.analysis import register_analysis
+from graphopt.channel_spaces import Layout, Seg, Spaces, Unaligned
 from graphopt.ops import OpKind
 
 if TYPE_CHECKING:
@@ -30,33 +37,10 @@ if TYPE_CHECKING:
 # Member roles: where a channel space lives and what pruning it cuts.
 OUT, IN, DEPTHWISE, NORM, PARAM, EMBED, SHAPE_ARG = "out", "in", "depthwise", "norm", "param", "embed", "shape_arg"
 HEADS = "heads"  # whole attention heads: q/k/v rows of in_proj (inner = head_dim)
+SPLIT = "split"  # the size of one output of a split/chunk along the channels
 
-
-@dataclass(frozen=True)
-class Seg:
-    """``length`` channels of one space along an axis, each spread over ``inner`` elements."""
-
-    space: int
-    length: int
-    inner: int = 1
-
-
-@dataclass
-class Layout:
-    """The tracked axis of a tensor and the spaces along it, in order."""
-
-    axis: int
-    segs: list[Seg]
-
-    def moved(self, axis: int, inner: int = 1) -> "Layout":
-        return Layout(axis, [Seg(s.space, s.length, s.inner * inner) for s in self.segs])
-
-    def offsets(self) -> list[int]:
-        out, at = [], 0
-        for s in self.segs:
-            out.append(at)
-            at += s.length * s.inner
-        return out
+__all__ = ["ChannelGroup", "ChannelPlan", "Layout", "Member", "ParamRef", "Seg", "channel_groups",
+           "DEPTHWISE", "EMBED", "HEADS", "IN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SPLIT"]
 
 
 @dataclass(frozen=True)
@@ -69,9 +53,13 @@ class ParamRef:
 
 @dataclass(frozen=True)
 class Member:
-    """One place a channel space lives. ``tensor`` is a module parameter/buffer prefix
-    (``target``) or an attribute; ``axis`` is the axis cut; channel ``c`` of the space
-    occupies positions ``offset + c * inner + [0, inner)`` along it."""
+    """One place a channel space lives. ``target`` is a module (parameters/buffers) or an
+    attribute; ``axis`` is the axis cut; unit ``c`` of the group occupies positions
+    ``offset + c * inner + [0, inner)`` along it.
+
+    SHAPE_ARG: a size literal of node ``node``: ``node.args[arg]`` itself (``axis`` = -1)
+    or element ``axis`` of that sequence; it shrinks by the positions removed.
+    SPLIT: output ``axis`` of the split/chunk ``node`` along dim ``arg``."""
 
     role: str
     target: str
@@ -79,7 +67,7 @@ class Member:
     axis: int = 0
     offset: int = 0
     inner: int = 1
-    arg: int = 0  # SHAPE_ARG: 1 if the sizes are one tuple argument, 0 if given one per argument
+    arg: int = 0
 
 
 @dataclass
@@ -96,8 +84,9 @@ class ChannelGroup:
 
     @property
     def unit(self) -> int:
-        """Tensor elements per pruning unit: head_dim for a group of attention heads, else 1."""
-        return next((m.inner for m in self.members if m.role == HEADS), 1)
+        """Channels of a producing layer per pruning unit: head_dim for attention heads, the
+        group size of a GroupNorm, 1 for plain channels."""
+        return min((m.inner for m in self.members if m.role in (OUT, EMBED, HEADS)), default=1)
 
     def targets(self, role: str) -> list[str]:
         return sorted({m.target for m in self.members if m.role == role})
@@ -116,80 +105,118 @@ class ChannelPlan:
         return [g for g in self.groups if not g.prunable]
 
 
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _landing(ins: tuple, outs: tuple, axis: int) -> int | None:
+    """The output axis a reshape keeps input ``axis`` on intact, if any."""
+    prefix = math.prod(ins[:axis])
+    for j in range(len(outs)):
+        if math.prod(outs[:j]) == prefix and outs[j] == ins[axis]:
+            return j
+    return None
+
+
+def _positions(layout: Layout) -> Layout:
+    """A row-aligned grid seen one position per row (what attention's batch axis sees)."""
+    w = layout.width
+    return Layout(layout.axis, [Seg(s.space, s.length, s.inner // w) for s in layout.segs])
+
+
+Entry = tuple[Any, Any]  # (literal int or None, (node name, arg index, element index or -1) or None)
+
+
 class _Analysis:
     def __init__(self, graph: "Graph", protected: set[str]):
         self.graph = graph
         self.modules = graph.modules()
         self.protected = protected
-        self.parent: dict[int, int] = {}
-        self.size: dict[int, int] = {}
-        self.names: dict[int, list[str]] = defaultdict(list)
-        self.members: dict[int, list[Member]] = defaultdict(list)
-        self.reasons: dict[int, list[str]] = defaultdict(list)
+        self.spaces = Spaces()
         self.values: dict[fx.Node, Any] = {}
+        self.grids: list[tuple[str, Layout]] = []                 # every grid view, to decide at the end
+        self.grid_literals: list[tuple[Layout, Entry, Entry]] = []
 
-    # -- union-find over spaces ------------------------------------------------------
+    # -- spaces ------------------------------------------------------------------------
     def new_space(self, size: int, name: str) -> int:
-        sid = len(self.parent)
-        self.parent[sid], self.size[sid] = sid, size
-        self.names[sid].append(name)
-        return sid
-
-    def find(self, sid: int) -> int:
-        while self.parent[sid] != sid:
-            self.parent[sid] = self.parent[self.parent[sid]]
-            sid = self.parent[sid]
-        return sid
-
-    def union(self, a: int, b: int, where: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] != self.size[rb]:
-            self.block_space(ra, f"{where}: joins {self.size[ra]} with {self.size[rb]} channels")
-            self.block_space(rb, f"{where}: joins {self.size[ra]} with {self.size[rb]} channels")
-        self.parent[rb] = ra
-        self.names[ra] += self.names.pop(rb, [])
-        self.members[ra] += self.members.pop(rb, [])
-        self.reasons[ra] += self.reasons.pop(rb, [])
+        return self.spaces.new(size, [name])
 
     def block_space(self, sid: int, reason: str) -> None:
-        root = self.find(sid)
-        if reason not in self.reasons[root]:
-            self.reasons[root].append(reason)
+        self.spaces.block(Seg(sid, self.spaces.size[sid]), reason)
 
     def block(self, value: Any, reason: str) -> None:
         for layout in _layouts(value):
             for seg in layout.segs:
-                self.block_space(seg.space, reason)
-
-    def add_member(self, seg: Seg, member: Member) -> None:
-        self.members[self.find(seg.space)].append(member)
+                self.spaces.block(seg, reason)
 
     def add_members(self, layout: Layout, role: str, target: str, node: fx.Node, axis: int) -> None:
         for seg, offset in zip(layout.segs, layout.offsets()):
-            self.add_member(seg, Member(role, target, node.name, axis, offset, seg.inner))
+            self.spaces.add_member(seg, Member(role, target, node.name, axis, offset))
 
-    # -- the walk --------------------------------------------------------------------
+    def protect(self, sid: int, target: str) -> None:
+        if target in self.protected:
+            self.block_space(sid, f"{target} is protected")
+
+    def get(self, arg: Any) -> Any:
+        """The value tracked for ``arg``, its layouts resolved to the current spaces."""
+        return self.resolved(self.values.get(arg)) if isinstance(arg, fx.Node) else None
+
+    def resolved(self, value: Any) -> Any:
+        if isinstance(value, Layout):
+            return self.spaces.layout(value)
+        if isinstance(value, (list, tuple)):
+            return tuple(self.resolved(v) for v in value)
+        return value
+
+    def as_rows(self, layout: Layout) -> Layout:
+        """A grid whose units are whole rows (heads)."""
+        return Layout(layout.axis, self.spaces.blocks(layout.segs, layout.width), layout.sub, layout.width)
+
+    # -- the walk ----------------------------------------------------------------------
     def run(self) -> ChannelPlan:
         self.graph.analysis("shapes")
         for node in self.graph.nodes:
             try:
                 self.values[node] = self.visit(node)
+            except Unaligned as exc:  # the structure this op needs cannot be expressed: block
+                for parent in node.all_input_nodes:
+                    self.block(self.get(parent), f"{node.name}: {exc}")
+                self.values[node] = None
             except Exception as exc:  # a rule that cannot handle this node: block, never guess
                 for parent in node.all_input_nodes:
-                    self.block(self.values.get(parent), f"{node.name}: analysis failed ({type(exc).__name__}: {exc})")
+                    self.block(self.get(parent), f"{node.name}: analysis failed ({type(exc).__name__}: {exc})")
                 self.values[node] = None
-        groups = []
-        for sid in sorted({self.find(s) for s in self.parent}):
-            names = list(dict.fromkeys(self.names[sid]))
-            groups.append(ChannelGroup(len(groups), self.size[sid], " + ".join(names[:3]) +
-                                       (f" (+{len(names) - 3})" if len(names) > 3 else ""),
-                                       list(dict.fromkeys(self.members[sid])), list(self.reasons[sid])))
-        return ChannelPlan(groups)
+        self.decide_grids()
+        return self.plan()
 
-    def arg_value(self, arg: Any) -> Any:
-        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+    def decide_grids(self) -> None:
+        """A pruned grid must stay rectangular: grids nothing decided lose whole rows."""
+        for name, grid in self.grids:
+            try:
+                if not (self.spaces.is_rows(grid.segs, grid.width) or self.spaces.is_columns(grid.segs, grid.width)):
+                    self.spaces.blocks(grid.segs, grid.width)
+            except Unaligned as exc:
+                self.block(grid, f"{name}: {exc}")
+        for grid, rows_literal, columns_literal in self.grid_literals:
+            segs, w = self.spaces.resolve_segs(grid.segs), grid.width
+            if self.spaces.is_rows(segs, w):
+                self.literal(rows_literal, [Seg(s.space, s.length, s.inner // w) for s in segs])
+            if self.spaces.is_columns(segs, w):
+                self.literal(columns_literal, self.spaces.row_lists(segs, w)[0])
+
+    def plan(self) -> ChannelPlan:
+        groups = []
+        for sid in self.spaces.roots():
+            names = list(dict.fromkeys(self.spaces.names[sid]))
+            groups.append(ChannelGroup(len(groups), self.spaces.size[sid], " + ".join(names[:3]) +
+                                       (f" (+{len(names) - 3})" if len(names) > 3 else ""),
+                                       list(dict.fromkeys(self.spaces.members[sid])),
+                                       list(self.spaces.reasons[sid])))
+        _block_shared_literals(groups)
+        return ChannelPlan(groups)
 
     def visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
@@ -199,7 +226,7 @@ class _Analysis:
             return ParamRef(node.target, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
         if node.op == "output":
             for arg in node.all_input_nodes:
-                self.block(self.values.get(arg), "reaches the model output")
+                self.block(self.get(arg), "reaches the model output")
             return None
         kind = self.graph.kind(node)
         if node.op == "call_module":
@@ -207,54 +234,56 @@ class _Analysis:
         return self.visit_function(node, kind)
 
     def visit_module(self, node: fx.Node, module: nn.Module, kind: OpKind) -> Any:
-        x = self.arg_value(node.args[0]) if node.args else None
+        x = self.get(node.args[0]) if node.args else None
         shape = self.graph.shape(node)
         target = str(node.target)
+        x = x if isinstance(x, Layout) else None
         if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
             return self.conv(node, module, x, target)
         if isinstance(module, nn.Linear):
             return self.linear(node, module, x, target)
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            if isinstance(x, Layout):
-                if x.axis != 1:
+            if x is not None:
+                if x.axis != 1 or x.sub is not None:
                     self.block(x, f"{node.name}: {type(module).__name__} over an untracked axis")
                 elif module.weight is not None or module.running_mean is not None:
                     self.add_members(x, NORM, target, node, 0)
-            return x if isinstance(x, Layout) else None
+            return x
         if isinstance(module, nn.LayerNorm):
-            if isinstance(x, Layout) and x.axis >= len(shape) - len(module.normalized_shape):
-                self.block(x, f"{node.name}: LayerNorm normalises over these channels "
-                              "(pruning would change its statistics)")
-            return x if isinstance(x, Layout) else None
+            return self.layer_norm(node, x, len(shape) - len(module.normalized_shape))
         if isinstance(module, nn.GroupNorm):
-            self.block(x, f"{node.name}: GroupNorm statistics span channels")
-            return x if isinstance(x, Layout) else None
+            return self.group_norm(node, module, x, target)
         if isinstance(module, nn.Embedding):
             sid = self.new_space(module.embedding_dim, target)
-            self.members[sid].append(Member(EMBED, target, node.name, 1))
+            self.spaces.members[sid].append(Member(EMBED, target, node.name, 1))
             self.protect(sid, target)
             return Layout(len(shape) - 1, [Seg(sid, module.embedding_dim)])
         if isinstance(module, nn.PReLU):
-            if isinstance(x, Layout) and module.num_parameters > 1:
-                self.add_members(x, NORM, target, node, 0)
-            return x if isinstance(x, Layout) else None
+            if x is not None and module.num_parameters > 1:
+                if x.axis != 1 or x.sub is not None:
+                    self.block(x, f"{node.name}: PReLU weights lie on axis 1, channels elsewhere")
+                else:
+                    self.add_members(x, NORM, target, node, 0)
+            return x
         if isinstance(module, nn.MultiheadAttention):
             return self.attention(node, module, target)
         if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             return self.softmax(node, x, module.dim)
         if isinstance(module, nn.Flatten):
-            return self.flatten(node, x, module.start_dim, module.end_dim)
-        if kind in (OpKind.ACTIVATION, OpKind.IDENTITY, OpKind.POOL):
-            return x if isinstance(x, Layout) else None
+            return self.reshape(node, "flatten")
+        if kind in (OpKind.ACTIVATION, OpKind.IDENTITY):
+            return x
+        if kind == OpKind.POOL:
+            return self.pool(node, x, type(module).__name__)
         for arg in node.all_input_nodes:
-            self.block(self.values.get(arg), f"{node.name}: {type(module).__name__} is not understood by the "
-                                             "channel analysis")
+            self.block(self.get(arg), f"{node.name}: {type(module).__name__} is not understood by the "
+                                      "channel analysis")
         return None
 
     def attention(self, node: fx.Node, module: nn.MultiheadAttention, target: str) -> Any:
         """Whole heads are a group of their own; the embedding width in and out is kept."""
         for arg in node.all_input_nodes:
-            self.block(self.values.get(arg), f"{node.name}: MultiheadAttention keeps its embedding width")
+            self.block(self.get(arg), f"{node.name}: MultiheadAttention keeps its embedding width")
         rank = len(self.graph.shape(node.args[0]))
         out = self.new_space(module.embed_dim, f"{target}.out_proj")
         self.block_space(out, f"{node.name}: MultiheadAttention keeps its embedding width")
@@ -263,19 +292,15 @@ class _Analysis:
             self.protect(heads, target)
             d, e = module.head_dim, module.embed_dim
             for offset in (0, e, 2 * e):
-                self.members[heads].append(Member(HEADS, target, node.name, 0, offset, d))
-            self.members[heads].append(Member(IN, f"{target}.out_proj", node.name, 1, 0, d))
+                self.spaces.members[heads].append(Member(HEADS, target, node.name, 0, offset, d))
+            self.spaces.members[heads].append(Member(IN, f"{target}.out_proj", node.name, 1, 0, d))
         return (Layout(rank - 1, [Seg(out, module.embed_dim)]), None)
 
-    def protect(self, sid: int, target: str) -> None:
-        if target in self.protected:
-            self.block_space(sid, f"{target} is protected")
-
-    def conv(self, node: fx.Node, module: nn.Module, x: Any, target: str) -> Any:
+    def conv(self, node: fx.Node, module: nn.Module, x: Layout | None, target: str) -> Any:
         rank = len(self.graph.shape(node))
         depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
         if depthwise:
-            if isinstance(x, Layout) and x.axis == 1:
+            if x is not None and x.axis == 1 and x.sub is None:
                 self.add_members(x, DEPTHWISE, target, node, 0)
                 return x
             self.block(x, f"{node.name}: depthwise conv over an untracked axis")
@@ -287,45 +312,74 @@ class _Analysis:
         if module.groups > 1:
             self.block(x, f"{node.name}: grouped conv (groups={module.groups})")
             self.block_space(sid, f"{node.name}: grouped conv (groups={module.groups})")
-        elif isinstance(x, Layout):
-            if x.axis != 1:
+        elif x is not None:
+            if x.axis != 1 or x.sub is not None:
                 self.block(x, f"{node.name}: conv input tracked on axis {x.axis}, not channels")
             else:
                 self.add_members(x, IN, target, node, 1)
-        self.members[sid].append(Member(OUT, target, node.name, 0))
+        self.spaces.members[sid].append(Member(OUT, target, node.name, 0))
         return Layout(1 if rank > 1 else 0, [Seg(sid, module.out_channels)])
 
-    def linear(self, node: fx.Node, module: nn.Linear, x: Any, target: str) -> Any:
+    def linear(self, node: fx.Node, module: nn.Linear, x: Layout | None, target: str) -> Any:
         rank = len(self.graph.shape(node))
-        if isinstance(x, Layout):
-            if x.axis != rank - 1:
+        if x is not None:
+            if x.axis != rank - 1 or x.sub is not None:
                 self.block(x, f"{node.name}: linear input tracked on axis {x.axis}, not features")
             else:
                 self.add_members(x, IN, target, node, 1)
         sid = self.new_space(module.out_features, target)
         self.protect(sid, target)
-        self.members[sid].append(Member(OUT, target, node.name, 0))
+        self.spaces.members[sid].append(Member(OUT, target, node.name, 0))
         return Layout(rank - 1, [Seg(sid, module.out_features)])
 
-    # -- functions and methods -------------------------------------------------------
+    def layer_norm(self, node: fx.Node, x: Layout | None, first: int) -> Any:
+        """LayerNorm over the last axes from ``first``: its statistics must not span the channels;
+        within a row of a grid (per-head normalisation) the rows become the unit."""
+        if x is None:
+            return None
+        if x.axis >= first:
+            self.block(x, f"{node.name}: LayerNorm normalises over these channels "
+                          "(pruning would change its statistics)")
+            return x
+        return self.as_rows(x) if x.sub is not None and x.sub >= first else x
+
+    def group_norm(self, node: fx.Node, module: nn.GroupNorm, x: Layout | None, target: str) -> Any:
+        """GroupNorm statistics are per group: whole groups are the unit (num_groups is rewritten)."""
+        if x is None:
+            return None
+        if x.axis != 1 or x.sub is not None:
+            self.block(x, f"{node.name}: GroupNorm over an untracked axis")
+            return x
+        if module.num_groups == 1:
+            self.block(x, f"{node.name}: GroupNorm with one group normalises over all channels")
+            return x
+        size = module.num_channels // module.num_groups
+        try:
+            x = Layout(1, self.spaces.blocks(x.segs, size))
+        except Unaligned as exc:
+            raise Unaligned(f"GroupNorm groups of {size} channels: {exc}") from None
+        self.add_members(x, NORM, target, node, 0)
+        return x
+
+    # -- functions and methods ---------------------------------------------------------
     def visit_function(self, node: fx.Node, kind: OpKind) -> Any:
-        target = node.target
-        name = getattr(target, "__name__", str(target))
+        name = _op_name(node)
         if kind == OpKind.SHAPE:
             return None
         if kind in (OpKind.ACTIVATION, OpKind.ELEMENTWISE, OpKind.IDENTITY):
-            if node.op == "call_method" and target == "masked_fill":
+            if node.op == "call_method" and name == "masked_fill":
                 return self.elementwise(node, [node.args[0], node.args[1]])
             if kind == OpKind.IDENTITY:
-                return self.arg_value(node.args[0])
+                return self.get(node.args[0])
             return self.elementwise(node, list(node.args) + list(node.kwargs.values()))
         if kind == OpKind.POOL:
-            x = self.arg_value(node.args[0])
-            return x if isinstance(x, Layout) else None
+            return self.pool(node, self.get(node.args[0]), name)
         if kind == OpKind.CONCAT and name in ("cat", "concat"):
             return self.concat(node)
+        if kind == OpKind.SPLIT and name in ("split", "split_with_sizes", "chunk", "unbind"):
+            return self.split(node, name)
         if kind == OpKind.INDEX:
-            return self.index(node)
+            return self.index(node, name)
         if kind == OpKind.RESHAPE:
             return self.reshape(node, name)
         if kind == OpKind.PERMUTE:
@@ -334,17 +388,21 @@ class _Analysis:
             return self.reduce(node)
         if kind == OpKind.SOFTMAX:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            return self.softmax(node, self.arg_value(node.args[0]), dim)
+            return self.softmax(node, self.get(node.args[0]), dim)
+        if kind == OpKind.MATMUL and name in ("matmul", "bmm"):
+            return self.matmul(node)
+        if kind == OpKind.ATTENTION and name == "scaled_dot_product_attention":
+            return self.sdpa(node)
         for arg in node.all_input_nodes:
-            self.block(self.values.get(arg), f"{node.name}: {name} ({kind.value}) is not understood by the "
-                                             "channel analysis")
+            self.block(self.get(arg), f"{node.name}: {name} ({kind.value}) is not understood by the "
+                                      "channel analysis")
         return None
 
     def elementwise(self, node: fx.Node, operands: list) -> Any:
         out_shape = self.graph.shape(node)
         if not isinstance(out_shape, tuple):
             for a in operands:
-                self.block(self.arg_value(a), f"{node.name}: non-tensor result")
+                self.block(self.get(a), f"{node.name}: non-tensor result")
             return None
         rank = len(out_shape)
         result: Layout | None = None
@@ -352,13 +410,10 @@ class _Analysis:
         for a in operands:
             if not isinstance(a, fx.Node):
                 continue
-            v = self.values.get(a)
+            v = self.get(a)
             if isinstance(v, Layout):
-                v = v.moved(v.axis + rank - len(self.graph.shape(a)))
-                if result is None:
-                    result = v
-                else:
-                    result = self.unify(node, result, v)
+                v = v.shifted(rank - len(self.graph.shape(a)))
+                result = v if result is None else self.unify(node, result, v)
             else:
                 others.append((a, v))
         if result is None:
@@ -367,30 +422,36 @@ class _Analysis:
             a_shape = v.shape if isinstance(v, ParamRef) else self.graph.shape(a)
             if not isinstance(a_shape, tuple):
                 continue
-            axis = result.axis - (rank - len(a_shape))
-            if axis < 0 or a_shape[axis] == 1:
+            lead = rank - len(a_shape)
+            along = [ax - lead >= 0 and a_shape[ax - lead] != 1 for ax in result.axes()]
+            if result.sub is not None:
+                if along[0]:
+                    self.block(result, f"{node.name}: combined with {a.name} along the rows of a grid of channels")
+                elif along[1]:  # the same row of constants for every row: rows must stay whole
+                    result = self.as_rows(result)
+                continue
+            if not along[0]:
                 continue  # broadcast along the channels: nothing to cut
             if isinstance(v, ParamRef):
-                self.add_members(result, PARAM, v.target, node, axis)
+                self.add_members(result, PARAM, v.target, node, result.axis - lead)
             else:
                 self.block(result, f"{node.name}: combined with {a.name}, whose channels are not tracked")
         return result
 
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
-        if a.axis != b.axis or [(s.length, s.inner) for s in a.segs] != [(s.length, s.inner) for s in b.segs]:
+        if (a.axis, a.sub, a.width) != (b.axis, b.sub, b.width):
             self.block(a, f"{node.name}: operands' channel layouts differ")
             self.block(b, f"{node.name}: operands' channel layouts differ")
             return a
-        for sa, sb in zip(a.segs, b.segs):
-            self.union(sa.space, sb.space, node.name)
-        return a
+        self.spaces.align(a.segs, b.segs)
+        return self.spaces.layout(a)
 
     def concat(self, node: fx.Node) -> Any:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         rank = len(self.graph.shape(node))
         dim = dim % rank
-        values = [self.values.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        values = [self.get(t) for t in tensors]
         layouts = [v for v in values if isinstance(v, Layout)]
         if not layouts:
             return None
@@ -399,8 +460,10 @@ class _Analysis:
             for l in layouts:
                 self.block(l, f"{node.name}: concatenated tensors track different axes")
             return None
-        if dim != axis:  # concatenating along another axis: the inputs share their channels
+        if all(dim not in l.axes() for l in layouts):  # along another axis: the inputs share their channels
             return self.elementwise(node, list(tensors))
+        if any(l.sub is not None for l in layouts):
+            raise Unaligned("concatenates grids of channels")
         segs = []
         for t, v in zip(tensors, values):
             if isinstance(v, Layout):
@@ -412,119 +475,235 @@ class _Analysis:
                 segs.append(Seg(sid, size))
         return Layout(axis, segs)
 
-    def index(self, node: fx.Node) -> Any:
-        source, idx = node.args[0], node.args[1]
-        value = self.arg_value(source)
+    def split(self, node: fx.Node, name: str) -> Any:
+        """split/chunk: each output takes an index range of the channels (the inverse of concat)."""
+        x = self.get(node.args[0])
+        if not isinstance(x, Layout):
+            return None
+        shapes = self.graph.shape(node)
+        rank = len(self.graph.shape(node.args[0]))
+        at = 1 if name == "unbind" else 2
+        dim = (node.args[at] if len(node.args) > at else node.kwargs.get("dim", 0)) % rank
+        if name == "unbind":
+            if dim in x.axes():
+                raise Unaligned("unbind along the channels (one output per channel)")
+            drop = lambda a: a - (a > dim)  # noqa: E731
+            return tuple(x.at(drop(x.axis), None if x.sub is None else drop(x.sub)) for _ in shapes)
+        if dim not in x.axes():
+            return tuple(x for _ in shapes)
+        if x.sub is not None:
+            raise Unaligned("splits a grid of channels")
+        sizes = [s[dim] for s in shapes]
+        if 0 in sizes:
+            raise Unaligned("split with an empty output")
+        bounds = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        outs: list[list[Seg]] = [[] for _ in sizes]
+        at_pos = 0
+        for seg in self.spaces.cut(x.segs, set(bounds[:-1])):
+            outs[next(i for i, b in enumerate(bounds) if at_pos < b)].append(seg)
+            at_pos += seg.positions
+        layouts = tuple(Layout(x.axis, segs) for segs in outs)
+        for i, layout in enumerate(layouts):
+            for seg, offset in zip(layout.segs, layout.offsets()):
+                self.spaces.add_member(seg, Member(SPLIT, "", node.name, i, offset, arg=dim))
+        return layouts
+
+    def index(self, node: fx.Node, name: str) -> Any:
+        source = node.args[0]
+        value = self.get(source)
         if isinstance(value, (list, tuple)):
+            idx = node.args[1]
             return value[idx] if isinstance(idx, int) and idx < len(value) else None
         if not isinstance(value, Layout):
             return None
-        items = idx if isinstance(idx, tuple) else (idx,)
-        axis, new_axis, consumed = value.axis, value.axis, 0
-        in_rank = len(self.graph.shape(source))
-        for pos, item in enumerate(items):
-            if item is Ellipsis:
-                rest = len(items) - pos - 1
-                consumed = in_rank - rest
-                continue
-            if item is None:
-                if consumed <= axis:
-                    new_axis += 1
-                continue
-            if consumed == axis:
-                if not (isinstance(item, slice) and item == slice(None)):
-                    self.block(value, f"{node.name}: indexes into the channels")
-                    return None
-            elif consumed < axis and isinstance(item, int):
-                new_axis -= 1
-            elif not isinstance(item, (int, slice)):
-                self.block(value, f"{node.name}: advanced indexing")
-                return None
-            consumed += 1
-        return value.moved(new_axis)
-
-    def flatten(self, node: fx.Node, x: Any, start: int, end: int) -> Any:
-        if not isinstance(x, Layout):
-            return None
-        in_shape = self.graph.shape(node.args[0])
+        in_shape = self.graph.shape(source)
         rank = len(in_shape)
-        start, end = start % rank, end % rank
-        if x.axis < start:
-            return x
-        if x.axis > end:
-            return x.moved(x.axis - (end - start))
-        if x.axis == start:
-            return x.moved(start, math.prod(in_shape[start + 1:end + 1]))
-        self.block(x, f"{node.name}: flatten puts channels inside a larger block")
-        return None
+        if name == "slice":  # aten.slice.Tensor(x, dim, start, end, step)
+            dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+            whole = start in (None, 0) and step in (None, 1) and (end is None or
+                                                                 (isinstance(end, int) and end >= in_shape[dim % rank]))
+            if dim % rank in value.axes() and not whole:
+                raise Unaligned("slices the channels")
+            return value
+        if name == "select":  # aten.select.int(x, dim, index)
+            dim = node.args[1] % rank
+            if dim in value.axes():
+                raise Unaligned("selects one channel")
+            drop = lambda a: a - (a > dim)  # noqa: E731
+            return value.at(drop(value.axis), None if value.sub is None else drop(value.sub))
+        idx = node.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+            items = items[:at] + [slice(None)] * (rank - consumed) + items[at + 1:]
+        mapping, in_axis, out_axis = {}, 0, 0
+        for item in items:
+            if item is None:
+                out_axis += 1
+                continue
+            if isinstance(item, int) and not isinstance(item, bool):
+                if in_axis in value.axes():
+                    raise Unaligned("indexes into the channels")
+                in_axis += 1
+                continue
+            if not isinstance(item, slice):
+                raise Unaligned("advanced indexing")
+            if in_axis in value.axes() and item != slice(None):
+                raise Unaligned("indexes into the channels")
+            mapping[in_axis] = out_axis
+            in_axis, out_axis = in_axis + 1, out_axis + 1
+        while in_axis < rank:
+            mapping[in_axis] = out_axis
+            in_axis, out_axis = in_axis + 1, out_axis + 1
+        return value.at(mapping[value.axis], None if value.sub is None else mapping[value.sub])
 
     def reshape(self, node: fx.Node, name: str) -> Any:
-        x = self.arg_value(node.args[0])
-        if name in ("flatten",):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self.flatten(node, x, start, end)
+        x = self.get(node.args[0])
         if isinstance(x, ParamRef) and name == "expand":
             return x
         if not isinstance(x, Layout):
             return None
+        if name == "contiguous":
+            return x
         in_shape, out_shape = self.graph.shape(node.args[0]), self.graph.shape(node)
-        if name in ("contiguous", "expand") or in_shape == out_shape:
-            return x if name != "expand" or len(in_shape) == len(out_shape) else \
-                x.moved(x.axis + len(out_shape) - len(in_shape))
-        # view / reshape / squeeze / unsqueeze / unflatten: find where the channel axis lands
-        prefix = math.prod(in_shape[:x.axis])
-        for j in range(len(out_shape)):
-            if math.prod(out_shape[:j]) != prefix:
-                continue
-            if out_shape[j] == in_shape[x.axis]:
-                result = x.moved(j)
-            elif out_shape[j] % in_shape[x.axis] == 0 and \
-                    math.prod(in_shape[x.axis:]) % out_shape[j] == 0 and all(s.inner == 1 for s in x.segs):
-                result = x.moved(j, out_shape[j] // in_shape[x.axis])
-            else:
-                continue
-            self.shape_literals(node, j, result)
-            return result
-        self.block(x, f"{node.name}: {name} splits or reorders the channels (e.g. into heads)")
+        entries = self.size_entries(node, name, len(out_shape))
+        if entries is None:
+            raise Unaligned(f"{name} sizes are computed in a way the analysis cannot rewrite")
+        if name == "expand":
+            out = x.shifted(len(out_shape) - len(in_shape))
+        else:
+            out = self.reshaped(node, x, in_shape, out_shape)
+        if out is None:
+            raise Unaligned(f"{name} splits or reorders the channels in a way the analysis does not follow")
+        if out.sub is None:
+            self.literal(entries[out.axis], out.segs)
+        else:
+            self.grid_literals.append((out, entries[out.axis], entries[out.sub]))
+        return out
+
+    def reshaped(self, node: fx.Node, x: Layout, ins: tuple, outs: tuple) -> Layout | None:
+        """Where a row-major reshape from ``ins`` to ``outs`` puts the tracked channels."""
+        if x.sub is None:
+            n, prefix = ins[x.axis], math.prod(ins[:x.axis])
+            for j in range(len(outs)):
+                if math.prod(outs[:j]) != prefix:
+                    continue
+                if outs[j] == n:
+                    return x.at(j, None)
+                if outs[j] % n == 0 and math.prod(ins[x.axis:]) % outs[j] == 0:  # merged with following axes
+                    return x.moved(j, outs[j] // n)
+                if j + 1 < len(outs) and outs[j] * outs[j + 1] == n and min(outs[j], outs[j + 1]) > 1:
+                    grid = Layout(j, list(x.segs), j + 1, outs[j + 1])  # viewed as rows x columns (heads)
+                    self.grids.append((node.name, grid))
+                    return grid
+            return None
+        rows, cols = _landing(ins, outs, x.axis), _landing(ins, outs, x.sub)
+        if rows is not None and cols is not None:
+            return x.at(rows, cols)
+        lo, hi = sorted((x.axis, x.sub))
+        if hi != lo + 1:
+            return None
+        for j in range(len(outs)):
+            if math.prod(outs[:j]) == math.prod(ins[:lo]) and outs[j] == ins[lo] * ins[hi]:
+                if x.axis < x.sub:  # rows then columns: the channels in their own order again
+                    return Layout(j, list(x.segs))
+                # columns then rows: a channel shuffle. Every row keeps the same columns.
+                first_row = self.spaces.columns(x.segs, x.width)
+                return Layout(j, [Seg(s.space, s.length, s.inner * x.rows) for s in first_row])
         return None
 
-    def shape_literals(self, node: fx.Node, out_axis: int, layout: Layout) -> None:
-        """A literal size for the channel axis in view/reshape args must be rewritten on pruning."""
-        sizes, packed = list(node.args[1:]), 0
-        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-            sizes, packed = list(sizes[0]), 1
-        if out_axis < len(sizes) and isinstance(sizes[out_axis], int) and sizes[out_axis] != -1:
-            for seg, offset in zip(layout.segs, layout.offsets()):
-                self.add_member(seg, Member(SHAPE_ARG, "", node.name, out_axis, offset, seg.inner, packed))
+    def size_entries(self, node: fx.Node, name: str, rank: int) -> list[Entry] | None:
+        """Per output axis: the literal size written in the graph and where, or (None, None)
+        where the size is read at run time. None if the sizes cannot be located."""
+        dynamic: list[Entry] = [(None, None)] * rank
+        if name in ("view", "reshape", "expand", "_unsafe_view"):
+            if node.kwargs:
+                return None
+            sizes = list(node.args[1:])
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                entries = [_entry(v, (node.name, 1, i)) for i, v in enumerate(sizes[0])]
+            elif len(sizes) == 1 and isinstance(sizes[0], fx.Node):
+                entries = self.computed_sizes(sizes[0], rank)
+            else:
+                entries = [_entry(v, (node.name, 1 + i, -1)) for i, v in enumerate(sizes)]
+            return entries if entries is not None and len(entries) == rank else None
+        if name == "unflatten":
+            dim, sizes = node.args[1], node.args[2]
+            dim %= rank - len(sizes) + 1
+            return dynamic[:dim] + [_entry(v, (node.name, 2, i)) for i, v in enumerate(sizes)] + \
+                dynamic[dim + len(sizes):]
+        return dynamic  # flatten, squeeze, unsqueeze: no sizes written
+
+    def computed_sizes(self, sizes: fx.Node, rank: int) -> list[Entry] | None:
+        """``x.size()[:-1] + (heads, head_dim)``: sizes read at run time joined with literals."""
+        if self.is_runtime_size(sizes):
+            return [(None, None)] * rank
+        if not (sizes.op == "call_function" and sizes.target is operator.add and len(sizes.args) == 2):
+            return None
+        pieces = []
+        for i, arg in enumerate(sizes.args):
+            if isinstance(arg, (list, tuple)):
+                pieces.append([_entry(v, (sizes.name, i, j)) for j, v in enumerate(arg)])
+            elif isinstance(arg, fx.Node) and self.is_runtime_size(arg):
+                pieces.append(None)
+            else:
+                return None
+        known = sum(len(p) for p in pieces if p is not None)
+        return [e for p in pieces for e in (p if p is not None else [(None, None)] * (rank - known))]
+
+    def is_runtime_size(self, node: fx.Node) -> bool:
+        if self.graph.kind(node) == OpKind.SHAPE:
+            return True
+        return self.graph.kind(node) == OpKind.INDEX and isinstance(node.args[0], fx.Node) and \
+            self.graph.kind(node.args[0]) == OpKind.SHAPE
+
+    def literal(self, entry: Entry, segs: list[Seg]) -> None:
+        """A literal size of the channel axis shrinks with every position removed."""
+        value, where = entry
+        if not isinstance(value, int) or value == -1 or where is None:
+            return
+        node, arg, element = where
+        offset = 0
+        for seg in segs:
+            self.spaces.add_member(seg, Member(SHAPE_ARG, "", node, element, offset, arg=arg))
+            offset += seg.positions
 
     def permute(self, node: fx.Node, name: str) -> Any:
-        x = self.arg_value(node.args[0])
+        x = self.get(node.args[0])
         if not isinstance(x, Layout):
             return None
         rank = len(self.graph.shape(node))
         if name == "permute":
             dims = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
             dims = [d % rank for d in dims]
-            return x.moved(dims.index(x.axis))
-        d0, d1 = (node.args[1] % rank, node.args[2] % rank)
-        return x.moved(d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis)
+            where = dims.index
+        else:
+            d0, d1 = (0, 1) if name == "t" else (node.args[1] % rank, node.args[2] % rank)
+            where = lambda a: d1 if a == d0 else d0 if a == d1 else a  # noqa: E731
+        return x.at(where(x.axis), None if x.sub is None else where(x.sub))
 
     def reduce(self, node: fx.Node) -> Any:
-        x = self.arg_value(node.args[0])
+        x = self.get(node.args[0])
         if not isinstance(x, Layout):
             return None
         rank = len(self.graph.shape(node.args[0]))
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is None:
+        if dims is None or dims == []:
             self.block(x, f"{node.name}: reduces over every axis")
             return None
-        dims = [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
         if x.axis in dims:
             self.block(x, f"{node.name}: reduces over the channels")
             return None
-        return x if keepdim else x.moved(x.axis - sum(d < x.axis for d in dims))
+        if x.sub is not None and x.sub in dims:  # within each row: rows stay whole, the columns are gone
+            x = _positions(self.as_rows(x))
+        if not keepdim:
+            x = x.at(x.axis - sum(d < x.axis for d in dims),
+                     None if x.sub is None else x.sub - sum(d < x.sub for d in dims))
+        out = self.graph.shape(node)
+        return (x, x) if out and isinstance(out[0], tuple) else x  # max/min(dim): values and indices
 
     def softmax(self, node: fx.Node, x: Any, dim: Any) -> Any:
         if not isinstance(x, Layout):
@@ -533,7 +712,123 @@ class _Analysis:
         if dim is None or dim % rank == x.axis:
             self.block(x, f"{node.name}: softmax over the channels")
             return None
+        return self.as_rows(x) if x.sub is not None and dim % rank == x.sub else x
+
+    def pool(self, node: fx.Node, x: Any, name: str) -> Any:
+        if not isinstance(x, Layout):
+            return None
+        spatial = next((int(c) for c in ("1", "2", "3") if f"{c}d" in name.lower()), 2)
+        rank = len(self.graph.shape(node.args[0]))
+        if any(a >= rank - spatial for a in x.axes()):
+            raise Unaligned(f"{name} pools over the channels")
         return x
+
+    def heads(self, layout: Layout, rank: int, contracted: int, kept: int | None,
+              out_rank: int) -> tuple[Layout, Layout | None]:
+        """An attention operand seen one position per head on its batch axis (in output
+        numbering), and the operand as a grid of whole heads when its columns survive on
+        axis ``kept`` (None: no axis of this operand reaches the output)."""
+        if layout.axis >= rank - 2:
+            raise Unaligned("attention or matmul over the channels")
+        lead = out_rank - rank
+        if layout.sub is None:
+            return layout.shifted(lead), None
+        if layout.sub not in (contracted, kept):
+            raise Unaligned("attention over a grid of channels whose columns do not lie on the head dim")
+        rows = self.as_rows(layout)
+        return _positions(rows).shifted(lead), (rows if layout.sub == kept else None)
+
+    def attend(self, node: fx.Node, operands: list, out_rank: int) -> Layout:
+        """Unite the heads of every operand ``(layout, source, contracted axis, kept axis)``;
+        the result carries them on the shared batch axis."""
+        positions, kept = [], None
+        for layout, source, contracted, keeps in operands:
+            rank = len(self.graph.shape(source))
+            keeps = None if keeps is None else keeps % rank
+            pos, grid = self.heads(layout, rank, contracted % rank, keeps, out_rank)
+            positions.append(pos)
+            if grid is not None:
+                if kept is not None:
+                    raise Unaligned("both operands keep a grid of channels")
+                kept = (grid, keeps + out_rank - rank)
+        if len({p.axis for p in positions}) > 1:
+            raise Unaligned("operands carry their heads on different axes")
+        for other in positions[1:]:
+            self.spaces.align(positions[0].segs, other.segs)
+        axis = positions[0].axis
+        if kept is not None:
+            grid, sub = kept
+            return Layout(axis, self.spaces.resolve_segs(grid.segs), sub, grid.width)
+        return Layout(axis, self.spaces.resolve_segs(positions[0].segs))
+
+    def untracked_heads(self, node: fx.Node, other: Any, axis: int, out_rank: int) -> None:
+        """An operand without tracked channels must broadcast along the heads."""
+        shape = self.graph.shape(other) if isinstance(other, fx.Node) else None
+        if isinstance(shape, tuple):
+            at = axis - (out_rank - len(shape))
+            if at >= 0 and shape[at] != 1:
+                raise Unaligned(f"combined with {other.name}, whose heads are not tracked")
+
+    def matmul(self, node: fx.Node) -> Any:
+        """Batched matmul over heads (q @ k^T, weights @ v): heads are a batch axis."""
+        a, b = node.args[0], node.args[1]
+        la, lb = self.get(a), self.get(b)
+        tracked = [(v, src, c, k) for v, src, c, k in ((la, a, -1, -2), (lb, b, -2, -1)) if isinstance(v, Layout)]
+        if not tracked:
+            return None
+        out_rank = len(self.graph.shape(node))
+        if min(len(self.graph.shape(a)), len(self.graph.shape(b))) < 2:
+            raise Unaligned("matmul with a vector")
+        out = self.attend(node, tracked, out_rank)
+        if len(tracked) == 1:
+            self.untracked_heads(node, b if isinstance(la, Layout) else a, out.axis, out_rank)
+        return out
+
+    def sdpa(self, node: fx.Node) -> Any:
+        """scaled_dot_product_attention: query, key and value carry the same heads; the output
+        carries value's."""
+        names = ("query", "key", "value", "attn_mask")
+        args = list(node.args) + [node.kwargs.get(n) for n in names[len(node.args):]]
+        q, k, v, mask = args[:4]
+        layouts = [self.get(t) for t in (q, k, v)]
+        if not any(isinstance(l, Layout) for l in layouts) and not isinstance(self.get(mask), Layout):
+            return None
+        if not all(isinstance(l, Layout) for l in layouts) or node.kwargs.get("enable_gqa"):
+            raise Unaligned("query, key and value do not all carry the heads")
+        out_rank = len(self.graph.shape(node))
+        out = self.attend(node, [(layouts[0], q, -1, -2), (layouts[1], k, -1, None), (layouts[2], v, -2, -1)],
+                          out_rank)
+        m = self.get(mask)
+        if isinstance(m, Layout):
+            m = m.shifted(out_rank - len(self.graph.shape(mask)))
+            if m.sub is not None or m.axis != out.axis:
+                raise Unaligned("the attention mask carries other channels")
+            self.spaces.align(_positions(self.as_rows(out)).segs if out.sub is not None else out.segs, m.segs)
+        elif isinstance(mask, fx.Node):
+            self.untracked_heads(node, mask, out.axis, out_rank)
+        return out
+
+
+def _entry(value: Any, where: tuple) -> Entry:
+    return (value, where) if isinstance(value, int) and not isinstance(value, bool) else (None, None)
+
+
+def _block_shared_literals(groups: list[ChannelGroup]) -> None:
+    """One size literal read for two tensors whose channels are pruned independently (a shared
+    ``view`` shape) cannot follow both: block the groups involved."""
+    spans: dict[tuple, list[tuple[int, int, ChannelGroup]]] = defaultdict(list)
+    for g in groups:
+        for m in g.members:
+            if m.role == SHAPE_ARG:
+                spans[(m.node, m.arg, m.axis)].append((m.offset, m.offset + g.size * m.inner, g))
+    for (node, _, _), found in spans.items():
+        for i, (lo, hi, g) in enumerate(found):
+            for lo2, hi2, g2 in found[i + 1:]:
+                if g2 is not g and lo < hi2 and lo2 < hi:
+                    reason = f"{node}: one size literal serves channel groups that are pruned independently"
+                    for x in (g, g2):
+                        if reason not in x.blocked:
+                            x.blocked.append(reason)
 
 
 def _layouts(value: Any) -> list[Layout]:
@@ -552,4 +847,3 @@ def channel_groups(graph: "Graph", protected: set[str] | frozenset[str] = frozen
 @register_analysis("channel_groups")
 def _channel_groups_analysis(graph: "Graph") -> ChannelPlan:
     return channel_groups(graph)
-

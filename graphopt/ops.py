@@ -127,7 +127,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "add": OpKind.ELEMENTWISE, "add_": OpKind.ELEMENTWISE, "sub": OpKind.ELEMENTWISE,
     "mul": OpKind.ELEMENTWISE, "div": OpKind.ELEMENTWISE,
     "cat": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
-    "chunk": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
+    "chunk": OpKind.SPLIT, "unbind": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
     "view": OpKind.RESHAPE, "reshape": OpKind.RESHAPE, "flatten": OpKind.RESHAPE,
     "unsqueeze": OpKind.RESHAPE, "squeeze": OpKind.RESHAPE,
     "permute": OpKind.PERMUTE, "transpose": OpKind.PERMUTE, "t": OpKind.PERMUTE,

@@ -8,8 +8,10 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
+from torch import fx
 
 from graphopt.ir import Graph
+from graphopt.shapes import SHAPE_KEY
 
 
 def keep_index(length: int, removed: set[int]) -> torch.Tensor:
@@ -65,3 +67,29 @@ def apply_cuts(graph: Graph, cuts: dict[str, dict[int, set[int]]], depthwise: se
         _fix_attributes(module, owner in depthwise)
         if owner:
             graph.replace_module(owner, module)
+
+
+def resize_group_norm(graph: Graph, target: str, removed: set[int]) -> None:
+    """Remove channels (whole groups of them) from a GroupNorm; num_groups follows."""
+    module = copy.deepcopy(graph.gm.get_submodule(target))
+    per_group = module.num_channels // module.num_groups
+    for attr in ("weight", "bias"):
+        value = getattr(module, attr)
+        if value is not None:
+            setattr(module, attr, nn.Parameter(_sliced(value, {0: removed}), requires_grad=value.requires_grad))
+    module.num_channels -= len(removed)
+    module.num_groups = module.num_channels // per_group
+    graph.replace_module(target, module)
+
+
+def split_sizes(node: fx.Node, dim: int, removed: dict[int, int]) -> None:
+    """Rewrite a split/chunk along ``dim`` as a split with explicit sizes, output ``i``
+    ``removed[i]`` channels smaller (equal chunks need not stay equal)."""
+    sizes = [shape[dim] - removed.get(i, 0) for i, shape in enumerate(node.meta[SHAPE_KEY])]
+    if isinstance(node.target, torch._ops.OpOverload):
+        node.target = torch.ops.aten.split_with_sizes.default
+    elif node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}

