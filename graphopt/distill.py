@@ -32,7 +32,7 @@ class DistillConfig:
     feature_weight: float = 1.0
     max_batches: int | None = None
     loss: str = "kd"
-    schedule: str = "constant"     # or "cosine": lr annealed to 0 over the run (short runs recover more)
+    schedule: str = "cosine"       # lr annealed to 0 over the run (short runs recover far more); or "constant"
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -16,7 +16,7 @@ class Distill(Pass):
 
     def __init__(self, epochs: float = 1.0, lr: float = 1e-3, temperature: float = 4.0, alpha: float = 0.7,
                  weight_decay: float = 0.0, max_batches: int | None = None, feature_nodes: list | None = None,
-                 feature_weight: float = 1.0, progress: bool = True, loss: str = "kd", schedule: str = "constant"):
+                 feature_weight: float = 1.0, progress: bool = True, loss: str = "kd", schedule: str = "cosine"):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,

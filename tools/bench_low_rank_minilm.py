@@ -72,7 +72,8 @@ def split_and_score(base, tokenizer, target: float, variant: str, options: dict,
                         context=PassContext({"calibration_data": calibration})).run(base)
     record = split.records[-1]
     context = PassContext({"train_data": minilm.distill_batches(tokenizer), "teacher": base})
-    distilled = PassManager([Distill(epochs=args.distill_epochs, lr=args.lr, loss="cosine", progress=False)],
+    distilled = PassManager([Distill(epochs=args.distill_epochs, lr=args.lr, loss="cosine", schedule="constant",
+                                     progress=False)],
                             context=context).run(split.graph)
     return {"target_macs": target, "variant": variant, "macs_ratio": record.macs / split.records[0].macs,
             "params_ratio": record.params / split.records[0].params, "layers_split": record.stats["split"],
