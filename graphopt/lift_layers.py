@@ -81,15 +81,9 @@ def _free_name(gm: fx.GraphModule, wanted: str) -> str:
 
 
 def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (replacing the emptied holder that may be there)."""
     owner, _, leaf = path.rpartition(".")
-    parent = gm
-    for part in owner.split(".") if owner else []:
-        if not hasattr(parent, part):
-            parent.add_module(part, nn.Module())
-        parent = getattr(parent, part)
-    if leaf in parent._parameters:
-        del parent._parameters[leaf]
-    parent.add_module(leaf, module)
+    (gm.get_submodule(owner) if owner else gm).add_module(leaf, module)
 
 
 def _drop_eval_dropout(gm: fx.GraphModule) -> int:

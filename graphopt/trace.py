@@ -1,5 +1,8 @@
 """Capture an ``nn.Module`` as a Graph: torch.fx first, torch.export as the fallback.
 
+A torch.export capture has its functional layer calls lifted back to modules
+(``lift_layers``), so passes see one IR whichever tracer captured the model.
+
 When neither captures the model, the TraceError names the innermost module being traced,
 why it failed (data-dependent control flow, an unsupported call, ...) and the user-code
 line where it happened.
