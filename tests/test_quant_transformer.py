@@ -105,3 +105,25 @@ def test_torchscript_int8_runs_float_output_kernels_at_any_length(encoder_int8, 
     assert isinstance(out, torch.Tensor) and out.shape == (5, 32)
     torch.testing.assert_close(out, result.graph.gm(other), atol=0.05, rtol=0)
     assert (out - model(other)).abs().max() < 0.25                       # and still the float model, roughly
+
+
+def test_a_cnn_with_an_op_the_direct_lowering_lacks_falls_back_to_torch_onnx(tmp_path):
+    class GeluNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = F.gelu(self.c1(x))
+            x = F.silu(self.c2(x)) + x
+            return self.fc(x.mean((2, 3)))
+
+    graph = graphopt.trace(GeluNet().eval(), torch.randn(2, 3, 32, 32))
+    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                       context=PassContext({"calibration_data": [torch.randn(8, 3, 32, 32)]})).run(graph).graph
+    with pytest.raises(Exception, match="no ONNX lowering"):
+        onnx_int8.export(int8, tmp_path / "direct.onnx", lowering="direct")
+    report = onnx_int8.export(int8, tmp_path / "auto.onnx")
+    assert report.details["lowering"] == "torch_onnx"
+    assert report.details["int8_layers"] == 3 and report.details["int8_mac_share"] == 1.0
+    assert report.details["within_one_step"] >= 0.99
