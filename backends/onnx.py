@@ -31,15 +31,15 @@ def _to_proto(graph: Graph, opset: int) -> onnx_lib.ModelProto:
     return program.model_proto
 
 
-def ort_session(path: str, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; with ``threads``, that many intra-op threads and no spinning (so it
-    can be timed interleaved with torch without slowing it)."""
+def ort_session(model: str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session on a file path or serialized model; with ``threads``, that many intra-op
+    threads and no spinning (so it can be timed interleaved with torch without slowing it)."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:

@@ -12,13 +12,11 @@ must lie within one quantization step of the simulated-quant graph's outputs.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,9 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from graphopt.backend import ExportReport, register_backend
+from graphopt.backends.onnx import ort_session, run_onnx
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
+from graphopt.latency import interleaved_latency
 from graphopt.ops import OpKind
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, flatten_args, int8_mac_share, is_activation_fq,
                             is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
@@ -404,31 +404,12 @@ def _float_op(m, node) -> tuple[str, dict, list] | None:
 
 
 # -- checking and timing -------------------------------------------------------------------
-def session(path_or_bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def _feed(sess, inputs) -> dict:
-    return {m.name: np.ascontiguousarray(t.detach().cpu().numpy()) for m, t in zip(sess.get_inputs(), inputs)}
-
-
 def time_forms(models: dict[str, bytes], inputs, threads: int, rounds: int = 15) -> dict[str, float]:
     """Median ms per run of each model, runs interleaved."""
-    sessions = {k: session(v, threads) for k, v in models.items()}
-    feeds = {k: _feed(s, inputs) for k, s in sessions.items()}
-    times = {k: [] for k in models}
-    for k, s in sessions.items():
-        s.run(None, feeds[k])
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[k])
-            times[k].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    sessions = {k: ort_session(v, threads) for k, v in models.items()}
+    times = interleaved_latency({k: (lambda s=s: run_onnx(s, inputs)) for k, s in sessions.items()},
+                                rounds=rounds, warmup=1)
+    return {k: 1e3 * v for k, v in times.items()}
 
 
 def quant_structure(model: onnx.ModelProto) -> dict[str, int]:
@@ -530,10 +511,8 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                           f"nothing written")
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)
-        sess = session(tmp, threads)
-        outputs = [torch.from_numpy(o) for o in sess.run(None, _feed(sess, graph.example_inputs))]
-        unsimplified = session(built.SerializeToString(), threads)
-        expected = unsimplified.run(None, _feed(unsimplified, graph.example_inputs))
+        outputs = [torch.from_numpy(o) for o in run_onnx(ort_session(tmp, threads), graph.example_inputs)]
+        expected = run_onnx(ort_session(built.SerializeToString(), threads), graph.example_inputs)
         if compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
             raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ "
                               f"from the built one's")
@@ -571,8 +550,8 @@ def _probe_parity(graph: Graph, model: onnx.ModelProto, quantized: dict[str, str
     elem = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
     for name, tensor in quantized.items():
         probe.graph.output.append(helper.make_tensor_value_info(tensor, elem[qparams(nodes[name]).dtype], None))
-    sess = session(probe.SerializeToString(), threads)
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feed(sess, graph.example_inputs))))
+    sess = ort_session(probe.SerializeToString(), threads)
+    values = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, graph.example_inputs)))
     artifact = {}
     for name, tensor in quantized.items():
         qp = qparams(nodes[name])
@@ -592,9 +571,9 @@ def _layerwise_parity(graph: Graph, model: onnx.ModelProto, lowering: _Lowering,
             elem = TensorProto.FLOAT if value.qp is None else \
                 {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[value.qp.dtype]
             probe.graph.output.append(helper.make_tensor_value_info(value.name, elem, None))
-    sess = session(probe.SerializeToString(), threads)
+    sess = ort_session(probe.SerializeToString(), threads)
     names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(None, _feed(sess, graph.example_inputs))))
+    values = dict(zip(names, run_onnx(sess, graph.example_inputs)))
     artifact = {}
     for node_name, value in tensors.items():
         array = values[value.name].astype(np.float32)

@@ -7,15 +7,21 @@ import time
 from typing import Any, Callable
 
 
-def interleaved_latency(runners: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each runner."""
+def interleaved_latency(runners: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 2,
+                        inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each runner. Every other round runs them in reverse order,
+    so none always follows the same neighbour; ``inner`` calls are timed together (for calls
+    too short to time one by one)."""
     for _ in range(warmup):
         for run in runners.values():
             run()
     samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    order = list(runners)
+    for round_ in range(rounds):
+        for name in (order if round_ % 2 == 0 else order[::-1]):
+            run = runners[name]
             start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(inner):
+                run()
+            samples[name].append((time.perf_counter() - start) / inner)
     return {name: statistics.median(values) for name, values in samples.items()}

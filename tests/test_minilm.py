@@ -55,7 +55,7 @@ def test_int8_onnx_artifact_keeps_word_similarity_within_a_hundredth(encoder_gra
     int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=context).run(graph).graph
     report = onnx_int8.export(int8, tmp_path / "minilm.int8.onnx")
     assert report.details["int8_layers"] == 36 and report.details["int8_mac_share"] > 0.95
-    session = onnx_int8.session(str(tmp_path / "minilm.int8.onnx"), 2)
+    session = onnx_int8.ort_session(str(tmp_path / "minilm.int8.onnx"), 2)
     names = [i.name for i in session.get_inputs()]
     scores = minilm.scores(lambda *x: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, x)})[0]),
                            tokenizer)

@@ -25,7 +25,7 @@ def test_fashion_mnist_int8_ptq_within_0_3_points(tmp_path):
     assert abs(top1_accuracy(int8, fashion_mnist.test_batches()) - fp32_acc) <= 0.003
     path = os.path.join(tmp_path, "fashion.int8.onnx")
     onnx_int8.export(int8, path, form="qoperator")
-    session = onnx_int8.session(path, 2)
+    session = onnx_int8.ort_session(path, 2)
     correct = total = 0
     for x, y in fashion_mnist.test_batches(1000):
         (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

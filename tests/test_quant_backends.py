@@ -52,7 +52,7 @@ def test_onnx_int8_parity_and_int8_weights(int8_graph, tmp_path, form):
     assert d["simplified"] and d["int8_initializer_bytes"] >= sum(a.size for a in int8_weights)
     # end to end on fresh inputs: within one output step of the simulated-quant graph
     x = torch.randn(8, 1, 28, 28)
-    session = onnx_int8.session(str(path), 1)
+    session = onnx_int8.ort_session(str(path), 1)
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert within_one_step(int8_graph.run(x), [torch.from_numpy(out)], output_steps(int8_graph)) >= 0.99
 

@@ -86,7 +86,7 @@ def test_onnx_int8_goes_through_torch_onnx_and_reaches_integer_kernels(encoder_i
                 and tuple(t.dims) in ((96, 32), (32, 128), (128, 32), (100, 32))]   # no float copy of a weight
     gathers = [n for n in model.graph.node if n.op_type == "Gather"]
     assert any(n.input[0] in {t.name for t in int8_weights} for n in gathers)
-    session = onnx_int8.session(str(tmp_path / "enc.onnx"), 1)
+    session = onnx_int8.ort_session(str(tmp_path / "enc.onnx"), 1)
     other = torch.randint(0, 100, (3, 23))                               # another batch and length
     out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     np.testing.assert_allclose(out, result.graph.gm(other).detach().numpy(), atol=0.05)

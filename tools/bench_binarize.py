@@ -17,7 +17,6 @@ import copy
 import io
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -34,6 +33,7 @@ from graphopt.backends import torchscript as ts_backend
 from graphopt.backends import xnor_cpu
 from graphopt.binary import BinaryConv2d, BinaryLinear, freeze
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
+from graphopt.latency import interleaved_latency
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist
 
@@ -104,20 +104,6 @@ def accuracy(module: nn.Module) -> float:
     return correct / total
 
 
-def interleaved(fns: dict, repeats: int, inner: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function, timed A, B, C, A, B, C, ..."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 class XnorModule(nn.Module):
     """Runs a frozen binary-activation layer through the numpy XNOR path inside a torch model."""
 
@@ -147,8 +133,8 @@ def xnor_layer_bench(repeats: int) -> list[dict]:
             xn = x.numpy()
             with torch.no_grad():
                 err = (torch.from_numpy(np.asarray(runner(xn), np.float32)) - binary(x)).abs().max().item()
-                t = interleaved({"fp32": lambda: fp32(x), "binary_float": lambda: binary(x),
-                                 "xnor": lambda: runner(xn)}, repeats)
+                t = interleaved_latency({"fp32": lambda: fp32(x), "binary_float": lambda: binary(x),
+                                         "xnor": lambda: runner(xn)}, repeats, warmup=1, inner=5)
             rows.append({"layer": label, "batch": batch, "fp32_ms": t["fp32"] * 1e3,
                          "binary_float_ms": t["binary_float"] * 1e3, "xnor_ms": t["xnor"] * 1e3,
                          "speedup_vs_fp32": t["fp32"] / t["xnor"], "max_abs_diff": err})
@@ -220,8 +206,10 @@ def main() -> None:
         one = batch[:1]
         modules = {name: (g.gm if hasattr(g, "gm") else g) for name, (g, _, _) in entries.items()}
         with torch.no_grad():
-            lat64 = interleaved({n: (lambda m=m: m(batch)) for n, m in modules.items()}, args.repeats)
-            lat1 = interleaved({n: (lambda m=m: m(one)) for n, m in modules.items()}, args.repeats, inner=20)
+            lat64 = interleaved_latency({n: (lambda m=m: m(batch)) for n, m in modules.items()}, args.repeats,
+                                        warmup=1, inner=5)
+            lat1 = interleaved_latency({n: (lambda m=m: m(one)) for n, m in modules.items()}, args.repeats,
+                                       warmup=1, inner=20)
         torch.set_num_threads(args.threads)
         for name, (g, size, extra) in entries.items():
             acc = accuracy(modules[name])

@@ -21,7 +21,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -34,35 +33,10 @@ import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.evaluate import top1_accuracy
+from graphopt.latency import interleaved_latency
 from graphopt.passes import Distill, FoldBatchNorm, SplitLowRank
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist
-
-
-def ort_session(path: str, threads: int):
-    """An onnxruntime session on a fixed thread count that does not spin between runs
-    (spinning threads would steal the cores from the interleaved torch runs)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def interleaved(a, b, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of ``a()`` and ``b()``, timed alternately (order flipped each round)."""
-    for _ in range(warmup):
-        a(), b()
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for i in range(repeats):
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-            fn = a if which == 0 else b
-            start = time.perf_counter()
-            fn()
-            times[which].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def latency(name: str, target: float, repeats: int, threads: int, folder: str) -> dict:
@@ -79,16 +53,20 @@ def latency(name: str, target: float, repeats: int, threads: int, folder: str) -
            "methods": {m: sum(d["method"] == m for d in record.stats["layers"].values())
                        for m in ("svd", "spatial", "tucker2")}}
     with torch.inference_mode():
-        eager = interleaved(lambda: base.gm(x), lambda: split.gm(x), repeats)
+        eager = _pair(interleaved_latency({"base": lambda: base.gm(x), "split": lambda: split.gm(x)}, repeats))
     paths = [os.path.join(folder, f"{name}.{tag}.onnx") for tag in ("base", "split")]
     for graph, path in zip((base, split), paths):
         onnx_backend.export(graph, path, tolerance=1e-3)
-    sessions = [ort_session(p, threads) for p in paths]
-    feed = {sessions[0].get_inputs()[0].name: x.numpy()}
-    ort_times = interleaved(lambda: sessions[0].run(None, feed), lambda: sessions[1].run(None, feed), repeats)
+    sessions = [onnx_backend.ort_session(p, threads) for p in paths]
+    ort_times = _pair(interleaved_latency({"base": lambda: onnx_backend.run_onnx(sessions[0], (x,)),
+                                           "split": lambda: onnx_backend.run_onnx(sessions[1], (x,))}, repeats))
     row.update({"eager_ms": [1e3 * t for t in eager], "eager_ratio": eager[1] / eager[0],
                 "ort_ms": [1e3 * t for t in ort_times], "ort_ratio": ort_times[1] / ort_times[0]})
     return row
+
+
+def _pair(times: dict[str, float]) -> tuple[float, float]:
+    return times["base"], times["split"]
 
 
 class FashionCNN(nn.Module):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -33,6 +32,7 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import packed
 from graphopt.evaluate import top1_accuracy
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, RemoveIdentity, ShareWeights
+from graphopt.latency import interleaved_latency
 from graphopt.report import pass_table
 from graphopt.tools import fashion_mnist
 
@@ -146,15 +146,9 @@ def resnet50_load_times(repeats: int) -> dict:
     cases = {"torch.load(state_dict)": torch_load, "torch.load + resnet50() + load_state_dict": torch_model,
              "packed fp32 -> GraphModule": lambda: packed.load_module(dense_path),
              "packed pruned-50% int8 -> GraphModule": lambda: packed.load_module(small_path)}
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(repeats):
-        for key, fn in cases.items():
-            started = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - started)
-    base = statistics.median(times["torch.load(state_dict)"])
-    rows = [{"case": k, "median_s": round(statistics.median(v), 3),
-             "ratio_vs_torch_load": round(statistics.median(v) / base, 2)} for k, v in times.items()]
+    times = interleaved_latency(cases, rounds=repeats, warmup=0)
+    base = times["torch.load(state_dict)"]
+    rows = [{"case": k, "median_s": round(v, 3), "ratio_vs_torch_load": round(v / base, 2)} for k, v in times.items()]
     sizes = {"fp32_state_dict": os.path.getsize(state_path), "packed_fp32": os.path.getsize(dense_path),
              "packed_pruned_int8": os.path.getsize(small_path)}
     return {"repeats": repeats, "rows": rows, "bytes": sizes}

@@ -20,10 +20,8 @@ import contextlib
 import copy
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import onnxruntime as ort
@@ -35,6 +33,7 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
+from graphopt.latency import interleaved_latency
 from graphopt.report import table, write_json
 
 TARGETS = {"resnet50": 3.3, "mobilenet_v2": 2.1}
@@ -43,13 +42,8 @@ COLUMNS = ["eager fp32", "ORT fp32", "ORT quantize_static plain", "ORT pre_proce
 
 
 def ort_runner(path: str, threads: int):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    return lambda *inputs: sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+    sess = onnx_backend.ort_session(path, threads)
+    return lambda *inputs: onnx_backend.run_onnx(sess, inputs)
 
 
 def torch_runner(module):
@@ -178,15 +172,9 @@ def _image(batch: int) -> tuple:
 
 
 def measure(runners: dict, inputs: tuple, rounds: int) -> dict[str, float]:
-    times = {c: [] for c in runners}
-    for run in runners.values():
-        run(*inputs)
-    for _ in range(rounds):
-        for column, run in runners.items():
-            start = time.perf_counter()
-            run(*inputs)
-            times[column].append((time.perf_counter() - start) * 1e3)
-    return {c: statistics.median(v) for c, v in times.items()}
+    """Median ms per run of each column, interleaved."""
+    times = interleaved_latency({c: (lambda run=run: run(*inputs)) for c, run in runners.items()}, rounds, warmup=1)
+    return {c: 1e3 * v for c, v in times.items()}
 
 
 def _passive_openmp() -> None:

@@ -74,7 +74,7 @@ def ptq_report(observer: str = "mse") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         onnx_int8.export(int8, os.path.join(folder, "m.onnx"))
         ts = torchscript_int8.export(int8, os.path.join(folder, "m.pt"))
-        session = onnx_int8.session(os.path.join(folder, "m.onnx"), 2)
+        session = onnx_int8.ort_session(os.path.join(folder, "m.onnx"), 2)
         module = torch.jit.load(ts.path)
         correct_onnx = correct_ts = total = 0
         for x, y in fashion_mnist.test_batches():

@@ -97,7 +97,7 @@ def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool, sensit
 def ort_run(graph, folder: str, name: str, x: torch.Tensor, batch: int = 100) -> np.ndarray:
     path = os.path.join(folder, name)
     report = onnx_int8.export(graph, path, form="qoperator")
-    session = onnx_int8.session(path, 2)
+    session = onnx_int8.ort_session(path, 2)
     feed = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {feed: part.numpy()})[0] for part in x.split(batch)]), report
 

@@ -48,7 +48,7 @@ def main() -> None:
         onnx_path, ts_path = os.path.join(folder, "minilm.int8.onnx"), os.path.join(folder, "minilm.int8.pt")
         onnx_report = onnx_int8.export(int8, onnx_path)
         ts_report = torchscript_int8.export(int8, ts_path)
-        session = onnx_int8.session(onnx_path, 2)
+        session = onnx_int8.ort_session(onnx_path, 2)
         names = [i.name for i in session.get_inputs()]
         runs["graphopt ONNX int8 (onnxruntime)"] = lambda *x: torch.from_numpy(
             session.run(None, {n: t.numpy() for n, t in zip(names, x)})[0])
