@@ -1,7 +1,9 @@
 """Registry of analyses: pure functions of a Graph whose results the Graph caches.
 
-A pass that changes the graph names the analyses it invalidates; the PassManager drops
-those cached results so the next reader recomputes them.
+Results must be plain data keyed by node or module names (never the graph's own node or
+module objects): a cloned Graph keeps its original's cache. ``Graph.commit()`` drops every
+result after a structural edit; a pass that only changes values names the analyses it
+invalidates and the PassManager drops those.
 """
 from __future__ import annotations
 

@@ -94,14 +94,16 @@ class Graph:
     __call__ = run
 
     def clone(self) -> "Graph":
-        """A deep copy: modules, parameters and graph are all new objects."""
+        """A deep copy: modules, parameters and graph are all new objects. Cached analyses are
+        plain data keyed by node name (and node meta is copied), so the twin keeps them until
+        an edit invalidates them: a pass that changes nothing costs no re-analysis."""
         twin = Graph.__new__(Graph)
         twin.gm = copy.deepcopy(self.gm)
         twin.example_inputs = self.example_inputs
         twin.captured_by = self.captured_by
         twin.dynamic_shapes = self.dynamic_shapes
         twin.properties = set(self.properties)
-        twin._cache = {}
+        twin._cache = dict(self._cache)
         return twin
 
     # -- analyses ------------------------------------------------------------------
@@ -176,12 +178,13 @@ class Graph:
         self.gm.graph.erase_node(node)
 
     def commit(self) -> None:
-        """Finish an edit: drop unused submodules, regenerate code, reclassify nodes.
-
-        Cached analyses are dropped by whoever ran the pass, per its ``invalidates``."""
+        """Finish a structural edit: drop unused submodules, regenerate code, reclassify nodes,
+        and drop every cached analysis (shapes, cost, channel groups all follow the structure).
+        Edits that only change values leave the analyses their pass does not ``invalidate``."""
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
         self.classify()
+        self.invalidate()
 
     # -- summaries -----------------------------------------------------------------
     def summary(self) -> list[dict[str, Any]]:

@@ -245,5 +245,5 @@ def gather_int8_rows(graph) -> int:
         g.erase_node(dq)
         count += 1
     if count:
-        graph.gm.recompile()
+        graph.commit()
     return count

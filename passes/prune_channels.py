@@ -254,7 +254,6 @@ class PruneChannels(Pass):
         for (node_name, dim), removed in split_edits.items():
             split_sizes(graph.node(node_name), dim, removed)
         graph.commit()
-        graph.invalidate()
         return {(name, axis): removed for name, axes in cuts.items() for axis, removed in axes.items()}
 
 
