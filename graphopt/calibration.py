@@ -177,16 +177,24 @@ def _is_labels(value: Any) -> bool:
     return value is None or (isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() <= 1)
 
 
-def batch_inputs(batch: Any) -> tuple:
-    """The model inputs of one batch: a tensor, an (inputs, labels) pair, or a tuple of inputs."""
+def split_batch(batch: Any) -> tuple[tuple, torch.Tensor | None]:
+    """(model inputs, labels or None) of one batch: a tensor, an (inputs, labels) pair, or a tuple
+    of inputs. A pair counts as (inputs, labels) only when its second item looks like class labels
+    (integer, at most 1-D) or is None, so a two-input model's (x1, x2) stays two inputs. Shared by
+    calibration, distillation, importance estimation and evaluation."""
     if isinstance(batch, torch.Tensor):
-        return (batch,)
+        return (batch,), None
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and _is_labels(batch[1]):
         inputs = batch[0]
-        return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), batch[1]
     if isinstance(batch, (tuple, list)):
-        return tuple(batch)
-    raise ConfigError(f"calibration data must yield tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+        return tuple(batch), None
+    raise ConfigError(f"data must yield tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+
+
+def batch_inputs(batch: Any) -> tuple:
+    """The model inputs of one batch (see ``split_batch``)."""
+    return split_batch(batch)[0]
 
 
 def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, progress: bool = True,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
+from graphopt.calibration import split_batch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 
@@ -101,13 +102,6 @@ def _forward(gm: fx.GraphModule, inputs: tuple, names: set[str]):
     return tap.run(*inputs), tap.taps
 
 
-def _split(batch) -> tuple[tuple, torch.Tensor | None]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        inputs, labels = batch
-        return (inputs if isinstance(inputs, (tuple, list)) else (inputs,)), labels
-    return ((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)), None
-
-
 def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Iterable, config: DistillConfig,
             progress: bool = True, loss_fn: Callable | None = None) -> dict[str, float]:
     """Fine-tune ``student.gm`` in place against ``teacher``; returns the mean loss of the
@@ -140,7 +134,7 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
             for batch in tqdm(batches, desc=f"distill {epoch + 1}/{epochs}", disable=not progress, leave=False,
                               delay=2):
-                inputs, labels = _split(batch)
+                inputs, labels = split_batch(batch)
                 with torch.no_grad():
                     t_out, t_feats = _forward(teacher.gm, inputs, names)
                 s_out, s_feats = _forward(student.gm, inputs, names)

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from graphopt.calibration import split_batch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 
@@ -15,11 +16,11 @@ def top1_accuracy(graph: Graph, batches: Iterable, limit: int | None = None, pro
     """Share of samples whose argmax over the last axis equals the label, in [0, 1]."""
     correct = total = 0
     for item in tqdm(islice(batches, limit), desc="evaluate", disable=not progress, leave=False, delay=2):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        inputs, labels = split_batch(item)
+        if labels is None:
             raise ConfigError("evaluation data must yield (inputs, labels) pairs")
-        inputs, labels = item
         with torch.no_grad():
-            logits = graph.gm(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+            logits = graph.gm(*inputs)
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
     if total == 0:

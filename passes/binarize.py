@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
+from graphopt.calibration import batch_inputs
 from graphopt.distill import DistillConfig, distill
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -172,8 +173,7 @@ def _first_batch(data) -> tuple | None:
     if data is None:
         return None
     for batch in (data() if callable(data) else data):
-        inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-        return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return batch_inputs(batch)
     return None
 
 

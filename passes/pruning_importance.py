@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from graphopt.calibration import split_batch
 from graphopt.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -105,8 +106,7 @@ class Taylor(Importance):
         for batch in (data() if callable(data) else data):
             if seen >= self.batches:
                 break
-            inputs, labels = (batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None))
-            inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            inputs, labels = split_batch(batch)
             gm.zero_grad()
             with torch.enable_grad():
                 out = gm(*inputs)

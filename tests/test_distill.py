@@ -89,3 +89,21 @@ def test_cosine_schedule_anneals_the_learning_rate_to_zero_over_the_run(monkeypa
     assert seen[0] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(seen, seen[1:]))
     assert seen[-1] < 0.01                   # the last step runs at nearly zero
+
+
+def test_a_two_input_model_is_distilled_on_both_inputs_not_on_one_input_and_labels():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.b(x2)
+
+    example = (torch.randn(2, 4), torch.randn(2, 4))
+    teacher, student = graphopt.trace(Pair(), example), graphopt.trace(Pair(), example)
+    data = [(torch.randn(8, 4), torch.randn(8, 4)) for _ in range(20)]
+    gap = lambda: nn.functional.mse_loss(student.gm(*data[0]), teacher.gm(*data[0])).item()  # noqa: E731
+    before = gap()
+    distill(student, teacher, data, DistillConfig(epochs=10, lr=3e-2, loss="mse"), progress=False)
+    assert gap() < 0.05 * before
