@@ -25,13 +25,12 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, gather_int8_rows, int8_mac_share, is_activation_fq,
-                            is_plain_relu, is_weight_dq,
+                            is_weight_dq, keeps_grid,
                             layerwise_within_one_step, output_steps, qparams, within_one_step)
 from graphopt.verify import compare_outputs, node_values
 
-_ON_QUANTIZED = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}
-_POOLS_ON_QUANTIZED = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d)
-_POOL_FUNCS = {F.max_pool2d, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool1d}
+_AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_AVG_POOL_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d}
 
 
 class _Rebuild:
@@ -119,9 +118,9 @@ class _Rebuild:
             self.env[node.name] = self.env[user.name] = (out, qp)
             return
         m = self.graph.module(node) if node.op == "call_module" else None
-        keeps_grid = self.graph.kind(node) in _ON_QUANTIZED or isinstance(m, _POOLS_ON_QUANTIZED) or \
-            (node.op == "call_function" and node.target in _POOL_FUNCS) or is_plain_relu(self.graph, node)
-        if keeps_grid and self.quantized(x) and len(node.all_input_nodes) == 1:
+        on_quantized = keeps_grid(self.graph, node) or isinstance(m, _AVG_POOLS) or \
+            (node.op == "call_function" and node.target in _AVG_POOL_FUNCS)   # torch also averages uint8
+        if on_quantized and self.quantized(x) and len(node.all_input_nodes) == 1:
             self.env[node.name] = (self.copy(node, lambda a: self.env[a.name][0]), self.env[x.name][1])
             return
         self.env[node.name] = (self.copy(node, self.as_float), None)

@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from graphopt.ops import OpKind
+
 if TYPE_CHECKING:
     from graphopt.ir import Graph
 
@@ -123,26 +125,51 @@ def make_fq_args(x: fx.Node, qp: QParams) -> tuple:
     return (x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
 
 
-_ZERO_CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_ZERO_CLAMP_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
+_CLAMP_MODULES = {nn.ReLU: (0.0, float("inf")), nn.ReLU6: (0.0, 6.0)}
+_CLAMP_FUNCS = {F.relu: (0.0, float("inf")), torch.relu: (0.0, float("inf")), F.relu6: (0.0, 6.0)}
+_GRID_KINDS = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+MAX_POOL_FUNCS = {F.max_pool1d, F.max_pool2d}
+
+
+def clamp_bounds(graph: Graph, node: fx.Node) -> tuple[float, float] | None:
+    """(lo, hi) of a clamping activation (ReLU, ReLU6, Hardtanh, as module, function or method),
+    None if the node is not one: the one place the quantization passes and backends read them."""
+    if node.op == "call_module":
+        m = graph.module(node)
+        if isinstance(m, nn.Hardtanh):          # ReLU6 is a Hardtanh(0, 6)
+            return float(m.min_val), float(m.max_val)
+        return _CLAMP_MODULES.get(type(m))
+    if node.op == "call_function" and node.target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return float(lo), float(hi)
+    if node.op == "call_function" and node.target in _CLAMP_FUNCS:
+        return _CLAMP_FUNCS[node.target]
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return 0.0, float("inf")
+    return None
 
 
 def is_zero_clamp(graph: Graph, node: fx.Node) -> bool:
     """An activation whose output is clamp(x, 0, hi): a quantized output with zero point 0 absorbs it."""
-    m = graph.module(node) if node.op == "call_module" else None
-    if m is not None:
-        return isinstance(m, _ZERO_CLAMPS) and (not isinstance(m, nn.Hardtanh) or m.min_val == 0)
-    if node.op == "call_function" and node.target in _ZERO_CLAMP_FUNCS:
-        return node.target is not F.hardtanh or node.kwargs.get("min_val", node.args[1] if len(node.args) > 1
-                                                                  else -1.0) == 0
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+    bounds = clamp_bounds(graph, node)
+    return bounds is not None and bounds[0] == 0.0
 
 
 def is_plain_relu(graph: Graph, node: fx.Node) -> bool:
     """max(x, 0): keeps a quantized tensor on its grid (zero is a grid point); ReLU6 does not."""
-    module = graph.module(node) if node.op == "call_module" else None
-    return is_zero_clamp(graph, node) and not isinstance(module, nn.Hardtanh) and node.target not in (F.relu6,
-                                                                                                     F.hardtanh)
+    return clamp_bounds(graph, node) == (0.0, float("inf"))
+
+
+def keeps_grid(graph: Graph, node: fx.Node) -> bool:
+    """An op whose output values are among its input's (reshapes, permutes, max pooling, ReLU):
+    a quantized input stays on the same grid, so it needs no parameters of its own."""
+    if graph.kind(node) in _GRID_KINDS or is_plain_relu(graph, node):
+        return True
+    if node.op == "call_module":
+        return isinstance(graph.module(node), MAX_POOLS)
+    return node.op == "call_function" and node.target in MAX_POOL_FUNCS
 
 
 # Functional layers the quantization passes rewrite modules into (and the backends read).

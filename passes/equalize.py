@@ -16,6 +16,7 @@ from torch import fx
 
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.quant import is_plain_relu
 
 _LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
 
@@ -25,14 +26,6 @@ def _layer(graph: Graph, node) -> nn.Module | None:
         m = graph.module(node)
         return m if isinstance(m, _LAYERS) else None
     return None
-
-
-def _is_relu(graph: Graph, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return type(graph.module(node)) is nn.ReLU
-    if node.op == "call_function":
-        return node.target in (torch.relu, nn.functional.relu)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
 def _depthwise(m: nn.Module) -> bool:
@@ -88,7 +81,7 @@ class CrossLayerEqualization(Pass):
             relu6 = nxt.op == "call_module" and type(graph.module(nxt)) is nn.ReLU6
             if relu6 and not self.through_relu6:
                 continue
-            if relu6 or _is_relu(graph, nxt):
+            if relu6 or is_plain_relu(graph, nxt):
                 act = nxt
                 if len(nxt.users) != 1:
                     continue

@@ -10,41 +10,15 @@
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
 from graphopt.ir import Graph
-from graphopt.ops import OpKind
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import (FUSED_KEY, dequantize_per_channel, is_activation_fq, is_weight_fq,
-                            qparams, quantize_weight)
+from graphopt.quant import (FUSED_KEY, clamp_bounds, dequantize_per_channel, is_activation_fq, is_weight_fq,
+                            keeps_grid, qparams, quantize_weight)
 from graphopt.quant import ADD_FUNCS, CONV_FUNCS
-
-_CLAMPS = {nn.ReLU: (0.0, float("inf")), nn.ReLU6: (0.0, 6.0)}
-_GRID_KEEPING = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
-
-
-def clamp_bounds(graph: Graph, node: fx.Node) -> tuple[float, float] | None:
-    """(lo, hi) of a clamping activation node, None if it is not one."""
-    if node.op == "call_module":
-        m = graph.module(node)
-        if isinstance(m, nn.Hardtanh):
-            return float(m.min_val), float(m.max_val)
-        for cls, bounds in _CLAMPS.items():
-            if type(m) is cls:
-                return bounds
-        return None
-    if node.op == "call_function" and node.target in (F.relu, torch.relu):
-        return 0.0, float("inf")
-    if node.op == "call_function" and node.target is F.relu6:
-        return 0.0, 6.0
-    if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return 0.0, float("inf")
-    return None
-
 
 def _is_fusable_producer(node: fx.Node) -> bool:
     return node.op == "call_function" and (node.target in CONV_FUNCS or node.target is F.linear
@@ -104,11 +78,7 @@ def _grid_source(graph: Graph, node: fx.Node) -> fx.Node | None:
     while isinstance(node, fx.Node):
         if is_activation_fq(node):
             return node
-        m = graph.module(node) if node.op == "call_module" else None
-        keeps = graph.kind(node) in _GRID_KEEPING or isinstance(m, _MAX_POOLS) or \
-            (node.op == "call_function" and node.target in (F.max_pool2d, F.max_pool1d))
-        bounds = clamp_bounds(graph, node)
-        if not keeps and not (bounds and bounds[0] == 0.0 and bounds[1] == float("inf")):
+        if not keeps_grid(graph, node):
             return None
         node = node.args[0] if node.args else None
     return None

@@ -31,12 +31,11 @@ from graphopt.ops import OpKind
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, WEIGHT_QMIN, QParams, affine_qparams,
                             make_fq_args, weight_scales)
-from graphopt.quant import ADD_FUNCS, is_plain_relu, is_zero_clamp
+from graphopt.quant import ADD_FUNCS, is_zero_clamp, keeps_grid
 from graphopt.verify import compare_outputs
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_GRID_KEEPING = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+_SHAPE_OPS = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}   # extra args are sizes, not tensors
 _POLICIES = ("int8", "float")
 
 
@@ -141,10 +140,8 @@ class Planner:
             if x is None or x.name not in source:
                 continue
             kind = self.graph.kind(node)
-            m = _module(self.graph, node)
-            if kind in _GRID_KEEPING or isinstance(m, _MAX_POOLS) or is_plain_relu(self.graph, node) \
-                    or (node.op == "call_function" and node.target in (F.max_pool2d, F.max_pool1d)):
-                if len(node.all_input_nodes) == 1 or kind in _GRID_KEEPING:
+            if keeps_grid(self.graph, node):
+                if len(node.all_input_nodes) == 1 or kind in _SHAPE_OPS:
                     plan.on_grid[node.name] = source[node.name] = source[x.name]
             elif kind in (OpKind.POOL, OpKind.REDUCE) and len(node.all_input_nodes) == 1 \
                     and not (kind == OpKind.REDUCE and node.target not in ("mean", torch.mean)):

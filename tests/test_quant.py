@@ -254,3 +254,25 @@ def test_no_int8_kernel_and_zero_range_fall_back_to_named_float():
     out = result.graph.run(torch.randn(2, 3, 8, 8))
     assert torch.isfinite(out).all()
     assert math.isfinite(sqnr_db(graph.run(), result.graph.run()))
+
+
+@pytest.mark.parametrize("clamp", ["module_relu6", "functional_hardtanh", "method_relu"])
+def test_every_spelling_of_a_zero_clamp_is_placed_and_fused_alike(clamp):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = {"module_relu6": lambda: self.act(y), "functional_hardtanh": lambda: nn.functional.hardtanh(y, 0.0, 6.0),
+                 "method_relu": lambda: y.relu()}[clamp]()
+            return self.fc(y.mean((2, 3)))
+
+    g = graphopt.trace(Net().eval(), torch.randn(2, 3, 8, 8))
+    data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    result = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(g)
+    conv = next(n for n in result.graph.nodes if n.target is nn.functional.conv2d)
+    # the clamp became part of the conv (its quantized output saturates at zero instead)
+    assert result.records[2].stats["fused_activations"] == 1
+    assert conv.meta.get(FUSED_KEY) and len(conv.users) == 1 and is_activation_fq(next(iter(conv.users)))
