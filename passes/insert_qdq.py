@@ -285,12 +285,18 @@ class InsertQDQ(Pass):
             keep[layers[-1].name] = "last layer kept float (last_layer='float')"
         return keep
 
-    def _params(self, graph: Graph, plan: QuantPlan, data) -> tuple[dict[str, QParams], dict[str, str]]:
-        observers = {name: make_observer(self.observer, **self.observer_options) for name in plan.observed}
-        calibrate(graph, observers, data, self.max_batches, self.progress)
+    def _params(self, graph: Graph, plan: QuantPlan, data,
+                ranges: dict[str, tuple[float, float]]) -> tuple[dict[str, QParams], dict[str, str]]:
+        """Parameters of the plan's observed tensors. The float graph does not change while the
+        plan is revised, so ``ranges`` keeps every tensor's range and only new ones are calibrated."""
+        missing = {name: make_observer(self.observer, **self.observer_options)
+                   for name in plan.observed if name not in ranges}
+        if missing:
+            calibrate(graph, missing, data, self.max_batches, self.progress)
+            ranges.update({name: observer.range() for name, observer in missing.items()})
         params, zero_range = {}, {}
-        for name, observer in observers.items():
-            lo, hi = observer.range()
+        for name in plan.observed:
+            lo, hi = ranges[name]
             if max(hi, 0.0) - min(lo, 0.0) <= 1e-12 * max(1.0, abs(lo), abs(hi)):
                 zero_range[name] = "zero range (constant activation)"
                 continue
@@ -298,15 +304,16 @@ class InsertQDQ(Pass):
         return params, zero_range
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read up to three times
+        data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read more than once
         keep = self._policy(graph)
         blocked: set[str] = set()
+        ranges: dict[str, tuple[float, float]] = {}
         plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
-        params, zero = self._params(graph, plan, data)
+        params, zero = self._params(graph, plan, data, ranges)
         while zero:  # constant activations cannot be scaled: keep them (and the layers they feed) float
             blocked |= set(zero)
             plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
-            params, zero = self._params(graph, plan, data)
+            params, zero = self._params(graph, plan, data, ranges)
         held = next(iter(iter_calibration(graph, data, 1, progress=False)))
         reference = graph.run(*held)
         sensitivity = {}
@@ -315,7 +322,7 @@ class InsertQDQ(Pass):
             worst = sorted(sensitivity, key=sensitivity.get, reverse=True)[:self.sensitive_float]
             keep |= {name: f"sensitive (error {sensitivity[name]:.3g} when quantized alone)" for name in worst}
             plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
-            params, _ = self._params(graph, plan, data)
+            params, _ = self._params(graph, plan, data, ranges)
         added = apply_plan(graph, plan, params)
         tables = [quantize_embedding(graph, n) for n in list(graph.nodes) if self.embeddings
                   and isinstance(_module(graph, n), nn.Embedding) and n.args and not n.kwargs
