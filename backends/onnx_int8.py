@@ -38,6 +38,7 @@ from graphopt.verify import compare_outputs
 FORMS = ("auto", "qoperator", "qdq")
 MS = "com.microsoft"
 _NP = {"uint8": np.uint8, "int8": np.int8}
+_ONNX_INT = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
 _INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
@@ -444,7 +445,7 @@ class _Candidate:
     lowering: str
     int8_layers: list
     float_layers: dict
-    parity: object   # () -> (share within one step, worst node)
+    probes: dict   # IR fake-quant node -> (ONNX tensor, its QParams, or None for a float tensor)
 
 
 def _direct(graph: Graph, form: str, simplify: bool, threads: int) -> _Candidate:
@@ -454,8 +455,10 @@ def _direct(graph: Graph, form: str, simplify: bool, threads: int) -> _Candidate
         raise
     except Exception as exc:
         raise ExportError(f"onnx_int8 ({form}): could not build the model: {type(exc).__name__}: {exc}") from exc
+    probes = {n.name: (lowering.env[n.name].name, lowering.env[n.name].qp) for n in graph.nodes
+              if is_activation_fq(n) and n.name in lowering.env}
     return _Candidate(_simplify(built) if simplify else built, built, form, "direct", lowering.int8_layers,
-                      dict(lowering.float_layers), lambda: _layerwise_parity(graph, built, lowering, threads))
+                      dict(lowering.float_layers), probes)
 
 
 def _through_torch_onnx(graph: Graph, simplify: bool, threads: int) -> _Candidate:
@@ -464,8 +467,9 @@ def _through_torch_onnx(graph: Graph, simplify: bool, threads: int) -> _Candidat
     built, quantized = decomposed.build(graph)
     int8_layers, float_layers = decomposed.fused_layers(built, graph, threads)
     model = _simplify(built, fold_constants=True) if simplify else built
-    return _Candidate(model, built, "qdq", "torch_onnx", int8_layers, float_layers,
-                      lambda: _probe_parity(graph, built, quantized, threads))
+    nodes = {n.name: n for n in graph.nodes}
+    probes = {name: (tensor, qparams(nodes[name])) for name, tensor in quantized.items()}
+    return _Candidate(model, built, "qdq", "torch_onnx", int8_layers, float_layers, probes)
 
 
 def _candidates(graph: Graph, form: str, lowering: str, simplify: bool, threads: int) -> dict[str, _Candidate]:
@@ -504,7 +508,7 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                          threads) if len(candidates) > 1 else {}
     chosen = candidates[_pick(candidates, timings)]
     model, built = chosen.model, chosen.built
-    share, worst = chosen.parity()
+    share, worst, expected = _probe(graph, built, chosen.probes, threads)
     if share < min_within_step:
         raise ExportError(f"onnx_int8 export of {path}: only {share:.2%} of quantized values within one step of the "
                           f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}); "
@@ -512,8 +516,7 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)
         outputs = [torch.from_numpy(o) for o in run_onnx(ort_session(tmp, threads), graph.example_inputs)]
-        expected = run_onnx(ort_session(built.SerializeToString(), threads), graph.example_inputs)
-        if compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
+        if model is not built and compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
             raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ "
                               f"from the built one's")
         size = os.path.getsize(tmp)
@@ -542,45 +545,26 @@ def _pick(candidates: dict[str, _Candidate], timings: dict[str, float]) -> str:
     return smallest if timings[smallest] <= timings[fastest] * (1 + SPEED_MARGIN) else fastest
 
 
-def _probe_parity(graph: Graph, model: onnx.ModelProto, quantized: dict[str, str], threads: int):
-    """Layer-by-layer parity of a torch.onnx export: every QuantizeLinear output becomes a graph output."""
+def _probe(graph: Graph, model: onnx.ModelProto, probes: dict[str, tuple[str, QParams | None]], threads: int):
+    """Run the built model once with every probed tensor as an extra output: the share of quantized
+    values within one step of the simulated-quant graph layer by layer (each layer fed the
+    artifact's own inputs), the worst node, and the model's own outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    nodes = {n.name: n for n in graph.nodes}
-    elem = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
-    for name, tensor in quantized.items():
-        probe.graph.output.append(helper.make_tensor_value_info(tensor, elem[qparams(nodes[name]).dtype], None))
+    for tensor, qp in probes.values():
+        elem = TensorProto.FLOAT if qp is None else _ONNX_INT[qp.dtype]
+        probe.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
     sess = ort_session(probe.SerializeToString(), threads)
-    values = dict(zip([o.name for o in sess.get_outputs()], run_onnx(sess, graph.example_inputs)))
+    values = run_onnx(sess, graph.example_inputs)
+    by_name = dict(zip([o.name for o in sess.get_outputs()], values))
     artifact = {}
-    for name, tensor in quantized.items():
-        qp = qparams(nodes[name])
-        artifact[name] = torch.from_numpy((values[tensor].astype(np.float32) - qp.zero_point) * np.float32(qp.scale))
-    return layerwise_within_one_step(graph, graph.example_inputs, artifact)
-
-
-def _layerwise_parity(graph: Graph, model: onnx.ModelProto, lowering: _Lowering, threads: int):
-    """Run the model with every quantized tensor as an extra output; compare layer by layer."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    tensors = {}
-    for node in graph.nodes:
-        value = lowering.env.get(node.name)
-        if is_activation_fq(node) and value is not None:
-            tensors[node.name] = value
-            elem = TensorProto.FLOAT if value.qp is None else \
-                {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[value.qp.dtype]
-            probe.graph.output.append(helper.make_tensor_value_info(value.name, elem, None))
-    sess = ort_session(probe.SerializeToString(), threads)
-    names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, run_onnx(sess, graph.example_inputs)))
-    artifact = {}
-    for node_name, value in tensors.items():
-        array = values[value.name].astype(np.float32)
-        if value.qp is not None:
-            array = (array - value.qp.zero_point) * np.float32(value.qp.scale)
+    for node_name, (tensor, qp) in probes.items():
+        array = by_name[tensor].astype(np.float32)
+        if qp is not None:
+            array = (array - qp.zero_point) * np.float32(qp.scale)
         artifact[node_name] = torch.from_numpy(array)
-    return layerwise_within_one_step(graph, graph.example_inputs, artifact)
+    share, worst = layerwise_within_one_step(graph, graph.example_inputs, artifact)
+    return share, worst, values[:len(model.graph.output)]
 
 
 def _simplify(model: onnx.ModelProto, fold_constants: bool = False) -> onnx.ModelProto:
