@@ -198,7 +198,7 @@ def _unflattened(graph: Graph, outputs):
     return outputs
 
 
-def build_int8_module(graph: Graph) -> tuple[torch.jit.ScriptModule, _Rebuild]:
+def build_int8_module(graph: Graph) -> tuple[torch.jit.ScriptModule, _Rebuild, fx.GraphModule]:
     kernels.use_engine()
     graph = graph.clone()
     gather_int8_rows(graph)
@@ -209,14 +209,16 @@ def build_int8_module(graph: Graph) -> tuple[torch.jit.ScriptModule, _Rebuild]:
         return torch.jit.script(gm), rebuild, gm
 
 
-def _layerwise_parity(graph: Graph, gm: fx.GraphModule, rebuild: _Rebuild) -> tuple[float, str | None]:
+def _layerwise_parity(graph: Graph, gm: fx.GraphModule, rebuild: _Rebuild):
+    """(share within one step, worst node, the built module's outputs) from one run of ``gm``."""
     values = node_values(gm, graph.example_inputs)
     artifact = {}
     for node in graph.nodes:
         if is_activation_fq(node) and node.name in rebuild.env:
             value = values[rebuild.env[node.name][0].name]
             artifact[node.name] = value.dequantize() if value.is_quantized else value
-    return layerwise_within_one_step(graph, graph.example_inputs, artifact)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return (*layerwise_within_one_step(graph, graph.example_inputs, artifact), values[output.name])
 
 
 @register_backend("torchscript_int8")
@@ -244,10 +246,10 @@ def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportR
         with torch.no_grad():
             outputs = reloaded(*graph.example_inputs)
         reference = graph.run()
-        if compare_outputs(gm(*graph.example_inputs), outputs)[1] > 1e-6:
+        share, worst, built = _layerwise_parity(graph, gm, rebuild)
+        if compare_outputs(built, outputs)[1] > 1e-6:
             raise ExportError(f"torchscript_int8 export of {path}: the reloaded module's outputs differ "
                               f"from the built one's")
-        share, worst = _layerwise_parity(graph, gm, rebuild)
         if share < min_within_step:
             raise ExportError(f"torchscript_int8 export of {path}: only {share:.2%} of quantized values within one "
                               f"step of the simulated-quant graph (need {min_within_step:.0%}; worst at node "

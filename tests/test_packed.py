@@ -202,7 +202,7 @@ def test_saving_a_graph_outside_the_allow_list_writes_nothing(tmp_path):
 
 def test_failed_export_check_leaves_no_file(digits_graph, tmp_path, monkeypatch):
     path = tmp_path / "out.gpk"
-    monkeypatch.setattr(packed, "load", lambda p: (_ for _ in ()).throw(RuntimeError("disk full")))
+    monkeypatch.setattr(packed, "load_module", lambda p: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError):
         packed.export(digits_graph, path)
     assert os.listdir(tmp_path) == []
