@@ -30,8 +30,8 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.latency import interleaved_latency
 from graphopt.ops import OpKind
-from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, flatten_args, int8_mac_share, is_activation_fq,
-                            is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
+from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, flatten_args, int8_mac_share,
+                            is_activation_fq, is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
                             within_one_step)
 from graphopt.verify import compare_outputs
 
@@ -287,7 +287,7 @@ class _Lowering:
                             strides=list(m.stride), pads=list(m.padding) * 2, dilations=list(m.dilation),
                             group=m.groups)
         self.env[node.name] = _Value(out)
-        self.float_layers[str(node.target)] = node.meta.get("graphopt.float", "kept float")
+        self.float_layers[str(node.target)] = node.meta.get(FLOAT_REASON_KEY, "kept float")
 
     def lower_other(self, node: fx.Node, quant_in: bool, user: fx.Node | None) -> None:
         """Pooling, shape ops, activations and concat: on uint8 where a kernel exists, else float."""
@@ -330,7 +330,7 @@ class _Lowering:
             src = self.env[x.name].name if (qop and quant_in) else self.as_float(x)
             self.env[node.name] = self.keep_grid(x, self.emit("MaxPool", [src], "maxpool", **attrs), quant_in)
             return
-        if _is_global_avg(m, node, self.graph):
+        if _is_global_avg(m, node):
             if qop and quant_in and user is not None:
                 xq = self.env[x.name]
                 out = self.emit("QLinearGlobalAveragePool", [xq.name, *self.qp_inputs(xq.qp),
@@ -376,7 +376,7 @@ def _pool_attrs(m, node) -> dict:
     return {"kernel_shape": pair(k), "strides": pair(s), "pads": pair(p) * 2, "ceil_mode": int(ceil)}
 
 
-def _is_global_avg(m, node, graph: Graph) -> bool:
+def _is_global_avg(m, node) -> bool:
     if isinstance(m, nn.AdaptiveAvgPool2d):
         size = m.output_size
     elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:

@@ -95,10 +95,6 @@ class HuffmanStream:
     offsets: np.ndarray   # starting bit of each chunk after the first
     data: bytes
 
-    @property
-    def table_bits(self) -> int:
-        return self.symbols.size * (16 + 5)
-
 
 def huffman_encode(values: np.ndarray) -> HuffmanStream:
     values = np.asarray(values, dtype=np.int64)

@@ -36,13 +36,9 @@ def ste_sign(x: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     return clipped + (sign_pm1(x) - clipped).detach()
 
 
-def channel_alpha(weight: torch.Tensor) -> torch.Tensor:
-    """Mean |W| per output channel (axis 0), shaped to broadcast against ``weight``."""
-    return _row_mean_abs(weight)
-
-
-def _row_mean_abs(t: torch.Tensor) -> torch.Tensor:
-    """Mean |t| over every axis but the first, kept broadcastable (TorchScript-compatible)."""
+def channel_alpha(t: torch.Tensor) -> torch.Tensor:
+    """Mean |t| over every axis but the first, kept broadcastable (TorchScript-compatible): a
+    weight's per-output-channel scale alpha, or an activation's per-sample scale beta."""
     return t.abs().reshape(t.shape[0], -1).mean(1).reshape([-1] + [1] * (t.dim() - 1))
 
 
@@ -79,7 +75,7 @@ class BinaryMixin:
 
     def _binarize_input(self, x: torch.Tensor, shift: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
         """``beta * sign(padded - shift)``; beta from the unpadded ``x``."""
-        beta = _row_mean_abs(x - shift)
+        beta = channel_alpha(x - shift)
         if self.training:
             return ste_sign(padded - shift) * beta
         return sign_pm1(padded - shift) * beta

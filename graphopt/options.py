@@ -6,6 +6,7 @@ key or a wrong type into a ConfigError that lists what would have been valid.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ def _accepts(annotation: Any, value: Any) -> bool:
         if annotation is Any:
             return True
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
         return any(_accepts(a, value) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None

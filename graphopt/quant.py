@@ -100,10 +100,6 @@ def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int) -> 
     return q.to(torch.float32) * scales.view(shape)
 
 
-def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
-
-
 # -- recognising quantization nodes in the IR -------------------------------------------
 def is_activation_fq(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.fake_quantize_per_tensor_affine

@@ -218,9 +218,9 @@ class SplitLowRank(Pass):
 
     def _observe_inputs(self, graph: Graph, ctx: PassContext) -> None:
         """``E[x x^T]`` of the input of every Linear / 1x1 conv, for data-aware splitting."""
-        observers = {}
+        observers, modules = {}, graph.modules()
         for node in graph.nodes:
-            module = graph.modules().get(node.target) if node.op == "call_module" else None
+            module = modules.get(node.target) if node.op == "call_module" else None
             matrix_like = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
                                                             and tuple(module.kernel_size) == (1, 1))
             if matrix_like and node.args and isinstance(node.args[0], fx.Node):
