@@ -93,9 +93,10 @@ def accuracy(target: float, epochs: int, distill_epochs: float, cache: str) -> d
     model = trained_fashion_cnn(epochs, cache)
     graph = PassManager([FoldBatchNorm()]).run(graphopt.trace(model, torch.randn(2, 1, 28, 28))).graph
     split = PassManager([SplitLowRank(target_macs=target)]).run(graph)
-    context = PassContext({"train_data": lambda: fashion_mnist.batches("train", 128, shuffle=True)})
-    distilled = PassManager([SplitLowRank(target_macs=target), Distill(epochs=distill_epochs, lr=1e-3,
-                                                                       progress=False)], context=context).run(graph)
+    context = PassContext({"train_data": lambda: fashion_mnist.batches("train", 128, shuffle=True),
+                           "teacher": graph})   # the unsplit model, not this run's input (the split one)
+    distilled = PassManager([Distill(epochs=distill_epochs, lr=1e-3, progress=False)],
+                            context=context).run(split.graph)
     test = fashion_mnist.test_batches
     record = split.records[1]
     return {"train_epochs": epochs, "distill_epochs": distill_epochs,
