@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import graphopt
 import graphopt.backends  # noqa: F401  (registers built-in backends)
 import graphopt.passes  # noqa: F401  (registers built-in passes)
+from graphopt.tools.digits import CHECKPOINT, trained_digits_cnn
 from graphopt.tools.random_init import informative_init
 
 
@@ -35,3 +37,22 @@ class ConvBnRelu(nn.Module):
 @pytest.fixture
 def conv_bn_relu():
     return randomize_bn(ConvBnRelu())
+
+
+@pytest.fixture(scope="module")
+def digits_graph():
+    """The bundled trained digits CNN traced on 3 seeded random images, once per test module
+    (tests read it; passes work on their own clones)."""
+    return graphopt.trace(trained_digits_cnn(), torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def digits_pipeline(tmp_path, body: str, batch: int = 1, name: str = "pipeline.toml") -> str:
+    """A pipeline file on the bundled digits model: its [model] table, then ``body``."""
+    path = tmp_path / name
+    path.write_text(f"""
+[model]
+factory = "graphopt.tools.digits:DigitsCNN"
+checkpoint = "{CHECKPOINT}"
+input_shape = [{batch}, 1, 8, 8]
+{body}""")
+    return str(path)

@@ -9,12 +9,7 @@ import graphopt
 from graphopt import ConfigError, ExportError
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
-from graphopt.tools.digits import trained_digits_cnn
 
-
-@pytest.fixture(scope="module")
-def digits_graph():
-    return graphopt.trace(trained_digits_cnn(), torch.rand(3, 1, 8, 8))
 
 
 def test_onnx_export_runs_in_onnxruntime(digits_graph, tmp_path):

@@ -18,12 +18,10 @@ from graphopt.evaluate import top1_accuracy
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
 from graphopt.pipeline import load_pipeline, run_pipeline
 from graphopt.tools import digits
-from graphopt.tools.digits import CHECKPOINT, train_batches, trained_digits_cnn
+from graphopt.tools.digits import train_batches
 
+from conftest import digits_pipeline
 
-@pytest.fixture(scope="module")
-def digits_graph():
-    return graphopt.trace(trained_digits_cnn(), torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
 
 
 def binarized(graph, **options):
@@ -281,12 +279,7 @@ def test_xnor_linear_matches_and_rejects_weight_only_layers():
 
 # -- pipeline file --------------------------------------------------------------------
 def test_binarize_from_a_pipeline_file(tmp_path):
-    path = tmp_path / "p.toml"
-    path.write_text(f"""
-[model]
-factory = "graphopt.tools.digits:DigitsCNN"
-checkpoint = "{CHECKPOINT}"
-input_shape = [2, 1, 8, 8]
+    path = digits_pipeline(tmp_path, """
 
 [data]
 train_data = "graphopt.tools.digits:train_batches"
@@ -308,7 +301,7 @@ path = "out/m.onnx"
 
 [evaluate]
 data = "graphopt.tools.digits:test_batches"
-""")
+""", batch=2, name="p.toml")
     outcome = run_pipeline(load_pipeline(path), progress=False)
     assert outcome.records[1].stats["layers"] == ["features.3", "classifier.2"]
     assert outcome.exports[0].details["binary_ratio"] >= 25

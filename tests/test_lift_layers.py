@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 import graphopt
-from graphopt import PassContext, PassManager
+from graphopt import PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.calibration import MinMaxObserver, calibrate
 from graphopt.errors import ConfigError

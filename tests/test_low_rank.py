@@ -12,7 +12,9 @@ from graphopt.evaluate import top1_accuracy
 from graphopt.passes import Distill, SplitLowRank
 from graphopt.pipeline import load_pipeline, run_pipeline
 from graphopt.tools import digits
-from graphopt.tools.digits import CHECKPOINT, train_batches, trained_digits_cnn
+from graphopt.tools.digits import train_batches, trained_digits_cnn
+
+from conftest import digits_pipeline
 
 
 class ConvNet(nn.Module):
@@ -290,12 +292,7 @@ def test_bad_layer_settings_fail_naming_the_layer(options, message):
 
 # -- pipelines and recovery -------------------------------------------------------------
 def test_pipeline_file_splits_and_exports(tmp_path):
-    path = tmp_path / "p.toml"
-    path.write_text(f"""
-[model]
-factory = "graphopt.tools.digits:DigitsCNN"
-checkpoint = "{CHECKPOINT}"
-input_shape = [1, 1, 8, 8]
+    path = digits_pipeline(tmp_path, """
 
 [[passes]]
 name = "fold_batchnorm"
@@ -305,7 +302,7 @@ name = "split_low_rank"
 target_macs = 0.6
 rank_multiple = 2
 protected = ["features.0"]
-layers = {{ "classifier.2" = 6 }}
+layers = { "classifier.2" = 6 }
 
 [[backends]]
 name = "onnx"
@@ -317,7 +314,7 @@ path = "out/split.pt"
 
 [evaluate]
 data = "graphopt.tools.digits:test_batches"
-""")
+""", batch=1, name="p.toml")
     outcome = run_pipeline(load_pipeline(path), progress=False)
     record = outcome.records[2]
     assert record.name == "split_low_rank" and record.contract == "bounded"

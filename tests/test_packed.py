@@ -15,12 +15,9 @@ from graphopt.backends import packed
 from graphopt.backends.packed_codec import CHUNK, huffman_decode_many, huffman_encode, pack_bits, unpack_bits
 from graphopt.backends.packed_tensors import Reader, BlobWriter, encode_tensor, place
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, ShareWeights
-from graphopt.tools.digits import trained_digits_cnn
 
+from conftest import digits_pipeline
 
-@pytest.fixture(scope="module")
-def digits_graph():
-    return graphopt.trace(trained_digits_cnn(), torch.rand(3, 1, 8, 8))
 
 
 def _same_state(a: graphopt.Graph, b: graphopt.Graph) -> None:
@@ -240,14 +237,7 @@ def test_well_sealed_but_inconsistent_manifest_is_a_clear_error(digits_graph, tm
 
 def test_pipeline_file_prunes_shares_and_exports_packed(tmp_path):
     from graphopt.pipeline import load_pipeline, run_pipeline
-    from graphopt.tools.digits import CHECKPOINT
-
-    path = tmp_path / "p.toml"
-    path.write_text(f"""
-[model]
-factory = "graphopt.tools.digits:DigitsCNN"
-checkpoint = "{CHECKPOINT}"
-input_shape = [1, 1, 8, 8]
+    path = digits_pipeline(tmp_path, """
 
 [[passes]]
 name = "fold_batchnorm"
@@ -263,7 +253,7 @@ bits = 4
 [[backends]]
 name = "packed"
 path = "digits.gpk"
-""")
+""", batch=1, name="p.toml")
     outcome = run_pipeline(load_pipeline(str(path)), progress=False)
     export = outcome.exports[0]
     assert export.backend == "packed" and export.max_rel_error == 0.0

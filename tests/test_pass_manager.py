@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 import torch
@@ -9,12 +8,8 @@ from graphopt import (Contract, ContractViolation, GraphLintError, Pass, PassCon
                       PassResult, RequirementError, register_pass)
 from graphopt.passes import EliminateDeadCode, FoldBatchNorm, RemoveIdentity
 from graphopt.tools.cli import main as cli_main
-from graphopt.tools.digits import trained_digits_cnn
 
-
-@pytest.fixture
-def digits_graph():
-    return graphopt.trace(trained_digits_cnn(), torch.rand(4, 1, 8, 8))
+from conftest import digits_pipeline
 
 
 @register_pass("test_scale_second_conv")
@@ -185,13 +180,7 @@ def test_custom_pass_from_test_file_runs_in_toml_pipeline(tmp_path, capsys):
             graph.commit()
             return PassResult(graph, changed=True, stats={"layer": self.layer})
 
-    checkpoint = os.path.join(os.path.dirname(graphopt.tools.digits.__file__), "examples", "digits_cnn.pt")
-    pipeline = tmp_path / "custom.toml"
-    pipeline.write_text(f"""
-[model]
-factory = "graphopt.tools.digits:DigitsCNN"
-checkpoint = "{checkpoint}"
-input_shape = [2, 1, 8, 8]
+    pipeline = digits_pipeline(tmp_path, """
 
 [[passes]]
 name = "test_halve_then_double"
@@ -202,7 +191,7 @@ name = "fold_batchnorm"
 
 [report]
 json = "report.json"
-""")
+""", batch=2, name="custom.toml")
     assert cli_main(["run", str(pipeline), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "test_halve_then_double" in out

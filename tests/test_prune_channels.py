@@ -12,7 +12,7 @@ from graphopt.passes import PruneChannels
 from graphopt.passes.prune_channels import NothingToPrune
 from graphopt.tools.digits import train_batches, trained_digits_cnn
 
-from conftest import randomize_bn
+from conftest import digits_pipeline, randomize_bn
 from test_channel_groups import ChannelsLast, Concat, Residual
 
 
@@ -204,14 +204,8 @@ def test_pruning_and_distillation_in_a_toml_pipeline(tmp_path):
     import json
 
     from graphopt.tools.cli import main as cli_main
-    from graphopt.tools.digits import CHECKPOINT
 
-    pipeline = tmp_path / "prune.toml"
-    pipeline.write_text(f"""
-[model]
-factory = "graphopt.tools.digits:DigitsCNN"
-checkpoint = "{CHECKPOINT}"
-input_shape = [1, 1, 8, 8]
+    pipeline = digits_pipeline(tmp_path, """
 
 [data]
 train_data = "graphopt.tools.digits:train_batches"
@@ -235,7 +229,7 @@ data = "graphopt.tools.digits:test_batches"
 
 [report]
 json = "report.json"
-""")
+""", batch=1, name="prune.toml")
     assert cli_main(["run", str(pipeline), "--quiet"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     prune = next(r for r in report["passes"] if r["name"] == "prune_channels")
