@@ -515,7 +515,8 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                           f"nothing written")
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)
-        outputs = [torch.from_numpy(o) for o in run_onnx(ort_session(tmp, threads), graph.example_inputs)]
+        session = ort_session(tmp, threads)
+        outputs = [torch.from_numpy(o) for o in run_onnx(session, graph.example_inputs)]
         if model is not built and compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
             raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ "
                               f"from the built one's")
@@ -529,7 +530,9 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                "int8_mac_share": int8_mac_share(graph, chosen.int8_layers),
                "int8_layers": len(chosen.int8_layers), "float_layers": dict(chosen.float_layers),
                **quant_structure(model), "simplified": simplify}
-    return ExportReport("onnx_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
+    report = ExportReport("onnx_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
+    report.runner = lambda *inputs: run_onnx(session, inputs)
+    return report
 
 
 SPEED_MARGIN = 0.05   # closer than this, two forms are a tie on a shared machine

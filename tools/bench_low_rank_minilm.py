@@ -30,11 +30,11 @@ import torch
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.latency import interleaved_latency
-from graphopt.passes import Distill, EliminateDeadCode, SplitLowRank
+from graphopt.passes import Distill, SplitLowRank
 from graphopt.report import table, write_json
 from graphopt.tools import minilm
 
-SCORES = ("wordsim353", "simlex999", "lee50", "polarity")
+SCORES = minilm.SCORES
 SEQ = 128
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tokenizer, encoder = minilm.load()
-    base = PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph
+    base = minilm.encoder_graph()
     fp32 = minilm.scores(base.gm, tokenizer)
     rows, runs = [("fp32", "1.000", *(f"{fp32[k]:.3f}" for k in SCORES), "", "")], []
     with tempfile.TemporaryDirectory() as folder:

@@ -150,11 +150,10 @@ def build_minilm(folder: str, threads: int, calib_batches: int):
     """The same columns for all-MiniLM-L6-v2 (sequence 128). torch.fx cannot trace Hugging Face
     BERT, so the torch.ao column is torch's dynamic int8 (``quantize_dynamic``), the recipe torch
     offers for transformers."""
-    from graphopt.passes import EliminateDeadCode
     from graphopt.tools import minilm
 
     tokenizer, encoder = minilm.load()
-    graph = PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph
+    graph = minilm.encoder_graph()
     batches = [tuple(b[0]) for b in minilm.distill_batches(tokenizer, batch_size=16)[:calib_batches]]
     fp32_path = os.path.join(folder, "fp32.onnx")
     onnx_backend.export(graph, fp32_path, simplify=False, tolerance=1e-3)

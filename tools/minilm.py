@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from graphopt.errors import ConfigError
 
 MAX_LENGTH = 256            # sentence-transformers' max_seq_length for this model
+SCORES = ("wordsim353", "simlex999", "lee50", "polarity")
 Embedder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -77,6 +78,17 @@ def trace_encoder(encoder: nn.Module, tokenizer, example: Sequence[str] = ("a sh
     batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=MAX_LENGTH)
     axes = {0: batch, 1: seq}
     return trace(encoder, tokenize(tokenizer, example), dynamic_shapes=(axes, axes))
+
+
+@lru_cache(maxsize=1)
+def encoder_graph():
+    """The encoder traced with symbolic axes, its unused pooler removed: one torch.export per
+    process (passes work on clones, so callers share it)."""
+    from graphopt import PassManager
+    from graphopt.passes import EliminateDeadCode
+
+    tokenizer, encoder = load()
+    return PassManager([EliminateDeadCode()]).run(trace_encoder(encoder, tokenizer)).graph
 
 
 def embed(fn: Embedder, tokenizer, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:

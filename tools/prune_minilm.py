@@ -18,7 +18,7 @@ import time
 import torch
 
 import graphopt
-from graphopt.passes import EliminateDeadCode, PruneChannels
+from graphopt.passes import PruneChannels
 from graphopt.report import table, write_json
 from graphopt.tools import minilm
 
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer, encoder = minilm.load()
-    graph = graphopt.PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph
+    graph = minilm.encoder_graph()
     heads = {f"bert.encoder.layer.{i}.attention.self.query": args.heads for i in range(LAYERS)}
     start = time.perf_counter()
     result = graphopt.PassManager([PruneChannels(ratio=args.ffn, layers=heads)]).run(graph)

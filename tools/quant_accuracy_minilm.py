@@ -21,11 +21,11 @@ import torch
 
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
-from graphopt.passes import EliminateDeadCode, FoldQDQ, InsertQDQ
+from graphopt.passes import FoldQDQ, InsertQDQ
 from graphopt.report import table, write_json
 from graphopt.tools import minilm
 
-SCORES = ("wordsim353", "simlex999", "lee50", "polarity")
+SCORES = minilm.SCORES
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     tokenizer, encoder = minilm.load()
-    graph = PassManager([EliminateDeadCode()]).run(minilm.trace_encoder(encoder, tokenizer)).graph
+    graph = minilm.encoder_graph()
     calibration = minilm.distill_batches(tokenizer)[:args.calib_batches]
     result = PassManager([InsertQDQ(observer=args.observer, progress=False), FoldQDQ()],
                          context=PassContext({"calibration_data": calibration})).run(graph)
@@ -48,10 +48,7 @@ def main() -> None:
         onnx_path, ts_path = os.path.join(folder, "minilm.int8.onnx"), os.path.join(folder, "minilm.int8.pt")
         onnx_report = onnx_int8.export(int8, onnx_path)
         ts_report = torchscript_int8.export(int8, ts_path)
-        session = onnx_int8.ort_session(onnx_path, 2)
-        names = [i.name for i in session.get_inputs()]
-        runs["graphopt ONNX int8 (onnxruntime)"] = lambda *x: torch.from_numpy(
-            session.run(None, {n: t.numpy() for n, t in zip(names, x)})[0])
+        runs["graphopt ONNX int8 (onnxruntime)"] = lambda *x: torch.from_numpy(onnx_report.runner(*x)[0])
         runs["graphopt TorchScript int8"] = torch.jit.load(ts_path)
         runs["torch dynamic int8 (reference)"] = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8)
