@@ -67,6 +67,17 @@ def configure_finetune(pass_: Any, owner: str, finetune_epochs: Any, lr: float, 
         pass_.requires = frozenset({"train_data"})
 
 
+def configure_weight_pass(pass_: Any, owner: str, layers: Any, exclude: Any, bound: float | None,
+                          finetune_epochs: Any = 0, lr: float = 1e-3, max_batches: int | None = None,
+                          progress: bool = False) -> None:
+    """The settings every weight-compression pass shares: which layers (``layers`` / ``exclude``
+    patterns), its error bound, and its optional fine-tuning."""
+    pass_.layers = check_patterns(owner, "layers", layers)
+    pass_.exclude = check_patterns(owner, "exclude", exclude)
+    pass_.bound, pass_.progress = bound, progress
+    configure_finetune(pass_, owner, finetune_epochs, lr, max_batches)
+
+
 def annotations(graph: Graph) -> dict[str, dict[str, Any]]:
     """The graph's weight annotations, created empty on first use."""
     return graph.gm.meta.setdefault(ANNOTATIONS_KEY, {})

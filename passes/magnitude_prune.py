@@ -11,7 +11,7 @@ import torch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import (annotate, check_patterns, configure_finetune, finetune_constrained, weight_layers,
+from graphopt.weights import (annotate, configure_weight_pass, finetune_constrained, weight_layers,
                               zero_mask)
 
 SCOPES = ("layer", "global")
@@ -56,11 +56,7 @@ class PruneMagnitude(Pass):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"{owner}: steps must be an integer >= 1, got {steps!r}")
         self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
-        self.layers = check_patterns(owner, "layers", layers)
-        self.exclude = check_patterns(owner, "exclude", exclude)
-        configure_finetune(self, owner, finetune_epochs, lr, max_batches)
-        self.bound = bound
-        self.progress = progress
+        configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         targets = weight_layers(graph, self.layers, self.exclude)

@@ -12,7 +12,7 @@ import torch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import annotate, check_patterns, forget, weight_layers
+from graphopt.weights import annotate, configure_weight_pass, forget, weight_layers
 
 BITS = (2, 4, 8)
 GRANULARITIES = ("channel", "group")
@@ -43,9 +43,7 @@ class QuantizeWeights(Pass):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ConfigError(f"{owner}: group_size must be an integer >= 1, got {group_size!r}")
         self.bits, self.granularity, self.group_size = bits, granularity, group_size
-        self.layers = check_patterns(owner, "layers", layers)
-        self.exclude = check_patterns(owner, "exclude", exclude)
-        self.bound = bound
+        configure_weight_pass(self, owner, layers, exclude, bound)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         qmax = (1 << (self.bits - 1)) - 1

@@ -13,7 +13,7 @@ import torch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import (annotate, check_patterns, configure_finetune, finetune_constrained, forget,
+from graphopt.weights import (annotate, configure_weight_pass, finetune_constrained, forget,
                               tied_gradient, weight_layers)
 
 BITS = range(2, 9)
@@ -52,11 +52,7 @@ class ShareWeights(Pass):
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ConfigError(f"{owner}: iterations must be an integer >= 1, got {iterations!r}")
         self.bits, self.iterations = bits, iterations
-        self.layers = check_patterns(owner, "layers", layers)
-        self.exclude = check_patterns(owner, "exclude", exclude)
-        configure_finetune(self, owner, finetune_epochs, lr, max_batches)
-        self.bound = bound
-        self.progress = progress
+        configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         clusters = 1 << self.bits
