@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from itertools import islice
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -12,15 +12,21 @@ from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 
 
-def top1_accuracy(graph: Graph, batches: Iterable, limit: int | None = None, progress: bool = False) -> float:
-    """Share of samples whose argmax over the last axis equals the label, in [0, 1]."""
+def top1_accuracy(model: Graph | Callable, batches: Iterable, limit: int | None = None,
+                  progress: bool = False) -> float:
+    """Share of samples whose argmax over the last axis equals the label, in [0, 1]. ``model``: a
+    Graph, any module, or an exported artifact's runner (numpy outputs, first one read)."""
+    run = model.gm if isinstance(model, Graph) else model
     correct = total = 0
     for item in tqdm(islice(batches, limit), desc="evaluate", disable=not progress, leave=False, delay=2):
         inputs, labels = split_batch(item)
         if labels is None:
             raise ConfigError("evaluation data must yield (inputs, labels) pairs")
         with torch.no_grad():
-            logits = graph.gm(*inputs)
+            logits = run(*inputs)
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        logits = torch.as_tensor(logits)
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
     if total == 0:

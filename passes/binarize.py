@@ -66,7 +66,7 @@ class Binarize(Pass):
         if distill_epochs < 0:
             raise ConfigError(f"pass 'binarize': distill_epochs must be >= 0, got {distill_epochs}")
         self.distill_epochs = float(distill_epochs)
-        self.config = DistillConfig(epochs=self.distill_epochs or 1.0, lr=lr, temperature=temperature,
+        self.config = DistillConfig(epochs=self.distill_epochs or 1.0, lr=lr, temperature=temperature,  # 1.0: unused
                                     alpha=distill_alpha, weight_decay=weight_decay, max_batches=max_batches)
         self.config.check()
         self.freeze = freeze
@@ -140,7 +140,6 @@ class Binarize(Pass):
         stats: dict = {"binarized": len(choice["binarize"]), "layers": choice["binarize"],
                        "full_precision": choice["full_precision"], "activations": self.activations}
         if self.distill_epochs and choice["binarize"]:
-            self.config.epochs = self.distill_epochs
             result = distill(graph, teacher, ctx.data["train_data"], self.config, progress=self.progress)
             stats.update({f"distill_{k}": round(v, 4) for k, v in result.items()})
         if self.freeze:

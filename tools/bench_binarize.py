@@ -33,6 +33,7 @@ from graphopt.backends import torchscript as ts_backend
 from graphopt.backends import xnor_cpu
 from graphopt.binary import BinaryConv2d, BinaryLinear, freeze
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
+from graphopt.evaluate import top1_accuracy
 from graphopt.latency import interleaved_latency
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist
@@ -96,12 +97,7 @@ def int8_static(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def accuracy(module: nn.Module) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in fashion_mnist.test_batches(500):
-            correct += (module(x).argmax(1) == y).sum().item()
-            total += len(y)
-    return correct / total
+    return top1_accuracy(module, fashion_mnist.test_batches(500))
 
 
 class XnorModule(nn.Module):
