@@ -58,27 +58,16 @@ class FashionCNN(nn.Module):
         return self.fc2(F.relu(self.bn3(self.fc1(torch.flatten(x, 1)))))
 
 
-class ShuffledTrain:
-    """Fashion-MNIST training batches, reshuffled on every call (one call per epoch)."""
-
-    def __init__(self, batch_size: int = 128, seed: int = 0):
-        self.batch_size, self.seed = batch_size, seed
-
-    def __call__(self):
-        self.seed += 1
-        return fashion_mnist.batches("train", self.batch_size, shuffle=True, seed=self.seed)
-
-
 def train_fp32(epochs: int) -> FashionCNN:
     torch.manual_seed(0)
-    data = ShuffledTrain()
+    data = fashion_mnist.shuffled_epochs()
     return fashion_mnist.train_classifier(FashionCNN(), epochs, lr=2e-3, one_cycle=True, data=lambda _: data())
 
 
 def binarize_pipeline(graph, activations: bool, epochs: float, lr: float):
     passes = [Binarize(include=HIDDEN, activations=activations, distill_epochs=epochs, lr=lr, freeze=False),
               FoldBatchNorm(), FreezeBinary()]
-    return PassManager(passes, context=PassContext({"train_data": ShuffledTrain(seed=100)})).run(graph)
+    return PassManager(passes, context=PassContext({"train_data": fashion_mnist.shuffled_epochs(seed=100)})).run(graph)
 
 
 def int8_static(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -154,14 +143,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    if os.path.exists(CACHE) and not args.retrain:
-        model = FashionCNN()
-        model.load_state_dict(torch.load(CACHE, weights_only=True))
-        model.eval()
-    else:
-        model = train_fp32(args.epochs)
-        os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-        torch.save(model.state_dict(), CACHE)
+    if args.retrain and os.path.exists(CACHE):
+        os.remove(CACHE)
+    model = fashion_mnist.cached_model(CACHE, FashionCNN, lambda _: train_fp32(args.epochs))
     seconds["fp32 training (or cache)"] = time.perf_counter() - start
     example = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     fp32 = graphopt.trace(model, example)

@@ -18,7 +18,6 @@ Writes bench-results/packed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -33,7 +32,7 @@ from graphopt.backends import packed
 from graphopt.evaluate import top1_accuracy
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, RemoveIdentity, ShareWeights
 from graphopt.latency import interleaved_latency
-from graphopt.report import pass_table
+from graphopt.report import pass_table, table, write_json
 from graphopt.tools import fashion_mnist
 
 OUT = "bench-results"
@@ -62,19 +61,7 @@ def fashion_vgg() -> nn.Module:
 
 def train_data(limit: int = TRAIN_LIMIT, seed: int = 0):
     """A callable yielding shuffled (images, labels) batches of the training subset."""
-    epoch = [seed]
-
-    def batches():
-        epoch[0] += 1
-        subset = list(fashion_mnist.batches("train", 128, limit=limit, shuffle=True, seed=0))
-        images = torch.cat([x for x, _ in subset])
-        labels = torch.cat([y for _, y in subset])
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch[0]))
-        for start in range(0, len(order), 128):
-            idx = order[start:start + 128]
-            yield images[idx], labels[idx]
-
-    return batches
+    return fashion_mnist.shuffled_epochs(128, limit, seed)
 
 
 def trained(name: str, factory, epochs: int, limit: int) -> nn.Module:
@@ -177,21 +164,20 @@ def main(argv: list[str] | None = None) -> None:
         PruneMagnitude(sparsity=0.95, layers=["19", "22"], steps=3, **finetune(0.5)),
         ShareWeights(bits=4, **finetune(0.5))], target_ratio=40))
     print()
-    print(f"{'model':<12} {'params':>8} {'acc fp32':>8} {'acc packed':>10} {'loss pt':>7} {'bytes':>8} "
-          f"{'x fp32':>7} {'x zip':>6} {'bits/w':>6} {'exact':>5} {'target':>7}")
-    for r in results["models"]:
-        print(f"{r['model']:<12} {r['params']:>8} {r['accuracy_fp32']:>8.2f} {r['accuracy_packed']:>10.2f} "
-              f"{r['loss_points']:>7.2f} {r['file_bytes']:>8} {r['ratio_vs_fp32']:>7.1f} "
-              f"{r['ratio_vs_fp32_zip']:>6.1f} {r['bits_per_weight']:>6.2f} {str(r['bit_exact_reload']):>5} "
-              f"{('met' if r['meets_target'] else 'MISSED') + ' ' + str(r['target_ratio']) + 'x':>7}")
+    print(table(["model", "params", "acc fp32", "acc packed", "loss pt", "bytes", "x fp32", "x zip", "bits/w",
+                 "exact", "target"],
+                [(r["model"], r["params"], f"{r['accuracy_fp32']:.2f}", f"{r['accuracy_packed']:.2f}",
+                  f"{r['loss_points']:.2f}", r["file_bytes"], f"{r['ratio_vs_fp32']:.1f}",
+                  f"{r['ratio_vs_fp32_zip']:.1f}", f"{r['bits_per_weight']:.2f}", r["bit_exact_reload"],
+                  f"{'met' if r['meets_target'] else 'MISSED'} {r['target_ratio']}x") for r in results["models"]]))
     if not args.skip_resnet:
         results["resnet50_load"] = resnet50_load_times(args.repeats)
         print(f"\nResNet-50 load ({args.threads} threads, median of {args.repeats}, interleaved); bytes: "
-              f"{results['resnet50_load']['bytes']}")
-        for row in results["resnet50_load"]["rows"]:
-            print(f"  {row['case']:<45} {row['median_s']:>7.3f} s  {row['ratio_vs_torch_load']:>5.2f}x torch.load")
-    with open(os.path.join(OUT, "packed.json"), "w") as f:
-        json.dump(results, f, indent=1)
+              f"{results['resnet50_load']['bytes']}\n")
+        print(table(["case", "median s", "x torch.load"],
+                    [(r["case"], f"{r['median_s']:.3f}", f"{r['ratio_vs_torch_load']:.2f}")
+                     for r in results["resnet50_load"]["rows"]]))
+    write_json(os.path.join(OUT, "packed.json"), results)
     print(f"wrote {os.path.join(OUT, 'packed.json')}")
 
 

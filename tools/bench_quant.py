@@ -24,6 +24,7 @@ import sys
 import tempfile
 import warnings
 
+import onnx
 import onnxruntime as ort
 import torch
 import torchvision
@@ -68,7 +69,7 @@ def ort_quantized(fp32_path: str, folder: str, batches, pre_process: bool) -> st
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    names = [i.name for i in ort.InferenceSession(fp32_path, providers=["CPUExecutionProvider"]).get_inputs()]
+    names = [i.name for i in onnx.load(fp32_path, load_external_data=False).graph.input]
     source = fp32_path
     out = os.path.join(folder, "ort_pre.int8.onnx" if pre_process else "ort_plain.int8.onnx")
     with contextlib.chdir(folder):   # onnxruntime's tools leave scratch files in the working directory
@@ -99,7 +100,6 @@ def torch_ao_fx(model, x, batches):
 
 def fp32_onnx(model, x, path: str) -> None:
     """torch.onnx (dynamo) with a dynamic batch dimension, not simplified: what a user starts from."""
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):

@@ -51,6 +51,24 @@ def batches(split: str = "train", batch_size: int = 128, limit: int | None = Non
         yield x[idx], y[idx]
 
 
+def shuffled_epochs(batch_size: int = 128, limit: int | None = None, seed: int = 0):
+    """A training-data callable: each call is one epoch over the training set (or a fixed subset:
+    the first ``limit`` samples of one seed-0 shuffle) in a new order (seeds seed+1, seed+2, ...)."""
+    x, y = load("train")
+    pool = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:limit] if limit \
+        else torch.arange(len(y))
+    epoch = [seed]
+
+    def one_epoch():
+        epoch[0] += 1
+        order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(epoch[0]))]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield x[idx], y[idx]
+
+    return one_epoch
+
+
 def test_batches(batch_size: int = 256):
     return batches("test", batch_size)
 
