@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphopt.errors import ExportError
-from graphopt.ir import Graph
+from graphopt.ir import Graph, owner_and_leaf
 from graphopt.quant import CONV_FUNCS, gather_int8_rows, is_activation_fq, is_weight_dq, qparams
 
 INTEGER_KERNELS = {"MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger",
@@ -56,7 +56,7 @@ def decompose(graph: Graph) -> tuple[Graph, list[str]]:
         elif is_weight_dq(node):
             codes, scales, axis = node.args
             owner = scales.target.rpartition(".")[0]
-            holder = twin.gm.get_submodule(owner) if owner else twin.gm
+            holder, _ = owner_and_leaf(twin.gm, scales.target)
             holder.register_buffer("weight_zero_point_i64", torch.zeros(len(twin.attr(scales.target)),
                                                                          dtype=torch.int64))
             with fx_graph.inserting_before(node):

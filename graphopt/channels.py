@@ -29,7 +29,7 @@ from torch import fx
 
 from graphopt.analysis import register_analysis
 from graphopt.channel_spaces import Layout, Seg, Spaces, Unaligned
-from graphopt.ops import OpKind
+from graphopt.ops import OpKind, op_name
 
 if TYPE_CHECKING:
     from graphopt.ir import Graph
@@ -103,13 +103,6 @@ class ChannelPlan:
     @property
     def blocked(self) -> list[ChannelGroup]:
         return [g for g in self.groups if not g.prunable]
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _landing(ins: tuple, outs: tuple, axis: int) -> int | None:
@@ -363,7 +356,7 @@ class _Analysis:
 
     # -- functions and methods ---------------------------------------------------------
     def visit_function(self, node: fx.Node, kind: OpKind) -> Any:
-        name = _op_name(node)
+        name = op_name(node)
         if kind == OpKind.SHAPE:
             return None
         if kind in (OpKind.ACTIVATION, OpKind.ELEMENTWISE, OpKind.IDENTITY):

@@ -18,10 +18,16 @@ from graphopt import cost as _cost  # noqa: F401  (registers the "cost" analysis
 from graphopt import shapes as _shapes  # noqa: F401  (registers the "shapes" analysis)
 from graphopt.analysis import get_analysis
 from graphopt.errors import GraphLintError
-from graphopt.ops import OpKind, classify
+from graphopt.ops import OpKind, classify, op_name
 from graphopt.shapes import DTYPE_KEY, SHAPE_KEY
 
 KIND_KEY = "graphopt.kind"
+
+
+def owner_and_leaf(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """(the module holding ``qualname``, the attribute name there): ``a.b.weight`` -> (gm.a.b, "weight")."""
+    owner, _, leaf = qualname.rpartition(".")
+    return (gm.get_submodule(owner) if owner else gm), leaf
 
 
 class Graph:
@@ -59,8 +65,7 @@ class Graph:
 
     def attr(self, qualname: str) -> Any:
         """The tensor (or other value) a ``get_attr`` target names."""
-        owner, _, name = qualname.rpartition(".")
-        return getattr(self.gm.get_submodule(owner) if owner else self.gm, name)
+        return getattr(*owner_and_leaf(self.gm, qualname))
 
     def kind(self, node: fx.Node) -> OpKind:
         kind = node.meta.get(KIND_KEY)
@@ -166,8 +171,7 @@ class Graph:
     # -- rewriting primitives shared by all passes ---------------------------------
     def replace_module(self, qualname: str, new: nn.Module) -> None:
         """Put ``new`` where the submodule ``qualname`` was."""
-        owner, _, name = qualname.rpartition(".")
-        setattr(self.gm.get_submodule(owner) if owner else self.gm, name, new)
+        setattr(*owner_and_leaf(self.gm, qualname), new)
 
     def users_of_module(self, qualname: str) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == qualname]
@@ -193,7 +197,7 @@ class Graph:
         rows = []
         for node in self.gm.graph.nodes:
             c = cost.nodes[node.name]
-            rows.append({"node": node.name, "kind": self.kind(node).value, "target": _target_name(node),
+            rows.append({"node": node.name, "kind": self.kind(node).value, "target": op_name(node),
                          "shape": self.shape(node), "dtype": _dtype_name(self.dtype(node)),
                          "params": c.params, "macs": c.macs})
         return rows
@@ -201,13 +205,6 @@ class Graph:
     def __repr__(self) -> str:
         n = sum(1 for _ in self.gm.graph.nodes)
         return f"Graph({type(self.gm).__name__}, {n} nodes, captured_by={self.captured_by!r})"
-
-
-def _target_name(node: fx.Node) -> str:
-    target = node.target
-    if callable(target):
-        return getattr(target, "__name__", str(target))
-    return str(target)
 
 
 def _dtype_name(dtype) -> str:

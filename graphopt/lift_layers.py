@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from graphopt.ir import owner_and_leaf
+
 aten = torch.ops.aten
 
 
@@ -23,8 +25,7 @@ def _param_of(gm: fx.GraphModule, node, only_user: fx.Node) -> tuple[str, nn.Par
     """(qualname, Parameter) when ``node`` is a get_attr of a Parameter read only by ``only_user``."""
     if not isinstance(node, fx.Node) or node.op != "get_attr" or set(node.users) != {only_user}:
         return None
-    owner, _, name = node.target.rpartition(".")
-    value = getattr(gm.get_submodule(owner) if owner else gm, name, None)
+    value = getattr(*owner_and_leaf(gm, node.target), None)
     return (node.target, value) if isinstance(value, nn.Parameter) else None
 
 
@@ -82,8 +83,8 @@ def _free_name(gm: fx.GraphModule, wanted: str) -> str:
 
 def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path`` (replacing the emptied holder that may be there)."""
-    owner, _, leaf = path.rpartition(".")
-    (gm.get_submodule(owner) if owner else gm).add_module(leaf, module)
+    owner, leaf = owner_and_leaf(gm, path)
+    owner.add_module(leaf, module)
 
 
 def _drop_eval_dropout(gm: fx.GraphModule) -> int:
@@ -119,8 +120,7 @@ def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
         if bias is not None:
             module.bias = bias[1]
         for qualname, _ in (weight, bias) if bias is not None else (weight,):
-            owner, _, leaf = qualname.rpartition(".")
-            holder = gm.get_submodule(owner) if owner else gm
+            holder, leaf = owner_and_leaf(gm, qualname)
             holder._parameters.pop(leaf, None)
         path = _free_name(gm, weight[0].rpartition(".")[0] or f"lifted_{node.name}")
         _install(gm, path, module)

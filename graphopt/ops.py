@@ -148,6 +148,15 @@ def module_kind(module: nn.Module) -> OpKind:
     return OpKind.UNKNOWN
 
 
+def op_name(node: fx.Node) -> str:
+    """The op a node calls, by name: ``linear`` for torch.export's ``aten.linear.default``, the
+    method name for ``call_method``, the function's or the module path otherwise."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
     """Kind of one fx node; ``modules`` is ``dict(graph_module.named_modules())``."""
     if node.op == "placeholder":
@@ -164,7 +173,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
     if node.op == "call_function":
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
-            return _ATEN_KINDS.get(target.overloadpacket.__name__, OpKind.UNKNOWN)
+            return _ATEN_KINDS.get(op_name(node), OpKind.UNKNOWN)
         try:
             return _FUNCTION_KINDS.get(target, OpKind.UNKNOWN)
         except TypeError:  # unhashable callable
