@@ -21,7 +21,7 @@ from graphopt.backends.parity import parity_report
 MIN_OPSET = 17
 
 
-def _to_proto(graph: Graph, opset: int) -> onnx_lib.ModelProto:
+def to_proto(graph: Graph, opset: int) -> onnx_lib.ModelProto:
     """torch.onnx (dynamo exporter) on the GraphModule, quietly."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -59,7 +59,7 @@ def export(graph: Graph, path: str, *, opset: int = 18, simplify: bool = True,
     path = os.fspath(path)
     with atomic_path(path, ".onnx") as tmp:
         try:
-            model = _to_proto(graph, opset)
+            model = to_proto(graph, opset)
             onnx_lib.checker.check_model(model)
         except Exception as exc:
             raise ExportError(f"torch.onnx could not export the graph: {type(exc).__name__}: "

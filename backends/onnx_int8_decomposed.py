@@ -11,11 +11,8 @@ layers it fused is read back from the session's optimized model, not assumed.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
-import warnings
 
 import onnx
 import onnxruntime as ort
@@ -24,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphopt.errors import ExportError
+from graphopt.backends.onnx import to_proto
 from graphopt.ir import Graph, owner_and_leaf
 from graphopt.quant import CONV_FUNCS, gather_int8_rows, is_activation_fq, is_weight_dq, qparams
 
@@ -77,14 +75,10 @@ def build(graph: Graph, opset: int = 18) -> tuple[onnx.ModelProto, dict[str, str
     uint8/int8 tensor its QuantizeLinear produces (checked by count and scale)."""
     twin, activations = decompose(graph)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(twin.gm, twin.example_inputs, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=twin.dynamic_shapes, external_data=False, verbose=False)
+        model = to_proto(twin, opset)        # the float backend's quiet torch.onnx call
     except Exception as exc:
         raise ExportError(f"onnx_int8 (torch.onnx): could not export the graph: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-    model = program.model_proto
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     if len(quantizers) != len(activations):
         raise ExportError(f"onnx_int8 (torch.onnx): {len(activations)} quantized activations in the graph but "

@@ -49,9 +49,11 @@ class Pass:
     """Base class of every pass. Subclass, set the class attributes, implement ``run``."""
 
     name: ClassVar[str] = ""
-    contract: ClassVar[Contract] = Contract.EXACT
+    # contract, bound and requires may be set per instance when options change them
+    # (fine-tuning makes a pass's contract NONE and requires train_data)
+    contract: Contract = Contract.EXACT
     bound: float | None = None
-    requires: ClassVar[frozenset[str]] = frozenset()
+    requires: frozenset[str] = frozenset()
     ensures: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str] | None] = None  # None: every cached analysis
 
