@@ -18,3 +18,4 @@ def test_train_classifier_learns_and_cached_model_reloads(tmp_path):
     again = fashion_mnist.cached_model(path, digits.DigitsCNN, lambda m: 1 / 0)  # must not retrain
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+

@@ -6,8 +6,13 @@
 speed: each model pruned to 50% of its MACs by graphopt (prune_channels, L2, round_to 16)
 and, as a column, by Torch-Pruning 1.6 (MetaPruner, L2 magnitude, same MACs target found by
 bisection, the same round_to; `pip install --no-deps torch-pruning==1.6.1`). Latency is measured in torch
-eager and in onnxruntime, batch 1 and 16, 2 threads, the variants interleaved round by
-round and the median taken; ratios are dense / pruned (higher is faster).
+eager (NCHW, and channels_last: oneDNN's native layout, the usual CPU inference setting) and in
+onnxruntime, batch 1 and 16, 2 threads; ratios are dense / pruned (higher is faster). Each runtime
+is timed in its own block, its variants interleaved round by round (each timed call preceded
+by an untimed one, so it runs hot) and the median taken, so
+torch keeps its default OpenMP spin-wait (forcing OMP_WAIT_POLICY=PASSIVE, needed only when torch
+and onnxruntime calls alternate, adds a thread wake-up to every torch op: about 8 ms of ResNet-50's
+45 ms at batch 1 here, pruned or not, which hides the speed-up).
 
 accuracy: a residual CNN trained on Fashion-MNIST (cached after the first run), pruned to
 50% of its MACs (graphopt: Taylor importance, global ranking by default), then one epoch of
@@ -16,14 +21,9 @@ Torch-Pruning (L2) at the same budget, no rounding, gets the same fine-tuning. R
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import os
-
-# Idle OpenMP threads sleep instead of spinning, so interleaved torch and onnxruntime runs
-# do not stall each other (or behind other processes). Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
 import tempfile
 import time
 from typing import Callable
@@ -80,7 +80,11 @@ def ort_runner(graph: graphopt.Graph, path: str, x: torch.Tensor) -> Callable[[]
     return lambda: session.run(None, feed)
 
 
-def eager_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def eager_runner(module: nn.Module, x: torch.Tensor, channels_last: bool = False) -> Callable[[], object]:
+    if channels_last:
+        module = copy.deepcopy(module).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
     def run():
         with torch.no_grad():
             return module(x)
@@ -88,6 +92,8 @@ def eager_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 
 ROUND_TO = 16   # channel counts in multiples of 16: the AVX-512 blocking of oneDNN and MLAS kernels
+RUNTIMES = ("eager", "eager-cl", "ort")
+HOT = 1         # an untimed call before each timed one: steady-state latency (see latency.interleaved_latency)
 
 
 def speed(models: list[str], rounds: int, out: str) -> None:
@@ -109,14 +115,20 @@ def speed(models: list[str], rounds: int, out: str) -> None:
             tp_error = f"{type(exc).__name__}: {str(exc)[:80]}"
         for batch in (1, 16):
             x = torch.randn(batch, 3, 224, 224)
-            with tempfile.TemporaryDirectory() as folder:
-                runners = {}
-                for variant, (module, _) in variants.items():
-                    runners[f"eager/{variant}"] = eager_runner(module, x)
-                    g = graphopt.trace(module, x)
-                    runners[f"ort/{variant}"] = ort_runner(g, os.path.join(folder, f"{variant}.onnx"), x)
-                times = interleaved_latency(runners, rounds if batch == 1 else max(3, rounds // 3))
-            for runtime in ("eager", "ort"):
+            n = rounds if batch == 1 else max(3, rounds // 3)
+            times = {}
+            for runtime in RUNTIMES:  # one interleaved block per runtime (see the module docstring)
+                with tempfile.TemporaryDirectory() as folder:
+                    runners = {}
+                    for variant, (module, _) in variants.items():
+                        if runtime == "ort":
+                            runners[f"ort/{variant}"] = ort_runner(graphopt.trace(module, x),
+                                                                   os.path.join(folder, f"{variant}.onnx"), x)
+                        else:
+                            runners[f"{runtime}/{variant}"] = eager_runner(module, x, runtime == "eager-cl")
+                    times.update(interleaved_latency(runners, n, hot=HOT))
+                    del runners
+            for runtime in RUNTIMES:
                 dense_t = times[f"{runtime}/dense"]
                 row = {"model": name, "batch": batch, "runtime": runtime, "dense_ms": dense_t * 1e3,
                        "graphopt_macs": variants["graphopt"][1] / variants["dense"][1],
