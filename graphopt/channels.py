@@ -84,9 +84,16 @@ class ChannelGroup:
 
     @property
     def unit(self) -> int:
-        """Channels of a producing layer per pruning unit: head_dim for attention heads, the
-        group size of a GroupNorm, 1 for plain channels."""
-        return min((m.inner for m in self.members if m.role in (OUT, EMBED, HEADS)), default=1)
+        """Channels a producing layer loses per pruning unit: head_dim for attention heads, the
+        group size of a GroupNorm, the groups of a grouped conv (one row in each), 1 for plain
+        channels."""
+        per_layer: dict[str, int] = defaultdict(int)
+        for m in self.members:
+            if m.role in (OUT, EMBED):
+                per_layer[m.target] += m.inner
+            elif m.role == HEADS:  # the q, k and v rows of a head are one head
+                per_layer[m.target] = m.inner
+        return min(per_layer.values(), default=1)
 
     def targets(self, role: str) -> list[str]:
         return sorted({m.target for m in self.members if m.role == role})
@@ -300,18 +307,37 @@ class _Analysis:
             sid = self.new_space(module.out_channels, target)
             self.block_space(sid, f"{node.name}: depthwise conv on an input whose channels are not tracked")
             return Layout(1, [Seg(sid, module.out_channels)])
-        sid = self.new_space(module.out_channels, target)
-        self.protect(sid, target)
-        if module.groups > 1:
-            self.block(x, f"{node.name}: grouped conv (groups={module.groups})")
-            self.block_space(sid, f"{node.name}: grouped conv (groups={module.groups})")
-        elif x is not None:
+        if x is not None:
             if x.axis != 1 or x.sub is not None:
                 self.block(x, f"{node.name}: conv input tracked on axis {x.axis}, not channels")
+            elif module.groups > 1:
+                self.grouped_input(node, module, x, target)
             else:
                 self.add_members(x, IN, target, node, 1)
-        self.spaces.members[sid].append(Member(OUT, target, node.name, 0))
-        return Layout(1 if rank > 1 else 0, [Seg(sid, module.out_channels)])
+        # Every group must keep as many output channels as the others: a unit is the same row
+        # in each of the ``groups`` blocks of rows (one block for a plain conv).
+        width = module.out_channels // module.groups
+        sid = self.new_space(width, target)
+        self.protect(sid, target)
+        for g in range(module.groups):
+            self.spaces.members[sid].append(Member(OUT, target, node.name, 0, g * width))
+        return Layout(1 if rank > 1 else 0, [Seg(sid, width)] * module.groups)
+
+    def grouped_input(self, node: fx.Node, module: nn.Module, x: Layout, target: str) -> None:
+        """A grouped conv's weight has one column per position within a group, shared by every
+        group: a unit is the same position in each of the ``groups`` input blocks, so the
+        blocks' spaces are united (as a channel shuffle unites its rows)."""
+        width = module.in_channels // module.groups
+        if width == 1:  # a depthwise conv with a channel multiplier: its output rows follow no rule here
+            self.block(x, f"{node.name}: conv with one input channel per group and {module.out_channels} outputs "
+                          f"(groups={module.groups})")
+            return
+        try:
+            first = self.spaces.columns(x.segs, width)
+        except Unaligned as exc:
+            self.block(x, f"{node.name}: grouped conv (groups={module.groups}) input: {exc}")
+            return
+        self.add_members(Layout(1, first), IN, target, node, 1)
 
     def linear(self, node: fx.Node, module: nn.Linear, x: Layout | None, target: str) -> Any:
         rank = len(self.graph.shape(node))

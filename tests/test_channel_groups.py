@@ -376,3 +376,44 @@ def test_unbind_along_another_axis_keeps_channels_along_channels_blocks():
     assert by_name["a"].prunable
     assert roles(by_name["a"]) == sorted([(OUT, "a", 0, 1), (IN, "b", 0, 1)])
     assert by_name["c"].blocked == ["unbind_1: unbind along the channels (one output per channel)"]
+
+
+class GroupedChain(nn.Module):
+    """ResNeXt-style: a grouped conv feeding another, a residual around them and one around a
+    grouped conv whose input and output are the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.g1 = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.g2 = nn.Conv2d(24, 16, 1, groups=2)
+        self.g3 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.g2(torch.relu(self.bn1(self.g1(x))))
+        x = x + self.g3(x)
+        return self.head(x.mean((2, 3)))
+
+
+class GroupedShuffle(nn.Module):
+    """ShuffleNet v1's unit: grouped 1x1, channel shuffle, depthwise, grouped 1x1, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.g1 = nn.Conv2d(8, 16, 1, groups=2)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.g2 = nn.Conv2d(16, 8, 1, groups=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.g1(x)))
+        n, h, w = y.shape[0], y.shape[2], y.shape[3]
+        y = y.view(n, 2, 8, h, w).transpose(1, 2).reshape(n, 16, h, w)
+        x = torch.relu(x + self.g2(self.dw(y)))
+        return self.head(x.mean((2, 3)))
