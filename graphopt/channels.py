@@ -5,9 +5,11 @@ The analysis walks the graph once in topological order and tracks, for each tens
 ``graphopt.channel_spaces``). Conv/linear/embedding outputs create spaces; elementwise ops,
 norms and pooling carry them; concat lays them side by side and split/chunk cut them into
 index ranges; flatten spreads each channel over a block of features; residual adds,
-depthwise convs and GLU halves unite spaces. A view of the channel axis as two axes
-(``view(B, T, H, d)``) is a *grid*: attention (matmul, scaled_dot_product_attention) and
-reductions within a row make whole rows (heads) the unit; merging the axes back in the
+depthwise convs and GLU halves unite spaces. A grouped conv unites its input groups
+position by position (one weight column serves every group) and writes its output as one
+space repeated per group, so every group keeps the same size. A view of the channel axis
+as two axes (``view(B, T, H, d)``) is a *grid*: attention (matmul,
+scaled_dot_product_attention) and reductions within a row make whole rows (heads) the unit; merging the axes back in the
 other order (a channel shuffle) makes every row keep the same columns. GroupNorm makes
 whole groups the unit. Every place a space lives is a ``Member``: a weight slice to cut,
 a norm to shrink, a constant to slice, a size literal or split size to rewrite.
@@ -328,7 +330,7 @@ class _Analysis:
         group: a unit is the same position in each of the ``groups`` input blocks, so the
         blocks' spaces are united (as a channel shuffle unites its rows)."""
         width = module.in_channels // module.groups
-        if width == 1:  # a depthwise conv with a channel multiplier: its output rows follow no rule here
+        if width == 1:  # a depthwise multiplier: one unit would be every input channel at once
             self.block(x, f"{node.name}: conv with one input channel per group and {module.out_channels} outputs "
                           f"(groups={module.groups})")
             return
