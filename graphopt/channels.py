@@ -5,9 +5,11 @@ The analysis walks the graph once in topological order and tracks, for each tens
 ``graphopt.channel_spaces``). Conv/linear/embedding outputs create spaces; elementwise ops,
 norms and pooling carry them; concat lays them side by side and split/chunk cut them into
 index ranges; flatten spreads each channel over a block of features; residual adds,
-depthwise convs and GLU halves unite spaces. A view of the channel axis as two axes
-(``view(B, T, H, d)``) is a *grid*: attention (matmul, scaled_dot_product_attention) and
-reductions within a row make whole rows (heads) the unit; merging the axes back in the
+depthwise convs and GLU halves unite spaces. A grouped conv unites its input groups
+position by position (one weight column serves every group) and writes its output as one
+space repeated per group, so every group keeps the same size. A view of the channel axis
+as two axes (``view(B, T, H, d)``) is a *grid*: attention (matmul,
+scaled_dot_product_attention) and reductions within a row make whole rows (heads) the unit; merging the axes back in the
 other order (a channel shuffle) makes every row keep the same columns. GroupNorm makes
 whole groups the unit. Every place a space lives is a ``Member``: a weight slice to cut,
 a norm to shrink, a constant to slice, a size literal or split size to rewrite.
@@ -84,9 +86,16 @@ class ChannelGroup:
 
     @property
     def unit(self) -> int:
-        """Channels of a producing layer per pruning unit: head_dim for attention heads, the
-        group size of a GroupNorm, 1 for plain channels."""
-        return min((m.inner for m in self.members if m.role in (OUT, EMBED, HEADS)), default=1)
+        """Channels a producing layer loses per pruning unit: head_dim for attention heads, the
+        group size of a GroupNorm, the groups of a grouped conv (one row in each), 1 for plain
+        channels."""
+        per_layer: dict[str, int] = defaultdict(int)
+        for m in self.members:
+            if m.role in (OUT, EMBED):
+                per_layer[m.target] += m.inner
+            elif m.role == HEADS:  # the q, k and v rows of a head are one head
+                per_layer[m.target] = m.inner
+        return min(per_layer.values(), default=1)
 
     def targets(self, role: str) -> list[str]:
         return sorted({m.target for m in self.members if m.role == role})
@@ -300,18 +309,37 @@ class _Analysis:
             sid = self.new_space(module.out_channels, target)
             self.block_space(sid, f"{node.name}: depthwise conv on an input whose channels are not tracked")
             return Layout(1, [Seg(sid, module.out_channels)])
-        sid = self.new_space(module.out_channels, target)
-        self.protect(sid, target)
-        if module.groups > 1:
-            self.block(x, f"{node.name}: grouped conv (groups={module.groups})")
-            self.block_space(sid, f"{node.name}: grouped conv (groups={module.groups})")
-        elif x is not None:
+        if x is not None:
             if x.axis != 1 or x.sub is not None:
                 self.block(x, f"{node.name}: conv input tracked on axis {x.axis}, not channels")
+            elif module.groups > 1:
+                self.grouped_input(node, module, x, target)
             else:
                 self.add_members(x, IN, target, node, 1)
-        self.spaces.members[sid].append(Member(OUT, target, node.name, 0))
-        return Layout(1 if rank > 1 else 0, [Seg(sid, module.out_channels)])
+        # Every group must keep as many output channels as the others: a unit is the same row
+        # in each of the ``groups`` blocks of rows (one block for a plain conv).
+        width = module.out_channels // module.groups
+        sid = self.new_space(width, target)
+        self.protect(sid, target)
+        for g in range(module.groups):
+            self.spaces.members[sid].append(Member(OUT, target, node.name, 0, g * width))
+        return Layout(1 if rank > 1 else 0, [Seg(sid, width)] * module.groups)
+
+    def grouped_input(self, node: fx.Node, module: nn.Module, x: Layout, target: str) -> None:
+        """A grouped conv's weight has one column per position within a group, shared by every
+        group: a unit is the same position in each of the ``groups`` input blocks, so the
+        blocks' spaces are united (as a channel shuffle unites its rows)."""
+        width = module.in_channels // module.groups
+        if width == 1:  # a depthwise multiplier: one unit would be every input channel at once
+            self.block(x, f"{node.name}: conv with one input channel per group and {module.out_channels} outputs "
+                          f"(groups={module.groups})")
+            return
+        try:
+            first = self.spaces.columns(x.segs, width)
+        except Unaligned as exc:
+            self.block(x, f"{node.name}: grouped conv (groups={module.groups}) input: {exc}")
+            return
+        self.add_members(Layout(1, first), IN, target, node, 1)
 
     def linear(self, node: fx.Node, module: nn.Linear, x: Layout | None, target: str) -> Any:
         rank = len(self.graph.shape(node))

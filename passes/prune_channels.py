@@ -300,8 +300,9 @@ def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Grap
         for (name, dim), keep in keeps.items():
             owner, _, attr = name.rpartition(".")
             module = modules.get(owner)
-            consumer = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd)
-                                                          and module.groups == 1)
+            # a grouped conv's column j is input j of every group: zeroing it masks all of them
+            consumer = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and
+                                                          not isinstance(module, nn.modules.conv._ConvTransposeNd))
             if dim == 1 and attr == "weight" and consumer:
                 tensor = masked.attr(name)
                 mask = torch.ones(tensor.shape[1], dtype=torch.bool)

@@ -79,12 +79,21 @@ class Depthwise(nn.Module):
         return self.project(self.grouped(self.dw(self.expand(x)))).sum()
 
 
-def test_depthwise_joins_its_input_group_and_grouped_conv_blocks():
-    _, by_name = groups_of(Depthwise(), torch.randn(1, 3, 5, 5))
-    expand = by_name["expand"]
-    assert (DEPTHWISE, "dw", 0, 1) in roles(expand)
-    assert expand.blocked == ["grouped: grouped conv (groups=3)"]
-    assert by_name["grouped"].blocked[0] == "grouped: grouped conv (groups=3)"
+def test_depthwise_joins_its_input_group_and_grouped_conv_takes_one_position_per_group():
+    plan, by_name = groups_of(Depthwise(), torch.randn(1, 3, 5, 5))
+    # the grouped conv (12 -> 12, groups=3) reads its 3 input blocks of 4 with the same 4
+    # weight columns: a unit is position j of every block, so expand and dw lose 3 channels
+    expand = by_name["expand[:4] + expand[4:][:4] + expand[4:][4:]"]
+    assert expand.size == 4 and expand.unit == 3 and expand.prunable
+    assert roles(expand) == sorted([(OUT, "expand", 0, 1), (OUT, "expand", 4, 1), (OUT, "expand", 8, 1),
+                                    (DEPTHWISE, "dw", 0, 1), (DEPTHWISE, "dw", 4, 1), (DEPTHWISE, "dw", 8, 1),
+                                    (IN, "grouped", 0, 1)])
+    # its output keeps 3 equal blocks: a unit is row j of every block
+    grouped = by_name["grouped"]
+    assert grouped.size == 4 and grouped.unit == 3 and grouped.prunable
+    assert roles(grouped) == sorted([(OUT, "grouped", 0, 1), (OUT, "grouped", 4, 1), (OUT, "grouped", 8, 1),
+                                     (IN, "project", 0, 1), (IN, "project", 4, 1), (IN, "project", 8, 1)])
+    assert len(plan.prunable) == 2
 
 
 class ChannelsLast(nn.Module):
@@ -376,3 +385,104 @@ def test_unbind_along_another_axis_keeps_channels_along_channels_blocks():
     assert by_name["a"].prunable
     assert roles(by_name["a"]) == sorted([(OUT, "a", 0, 1), (IN, "b", 0, 1)])
     assert by_name["c"].blocked == ["unbind_1: unbind along the channels (one output per channel)"]
+
+
+class GroupedChain(nn.Module):
+    """ResNeXt-style: a grouped conv feeding another, a residual around them and one around a
+    grouped conv whose input and output are the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.g1 = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.g2 = nn.Conv2d(24, 16, 1, groups=2)
+        self.g3 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.g2(torch.relu(self.bn1(self.g1(x))))
+        x = x + self.g3(x)
+        return self.head(x.mean((2, 3)))
+
+
+class GroupedShuffle(nn.Module):
+    """ShuffleNet v1's unit: grouped 1x1, channel shuffle, depthwise, grouped 1x1, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.g1 = nn.Conv2d(8, 16, 1, groups=2)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.g2 = nn.Conv2d(16, 8, 1, groups=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.g1(x)))
+        n, h, w = y.shape[0], y.shape[2], y.shape[3]
+        y = y.view(n, 2, 8, h, w).transpose(1, 2).reshape(n, 16, h, w)
+        x = torch.relu(x + self.g2(self.dw(y)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_grouped_conv_chain_and_residuals_share_within_group_positions():
+    plan, by_name = groups_of(GroupedChain(), torch.randn(1, 3, 5, 5))
+    assert [g.name for g in plan.blocked] == ["head"]
+    # g1 (groups=4, 24 outputs) feeds g2 (groups=2): g2's group holds two of g1's blocks
+    assert roles(by_name["g1"]) == sorted([(OUT, "g1", 0, 1), (OUT, "g1", 6, 1), (OUT, "g1", 12, 1),
+                                           (OUT, "g1", 18, 1), (NORM, "bn1", 0, 1), (NORM, "bn1", 6, 1),
+                                           (NORM, "bn1", 12, 1), (NORM, "bn1", 18, 1),
+                                           (IN, "g2", 0, 1), (IN, "g2", 6, 1)])
+    # the residuals tie stem, g2 and g3 (whose input and output are the same channels); g1
+    # and g3 read 4 blocks of 4, so the unit is one position in every block of 4
+    (trunk,) = [g for g in plan.prunable if g.name.startswith("stem")]
+    assert trunk.size == 4 and trunk.unit == 4
+    assert [r for r in roles(trunk) if r[0] == IN] == [(IN, "g1", 0, 1), (IN, "g3", 0, 1)] + \
+        [(IN, "head", o, 1) for o in (0, 4, 8, 12)]
+    assert sorted(r for r in roles(trunk) if r[0] == OUT) == sorted(
+        (OUT, layer, o, 1) for layer in ("g2", "g3", "stem") for o in (0, 4, 8, 12))
+
+
+def test_grouped_conv_through_a_channel_shuffle():
+    plan, by_name = groups_of(GroupedShuffle(), torch.randn(1, 3, 5, 5))
+    # g1's row i of block g lands at 2i + g after the shuffle; g2's groups take 8 of those:
+    # a unit is g1's rows {u, u + 4} in both blocks, g2's within-group inputs 2u and 2u + 1
+    mid = by_name["g1[:4] + g1[4:]"]
+    assert mid.size == 4 and mid.unit == 4 and mid.prunable
+    assert [r for r in roles(mid) if r[0] != SHAPE_ARG] == sorted(
+        [(OUT, "g1", o, 1) for o in (0, 4, 8, 12)] + [(NORM, "bn1", o, 1) for o in (0, 4, 8, 12)] +
+        [(DEPTHWISE, "dw", 0, 2), (DEPTHWISE, "dw", 8, 2), (IN, "g2", 0, 2)])
+    assert by_name["stem[:4] + stem[4:] + g2"].unit == 2
+
+
+class StraddledGroups(nn.Module):
+    """Grouped convs over a concat of 3 + 5 channels, over GroupNorm groups wider than a conv
+    group, and with a channel multiplier (one input channel per group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.g = nn.Conv2d(8, 8, 1, groups=2)
+        self.gn = nn.GroupNorm(2, 8)
+        self.narrow = nn.Conv2d(8, 4, 1, groups=4)
+        self.mult = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.g(torch.cat([self.a(x), self.b(x)], 1))
+        return self.head(self.mult(self.narrow(self.gn(y))))
+
+
+def test_grouped_conv_over_a_concat_and_what_it_cannot_keep_exact():
+    _, by_name = groups_of(StraddledGroups(), torch.randn(1, 3, 4, 4))
+    # blocks [a0 a1 a2 b0] and [b1 b2 b3 b4]: position j of both blocks is one unit
+    assert roles(by_name["a + b[1:][:3]"]) == sorted([(OUT, "a", 0, 1), (OUT, "b", 1, 1), (IN, "g", 0, 1)])
+    assert roles(by_name["b[:1] + b[1:][3:]"]) == sorted([(OUT, "b", 0, 1), (OUT, "b", 4, 1), (IN, "g", 3, 1)])
+    # GroupNorm keeps whole groups of 4 channels; narrow's groups of 2 would cut into them
+    assert by_name["g"].blocked == ["narrow: grouped conv (groups=4) input: cuts inside a unit of 4 positions"]
+    assert by_name["narrow"].blocked == ["mult: conv with one input channel per group and 8 outputs (groups=4)"]
+    assert by_name["mult"].prunable and by_name["mult"].size == 2  # its output rows still go per group

@@ -9,15 +9,19 @@ import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
+from graphopt.channels import channel_groups
 from graphopt.passes import PruneChannels
+from graphopt.passes.pruning_importance import L1
 from graphopt.tools import minilm
 
 from conftest import randomize_bn
-from test_channel_groups import GLU, GroupNormNet, SelfAttention, Shuffle, Split
+from test_channel_groups import (GLU, Depthwise, GroupedChain, GroupedShuffle, GroupNormNet, SelfAttention,
+                                 Shuffle, Split)
 
 
-def prune(model, *inputs, ratio=0.5):
-    result = PassManager([PruneChannels(ratio=ratio)]).run(graphopt.trace(randomize_bn(model).eval(), inputs))
+def prune(model, *inputs, **options):
+    options = options or {"ratio": 0.5}
+    result = PassManager([PruneChannels(**options)]).run(graphopt.trace(randomize_bn(model).eval(), inputs))
     record = result.records[1]
     assert record.contract_error <= 1e-5  # the oracle
     assert record.max_error > 1e-4        # and pruning changed the outputs, so it compared something
@@ -73,6 +77,58 @@ def test_channel_shuffle_literals_are_rewritten():
     (view,), (reshape,) = calls(result.graph, "view"), calls(result.graph, "reshape")
     assert view.args[2:4] == (2, 4) and reshape.args[2] == 8
     assert result.graph.run(torch.randn(1, 3, 6, 6)).shape == (1, 4, 6, 6)
+
+
+GROUPED = {  # layer: (weight shape, groups) after pruning half of every group
+    "chain": (GroupedChain, {"stem": ((8, 3, 1, 1), 1), "g1": ((12, 2, 3, 3), 4), "bn1": ((12,), None),
+                             "g2": ((8, 6, 1, 1), 2), "g3": ((8, 2, 3, 3), 4), "head": ((5, 8), None)}),
+    "shuffle": (GroupedShuffle, {"stem": ((4, 3, 1, 1), 1), "g1": ((8, 2, 1, 1), 2), "bn1": ((8,), None),
+                                 "dw": ((8, 1, 3, 3), 8), "g2": ((4, 4, 1, 1), 2), "head": ((5, 4), None)}),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_grouped_convs_lose_the_same_positions_in_every_group(name, tmp_path):
+    model, expected = GROUPED[name]
+    result = prune(model(), torch.randn(2, 3, 5, 5))  # asserts pruned == masked original
+    gm = result.graph.gm
+    for layer, (shape, groups) in expected.items():
+        module = gm.get_submodule(layer)
+        assert tuple(module.weight.shape) == shape, layer
+        if groups is not None:
+            assert module.groups == groups, layer
+            assert (module.in_channels, module.out_channels) == (shape[1] * groups, shape[0]), layer
+    if name == "shuffle":
+        (view,), (reshape,) = calls(result.graph, "view"), calls(result.graph, "reshape")
+        assert view.args[2:4] == (2, 4) and reshape.args[2] == 8
+    onnx_backend.export(result.graph, tmp_path / f"{name}.onnx")  # checks onnxruntime against the graph
+
+
+def test_grouped_convs_meet_a_macs_budget():
+    x = torch.randn(2, 3, 5, 5)
+    result = prune(GroupedChain(), x, target_macs=0.5)
+    before, after = result.records
+    # 2 groups of 4 and 6 units: one unit fewer from each keeps 51120 MACs (> 50%), so the
+    # least pruning within budget removes 2 + 3 units, and the estimate is the real cost
+    assert (before.macs, after.macs, after.stats["channels_removed"]) == (84160, 21680, 5)
+    assert PruneChannels(ratio=0.5).plan(graphopt.trace(GroupedChain().eval(), (x,))).estimate == \
+        {"macs": after.macs, "params": after.params}
+    for layer, groups in (("g1", 4), ("g2", 2), ("g3", 4)):
+        module = result.graph.gm.get_submodule(layer)
+        assert module.groups == groups and module.in_channels % groups == module.out_channels % groups == 0
+
+
+def test_grouped_conv_units_are_scored_over_every_group():
+    model = randomize_bn(Depthwise())
+    graph = graphopt.trace(model.eval(), (torch.randn(1, 3, 5, 5),))
+    grouped, expand = (next(g for g in channel_groups(graph).groups if g.name.startswith(n))
+                       for n in ("grouped", "expand"))
+    w = {n: model.get_submodule(n).weight.detach().abs() for n in ("expand", "dw", "grouped", "project")}
+    rows = lambda t: t.flatten(1).sum(1).view(3, 4).sum(0)  # noqa: E731  (row j of each block of 4)
+    cols = lambda t: t.movedim(1, 0).flatten(1).sum(1).view(3, 4).sum(0)  # noqa: E731
+    assert torch.allclose(L1().scores(graph, grouped), rows(w["grouped"]) + cols(w["project"]))
+    assert torch.allclose(L1().scores(graph, expand), rows(w["expand"]) + rows(w["dw"]) +
+                          w["grouped"].movedim(1, 0).flatten(1).sum(1))
 
 
 @pytest.mark.parametrize("affine", [True, False])
