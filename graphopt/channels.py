@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 OUT, IN, DEPTHWISE, NORM, PARAM, EMBED, SHAPE_ARG = "out", "in", "depthwise", "norm", "param", "embed", "shape_arg"
 HEADS = "heads"  # whole attention heads: q/k/v rows of in_proj (inner = head_dim)
 SPLIT = "split"  # the size of one output of a split/chunk along the channels
+SLICE = "slice"  # a bound (``target``: "start" or "stop") of a slice object indexing the channels
 
 __all__ = ["ChannelGroup", "ChannelPlan", "Layout", "Member", "ParamRef", "Seg", "channel_groups",
-           "DEPTHWISE", "EMBED", "HEADS", "IN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SPLIT"]
+           "DEPTHWISE", "EMBED", "HEADS", "IN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SLICE", "SPLIT"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class Member:
 
     SHAPE_ARG: a size literal of node ``node``: ``node.args[arg]`` itself (``axis`` = -1)
     or element ``axis`` of that sequence; it shrinks by the positions removed.
-    SPLIT: output ``axis`` of the split/chunk ``node`` along dim ``arg``."""
+    SPLIT: output ``axis`` of the split/chunk ``node`` along dim ``arg``.
+    SLICE: bound ``target`` ("start"/"stop") of the slice at element ``axis`` of the index
+    ``node.args[arg]`` (-1: the index is that slice itself); it moves down by the positions removed."""
 
     role: str
     target: str
@@ -141,6 +144,7 @@ class _Analysis:
         self.values: dict[fx.Node, Any] = {}
         self.grids: list[tuple[str, Layout]] = []                 # every grid view, to decide at the end
         self.grid_literals: list[tuple[Layout, Entry, Entry]] = []
+        self.first_calls: dict[str, fx.Node] = {}                 # module with weights -> its first call
 
     # -- spaces ------------------------------------------------------------------------
     def new_space(self, size: int, name: str) -> int:
@@ -215,7 +219,7 @@ class _Analysis:
             names = list(dict.fromkeys(self.spaces.names[sid]))
             groups.append(ChannelGroup(len(groups), self.spaces.size[sid], " + ".join(names[:3]) +
                                        (f" (+{len(names) - 3})" if len(names) > 3 else ""),
-                                       list(dict.fromkeys(self.spaces.members[sid])),
+                                       _distinct(self.spaces.members[sid]),
                                        list(self.spaces.reasons[sid])))
         _block_shared_literals(groups)
         return ChannelPlan(groups)
@@ -232,8 +236,33 @@ class _Analysis:
             return None
         kind = self.graph.kind(node)
         if node.op == "call_module":
-            return self.visit_module(node, self.modules[node.target], kind)
+            value = self.visit_module(node, self.modules[node.target], kind)
+            self.values[node] = value
+            self.share_weights(node)
+            return self.get(node)
         return self.visit_function(node, kind)
+
+    def share_weights(self, node: fx.Node) -> None:
+        """A module with weights called again (weight sharing) must see the same channels on
+        every call: its inputs are united with its first call's, and so are its outputs."""
+        module = self.modules[node.target]
+        if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None:
+            return
+        first = self.first_calls.setdefault(node.target, node)
+        if first is node:
+            return
+        pairs = [(self.get(first.args[0]) if first.args else None, self.get(node.args[0]) if node.args else None),
+                 (self.get(first), self.get(node))]
+        for a, b in pairs:
+            if a is None and b is None:
+                continue
+            if not (isinstance(a, Layout) and isinstance(b, Layout) and a.axis == b.axis and a.sub is None
+                    and b.sub is None and a.positions == b.positions) or len(node.args) > 1 or node.kwargs:
+                reason = f"{node.name}: {node.target} is called more than once with channels that cannot be matched"
+                self.block(a, reason)
+                self.block(b, reason)
+                continue
+            self.spaces.align(a.segs, b.segs)
 
     def visit_module(self, node: fx.Node, module: nn.Module, kind: OpKind) -> Any:
         x = self.get(node.args[0]) if node.args else None
@@ -541,11 +570,21 @@ class _Analysis:
         rank = len(in_shape)
         if name == "slice":  # aten.slice.Tensor(x, dim, start, end, step)
             dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
-            whole = start in (None, 0) and step in (None, 1) and (end is None or
-                                                                 (isinstance(end, int) and end >= in_shape[dim % rank]))
-            if dim % rank in value.axes() and not whole:
-                raise Unaligned("slices the channels")
-            return value
+            if dim % rank not in value.axes():
+                return value
+            return self.channel_range(value, in_shape[dim % rank], start, end, step,
+                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=2),
+                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=3))
+        if name == "narrow":  # torch.narrow(x, dim, start, length)
+            dim, start, length = node.args[1:4]
+            if dim % rank not in value.axes():
+                return value
+            if not (isinstance(start, int) and isinstance(length, int)) or start < 0:
+                raise Unaligned("narrows the channels with bounds the analysis cannot rewrite")
+            return self.channel_range(value, in_shape[dim % rank], start, start + length, 1,
+                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=2),
+                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=3),
+                                      length_from_start=True)
         if name == "select":  # aten.select.int(x, dim, index)
             dim = node.args[1] % rank
             if dim in value.axes():
@@ -554,12 +593,14 @@ class _Analysis:
             return value.at(drop(value.axis), None if value.sub is None else drop(value.sub))
         idx = node.args[1]
         items = list(idx) if isinstance(idx, tuple) else [idx]
+        where: list[int | None] = list(range(len(items)))  # each item's element in ``idx`` (None: from an Ellipsis)
         if Ellipsis in items:
             at = items.index(Ellipsis)
             consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
             items = items[:at] + [slice(None)] * (rank - consumed) + items[at + 1:]
-        mapping, in_axis, out_axis = {}, 0, 0
-        for item in items:
+            where = where[:at] + [None] * (rank - consumed) + where[at + 1:]
+        mapping, in_axis, out_axis, ranged = {}, 0, 0, None
+        for element, item in zip(where, items):
             if item is None:
                 out_axis += 1
                 continue
@@ -571,13 +612,52 @@ class _Analysis:
             if not isinstance(item, slice):
                 raise Unaligned("advanced indexing")
             if in_axis in value.axes() and item != slice(None):
-                raise Unaligned("indexes into the channels")
+                if in_axis != value.axis or element is None:
+                    raise Unaligned("indexes into the channels")
+                ranged = (element, item, in_axis)
             mapping[in_axis] = out_axis
             in_axis, out_axis = in_axis + 1, out_axis + 1
         while in_axis < rank:
             mapping[in_axis] = out_axis
             in_axis, out_axis = in_axis + 1, out_axis + 1
+        if ranged is not None:
+            element, item, axis = ranged
+            at = -1 if not isinstance(idx, tuple) else element
+            value = self.channel_range(value, in_shape[axis], item.start, item.stop, item.step,
+                                       lambda offset: Member(SLICE, "start", node.name, at, offset, arg=1),
+                                       lambda offset: Member(SLICE, "stop", node.name, at, offset, arg=1))
         return value.at(mapping[value.axis], None if value.sub is None else mapping[value.sub])
+
+    def channel_range(self, x: Layout, size: int, start: Any, stop: Any, step: Any,
+                      start_member: Callable[[int], Member], stop_member: Callable[[int], Member],
+                      length_from_start: bool = False) -> Layout:
+        """``x[start:stop]`` along its channel axis: the output holds those channels (cut into
+        their own spaces), and every channel pruned before a bound moves that bound down (for
+        ``narrow``'s length: every channel pruned inside the range)."""
+        start = 0 if start is None else start
+        stop = size if stop is None or (isinstance(stop, int) and stop >= size) else stop
+        if not (isinstance(start, int) and isinstance(stop, int)) or step not in (None, 1):
+            raise Unaligned("slices the channels with a computed bound or a step")
+        if start < 0 or stop < 0:
+            raise Unaligned("slices the channels with negative bounds")
+        if start == 0 and stop == size:
+            return x
+        if x.sub is not None:
+            raise Unaligned("slices a grid of channels")
+        if start >= stop:
+            raise Unaligned("slices the channels to an empty range")
+        kept, at = [], 0
+        for seg in self.spaces.cut(x.segs, {start, stop} - {0, size}):
+            if at < start:
+                self.spaces.add_member(seg, start_member(at))
+                if stop < size and not length_from_start:
+                    self.spaces.add_member(seg, stop_member(at))
+            elif at < stop:
+                kept.append(seg)
+                if stop < size or length_from_start:
+                    self.spaces.add_member(seg, stop_member(at))
+            at += seg.positions
+        return Layout(x.axis, kept)
 
     def reshape(self, node: fx.Node, name: str) -> Any:
         x = self.get(node.args[0])
@@ -850,6 +930,12 @@ def _block_shared_literals(groups: list[ChannelGroup]) -> None:
                     for x in (g, g2):
                         if reason not in x.blocked:
                             x.blocked.append(reason)
+
+
+def _distinct(members: list[Member]) -> list[Member]:
+    """Members without repeats; a shared module's weight slices count once, whichever call added them."""
+    weights = (OUT, IN, DEPTHWISE, NORM, PARAM, EMBED, HEADS)
+    return list(dict.fromkeys(replace(m, node="") if m.role in weights else m for m in members))
 
 
 def _layouts(value: Any) -> list[Layout]:

@@ -80,7 +80,7 @@ _FUNCTION_KINDS: dict[Callable, OpKind] = {
     F.instance_norm: OpKind.NORM,
     torch.cat: OpKind.CONCAT, torch.concat: OpKind.CONCAT, torch.stack: OpKind.CONCAT,
     torch.split: OpKind.SPLIT, torch.chunk: OpKind.SPLIT, torch.unbind: OpKind.SPLIT,
-    operator.getitem: OpKind.INDEX,
+    operator.getitem: OpKind.INDEX, torch.narrow: OpKind.INDEX,
     torch.flatten: OpKind.RESHAPE, torch.reshape: OpKind.RESHAPE,
     torch.squeeze: OpKind.RESHAPE, torch.unsqueeze: OpKind.RESHAPE,
     torch.permute: OpKind.PERMUTE, torch.transpose: OpKind.PERMUTE,
@@ -112,7 +112,7 @@ _METHOD_KINDS: dict[str, OpKind] = {
     **{m: OpKind.REDUCE for m in ("mean", "sum", "amax", "max", "min")},
     **{m: OpKind.SHAPE for m in ("size", "dim")},
     "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL,
-    "softmax": OpKind.SOFTMAX,
+    "softmax": OpKind.SOFTMAX, "narrow": OpKind.INDEX,
     "dequantize": OpKind.DEQUANTIZE,
 }
 # torch.export graphs carry aten overloads; classify them by their packet name.
@@ -128,6 +128,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "mul": OpKind.ELEMENTWISE, "div": OpKind.ELEMENTWISE,
     "cat": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
     "chunk": OpKind.SPLIT, "unbind": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
+    "narrow": OpKind.INDEX,
     "view": OpKind.RESHAPE, "reshape": OpKind.RESHAPE, "flatten": OpKind.RESHAPE,
     "unsqueeze": OpKind.RESHAPE, "squeeze": OpKind.RESHAPE,
     "permute": OpKind.PERMUTE, "transpose": OpKind.PERMUTE, "t": OpKind.PERMUTE,

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SPLIT, ChannelGroup,
-                               ChannelPlan, channel_groups)
+from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
+                               ChannelGroup, ChannelPlan, channel_groups)
 from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
@@ -219,6 +219,7 @@ class PruneChannels(Pass):
         """Slice every member of every chosen group; returns the cuts made, by (tensor, axis)."""
         cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         shape_edits: dict[tuple[str, int, int], int] = defaultdict(int)
+        slice_edits: dict[tuple[str, int, int, str], int] = defaultdict(int)
         split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
         group_norms: dict[str, set[int]] = defaultdict(set)
         depthwise = set()
@@ -231,6 +232,9 @@ class PruneChannels(Pass):
                 positions = {m.offset + c * m.inner + k for c in channels for k in range(m.inner)}
                 if m.role == SHAPE_ARG:
                     shape_edits[(m.node, m.arg, m.axis)] += len(positions)
+                    continue
+                if m.role == SLICE:
+                    slice_edits[(m.node, m.arg, m.axis, m.target)] += len(positions)
                     continue
                 if m.role == SPLIT:
                     split_edits[(m.node, m.arg)][m.axis] += len(positions)
@@ -251,6 +255,7 @@ class PruneChannels(Pass):
         for target, positions in group_norms.items():
             resize_group_norm(graph, target, positions)
         _rewrite_shapes(graph, shape_edits)
+        _rewrite_slices(graph, slice_edits)
         for (node_name, dim), removed in split_edits.items():
             split_sizes(graph.node(node_name), dim, removed)
         graph.commit()
@@ -288,6 +293,21 @@ def _rewrite_shapes(graph: Graph, edits: dict[tuple[str, int, int], int]) -> Non
             sizes = list(args[arg])
             sizes[element] -= removed
             args[arg] = type(args[arg])(sizes)
+        node.args = tuple(args)
+
+
+def _rewrite_slices(graph: Graph, edits: dict[tuple[str, int, int, str], int]) -> None:
+    """Move slice bounds down: the ``start``/``stop`` of ``node.args[arg]`` (element -1) or of
+    its element ``element``."""
+    for (node_name, arg, element, bound), removed in edits.items():
+        node = graph.node(node_name)
+        args = list(node.args)
+        items = list(args[arg]) if element >= 0 else [args[arg]]
+        item = items[max(element, 0)]
+        fields = {"start": item.start, "stop": item.stop, "step": item.step}
+        fields[bound] -= removed
+        items[max(element, 0)] = slice(fields["start"], fields["stop"], fields["step"])
+        args[arg] = tuple(items) if element >= 0 else items[0]
         node.args = tuple(args)
 
 

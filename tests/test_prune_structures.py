@@ -69,6 +69,107 @@ def test_split_in_a_torch_export_graph():
     assert split.args[1:] == ([4, 4], 1)
 
 
+class Slices(nn.Module):
+    """A channel range taken three ways (a getitem slice, an Ellipsis index, torch.narrow) from
+    one conv output that is also used whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.a, self.b, self.c, self.whole = nn.Conv2d(8, 4, 1), nn.Conv2d(6, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return self.a(y[:, 8:]) + self.b(y[..., 2:8, :, :]) + self.c(torch.narrow(y, 1, 4, 4)) + self.whole(y)
+
+
+def slice_bounds(graph):
+    out = []
+    for n in graph.nodes:
+        if getattr(n.target, "__name__", "") == "getitem":
+            item = next(i for i in n.args[1] if i is not Ellipsis and i != slice(None))
+            out.append((item.start, item.stop))
+        elif getattr(n.target, "__name__", "") == "narrow":
+            out.append(tuple(n.args[2:]))
+    return out
+
+
+def test_channel_slices_keep_their_range_and_their_bounds_move():
+    torch.manual_seed(0)
+    model = Slices()
+    result = prune(model, torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    stem = gm.get_submodule("stem").out_channels
+    assert stem < 16
+    # the slices still cover the channels each consumer reads: bounds shrank with the pruning
+    (a_start, a_stop), (b_start, b_stop), (c_start, c_len) = slice_bounds(result.graph)
+    assert a_stop is None and stem - a_start == gm.get_submodule("a").in_channels
+    assert b_stop - b_start == gm.get_submodule("b").in_channels
+    assert c_len == gm.get_submodule("c").in_channels and c_start + c_len <= stem
+    assert result.graph.run(torch.randn(1, 3, 5, 5)).shape == (1, 4, 5, 5)
+
+
+def test_channel_slices_in_a_torch_export_graph(tmp_path):
+    class ExportSlice(nn.Module):
+        """int() of a size stops torch.fx, so torch.export captures it (aten.slice)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 16, 1), nn.Conv2d(10, 4, 1)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            return self.conv2(y[:, int(y.shape[1]) - 12:int(y.shape[1]) - 2])
+
+    result = prune(ExportSlice(), torch.randn(2, 3, 4, 4))
+    assert result.graph.captured_by == "torch.export"
+    gm = result.graph.gm
+    sliced = next(n for n in result.graph.nodes if n.target is torch.ops.aten.slice.Tensor and n.args[1] == 1)
+    assert sliced.args[3] - sliced.args[2] == gm.get_submodule("conv2").in_channels < 10
+    onnx_backend.export(result.graph, str(tmp_path / "m.onnx"))
+
+
+def test_a_module_called_twice_sees_the_same_channels_on_both_calls():
+    class Shared(nn.Module):
+        """One conv applied to two different producers (weight sharing): their channels unite."""
+
+        def __init__(self):
+            super().__init__()
+            self.left, self.right, self.shared = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.shared(torch.relu(self.left(x))) * self.shared(torch.relu(self.right(x))))
+
+    plan = channel_groups(graphopt.trace(Shared(), torch.randn(1, 3, 4, 4)))
+    names = sorted(g.name for g in plan.prunable)
+    assert names == ["left + right", "shared"]
+    result = prune(Shared(), torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    assert gm.get_submodule("left").out_channels == gm.get_submodule("right").out_channels \
+        == gm.get_submodule("shared").in_channels == 4
+    assert gm.get_submodule("shared").out_channels == gm.get_submodule("head").in_channels == 4
+
+
+@pytest.mark.parametrize("index, reason", [
+    (lambda y: y[:, 2:12:2], "a computed bound or a step"),
+    (lambda y: y[:, -4:], "negative bounds"),
+    (lambda y: y[:, [1, 3, 5]], "advanced indexing"),
+])
+def test_channel_indexing_the_analysis_cannot_rewrite_blocks(index, reason):
+    class Indexed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 1)
+
+        def forward(self, x):
+            return index(self.stem(x)).sum()
+
+    plan = channel_groups(graphopt.trace(Indexed(), torch.randn(1, 3, 4, 4)))
+    stem = next(g for g in plan.groups if "stem" in g.name)
+    assert any(reason in r for r in stem.blocked), stem.blocked
+
+
 def test_channel_shuffle_literals_are_rewritten():
     result = prune(Shuffle(), torch.randn(2, 3, 4, 4))
     gm = result.graph.gm
