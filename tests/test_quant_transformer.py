@@ -94,6 +94,46 @@ def test_onnx_int8_goes_through_torch_onnx_and_reaches_integer_kernels(encoder_i
         onnx_int8.export(result.graph, tmp_path / "x.onnx", lowering="tvm")
 
 
+def _fused_ops(model: onnx.ModelProto, tmp_path) -> set[str]:
+    """Op types in onnxruntime's optimized version of ``model`` (what it actually runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def test_layernorms_on_2d_keep_onnxruntime_from_fusing_the_residual_add(encoder_int8, tmp_path):
+    from graphopt.backends.onnx_layernorm import layernorms_on_2d, skip_layernorm_sites
+
+    _, _, result = encoder_int8
+    report = onnx_int8.export(result.graph, tmp_path / "enc.onnx")
+    assert {"qdq", "qdq+ln2d"} <= set(report.details["ms_by_form"])     # the twin was built and timed
+    assert report.details["layernorms_2d"] in (0, 2)
+    original = onnx_int8._candidates(result.graph, "auto", "auto", True, 1)["qdq"].model
+    assert len(skip_layernorm_sites(original)) == 2                    # norm1 and norm2 follow residual adds
+    rewritten, count = layernorms_on_2d(original)
+    assert count == 2 and not skip_layernorm_sites(rewritten)
+    assert "SkipLayerNormalization" in _fused_ops(original, tmp_path)
+    assert "SkipLayerNormalization" not in _fused_ops(rewritten, tmp_path)
+    ids = torch.randint(0, 100, (3, 17)).numpy()
+    a, b = (onnx_int8.ort_session(m.SerializeToString(), 1) for m in (original, rewritten))
+    np.testing.assert_allclose(a.run(None, {a.get_inputs()[0].name: ids})[0],
+                               b.run(None, {b.get_inputs()[0].name: ids})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_int8_prefers_the_ln2d_twin_unless_it_is_clearly_slower():
+    class Built:
+        def __init__(self, size):
+            self.model = type("M", (), {"ByteSize": lambda _: size})()
+
+    twins = {"qdq": Built(100), "qdq+ln2d": Built(110)}
+    assert onnx_int8._pick(twins, {"qdq": 1.0, "qdq+ln2d": 1.03}) == "qdq+ln2d"   # a tie: the twin
+    assert onnx_int8._pick(twins, {"qdq": 1.0, "qdq+ln2d": 0.80}) == "qdq+ln2d"
+    assert onnx_int8._pick(twins, {"qdq": 1.0, "qdq+ln2d": 1.20}) == "qdq"        # clearly slower: not
+
+
 def test_torchscript_int8_runs_float_output_kernels_at_any_length(encoder_int8, tmp_path):
     model, _, result = encoder_int8
     report = torchscript_int8.export(result.graph, tmp_path / "enc.pt")
