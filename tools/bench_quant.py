@@ -6,6 +6,11 @@
 Per model and batch size, every runtime runs in one process, interleaved (A, B, C, ... repeated),
 medians reported as ratios over onnxruntime fp32. Thread counts are fixed (torch and
 onnxruntime) and onnxruntime's thread spinning is off so it does not slow the torch runs.
+torch's OpenMP threads keep spin-waiting between ops, as by default, but stop after about a
+millisecond idle (GOMP_SPINCOUNT=20000; the default spins for ~10 ms after each torch run
+and slowed the onnxruntime run timed next by a third on MobileNetV2, while
+OMP_WAIT_POLICY=PASSIVE makes every torch op pay a thread wake-up: MobileNetV2's eager batch-1
+time 2.7x). Each timed run follows an untimed run of the same column (steady state).
 Columns: torch eager fp32; onnxruntime fp32; onnxruntime ``quantize_static`` called plainly
 (QDQ, per-channel); onnxruntime ``quant_pre_process`` then ``quantize_static`` (QOperator,
 U8 activations, S8 weights, per-channel); torch.ao FX int8 (x86); graphopt TorchScript int8;
@@ -171,22 +176,23 @@ def _image(batch: int) -> tuple:
 
 
 def measure(runners: dict, inputs: tuple, rounds: int) -> dict[str, float]:
-    """Median ms per run of each column, interleaved."""
-    times = interleaved_latency({c: (lambda run=run: run(*inputs)) for c, run in runners.items()}, rounds, warmup=1)
+    """Median ms per run of each column, interleaved, each timed run right after an untimed one
+    of the same column (see the module docstring)."""
+    times = interleaved_latency({c: (lambda run=run: run(*inputs)) for c, run in runners.items()}, rounds,
+                                warmup=1, hot=1)
     return {c: 1e3 * v for c, v in times.items()}
 
 
-def _passive_openmp() -> None:
-    """Re-run this process with OpenMP threads that sleep instead of spinning when idle: otherwise
-    torch's idle threads spin after each torch run and steal the cores of the runtime timed next
-    (on a shared machine, the spin of every process hurts all). Must be set before torch loads."""
-    if os.environ.get("OMP_WAIT_POLICY") is None:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+def _short_openmp_spin() -> None:
+    """Re-run this process with torch's OpenMP spin-wait cut to about a millisecond (see the
+    module docstring); it must be set before torch loads."""
+    if os.environ.get("GOMP_SPINCOUNT") is None:
+        os.environ["GOMP_SPINCOUNT"] = "20000"
         os.execv(sys.executable, [sys.executable, "-m", "graphopt.tools.bench_quant", *sys.argv[1:]])
 
 
 def main() -> None:
-    _passive_openmp()
+    _short_openmp_spin()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,minilm")
     parser.add_argument("--batches", default="1,16")
@@ -200,6 +206,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     results = {"threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
                "torch": torch.__version__, "onnxruntime": ort.__version__,
                "machine": platform.machine(), "cpus": os.cpu_count(), "models": {}}
     rows, size_rows = [], []
