@@ -2,9 +2,7 @@
 
 Plan: analyse channel groups (graphopt.channels), score channels with an importance
 criterion, choose what to remove (uniform ratio, global ranking with a per-group cap,
-latency-aware global ranking where importance is divided by each group's measured seconds
-per MAC (passes/pruning_latency), per-layer overrides, rounding to a multiple, or a
-MACs/params budget found by search).
+per-layer overrides, rounding to a multiple, or a MACs/params budget found by search).
 Apply: slice every member of each group and rewrite shape literals. Oracle: the pass
 hands the PassManager the original graph with the removed channels masked (consumer
 columns zeroed) as its reference, and promises exact equality with it.
@@ -26,7 +24,6 @@ from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.passes.pruning_importance import Importance, make_importance
-from graphopt.passes.pruning_latency import GroupLatency
 from graphopt.slicing import apply_cuts, resize_group_norm, split_sizes
 
 
@@ -58,9 +55,6 @@ def _ratio(value: Any, name: str, upper_open: bool = True) -> float:
     return float(value)
 
 
-SCOPES = ("uniform", "global", "latency")
-
-
 @register_pass("prune_channels")
 class PruneChannels(Pass):
     """Remove whole channels (conv filters, linear features) across dependency groups; weights shrink."""
@@ -80,8 +74,8 @@ class PruneChannels(Pass):
         self.target_macs = None if target_macs is None else _ratio(target_macs, "target_macs", upper_open=False)
         self.target_params = None if target_params is None else _ratio(target_params, "target_params",
                                                                         upper_open=False)
-        if scope not in SCOPES:
-            raise ConfigError(f"prune_channels: scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
+        if scope not in ("uniform", "global"):
+            raise ConfigError(f"prune_channels: scope must be 'uniform' or 'global', got {scope!r}")
         self.scope = scope
         self.max_ratio = _ratio(max_ratio, "max_ratio")
         if not isinstance(round_to, int) or round_to < 1:
@@ -125,18 +119,12 @@ class PruneChannels(Pass):
             self.importance.prepare(graph, data)
         scores = {g.id: self.importance.scores(graph, g).float() for g in plan.prunable}
         estimator = _CostEstimator(graph, plan)
-        costs = None
-        if self.scope == "latency":   # measured seconds per MAC removed, per group
-            seconds = GroupLatency(graph).per_channel(plan.prunable)
-            base = estimator.base["macs"]
-            costs = {g.id: seconds[g.id] / max(1, base - estimator.estimate({g.id: [0]})["macs"])
-                     for g in plan.prunable}
         if ratio is None and goal is None:
             ratio, goal = self.ratio, self.target_macs or self.target_params
         if ratio is not None:
-            removed = self.select(plan, scores, ratio, costs)
+            removed = self.select(plan, scores, ratio)
         else:
-            removed = self.search(plan, scores, estimator, self.budget_key, goal, costs)
+            removed = self.search(plan, scores, estimator, self.budget_key, goal)
         return PruneChoice(plan, removed, estimator.estimate(removed))
 
     @property
@@ -155,11 +143,7 @@ class PruneChannels(Pass):
         keep = max(1, size - remove)
         return min(size, math.ceil(keep / step) * step)
 
-    def select(self, plan: ChannelPlan, scores: dict[int, torch.Tensor], ratio: float,
-               costs: dict[int, float] | None = None) -> dict[int, list[int]]:
-        """Channels to remove: ``ratio`` of each group (uniform), or of all channels ranked by
-        importance relative to their group's mean (global), divided by the group's measured
-        seconds saved per channel relative to the mean group's (latency: ``costs``)."""
+    def select(self, plan: ChannelPlan, scores: dict[int, torch.Tensor], ratio: float) -> dict[int, list[int]]:
         counts: dict[int, int] = {}
         overridden = {g.id for g in plan.prunable if self.group_ratio(g, -1.0) >= 0}
         if self.scope == "uniform":
@@ -171,11 +155,7 @@ class PruneChannels(Pass):
                     counts[g.id] = int(g.size * self.group_ratio(g, ratio))
             pool = [g for g in plan.prunable if g.id not in overridden]
             total = sum(g.size for g in pool)
-            weight = {g.id: 1.0 for g in pool}
-            if costs:   # importance per second saved: groups whose channels cost more go first
-                mean = sum(costs[g.id] for g in pool) / len(pool) or 1.0
-                weight = {g.id: max(costs[g.id] / mean, 0.01) for g in pool}
-            ranked = sorted((float(s) / weight[g.id], g.id, c) for g in pool
+            ranked = sorted((float(s), g.id, c) for g in pool
                             for c, s in enumerate(scores[g.id] / scores[g.id].mean().clamp_min(1e-12)))
             want, caps = int(total * ratio), {g.id: int(g.size * self.max_ratio) for g in pool}
             taken: dict[int, int] = defaultdict(int)
@@ -192,10 +172,10 @@ class PruneChannels(Pass):
                 removed[g.id] = sorted(torch.argsort(scores[g.id], stable=True)[:n].tolist())
         return removed
 
-    def search(self, plan, scores, estimator, key: str, goal: float, costs=None) -> dict[int, list[int]]:
+    def search(self, plan, scores, estimator, key: str, goal: float) -> dict[int, list[int]]:
         """Smallest ratio whose estimated cost is within ``goal`` x the original (bisection)."""
         base = estimator.base[key]
-        best = self.select(plan, scores, self.max_ratio, costs)
+        best = self.select(plan, scores, self.max_ratio)
         reachable = estimator.estimate(best)[key] / base
         if reachable > goal + 1e-9:
             raise ConfigError(f"prune_channels: cannot reach {key} <= {goal:.1%} of the original: pruning every "
@@ -203,7 +183,7 @@ class PruneChannels(Pass):
         lo, hi = 0.0, self.max_ratio
         for _ in range(30):
             mid = (lo + hi) / 2
-            candidate = self.select(plan, scores, mid, costs)
+            candidate = self.select(plan, scores, mid)
             if estimator.estimate(candidate)[key] / base <= goal:
                 hi, best = mid, candidate
             else:

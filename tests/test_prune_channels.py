@@ -104,38 +104,6 @@ def test_global_scope_caps_and_overrides():
     assert result.records[1].contract_error <= 1e-5
 
 
-@pytest.mark.parametrize("slow, widths", [("c1", {"c1": 2, "stem": 8}), ("stem + c2 + c3", {"c1": 4, "stem": 6})])
-def test_latency_scope_shrinks_first_the_groups_whose_macs_cost_most_time(monkeypatch, slow, widths):
-    """The ranking divides importance by each group's seconds per MAC (here injected, so the
-    test times nothing): the costly group takes the whole cut, up to its cap."""
-    from graphopt.passes import prune_channels
-
-    model = randomize_bn(Residual())
-    x = torch.randn(1, 3, 6, 6)
-    plan = prune_channels.channel_groups(graphopt.trace(model, x))
-    slow_id = next(g.id for g in plan.prunable if g.name == slow)
-    monkeypatch.setattr(prune_channels.GroupLatency, "per_channel",
-                        lambda self, groups: {g.id: (1e-3 if g.id == slow_id else 1e-6) for g in groups})
-    result = prune(model, x, ratio=0.17, scope="latency", max_ratio=0.5)   # 2 of the 12 channels
-    gm = result.graph.gm
-    assert {name: gm.get_submodule(name).out_channels for name in widths} == widths
-    assert result.records[1].contract_error <= 1e-5
-
-
-def test_latency_scope_times_real_layers_and_meets_a_budget():
-    from graphopt.passes.pruning_latency import _narrower
-
-    assert tuple(_narrower(nn.Conv2d(8, 16, 3), "out", 4).weight.shape) == (12, 8, 3, 3)
-    assert tuple(_narrower(nn.Conv2d(8, 16, 3), "in", 4).weight.shape) == (16, 4, 3, 3)
-    assert tuple(_narrower(nn.Conv2d(8, 8, 3, groups=8), "depthwise", 2).weight.shape) == (6, 1, 3, 3)
-    assert _narrower(nn.Conv2d(8, 8, 3, groups=2), "out", 2) is None   # grouped: proportional estimate
-    assert tuple(_narrower(nn.Linear(8, 16), "in", 3).weight.shape) == (16, 5)
-    graph = graphopt.trace(torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64))
-    result = PassManager([PruneChannels(target_macs=0.5, scope="latency", round_to=8)]).run(graph)
-    assert result.records[1].macs <= 0.5 * result.records[0].macs
-    assert result.records[1].contract_error <= 1e-5
-
-
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "fpgm", "taylor"])
 def test_importance_criteria_prune_the_digits_cnn(criterion):
     graph = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
@@ -186,7 +154,7 @@ def test_custom_importance_object():
     ({"ratio": 0.3, "target_macs": 0.5}, "got ratio, target_macs"),
     ({"target_macs": 0.0}, "target_macs must be in (0, 1]"),
     ({"ratio": 0.3, "importance": "random"}, "unknown importance 'random'"),
-    ({"ratio": 0.3, "scope": "local"}, "scope must be one of 'uniform', 'global', 'latency'"),
+    ({"ratio": 0.3, "scope": "local"}, "scope must be 'uniform' or 'global'"),
     ({"ratio": 0.3, "round_to": 0}, "round_to must be a positive integer"),
 ])
 def test_bad_options(options, message):

@@ -3,9 +3,8 @@
     python -m graphopt.tools.bench_prune speed    [--models resnet50,mobilenet_v2,convnext_tiny,vit_b_16]
     python -m graphopt.tools.bench_prune accuracy [--epochs 3]
 
-speed: each model pruned to 50% of its MACs by graphopt (prune_channels, L2, round_to 16;
-uniform, and latency-aware: ``scope="latency"``, the layers where a MAC costs the most measured
-time shrink first) and, as a column, by Torch-Pruning 1.6 (MetaPruner, L2 magnitude, same MACs target found by
+speed: each model pruned to 50% of its MACs by graphopt (prune_channels, L2, round_to 16)
+and, as a column, by Torch-Pruning 1.6 (MetaPruner, L2 magnitude, same MACs target found by
 bisection, the same round_to; `pip install --no-deps torch-pruning==1.6.1`). Latency is measured in torch
 eager (NCHW, and channels_last: oneDNN's native layout, the usual CPU inference setting) and in
 onnxruntime, batch 1 and 16, 2 threads; ratios are dense / pruned (higher is faster). Each runtime
@@ -106,10 +105,8 @@ def speed(models: list[str], rounds: int, out: str) -> None:
         x1 = torch.randn(1, 3, 224, 224)
         dense = graphopt.trace(model, x1)
         ours = graphopt.PassManager([PruneChannels(target_macs=0.5, round_to=ROUND_TO)]).run(dense)
-        fast = graphopt.PassManager([PruneChannels(target_macs=0.5, round_to=ROUND_TO, scope="latency")]).run(dense)
         variants = {"dense": (dense.gm, dense.analysis("cost").macs),
-                    "graphopt": (ours.graph.gm, ours.records[-1].macs),
-                    "graphopt-latency": (fast.graph.gm, fast.records[-1].macs)}
+                    "graphopt": (ours.graph.gm, ours.records[-1].macs)}
         tp_error = ""
         try:
             tp_model = torch_pruning_to(model, x1, 0.5, [output_layer(model)], round_to=ROUND_TO)
@@ -135,25 +132,20 @@ def speed(models: list[str], rounds: int, out: str) -> None:
                 dense_t = times[f"{runtime}/dense"]
                 row = {"model": name, "batch": batch, "runtime": runtime, "dense_ms": dense_t * 1e3,
                        "graphopt_macs": variants["graphopt"][1] / variants["dense"][1],
-                       "graphopt_speedup": dense_t / times[f"{runtime}/graphopt"],
-                       "latency_macs": variants["graphopt-latency"][1] / variants["dense"][1],
-                       "latency_speedup": dense_t / times[f"{runtime}/graphopt-latency"]}
+                       "graphopt_speedup": dense_t / times[f"{runtime}/graphopt"]}
                 if "torch-pruning" in variants:
                     row["tp_macs"] = variants["torch-pruning"][1] / variants["dense"][1]
                     row["tp_speedup"] = dense_t / times[f"{runtime}/torch-pruning"]
                 else:
                     row["tp_error"] = tp_error
                 rows.append(row)
-                print(f"{name} b{batch} {runtime}: graphopt {row['graphopt_speedup']:.2f}x, "
-                      f"latency-aware {row['latency_speedup']:.2f}x"
+                print(f"{name} b{batch} {runtime}: graphopt {row['graphopt_speedup']:.2f}x"
                       + (f", torch-pruning {row['tp_speedup']:.2f}x" if "tp_speedup" in row else f" ({tp_error})"),
                       flush=True)
     print(f"\nlatency ratio dense/pruned at 50% MACs, {THREADS} threads, median of interleaved rounds\n")
-    print(table(["model", "batch", "runtime", "dense ms", "graphopt MACs", "graphopt x", "latency-aware MACs",
-                 "latency-aware x", "TP MACs", "TP x"],
+    print(table(["model", "batch", "runtime", "dense ms", "graphopt MACs", "graphopt x", "TP MACs", "TP x"],
                 [(r["model"], r["batch"], r["runtime"], f"{r['dense_ms']:.1f}", f"{r['graphopt_macs']:.2f}",
-                  f"{r['graphopt_speedup']:.2f}", f"{r['latency_macs']:.2f}", f"{r['latency_speedup']:.2f}",
-                  f"{r['tp_macs']:.2f}" if "tp_macs" in r else "-",
+                  f"{r['graphopt_speedup']:.2f}", f"{r['tp_macs']:.2f}" if "tp_macs" in r else "-",
                   f"{r['tp_speedup']:.2f}" if "tp_speedup" in r else r.get("tp_error", "-")[:30]) for r in rows]))
     write_json(out, {"threads": THREADS, "rounds": rounds, "rows": rows})
     print(f"wrote {out}")
