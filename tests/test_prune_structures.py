@@ -109,6 +109,27 @@ def test_channel_slices_keep_their_range_and_their_bounds_move():
     assert result.graph.run(torch.randn(1, 3, 5, 5)).shape == (1, 4, 5, 5)
 
 
+def test_a_channel_slice_across_a_concat_keeps_both_parts():
+    class CatSlice(nn.Module):
+        """y[:, 4:12] of cat([a, b]) takes a's last four channels and b's first four."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.c, self.whole = nn.Conv2d(8, 4, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+            return self.c(y[:, 4:12]) + self.whole(y)
+
+    torch.manual_seed(0)
+    result = prune(CatSlice(), torch.randn(2, 3, 4, 4))
+    gm = result.graph.gm
+    (start, stop), = slice_bounds(result.graph)
+    assert (gm.a.out_channels, gm.b.out_channels) == (4, 4)
+    assert start == 2 and stop - start == gm.c.in_channels == 4   # two of a's range, two of b's
+
+
 def test_channel_slices_in_a_torch_export_graph(tmp_path):
     class ExportSlice(nn.Module):
         """int() of a size stops torch.fx, so torch.export captures it (aten.slice)."""
