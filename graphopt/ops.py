@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from torchvision.ops import stochastic_depth
+
 from graphopt.modules import PrunedMultiheadAttention
 
 
@@ -93,8 +95,6 @@ _FUNCTION_KINDS: dict[Callable, OpKind] = {
     F.softmax: OpKind.SOFTMAX, torch.softmax: OpKind.SOFTMAX, F.log_softmax: OpKind.SOFTMAX,
     torch.mean: OpKind.REDUCE, torch.sum: OpKind.REDUCE, torch.amax: OpKind.REDUCE,
     F.embedding: OpKind.EMBEDDING,
-    F.dropout: OpKind.IDENTITY, F.dropout1d: OpKind.IDENTITY, F.dropout2d: OpKind.IDENTITY,
-    F.dropout3d: OpKind.IDENTITY, F.alpha_dropout: OpKind.IDENTITY,
     getattr: OpKind.SHAPE,
     torch.quantize_per_tensor: OpKind.QUANTIZE, torch.quantize_per_channel: OpKind.QUANTIZE,
     torch.dequantize: OpKind.DEQUANTIZE,
@@ -158,6 +158,19 @@ def op_name(node: fx.Node) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
+# Functions that are the identity unless their ``training`` argument (at this position;
+# default True) is set: dropout, and torchvision's stochastic depth (EfficientNet, ConvNeXt,
+# Swin). Called with training=False, as an eval-mode trace records them, they pass values through.
+_TRAINING_ARG: dict[Callable, int] = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
+                                      F.alpha_dropout: 2, stochastic_depth: 3}
+
+
+def _training_off(node: fx.Node, index: int) -> bool:
+    training = node.kwargs.get("training", node.args[index] if len(node.args) > index else True)
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
+    return training is False or p == 0
+
+
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
     """Kind of one fx node; ``modules`` is ``dict(graph_module.named_modules())``."""
     if node.op == "placeholder":
@@ -176,6 +189,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
         if isinstance(target, torch._ops.OpOverload):
             return _ATEN_KINDS.get(op_name(node), OpKind.UNKNOWN)
         try:
+            if target in _TRAINING_ARG:
+                return OpKind.IDENTITY if _training_off(node, _TRAINING_ARG[target]) else OpKind.UNKNOWN
             return _FUNCTION_KINDS.get(target, OpKind.UNKNOWN)
         except TypeError:  # unhashable callable
             return OpKind.UNKNOWN

@@ -72,6 +72,36 @@ def test_conv_output_with_two_users_is_not_folded():
     torch.testing.assert_close(result.graph.run(x), model(x))
 
 
+def test_dropout_and_stochastic_depth_are_identities_only_when_not_training():
+    """An eval-mode trace records ``training=False``; a functional dropout called without it
+    defaults to training=True and stays a random op (never removed, never seen through)."""
+    from torchvision.ops import StochasticDepth
+
+    class Drops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.depth = StochasticDepth(0.2, "row")   # calls torchvision's fx-wrapped stochastic_depth
+
+        def forward(self, x):
+            c = torch.nn.functional.dropout(x, 0.1)                  # training defaults to True
+            d = torch.nn.functional.dropout(x, 0.1, training=False)
+            e = torch.nn.functional.dropout(x, 0.0)
+            return self.depth(x) + c + d + e
+
+    graph = graphopt.trace(Drops(), torch.randn(2, 4))
+    kinds = {n.name: graph.kind(n).value for n in graph.nodes if n.op == "call_function" and "add" not in n.name}
+    assert kinds == {"dropout": "unknown", "dropout_1": "identity", "dropout_2": "identity",
+                     "stochastic_depth": "identity"}
+
+    class Quiet(Drops):
+        def forward(self, x):   # the same without the active dropout: its outputs are deterministic
+            return self.depth(x) + torch.nn.functional.dropout(x, 0.1, training=False)
+
+    result = run(Quiet(), torch.randn(2, 4), RemoveIdentity())
+    assert result.records[1].stats["removed"] == 2
+    assert not [n for n in result.graph.nodes if n.op == "call_function" and "add" not in n.name]
+
+
 def test_remove_identity_and_dead_code():
     class Wasteful(nn.Module):
         def __init__(self):
