@@ -278,45 +278,50 @@ def calibrate(graph: Graph, observers: dict[str, Observer], data: Any, max_batch
     return seen
 
 
-class ChannelMeanObserver(Observer):
-    """Mean of each channel (``axis``) over every batch and position: inputs for bias correction."""
+class _AveragingObserver(Observer):
+    """A running sum over every batch and how many samples it holds; ``average`` divides."""
 
-    def __init__(self, axis: int = 1):
+    def __init__(self, axis: int):
         super().__init__()
         self.axis = axis
         self.total: torch.Tensor | None = None
         self.count = 0
 
-    def _update(self, x: torch.Tensor) -> None:
-        axis = self.axis % x.dim()
-        dims = [d for d in range(x.dim()) if d != axis]
-        sums = x.double().sum(dim=dims)
-        self.total = sums if self.total is None else self.total + sums
-        self.count += x.numel() // max(sums.numel(), 1)
+    def _add(self, value: torch.Tensor, samples: int) -> None:
+        self.total = value if self.total is None else self.total + value
+        self.count += samples
 
-    def mean(self) -> torch.Tensor:
+    def average(self) -> torch.Tensor:
         if self.total is None:
             raise ValueError("observer saw no data")
-        return (self.total / self.count).float()
+        return self.total / self.count
 
 
-class InputMomentObserver(Observer):
+class ChannelMeanObserver(_AveragingObserver):
+    """Mean of each channel (``axis``) over every batch and position: inputs for bias correction."""
+
+    def __init__(self, axis: int = 1):
+        super().__init__(axis)
+
+    def _update(self, x: torch.Tensor) -> None:
+        axis = self.axis % x.dim()
+        sums = x.double().sum(dim=[d for d in range(x.dim()) if d != axis])
+        self._add(sums, x.numel() // max(sums.numel(), 1))
+
+    def mean(self) -> torch.Tensor:
+        return self.average().float()
+
+
+class InputMomentObserver(_AveragingObserver):
     """``E[x x^T]`` over the features on ``axis`` (every other axis is a sample): the input
     statistics that data-aware low-rank splitting whitens a layer's weight with."""
 
     def __init__(self, axis: int = -1):
-        super().__init__()
-        self.axis = axis
-        self.total: torch.Tensor | None = None
-        self.count = 0
+        super().__init__(axis)
 
     def _update(self, x: torch.Tensor) -> None:
         rows = x.movedim(self.axis % x.dim(), -1).reshape(-1, x.shape[self.axis]).double()
-        moment = rows.T @ rows
-        self.total = moment if self.total is None else self.total + moment
-        self.count += rows.shape[0]
+        self._add(rows.T @ rows, rows.shape[0])
 
     def moment(self) -> torch.Tensor:
-        if self.total is None:
-            raise ValueError("observer saw no data")
-        return self.total / self.count
+        return self.average()
