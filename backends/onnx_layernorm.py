@@ -19,11 +19,16 @@ def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), -1)
 
 
+def _widths(model: onnx.ModelProto) -> dict[str, int]:
+    """Length of every 1-D initializer (a LayerNormalization's scale gives its width)."""
+    return {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 1}
+
+
 def skip_layernorm_sites(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """LayerNormalization nodes over the last axis whose input is an Add and whose width is known
     (the scale is an initializer): the places onnxruntime would fuse."""
     producer = {out: n for n in model.graph.node for out in n.output}
-    widths = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer if len(t.dims) == 1}
+    widths = _widths(model)
     return [n for n in model.graph.node
             if n.op_type == "LayerNormalization" and _axis(n) == -1 and len(n.output) == 1
             and n.input[0] in producer and producer[n.input[0]].op_type == "Add" and n.input[1] in widths]
@@ -31,13 +36,13 @@ def skip_layernorm_sites(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def layernorms_on_2d(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` whose fusable LayerNormalizations normalize a [-1, H] view of their
-    input, and how many were rewritten (0: the copy is unchanged)."""
+    input, and how many were rewritten (0: ``model`` itself comes back, not copied)."""
+    sites = {n.name or n.output[0] for n in skip_layernorm_sites(model)}
+    if not sites:
+        return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    sites = {n.name or n.output[0] for n in skip_layernorm_sites(out)}
-    if not sites:
-        return out, 0
-    widths = {t.name: int(np.prod(t.dims)) for t in out.graph.initializer if len(t.dims) == 1}
+    widths = _widths(out)
     nodes = []
     for i, node in enumerate(out.graph.node):
         if (node.name or node.output[0]) not in sites:
