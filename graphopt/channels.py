@@ -568,22 +568,21 @@ class _Analysis:
             return None
         in_shape = self.graph.shape(source)
         rank = len(in_shape)
+        def literal(arg: int) -> Callable[[int], Member]:   # ``node.args[arg]``, an int bound
+            return lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=arg)
+
         if name == "slice":  # aten.slice.Tensor(x, dim, start, end, step)
             dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
             if dim % rank not in value.axes():
                 return value
-            return self.channel_range(value, in_shape[dim % rank], start, end, step,
-                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=2),
-                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=3))
+            return self.channel_range(value, in_shape[dim % rank], start, end, step, literal(2), literal(3))
         if name == "narrow":  # torch.narrow(x, dim, start, length)
             dim, start, length = node.args[1:4]
             if dim % rank not in value.axes():
                 return value
             if not (isinstance(start, int) and isinstance(length, int)) or start < 0:
                 raise Unaligned("narrows the channels with bounds the analysis cannot rewrite")
-            return self.channel_range(value, in_shape[dim % rank], start, start + length, 1,
-                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=2),
-                                      lambda offset: Member(SHAPE_ARG, "", node.name, -1, offset, arg=3),
+            return self.channel_range(value, in_shape[dim % rank], start, start + length, 1, literal(2), literal(3),
                                       length_from_start=True)
         if name == "select":  # aten.select.int(x, dim, index)
             dim = node.args[1] % rank

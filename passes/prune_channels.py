@@ -218,8 +218,7 @@ class PruneChannels(Pass):
     def apply(self, graph: Graph, choice: PruneChoice) -> dict[tuple[str, int], set[int]]:
         """Slice every member of every chosen group; returns the cuts made, by (tensor, axis)."""
         cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-        shape_edits: dict[tuple[str, int, int], int] = defaultdict(int)
-        slice_edits: dict[tuple[str, int, int, str], int] = defaultdict(int)
+        literal_edits: dict[tuple[str, int, int, str], int] = defaultdict(int)
         split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
         group_norms: dict[str, set[int]] = defaultdict(set)
         depthwise = set()
@@ -230,11 +229,8 @@ class PruneChannels(Pass):
             group = groups[gid]
             for m in group.members:
                 positions = {m.offset + c * m.inner + k for c in channels for k in range(m.inner)}
-                if m.role == SHAPE_ARG:
-                    shape_edits[(m.node, m.arg, m.axis)] += len(positions)
-                    continue
-                if m.role == SLICE:
-                    slice_edits[(m.node, m.arg, m.axis, m.target)] += len(positions)
+                if m.role in (SHAPE_ARG, SLICE):   # a SLICE member's target names the bound
+                    literal_edits[(m.node, m.arg, m.axis, m.target)] += len(positions)
                     continue
                 if m.role == SPLIT:
                     split_edits[(m.node, m.arg)][m.axis] += len(positions)
@@ -254,8 +250,7 @@ class PruneChannels(Pass):
             graph.replace_module(target, PrunedMultiheadAttention.from_sliced(graph.gm.get_submodule(target), kept))
         for target, positions in group_norms.items():
             resize_group_norm(graph, target, positions)
-        _rewrite_shapes(graph, shape_edits)
-        _rewrite_slices(graph, slice_edits)
+        _rewrite_literals(graph, literal_edits)
         for (node_name, dim), removed in split_edits.items():
             split_sizes(graph.node(node_name), dim, removed)
         graph.commit()
@@ -282,32 +277,26 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
     return []
 
 
-def _rewrite_shapes(graph: Graph, edits: dict[tuple[str, int, int], int]) -> None:
-    """Shrink size literals: ``node.args[arg]`` itself (element -1) or one element of it."""
-    for (node_name, arg, element), removed in edits.items():
-        node = graph.node(node_name)
-        args = list(node.args)
-        if element < 0:
-            args[arg] -= removed
-        else:
-            sizes = list(args[arg])
-            sizes[element] -= removed
-            args[arg] = type(args[arg])(sizes)
-        node.args = tuple(args)
+def _shrunk(literal: Any, removed: int, bound: str) -> Any:
+    if not bound:                       # a size
+        return literal - removed
+    fields = {"start": literal.start, "stop": literal.stop, "step": literal.step}
+    fields[bound] -= removed            # a slice bound
+    return slice(fields["start"], fields["stop"], fields["step"])
 
 
-def _rewrite_slices(graph: Graph, edits: dict[tuple[str, int, int, str], int]) -> None:
-    """Move slice bounds down: the ``start``/``stop`` of ``node.args[arg]`` (element -1) or of
-    its element ``element``."""
+def _rewrite_literals(graph: Graph, edits: dict[tuple[str, int, int, str], int]) -> None:
+    """Shrink the literals pruning depends on: ``node.args[arg]`` itself (element -1) or one
+    element of it; a size (``bound`` empty) or a slice's ``start``/``stop``."""
     for (node_name, arg, element, bound), removed in edits.items():
         node = graph.node(node_name)
         args = list(node.args)
-        items = list(args[arg]) if element >= 0 else [args[arg]]
-        item = items[max(element, 0)]
-        fields = {"start": item.start, "stop": item.stop, "step": item.step}
-        fields[bound] -= removed
-        items[max(element, 0)] = slice(fields["start"], fields["stop"], fields["step"])
-        args[arg] = tuple(items) if element >= 0 else items[0]
+        if element < 0:
+            args[arg] = _shrunk(args[arg], removed, bound)
+        else:
+            items = list(args[arg])
+            items[element] = _shrunk(items[element], removed, bound)
+            args[arg] = type(args[arg])(items)
         node.args = tuple(args)
 
 
