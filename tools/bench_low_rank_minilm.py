@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tokenizer, encoder = minilm.load()
+    tokenizer, _ = minilm.load()
     base = minilm.encoder_graph()
     fp32 = minilm.scores(base.gm, tokenizer)
     rows, runs = [("fp32", "1.000", *(f"{fp32[k]:.3f}" for k in SCORES), "", "")], []

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/prune_minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tokenizer, encoder = minilm.load()
+    tokenizer, _ = minilm.load()
     graph = minilm.encoder_graph()
     heads = {f"bert.encoder.layer.{i}.attention.self.query": args.heads for i in range(LAYERS)}
     start = time.perf_counter()
