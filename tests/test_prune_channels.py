@@ -9,7 +9,7 @@ from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
 from graphopt.ops import OpKind
 from graphopt.passes import PruneChannels
-from graphopt.passes.prune_channels import NothingToPrune
+from graphopt.passes.prune_channels import NothingToPrune, _CostEstimator
 from graphopt.tools.digits import train_batches, trained_digits_cnn
 
 from conftest import digits_pipeline, randomize_bn
@@ -92,6 +92,21 @@ def test_resnet18_budget_rounding_and_exports(tmp_path):
     assert result.graph.gm.get_submodule("fc").out_features == 1000  # the output layer is kept
     onnx_backend.export(result.graph, tmp_path / "r18.onnx")
     ts_backend.export(result.graph, tmp_path / "r18.pt")
+
+
+def test_coarse_rounding_still_fills_the_budget():
+    """With round_to 32 a group's width moves in steps of 32; the budget search gives steps
+    back until one more, in any group, would break the budget."""
+    graph = graphopt.trace(randomize_bn(torchvision.models.resnet18(weights=None)).eval(), torch.randn(1, 3, 64, 64))
+    pruner = PruneChannels(target_macs=0.5, round_to=32)
+    choice = pruner.plan(graph)
+    estimator = _CostEstimator(graph, choice.plan)
+    base = estimator.base["macs"]
+    assert 0.48 * base < choice.estimate["macs"] <= 0.5 * base
+    assert all(len(channels) % 32 == 0 for channels in choice.removed.values())
+    for gid, channels in choice.removed.items():
+        trial = {**choice.removed, gid: channels[32:]}
+        assert estimator.estimate(trial)["macs"] > 0.5 * base, gid
 
 
 def test_global_scope_caps_and_overrides():

@@ -96,7 +96,7 @@ RUNTIMES = ("eager", "eager-cl", "ort")
 HOT = 1         # an untimed call before each timed one: steady-state latency (see latency.interleaved_latency)
 
 
-def speed(models: list[str], rounds: int, out: str) -> None:
+def speed(models: list[str], rounds: int, out: str, round_to: int = 16) -> None:
     torch.set_num_threads(THREADS)
     rows = []
     for name in models:
@@ -104,12 +104,12 @@ def speed(models: list[str], rounds: int, out: str) -> None:
         model = torchvision.models.get_model(name, weights=None).eval()
         x1 = torch.randn(1, 3, 224, 224)
         dense = graphopt.trace(model, x1)
-        ours = graphopt.PassManager([PruneChannels(target_macs=0.5, round_to=ROUND_TO)]).run(dense)
+        ours = graphopt.PassManager([PruneChannels(target_macs=0.5, round_to=round_to)]).run(dense)
         variants = {"dense": (dense.gm, dense.analysis("cost").macs),
                     "graphopt": (ours.graph.gm, ours.records[-1].macs)}
         tp_error = ""
         try:
-            tp_model = torch_pruning_to(model, x1, 0.5, [output_layer(model)], round_to=ROUND_TO)
+            tp_model = torch_pruning_to(model, x1, 0.5, [output_layer(model)], round_to=round_to)
             variants["torch-pruning"] = (tp_model, graphopt.trace(tp_model, x1).analysis("cost").macs)
         except Exception as exc:  # reported in the table: a competitor's failure is a result
             tp_error = f"{type(exc).__name__}: {str(exc)[:80]}"
@@ -147,7 +147,7 @@ def speed(models: list[str], rounds: int, out: str) -> None:
                 [(r["model"], r["batch"], r["runtime"], f"{r['dense_ms']:.1f}", f"{r['graphopt_macs']:.2f}",
                   f"{r['graphopt_speedup']:.2f}", f"{r['tp_macs']:.2f}" if "tp_macs" in r else "-",
                   f"{r['tp_speedup']:.2f}" if "tp_speedup" in r else r.get("tp_error", "-")[:30]) for r in rows]))
-    write_json(out, {"threads": THREADS, "rounds": rounds, "rows": rows})
+    write_json(out, {"threads": THREADS, "rounds": rounds, "round_to": round_to, "rows": rows})
     print(f"wrote {out}")
 
 
@@ -230,6 +230,7 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--models", default="resnet50,mobilenet_v2,convnext_tiny,vit_b_16")
     s.add_argument("--rounds", type=int, default=15)
+    s.add_argument("--round-to", type=int, default=ROUND_TO, help="channel counts kept in multiples of this")
     s.add_argument("--out", default="bench-results/prune_speed.json")
     a = sub.add_parser("accuracy")
     a.add_argument("--epochs", type=int, default=3)
@@ -241,7 +242,7 @@ def main() -> None:
     a.add_argument("--out", default="bench-results/prune_accuracy.json")
     args = parser.parse_args()
     if args.what == "speed":
-        speed(args.models.split(","), args.rounds, args.out)
+        speed(args.models.split(","), args.rounds, args.out, args.round_to)
     else:
         accuracy(args.epochs, args.finetune_epochs, args.importance, args.scope, args.lr, args.out, args.schedule)
 
