@@ -61,7 +61,9 @@ class Member:
     ``offset + c * inner + [0, inner)`` along it.
 
     SHAPE_ARG: a size literal of node ``node``: ``node.args[arg]`` itself (``axis`` = -1)
-    or element ``axis`` of that sequence; it shrinks by the positions removed.
+    or element ``axis`` of that sequence; it shrinks by the positions removed. ``size`` is
+    set when the graph reads that size at run time (``B, N, C = x.shape``): channel counts
+    are fixed, so the read is replaced by -1, or by ``size`` less what was removed.
     SPLIT: output ``axis`` of the split/chunk ``node`` along dim ``arg``.
     SLICE: bound ``target`` ("start"/"stop") of the slice at element ``axis`` of the index
     ``node.args[arg]`` (-1: the index is that slice itself); it moves down by the positions removed."""
@@ -73,6 +75,14 @@ class Member:
     offset: int = 0
     inner: int = 1
     arg: int = 0
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class RuntimeSize:
+    """A size of a reshape's channel axis that the graph reads at run time; ``size`` as traced."""
+
+    size: int
 
 
 @dataclass
@@ -670,6 +680,7 @@ class _Analysis:
         entries = self.size_entries(node, name, len(out_shape))
         if entries is None:
             raise Unaligned(f"{name} sizes are computed in a way the analysis cannot rewrite")
+        entries = [(RuntimeSize(out_shape[i]) if isinstance(v, fx.Node) else v, w) for i, (v, w) in enumerate(entries)]
         if name == "expand":
             out = x.shifted(len(out_shape) - len(in_shape))
         else:
@@ -759,14 +770,17 @@ class _Analysis:
             self.graph.kind(node.args[0]) == OpKind.SHAPE
 
     def literal(self, entry: Entry, segs: list[Seg]) -> None:
-        """A literal size of the channel axis shrinks with every position removed."""
+        """A size of the channel axis written in the graph shrinks with every position removed,
+        whether a literal or read at run time (a size read from another tensor, such as the
+        embedding width in ``reshape(B, N, C)`` after attention, would not follow)."""
         value, where = entry
-        if not isinstance(value, int) or value == -1 or where is None:
+        if where is None or value == -1 or not isinstance(value, (int, RuntimeSize)):
             return
         node, arg, element = where
+        size = value.size if isinstance(value, RuntimeSize) else 0
         offset = 0
         for seg in segs:
-            self.spaces.add_member(seg, Member(SHAPE_ARG, "", node, element, offset, arg=arg))
+            self.spaces.add_member(seg, Member(SHAPE_ARG, "", node, element, offset, arg=arg, size=size))
             offset += seg.positions
 
     def permute(self, node: fx.Node, name: str) -> Any:
@@ -910,7 +924,10 @@ class _Analysis:
 
 
 def _entry(value: Any, where: tuple) -> Entry:
-    return (value, where) if isinstance(value, int) and not isinstance(value, bool) else (None, None)
+    """A written size and where it is written: a literal int, or a node read at run time."""
+    if isinstance(value, fx.Node) or (isinstance(value, int) and not isinstance(value, bool)):
+        return (value, where)
+    return (None, None)
 
 
 def _block_shared_literals(groups: list[ChannelGroup]) -> None:

