@@ -47,6 +47,17 @@ __all__ = ["ChannelGroup", "ChannelPlan", "Layout", "Member", "ParamRef", "Seg",
 
 
 @dataclass(frozen=True)
+class Stack:
+    """A tensor axis whose entries hold different channels: fused q/k/v viewed as
+    ``reshape(B, N, 3, H, d)``. Entry ``i`` carries ``items[i]``, a layout over the other axes
+    (numbered as in the whole tensor). Permutes move it; ``unbind`` or an integer index on its
+    axis takes it apart; any other op blocks it."""
+
+    axis: int
+    items: tuple
+
+
+@dataclass(frozen=True)
 class ParamRef:
     """A get_attr constant (possibly expanded): sliced if combined with a tracked tensor."""
 
@@ -183,6 +194,8 @@ class _Analysis:
     def resolved(self, value: Any) -> Any:
         if isinstance(value, Layout):
             return self.spaces.layout(value)
+        if isinstance(value, Stack):
+            return Stack(value.axis, tuple(self.spaces.layout(item) for item in value.items))
         if isinstance(value, (list, tuple)):
             return tuple(self.resolved(v) for v in value)
         return value
@@ -245,6 +258,8 @@ class _Analysis:
                 self.block(self.get(arg), "reaches the model output")
             return None
         kind = self.graph.kind(node)
+        if any(isinstance(self.get(arg), Stack) for arg in node.all_input_nodes):
+            return self.stacked(node, kind)
         if node.op == "call_module":
             value = self.visit_module(node, self.modules[node.target], kind)
             self.values[node] = value
@@ -687,10 +702,11 @@ class _Analysis:
             out = self.reshaped(node, x, in_shape, out_shape)
         if out is None:
             raise Unaligned(f"{name} splits or reorders the channels in a way the analysis does not follow")
-        if out.sub is None:
-            self.literal(entries[out.axis], out.segs)
-        else:
-            self.grid_literals.append((out, entries[out.axis], entries[out.sub]))
+        for layout in (out.items if isinstance(out, Stack) else (out,)):
+            if layout.sub is None:
+                self.literal(entries[layout.axis], layout.segs)
+            else:
+                self.grid_literals.append((layout, entries[layout.axis], entries[layout.sub]))
         return out
 
     def reshaped(self, node: fx.Node, x: Layout, ins: tuple, outs: tuple) -> Layout | None:
@@ -708,6 +724,8 @@ class _Analysis:
                     grid = Layout(j, list(x.segs), j + 1, outs[j + 1])  # viewed as rows x columns (heads)
                     self.grids.append((node.name, grid))
                     return grid
+                if 1 < outs[j] < n and n % outs[j] == 0:
+                    return self.stack(node, x, j, outs)
             return None
         rows, cols = _landing(ins, outs, x.axis), _landing(ins, outs, x.sub)
         if rows is not None and cols is not None:
@@ -723,6 +741,27 @@ class _Analysis:
                 first_row = self.spaces.columns(x.segs, x.width)
                 return Layout(j, [Seg(s.space, s.length, s.inner * x.rows) for s in first_row])
         return None
+
+    def stack(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Stack | None:
+        """The channels cut into ``outs[j]`` equal ranges laid along axis ``j``, each range on
+        the next axis, or viewed as a grid on the next two (``reshape(B, N, 3, H, d)``)."""
+        count, part = outs[j], x.positions // outs[j]
+        rest = outs[j + 1:]
+        if rest[:1] == (part,):
+            sub, width = None, 1
+        elif len(rest) > 1 and rest[0] * rest[1] == part and min(rest[0], rest[1]) > 1:
+            sub, width = j + 2, rest[1]
+        else:
+            return None
+        ranges: list[list[Seg]] = [[] for _ in range(count)]
+        at = 0
+        for seg in self.spaces.cut(x.segs, {part * i for i in range(1, count)}):
+            ranges[at // part].append(seg)
+            at += seg.positions
+        items = tuple(Layout(j + 1, segs, sub, width) for segs in ranges)
+        if sub is not None:
+            self.grids.extend((node.name, item) for item in items)
+        return Stack(j, items)
 
     def size_entries(self, node: fx.Node, name: str, rank: int) -> list[Entry] | None:
         """Per output axis: the literal size written in the graph and where, or (None, None)
@@ -787,15 +826,42 @@ class _Analysis:
         x = self.get(node.args[0])
         if not isinstance(x, Layout):
             return None
+        where = self.axis_map(node, name)
+        return x.at(where(x.axis), None if x.sub is None else where(x.sub))
+
+    def axis_map(self, node: fx.Node, name: str) -> Callable[[int], int]:
+        """Where permute/transpose ``node`` sends each input axis."""
         rank = len(self.graph.shape(node))
         if name == "permute":
             dims = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
-            dims = [d % rank for d in dims]
-            where = dims.index
-        else:
-            d0, d1 = (0, 1) if name == "t" else (node.args[1] % rank, node.args[2] % rank)
-            where = lambda a: d1 if a == d0 else d0 if a == d1 else a  # noqa: E731
-        return x.at(where(x.axis), None if x.sub is None else where(x.sub))
+            return [d % rank for d in dims].index
+        d0, d1 = (0, 1) if name == "t" else (node.args[1] % rank, node.args[2] % rank)
+        return lambda a: d1 if a == d0 else d0 if a == d1 else a
+
+    def stacked(self, node: fx.Node, kind: OpKind) -> Any:
+        """Ops on a ``Stack``: permutes move it, ``contiguous`` keeps it, ``unbind`` or an
+        integer index on its axis hands out its entries."""
+        name = op_name(node)
+        x = self.get(node.args[0]) if node.args else None
+        if not isinstance(x, Stack) or sum(isinstance(self.get(a), Stack) for a in node.all_input_nodes) > 1:
+            raise Unaligned(f"{name} on channels stacked along one axis (fused q/k/v) is not followed")
+        rank = len(self.graph.shape(node.args[0]))
+        drop = lambda a: a - (a > x.axis)  # noqa: E731
+        entries = tuple(i.at(drop(i.axis), None if i.sub is None else drop(i.sub)) for i in x.items)
+        if name == "contiguous" and not node.kwargs:
+            return x
+        if kind == OpKind.PERMUTE:
+            where = self.axis_map(node, name)
+            return Stack(where(x.axis), tuple(i.at(where(i.axis), None if i.sub is None else where(i.sub))
+                                              for i in x.items))
+        if name == "unbind":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim % rank == x.axis:
+                return entries
+        if kind == OpKind.INDEX and name in ("getitem", "__getitem__") and x.axis == 0 \
+                and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+            return entries[node.args[1]]
+        raise Unaligned(f"{name} on channels stacked along one axis (fused q/k/v) is not followed")
 
     def reduce(self, node: fx.Node) -> Any:
         x = self.get(node.args[0])
@@ -957,6 +1023,8 @@ def _distinct(members: list[Member]) -> list[Member]:
 def _layouts(value: Any) -> list[Layout]:
     if isinstance(value, Layout):
         return [value]
+    if isinstance(value, Stack):
+        return list(value.items)
     if isinstance(value, (list, tuple)):
         return [l for v in value for l in _layouts(v)]
     return []

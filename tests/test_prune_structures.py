@@ -288,6 +288,40 @@ def test_hand_written_attention_loses_whole_heads(style, tmp_path):
         onnx_backend.export(result.graph, tmp_path / "attn.onnx")
 
 
+class FusedAttention(nn.Module):
+    """timm-style attention: one Linear makes q, k and v, viewed as (B, N, 3, H, d), permuted
+    to (3, B, H, N, d) and taken apart by unbind or by indexing; the heads merge back into
+    the width read from the input at run time."""
+
+    def __init__(self, take="unbind", dim=32, heads=4):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ff1, self.ff2, self.head = nn.Linear(dim, 64), nn.Linear(64, dim), nn.Linear(dim, 3)
+        self.h, self.d, self.take = heads, dim // heads, take
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if self.take == "unbind" else (qkv[0], qkv[1], qkv[2])
+        attn = (q @ k.transpose(-2, -1) * self.d ** -0.5).softmax(dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + self.ff2(torch.relu(self.ff1(x)))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("take", ["unbind", "index"])
+def test_fused_qkv_loses_whole_heads(take, tmp_path):
+    result = prune(FusedAttention(take), torch.randn(2, 5, 32))
+    gm = result.graph.gm
+    assert gm.get_submodule("qkv").out_features == 48   # 2 of 4 heads, in each of q, k and v
+    assert gm.get_submodule("proj").in_features == 16 and gm.get_submodule("ff1").out_features == 32
+    (view,), (merge,) = [n for n in calls(result.graph, "reshape") if len(n.args) == 6], \
+        [n for n in calls(result.graph, "reshape") if len(n.args) == 4]
+    assert view.args[3:] == (3, 2, 8) and merge.args[3] == -1
+    assert result.graph.run(torch.randn(3, 7, 32)).shape == (3, 7, 3)
+    onnx_backend.export(result.graph, tmp_path / "fused.onnx")
+
+
 def test_a_width_read_at_run_time_becomes_the_new_width_where_minus_one_is_taken():
     class Rows(nn.Module):
         def __init__(self):
