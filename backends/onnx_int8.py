@@ -32,7 +32,7 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.latency import interleaved_latency
-from graphopt.ops import OpKind
+from graphopt.ops import OpKind, op_name
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, flatten_args, int8_mac_share,
                             is_activation_fq, is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
                             within_one_step)
@@ -311,7 +311,8 @@ class _Lowering:
             return
         if kind == OpKind.PERMUTE:
             rank = len(self.graph.shape(x))
-            dims = list(node.args[1:]) if node.target != "transpose" and node.target is not torch.transpose else None
+            swaps = op_name(node) in ("transpose", "swapaxes", "swapdims")
+            dims = None if swaps else list(node.args[1:])
             if dims is None:
                 a, b = (d % rank for d in node.args[1:3])
                 dims = list(range(rank))

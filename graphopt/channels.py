@@ -466,6 +466,8 @@ class _Analysis:
             return self.softmax(node, self.get(node.args[0]), dim)
         if kind == OpKind.MATMUL and name in ("matmul", "bmm"):
             return self.matmul(node)
+        if kind == OpKind.MATMUL and name == "einsum":
+            return self.einsum(node)
         if kind == OpKind.ATTENTION and name == "scaled_dot_product_attention":
             return self.sdpa(node)
         for arg in node.all_input_nodes:
@@ -830,7 +832,7 @@ class _Analysis:
         return x.at(where(x.axis), None if x.sub is None else where(x.sub))
 
     def axis_map(self, node: fx.Node, name: str) -> Callable[[int], int]:
-        """Where permute/transpose ``node`` sends each input axis."""
+        """Where permute/transpose/swapaxes ``node`` sends each input axis."""
         rank = len(self.graph.shape(node))
         if name == "permute":
             dims = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
@@ -952,7 +954,33 @@ class _Analysis:
     def matmul(self, node: fx.Node) -> Any:
         """Batched matmul over heads (q @ k^T, weights @ v): heads are a batch axis."""
         a, b = node.args[0], node.args[1]
+        return self.batched_matmul(node, a, b, self.get(a), self.get(b))
+
+    def einsum(self, node: fx.Node) -> Any:
+        """An einsum that is a batched matmul, either operand transposed: ``"bhid,bhjd->bhij"``
+        (q @ k^T) or ``"bhij,bhjd->bhid"`` (weights @ v), with the same batch letters, in the
+        same order, leading both operands and the output."""
+        equation = node.args[0]
+        operands = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) \
+            else node.args[1]
+        if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation or "." in equation:
+            raise Unaligned("einsum that is not a two-operand batched matmul")
+        (ea, eb), eo = equation.replace(" ", "").split("->")[0].split(","), equation.replace(" ", "").split("->")[1]
+        batch = eo[:-2]
+        i, j = eo[-2:]
+        shared = set(ea[-2:]) & set(eb[-2:])
+        if not (ea[:-2] == eb[:-2] == batch and len(shared) == 1 and set(ea[-2:]) == {i, *shared}
+                and set(eb[-2:]) == {j, *shared} and len(set(eo)) == len(eo)):
+            raise Unaligned(f"einsum {equation!r} is not a batched matmul")
+        a, b = operands
         la, lb = self.get(a), self.get(b)
+        if ea[-1] != next(iter(shared)):   # a given as (k, i): seen as its transpose
+            la = _swap_last(la, len(ea))
+        if eb[-2] != next(iter(shared)):   # b given as (j, k)
+            lb = _swap_last(lb, len(eb))
+        return self.batched_matmul(node, a, b, la, lb)
+
+    def batched_matmul(self, node: fx.Node, a: Any, b: Any, la: Any, lb: Any) -> Any:
         tracked = [(v, src, c, k) for v, src, c, k in ((la, a, -1, -2), (lb, b, -2, -1)) if isinstance(v, Layout)]
         if not tracked:
             return None
@@ -1018,6 +1046,14 @@ def _distinct(members: list[Member]) -> list[Member]:
     """Members without repeats; a shared module's weight slices count once, whichever call added them."""
     weights = (OUT, IN, DEPTHWISE, NORM, PARAM, EMBED, HEADS)
     return list(dict.fromkeys(replace(m, node="") if m.role in weights else m for m in members))
+
+
+def _swap_last(value: Any, rank: int) -> Any:
+    """A layout as its tensor's transpose of the last two axes would carry it."""
+    if not isinstance(value, Layout):
+        return value
+    swap = lambda a: rank - 1 if a == rank - 2 else rank - 2 if a == rank - 1 else a  # noqa: E731
+    return value.at(swap(value.axis), None if value.sub is None else swap(value.sub))
 
 
 def _layouts(value: Any) -> list[Layout]:

@@ -226,7 +226,8 @@ class SelfAttention(nn.Module):
     matmul-softmax-matmul (or SDPA), transpose back, reshape, output Linear; then an FFN.
     ``style="hf"`` builds the view sizes as Hugging Face does: x.size()[:-1] + (h, d);
     ``style="timm"`` merges the heads back into the width it read from the input at run time
-    (``B, N, C = x.shape``), which pruning must not leave at the unpruned width."""
+    (``B, N, C = x.shape``), which pruning must not leave at the unpruned width;
+    ``style="einsum"`` multiplies with einsum (k given untransposed) and merges with swapaxes."""
 
     def __init__(self, dim=32, heads=4, style="matmul"):
         super().__init__()
@@ -245,6 +246,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
         if self.style == "sdpa":
             ctx = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.style == "einsum":
+            att = torch.softmax(torch.einsum("bhid, bhjd -> bhij", q, k) / self.d ** 0.5 + mask, dim=-1)
+            ctx = torch.einsum("bhij,bhjd->bhid", att, v)
         else:
             att = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5 + mask, dim=-1)
             ctx = att @ v
@@ -253,6 +257,8 @@ class SelfAttention(nn.Module):
             ctx = ctx.view(ctx.size()[:-2] + (self.h * self.d,))
         elif self.style == "timm":
             ctx = ctx.transpose(1, 2).reshape(n, t, x.shape[2])
+        elif self.style == "einsum":
+            ctx = ctx.swapaxes(1, 2).reshape(n, t, self.h * self.d)
         else:
             ctx = ctx.transpose(1, 2).reshape(n, t, self.h * self.d)
         x = x + self.o(ctx)
@@ -316,7 +322,7 @@ def test_group_norm_group_across_two_layers_blocks():
     assert by_name["a"].blocked == [reason] and by_name["b"].blocked == [reason]
 
 
-@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf", "timm"])
+@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf", "timm", "einsum"])
 def test_hand_written_attention_heads(style):
     _, by_name = groups_of(SelfAttention(style=style), torch.randn(2, 5, 32), torch.zeros(2, 1, 1, 5))
     heads = by_name["q + k + v"]
@@ -356,8 +362,20 @@ def test_attention_structures_that_stay_blocked():
     _, by_name = groups_of(Fused(), torch.randn(2, 5, 16))
     for part in ("qkv[:16]", "qkv[16:][:16]", "qkv[16:][16:]"):  # q, k and v: one range each
         assert "mul: mul on channels stacked along one axis (fused q/k/v) is not followed" in by_name[part].blocked
+    class ChannelDot(nn.Module):
+        """An einsum that contracts the channels themselves is no batched matmul over heads."""
+
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.einsum("btc,btc->bt", self.q(x), self.k(x))
+
     _, by_name = groups_of(HeadSoftmax(), torch.randn(2, 5, 16))
     assert by_name["q"].blocked == ["softmax: softmax over the channels"]
+    _, by_name = groups_of(ChannelDot(), torch.randn(2, 5, 16))
+    assert by_name["q"].blocked == by_name["k"].blocked == ["einsum: einsum 'btc,btc->bt' is not a batched matmul"]
 
 
 def test_one_size_literal_for_two_independent_groups_blocks():

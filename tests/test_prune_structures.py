@@ -266,7 +266,7 @@ def test_group_norm_loses_whole_groups(affine):
     assert gm.get_submodule("conv1").out_channels == 8 and gm.get_submodule("conv2").in_channels == 8
 
 
-@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf", "timm"])
+@pytest.mark.parametrize("style", ["matmul", "sdpa", "hf", "timm", "einsum"])
 def test_hand_written_attention_loses_whole_heads(style, tmp_path):
     x, mask = torch.randn(2, 5, 32), torch.zeros(2, 1, 1, 5)
     result = prune(SelfAttention(style=style), x, mask)
@@ -283,7 +283,7 @@ def test_hand_written_attention_loses_whole_heads(style, tmp_path):
         # the width read at run time (timm: x.shape[2], still 32) becomes -1
         assert [n.args[3] for n in calls(result.graph, "reshape")] == [-1 if style == "timm" else 16]
     assert result.graph.run(torch.randn(3, 7, 32), torch.zeros(3, 1, 1, 7)).shape == (3, 7, 3)
-    if style == "sdpa":
+    if style in ("sdpa", "einsum"):
         ts_backend.export(result.graph, tmp_path / "attn.pt")
         onnx_backend.export(result.graph, tmp_path / "attn.onnx")
 

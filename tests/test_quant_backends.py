@@ -118,22 +118,26 @@ def test_onnx_int8_parity_failure_writes_nothing(int8_graph, tmp_path, monkeypat
 
 
 class PoolReluPermute(torch.nn.Module):
-    """ReLU after max pooling (not fusable into the conv) and a permute before a linear layer."""
+    """ReLU after max pooling (not fusable into the conv) and a permute (or the same move as
+    two swapaxes) before a linear layer."""
 
-    def __init__(self):
+    def __init__(self, swaps=False):
         super().__init__()
         self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
         self.fc = torch.nn.Linear(8, 6)
+        self.swaps = swaps
 
     def forward(self, x):
         x = torch.relu(torch.nn.functional.max_pool2d(self.a(x), 2))
-        return self.fc(self.b(x).permute(0, 2, 3, 1))
+        x = self.b(x)
+        return self.fc(x.swapaxes(1, 3).swapaxes(1, 2) if self.swaps else x.permute(0, 2, 3, 1))
 
 
-def test_relu_on_a_quantized_tensor_stays_integer(tmp_path):
+@pytest.mark.parametrize("swaps", [False, True])
+def test_relu_on_a_quantized_tensor_stays_integer(swaps, tmp_path):
     torch.manual_seed(5)
-    graph = graphopt.trace(PoolReluPermute().eval(), torch.randn(2, 3, 8, 8))
+    graph = graphopt.trace(PoolReluPermute(swaps).eval(), torch.randn(2, 3, 8, 8))
     data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
     int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()],
                        context=PassContext({"calibration_data": data})).run(graph).graph
