@@ -59,10 +59,14 @@ class Stack:
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A get_attr constant (possibly expanded): sliced if combined with a tracked tensor."""
+    """A get_attr constant, or a tensor derived from one by gathering rows, viewing, permuting
+    or expanding (a relative-position bias table): sliced if combined with a tracked tensor.
+    ``shape`` is the tensor's; ``axes[i]`` is the constant's axis that tensor axis ``i`` is
+    intact (None: an axis the constant's slices do not follow)."""
 
     target: str
     shape: tuple
+    axes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,9 @@ class _Analysis:
             return None
         if node.op == "get_attr":
             value = self.graph.attr(node.target)
-            return ParamRef(node.target, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
+            if not isinstance(value, torch.Tensor):
+                return None
+            return ParamRef(node.target, tuple(value.shape), tuple(range(value.dim())))
         if node.op == "output":
             for arg in node.all_input_nodes:
                 self.block(self.get(arg), "reaches the model output")
@@ -509,8 +515,11 @@ class _Analysis:
                 continue
             if not along[0]:
                 continue  # broadcast along the channels: nothing to cut
-            if isinstance(v, ParamRef):
-                self.add_members(result, PARAM, v.target, node, result.axis - lead)
+            if isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
+                self.add_members(result, PARAM, v.target, node, v.axes[result.axis - lead])
+            elif isinstance(v, ParamRef):
+                self.block(result, f"{node.name}: combined with {a.name}, a constant whose slices along "
+                                   "the channels the analysis does not follow")
             else:
                 self.block(result, f"{node.name}: combined with {a.name}, whose channels are not tracked")
         return result
@@ -588,6 +597,12 @@ class _Analysis:
     def index(self, node: fx.Node, name: str) -> Any:
         source = node.args[0]
         value = self.get(source)
+        if isinstance(value, ParamRef):  # rows gathered by an index tensor: the other axes stay intact
+            idx = node.args[1] if len(node.args) > 1 else None
+            idx_shape = self.graph.shape(idx) if isinstance(idx, fx.Node) else None
+            if name in ("getitem", "__getitem__") and isinstance(idx_shape, tuple):
+                return self.derived(node, value, [None] * len(idx_shape) + list(value.axes[1:]))
+            return None
         if isinstance(value, (list, tuple)):
             idx = node.args[1]
             return value[idx] if isinstance(idx, int) and idx < len(value) else None
@@ -687,8 +702,8 @@ class _Analysis:
 
     def reshape(self, node: fx.Node, name: str) -> Any:
         x = self.get(node.args[0])
-        if isinstance(x, ParamRef) and name == "expand":
-            return x
+        if isinstance(x, ParamRef):
+            return self.reshaped_param(node, name, x)
         if not isinstance(x, Layout):
             return None
         if name == "contiguous":
@@ -765,6 +780,31 @@ class _Analysis:
             self.grids.extend((node.name, item) for item in items)
         return Stack(j, items)
 
+    def derived(self, node: fx.Node, x: ParamRef, axes: list) -> ParamRef | None:
+        """``x`` after ``node``, its constant's axes at ``axes`` (None if none is left)."""
+        shape = self.graph.shape(node)
+        if not isinstance(shape, tuple) or all(a is None for a in axes):
+            return None
+        return ParamRef(x.target, shape, tuple(axes))
+
+    def reshaped_param(self, node: fx.Node, name: str, x: ParamRef) -> ParamRef | None:
+        """A constant's axes through a reshape: those that land intact and whose size is not
+        written in the graph (a written size would not shrink with them)."""
+        if name == "contiguous":
+            return x
+        in_shape, out_shape = self.graph.shape(node.args[0]), self.graph.shape(node)
+        if name == "expand":
+            return self.derived(node, x, [None] * (len(out_shape) - len(in_shape)) + list(x.axes))
+        entries = self.size_entries(node, name, len(out_shape))
+        if entries is None:
+            return None
+        axes: list = [None] * len(out_shape)
+        for i, axis in enumerate(x.axes):
+            j = _landing(in_shape, out_shape, i)
+            if axis is not None and j is not None and (entries[j][1] is None or entries[j][0] == -1):
+                axes[j] = axis
+        return self.derived(node, x, axes)
+
     def size_entries(self, node: fx.Node, name: str, rank: int) -> list[Entry] | None:
         """Per output axis: the literal size written in the graph and where, or (None, None)
         where the size is read at run time. None if the sizes cannot be located."""
@@ -826,6 +866,12 @@ class _Analysis:
 
     def permute(self, node: fx.Node, name: str) -> Any:
         x = self.get(node.args[0])
+        if isinstance(x, ParamRef):
+            where = self.axis_map(node, name)
+            axes: list = [None] * len(x.axes)
+            for i, axis in enumerate(x.axes):
+                axes[where(i)] = axis
+            return self.derived(node, x, axes)
         if not isinstance(x, Layout):
             return None
         where = self.axis_map(node, name)

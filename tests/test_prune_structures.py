@@ -322,6 +322,38 @@ def test_fused_qkv_loses_whole_heads(take, tmp_path):
     onnx_backend.export(result.graph, tmp_path / "fused.onnx")
 
 
+class RelativeBias(nn.Module):
+    """Attention with a learned relative-position bias (Swin, MaxViT): a table of one column
+    per head, gathered by a buffer of indices, viewed, permuted and added to the logits.
+    ``literal_heads`` writes the head count into the view instead of -1."""
+
+    def __init__(self, literal_heads=False, tokens=4, dim=16, heads=4):
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 2)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        self.register_buffer("index", (torch.arange(tokens)[:, None] - torch.arange(tokens)[None] + tokens - 1)
+                             .flatten())
+        self.t, self.h, self.d, self.literal_heads = tokens, heads, dim // heads, literal_heads
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].view(self.t, self.t, self.h if self.literal_heads else -1)
+        attn = torch.softmax(q @ k.transpose(-2, -1) + bias.permute(2, 0, 1).unsqueeze(0), dim=-1)
+        return self.head(x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)))
+
+
+def test_a_relative_position_bias_table_loses_the_pruned_heads_columns():
+    result = prune(RelativeBias(), torch.randn(2, 4, 16))
+    gm = result.graph.gm
+    assert gm.qkv.out_features == 24 and gm.proj.in_features == 8   # 2 of 4 heads
+    assert tuple(gm.table.shape) == (7, 2)
+    plan = channel_groups(graphopt.trace(RelativeBias(literal_heads=True).eval(), (torch.randn(2, 4, 16),)))
+    heads = next(g for g in plan.groups if "qkv" in g.name and g.size == 4)
+    # a written head count in the table's view would not shrink: the bias is not followed, and blocks
+    assert heads.blocked == ["add: combined with unsqueeze, whose channels are not tracked"]
+
+
 def test_a_width_read_at_run_time_becomes_the_new_width_where_minus_one_is_taken():
     class Rows(nn.Module):
         def __init__(self):
