@@ -10,9 +10,13 @@ position by position (one weight column serves every group) and writes its outpu
 space repeated per group, so every group keeps the same size. A view of the channel axis
 as two axes (``view(B, T, H, d)``) is a *grid*: attention (matmul,
 scaled_dot_product_attention) and reductions within a row make whole rows (heads) the unit; merging the axes back in the
-other order (a channel shuffle) makes every row keep the same columns. GroupNorm makes
-whole groups the unit. Every place a space lives is a ``Member``: a weight slice to cut,
-a norm to shrink, a constant to slice, a size literal or split size to rewrite.
+other order (a channel shuffle) makes every row keep the same columns. A view that cuts the
+channels into equal ranges along a new axis (fused q/k/v: ``reshape(B, N, 3, H, d)``) is a
+*stack*, followed through permutes until unbind or an index takes it apart. GroupNorm makes
+whole groups the unit. Constants combined with a tensor are followed from their parameter
+through gathers, views and permutes (relative-position bias tables). Every place a space
+lives is a ``Member``: a weight slice to cut, a norm to shrink, a constant to slice, a size
+literal (or a size read at run time) or split size to rewrite.
 
 Anything not understood **blocks** the spaces that reach it, with the reason recorded;
 nothing is guessed to be elementwise. A group is prunable only if nothing blocked it.
