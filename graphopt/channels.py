@@ -913,6 +913,8 @@ class _Analysis:
         if kind == OpKind.INDEX and name in ("getitem", "__getitem__") and x.axis == 0 \
                 and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
             return entries[node.args[1]]
+        if name == "select" and node.args[1] % rank == x.axis:   # torch.export's qkv[0]: aten.select.int
+            return entries[node.args[2]]
         raise Unaligned(f"{name} on channels stacked along one axis (fused q/k/v) is not followed")
 
     def reduce(self, node: fx.Node) -> Any:

@@ -301,6 +301,8 @@ class FusedAttention(nn.Module):
 
     def forward(self, x):
         b, n, c = x.shape
+        if self.take == "export":  # int() of a size stops torch.fx: torch.export captures it (aten.select)
+            c = int(x.shape[2])
         qkv = self.qkv(x).reshape(b, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0) if self.take == "unbind" else (qkv[0], qkv[1], qkv[2])
         attn = (q @ k.transpose(-2, -1) * self.d ** -0.5).softmax(dim=-1)
@@ -309,16 +311,22 @@ class FusedAttention(nn.Module):
         return self.head(x)
 
 
-@pytest.mark.parametrize("take", ["unbind", "index"])
+@pytest.mark.parametrize("take", ["unbind", "index", "export"])
 def test_fused_qkv_loses_whole_heads(take, tmp_path):
     result = prune(FusedAttention(take), torch.randn(2, 5, 32))
     gm = result.graph.gm
     assert gm.get_submodule("qkv").out_features == 48   # 2 of 4 heads, in each of q, k and v
     assert gm.get_submodule("proj").in_features == 16 and gm.get_submodule("ff1").out_features == 32
-    (view,), (merge,) = [n for n in calls(result.graph, "reshape") if len(n.args) == 6], \
-        [n for n in calls(result.graph, "reshape") if len(n.args) == 4]
-    assert view.args[3:] == (3, 2, 8) and merge.args[3] == -1
-    assert result.graph.run(torch.randn(3, 7, 32)).shape == (3, 7, 3)
+    if take == "export":
+        assert result.graph.captured_by == "torch.export"
+        reshapes = [n.args[1] for n in result.graph.nodes if n.target is torch.ops.aten.reshape.default]
+        assert [r[2:] for r in reshapes] == [[3, 2, 8], [16]]   # q/k/v taken apart by aten.select
+        assert len([n for n in result.graph.nodes if n.target is torch.ops.aten.select.int]) == 3
+    else:   # torch.fx keeps batch and length symbolic
+        (view,), (merge,) = [n for n in calls(result.graph, "reshape") if len(n.args) == 6], \
+            [n for n in calls(result.graph, "reshape") if len(n.args) == 4]
+        assert view.args[3:] == (3, 2, 8) and merge.args[3] == -1
+        assert result.graph.run(torch.randn(3, 7, 32)).shape == (3, 7, 3)
     onnx_backend.export(result.graph, tmp_path / "fused.onnx")
 
 
