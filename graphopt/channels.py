@@ -604,7 +604,9 @@ class _Analysis:
         if isinstance(value, ParamRef):  # rows gathered by an index tensor: the other axes stay intact
             idx = node.args[1] if len(node.args) > 1 else None
             idx_shape = self.graph.shape(idx) if isinstance(idx, fx.Node) else None
-            if name in ("getitem", "__getitem__") and isinstance(idx_shape, tuple):
+            out_shape = self.graph.shape(node)
+            if name in ("getitem", "__getitem__") and isinstance(idx_shape, tuple) and isinstance(out_shape, tuple) \
+                    and len(out_shape) == len(idx_shape) + len(value.shape) - 1:  # not a mask over several axes
                 return self.derived(node, value, [None] * len(idx_shape) + list(value.axes[1:]))
             return None
         if isinstance(value, (list, tuple)):
@@ -764,24 +766,20 @@ class _Analysis:
         return None
 
     def stack(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Stack | None:
-        """The channels cut into ``outs[j]`` equal ranges laid along axis ``j``, each range on
-        the next axis, or viewed as a grid on the next two (``reshape(B, N, 3, H, d)``)."""
+        """The channels cut into ``outs[j]`` equal ranges laid along axis ``j``, each range
+        viewed as a grid on the next two axes (``reshape(B, N, 3, H, d)``). (Ranges on one
+        axis, ``reshape(B, N, 3, C)``, are a grid of three rows, found before this.)"""
         count, part = outs[j], x.positions // outs[j]
         rest = outs[j + 1:]
-        if rest[:1] == (part,):
-            sub, width = None, 1
-        elif len(rest) > 1 and rest[0] * rest[1] == part and min(rest[0], rest[1]) > 1:
-            sub, width = j + 2, rest[1]
-        else:
+        if not (len(rest) > 1 and rest[0] * rest[1] == part and min(rest[0], rest[1]) > 1):
             return None
         ranges: list[list[Seg]] = [[] for _ in range(count)]
         at = 0
         for seg in self.spaces.cut(x.segs, {part * i for i in range(1, count)}):
             ranges[at // part].append(seg)
             at += seg.positions
-        items = tuple(Layout(j + 1, segs, sub, width) for segs in ranges)
-        if sub is not None:
-            self.grids.extend((node.name, item) for item in items)
+        items = tuple(Layout(j + 1, segs, j + 2, rest[1]) for segs in ranges)
+        self.grids.extend((node.name, item) for item in items)
         return Stack(j, items)
 
     def derived(self, node: fx.Node, x: ParamRef, axes: list) -> ParamRef | None:
