@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 
 class Unaligned(Exception):
@@ -71,8 +71,12 @@ class Layout:
         """The same channels with the tracked axes renumbered (permute, broadcast, indexing)."""
         return Layout(axis, list(self.segs), sub, self.width)
 
+    def mapped(self, where: Callable[[int], int]) -> "Layout":
+        """The same channels, each tracked axis ``a`` moved to ``where(a)``."""
+        return self.at(where(self.axis), None if self.sub is None else where(self.sub))
+
     def shifted(self, delta: int) -> "Layout":
-        return self.at(self.axis + delta, None if self.sub is None else self.sub + delta)
+        return self.mapped(lambda a: a + delta)
 
     def axes(self) -> tuple[int, ...]:
         return (self.axis,) if self.sub is None else (self.axis, self.sub)

@@ -268,7 +268,7 @@ class _Analysis:
                 self.block(self.get(arg), "reaches the model output")
             return None
         kind = self.graph.kind(node)
-        if any(isinstance(self.get(arg), Stack) for arg in node.all_input_nodes):
+        if any(isinstance(self.values.get(arg), Stack) for arg in node.all_input_nodes):
             return self.stacked(node, kind)
         if node.op == "call_module":
             value = self.visit_module(node, self.modules[node.target], kind)
@@ -577,8 +577,7 @@ class _Analysis:
         if name == "unbind":
             if dim in x.axes():
                 raise Unaligned("unbind along the channels (one output per channel)")
-            drop = lambda a: a - (a > dim)  # noqa: E731
-            return tuple(x.at(drop(x.axis), None if x.sub is None else drop(x.sub)) for _ in shapes)
+            return tuple(x.mapped(lambda a: a - (a > dim)) for _ in shapes)
         if dim not in x.axes():
             return tuple(x for _ in shapes)
         if x.sub is not None:
@@ -636,8 +635,7 @@ class _Analysis:
             dim = node.args[1] % rank
             if dim in value.axes():
                 raise Unaligned("selects one channel")
-            drop = lambda a: a - (a > dim)  # noqa: E731
-            return value.at(drop(value.axis), None if value.sub is None else drop(value.sub))
+            return value.mapped(lambda a: a - (a > dim))
         idx = node.args[1]
         items = list(idx) if isinstance(idx, tuple) else [idx]
         where: list[int | None] = list(range(len(items)))  # each item's element in ``idx`` (None: from an Ellipsis)
@@ -673,7 +671,7 @@ class _Analysis:
             value = self.channel_range(value, in_shape[axis], item.start, item.stop, item.step,
                                        lambda offset: Member(SLICE, "start", node.name, at, offset, arg=1),
                                        lambda offset: Member(SLICE, "stop", node.name, at, offset, arg=1))
-        return value.at(mapping[value.axis], None if value.sub is None else mapping[value.sub])
+        return value.mapped(mapping.__getitem__)
 
     def channel_range(self, x: Layout, size: int, start: Any, stop: Any, step: Any,
                       start_member: Callable[[int], Member], stop_member: Callable[[int], Member],
@@ -876,8 +874,7 @@ class _Analysis:
             return self.derived(node, x, axes)
         if not isinstance(x, Layout):
             return None
-        where = self.axis_map(node, name)
-        return x.at(where(x.axis), None if x.sub is None else where(x.sub))
+        return x.mapped(self.axis_map(node, name))
 
     def axis_map(self, node: fx.Node, name: str) -> Callable[[int], int]:
         """Where permute/transpose/swapaxes ``node`` sends each input axis."""
@@ -893,17 +890,15 @@ class _Analysis:
         integer index on its axis hands out its entries."""
         name = op_name(node)
         x = self.get(node.args[0]) if node.args else None
-        if not isinstance(x, Stack) or sum(isinstance(self.get(a), Stack) for a in node.all_input_nodes) > 1:
+        if not isinstance(x, Stack) or sum(isinstance(self.values.get(a), Stack) for a in node.all_input_nodes) > 1:
             raise Unaligned(f"{name} on channels stacked along one axis (fused q/k/v) is not followed")
         rank = len(self.graph.shape(node.args[0]))
-        drop = lambda a: a - (a > x.axis)  # noqa: E731
-        entries = tuple(i.at(drop(i.axis), None if i.sub is None else drop(i.sub)) for i in x.items)
         if name == "contiguous" and not node.kwargs:
             return x
         if kind == OpKind.PERMUTE:
             where = self.axis_map(node, name)
-            return Stack(where(x.axis), tuple(i.at(where(i.axis), None if i.sub is None else where(i.sub))
-                                              for i in x.items))
+            return Stack(where(x.axis), tuple(i.mapped(where) for i in x.items))
+        entries = tuple(i.mapped(lambda a: a - (a > x.axis)) for i in x.items)  # the stack's axis gone
         if name == "unbind":
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim % rank == x.axis:
@@ -932,8 +927,7 @@ class _Analysis:
         if x.sub is not None and x.sub in dims:  # within each row: rows stay whole, the columns are gone
             x = _positions(self.as_rows(x))
         if not keepdim:
-            x = x.at(x.axis - sum(d < x.axis for d in dims),
-                     None if x.sub is None else x.sub - sum(d < x.sub for d in dims))
+            x = x.mapped(lambda a: a - sum(d < a for d in dims))
         out = self.graph.shape(node)
         return (x, x) if out and isinstance(out[0], tuple) else x  # max/min(dim): values and indices
 
@@ -1013,20 +1007,21 @@ class _Analysis:
         equation = node.args[0]
         operands = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))) \
             else node.args[1]
-        if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation or "." in equation:
+        if not isinstance(equation, str) or len(operands) != 2 or equation.count("->") != 1 or "." in equation:
             raise Unaligned("einsum that is not a two-operand batched matmul")
-        (ea, eb), eo = equation.replace(" ", "").split("->")[0].split(","), equation.replace(" ", "").split("->")[1]
-        batch = eo[:-2]
-        i, j = eo[-2:]
+        inputs, eo = equation.replace(" ", "").split("->")
+        ea, eb = (inputs.split(",") + [""])[:2]
         shared = set(ea[-2:]) & set(eb[-2:])
-        if not (ea[:-2] == eb[:-2] == batch and len(shared) == 1 and set(ea[-2:]) == {i, *shared}
-                and set(eb[-2:]) == {j, *shared} and len(set(eo)) == len(eo)):
+        if not (len(eo) >= 2 and ea[:-2] == eb[:-2] == eo[:-2] and len(shared) == 1
+                and set(ea[-2:]) == {eo[-2], *shared} and set(eb[-2:]) == {eo[-1], *shared}
+                and len(set(eo)) == len(eo)):
             raise Unaligned(f"einsum {equation!r} is not a batched matmul")
+        (k,) = shared
         a, b = operands
         la, lb = self.get(a), self.get(b)
-        if ea[-1] != next(iter(shared)):   # a given as (k, i): seen as its transpose
+        if ea[-1] != k:   # a given as (k, i): seen as its transpose
             la = _swap_last(la, len(ea))
-        if eb[-2] != next(iter(shared)):   # b given as (j, k)
+        if eb[-2] != k:   # b given as (j, k)
             lb = _swap_last(lb, len(eb))
         return self.batched_matmul(node, a, b, la, lb)
 
@@ -1103,7 +1098,7 @@ def _swap_last(value: Any, rank: int) -> Any:
     if not isinstance(value, Layout):
         return value
     swap = lambda a: rank - 1 if a == rank - 2 else rank - 2 if a == rank - 1 else a  # noqa: E731
-    return value.at(swap(value.axis), None if value.sub is None else swap(value.sub))
+    return value.mapped(swap)
 
 
 def _layouts(value: Any) -> list[Layout]:

@@ -202,17 +202,17 @@ class PruneChannels(Pass):
         groups = {g.id: g for g in plan.prunable if self.group_ratio(g, -1.0) < 0}
         removed = dict(removed)
 
-        def block(gid: int) -> list[int]:  # the most important channels of one rounding step
-            step = self.round_to // math.gcd(self.round_to, groups[gid].unit)
-            return sorted(removed[gid], key=lambda c: float(scores[gid][c]))[-step:]
-
+        steps = {gid: self.round_to // math.gcd(self.round_to, g.unit) for gid, g in groups.items()}
         changed = True
         while changed:
             changed = False
-            relative = {gid: float(scores[gid][block(gid)].sum() / scores[gid].mean().clamp_min(1e-12))
-                        for gid in removed if gid in groups and removed[gid]}
+            # each group's most important removed channels, one rounding step of them
+            blocks = {gid: sorted(removed[gid], key=lambda c: float(scores[gid][c]))[-steps[gid]:]
+                      for gid in removed if gid in groups and removed[gid]}
+            relative = {gid: float(scores[gid][back].sum() / scores[gid].mean().clamp_min(1e-12))
+                        for gid, back in blocks.items()}
             for gid in sorted(relative, key=relative.get, reverse=True):
-                back = set(block(gid))
+                back = set(blocks[gid])
                 trial = {**removed, gid: [c for c in removed[gid] if c not in back]}
                 if estimator.estimate(trial)[key] / base <= goal:
                     removed, changed = trial, True

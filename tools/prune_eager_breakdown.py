@@ -18,7 +18,6 @@ import os
 import re
 import statistics
 import tempfile
-import time
 from typing import Callable
 
 import torch
@@ -29,6 +28,7 @@ import graphopt
 from graphopt.latency import interleaved_latency
 from graphopt.passes import PruneChannels
 from graphopt.report import table, write_json
+from graphopt.tools.bench_prune import eager_runner
 
 THREADS = 2
 ROUND_TO = 32
@@ -72,14 +72,7 @@ def im2col_convs(module: nn.Module, x: torch.Tensor) -> list[tuple[nn.Conv2d, to
 
 
 def alone_ms(run: Callable[[], object], calls: int = 50) -> float:
-    for _ in range(5):
-        run()
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+    return interleaved_latency({"run": run}, calls, warmup=5)["run"] * 1e3
 
 
 def im2col_cost(module: nn.Module, x: torch.Tensor) -> tuple[int, float, float]:
@@ -104,12 +97,7 @@ def breakdown(targets: list[float], rounds: int, out: str) -> None:
         result = graphopt.PassManager([PruneChannels(target_macs=target, round_to=ROUND_TO)]).run(dense)
         variants[f"pruned {target:g}"] = (result.graph.gm, result.records[-1].macs / result.records[0].macs)
 
-    def runner(module):
-        def run():
-            with torch.no_grad():
-                return module(x)
-        return run
-    runners = {name: runner(module) for name, (module, _) in variants.items()}
+    runners = {name: eager_runner(module, x) for name, (module, _) in variants.items()}
     latency = interleaved_latency(runners, rounds, hot=1)
     rows = []
     for name, (module, macs) in variants.items():
