@@ -21,14 +21,54 @@ from graphopt.backends.parity import parity_report
 MIN_OPSET = 17
 
 
-def to_proto(graph: Graph, opset: int) -> onnx_lib.ModelProto:
-    """torch.onnx (dynamo exporter) on the GraphModule, quietly."""
+def to_proto(graph: Graph, opset: int, dynamic_batch: bool = False) -> tuple[onnx_lib.ModelProto, str]:
+    """torch.onnx (dynamo exporter) on the GraphModule, quietly; and the batch axis it has.
+
+    A graph captured by torch.export keeps the shapes it was captured with (symbolic where its
+    ``dynamic_shapes`` said so; its guards fix the rest). A torch.fx graph, with ``dynamic_batch``,
+    has every tensor input's first axis symbolic (exported from a batch of two where the example has
+    one, since torch.export specialises sizes 0 and 1); a graph whose code fixes the batch size
+    is exported static, and the returned note says why."""
+    shapes, inputs, batch = graph.dynamic_shapes, graph.example_inputs, "as captured"
+    if shapes is None:
+        batch = "static"
+        if dynamic_batch and graph.captured_by == "torch.fx":
+            shapes, inputs = _batch_axes(graph.example_inputs)
+            batch = "dynamic"
+    try:
+        return _export(graph.gm, inputs, opset, shapes), batch
+    except Exception as exc:
+        if batch != "dynamic":
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _export(graph.gm, graph.example_inputs, opset, None), f"static (torch.export: {reason[:200]})"
+
+
+def _export(gm, inputs, opset: int, shapes) -> onnx_lib.ModelProto:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph.gm, graph.example_inputs, dynamo=True, opset_version=opset,
-                                    dynamic_shapes=graph.dynamic_shapes,
+        program = torch.onnx.export(gm, tuple(inputs), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     external_data=False, verbose=False)
     return program.model_proto
+
+
+def _batch_axes(inputs: tuple) -> tuple[tuple, tuple]:
+    """torch.export dynamic_shapes with axis 0 of every tensor input named ``batch``, and
+    inputs of at least two rows to trace with."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    shapes, wide = [], []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim():
+            shapes.append({0: batch})
+            wide.append(x if x.shape[0] > 1 else torch.cat([x, x]))
+        else:
+            shapes.append(None)
+            wide.append(x)
+    return tuple(shapes), tuple(wide)
+
+
+def ort_version() -> str:
+    return ort.__version__
 
 
 def ort_session(model: str | bytes, threads: int = 0) -> ort.InferenceSession:
@@ -50,16 +90,17 @@ def run_onnx(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:
 
 @register_backend("onnx")
 def export(graph: Graph, path: str, *, opset: int = 18, simplify: bool = True,
-           tolerance: float = 1e-4) -> ExportReport:
+           tolerance: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``graph`` as an ONNX model at ``path``; fail (writing nothing) if onnxruntime's
-    outputs differ from the graph's by more than ``tolerance`` (relative)."""
+    outputs differ from the graph's by more than ``tolerance`` (relative). The batch axis is
+    symbolic unless ``dynamic_batch=False`` (checked by a second run at another batch size)."""
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ConfigError(f"backend 'onnx': opset must be an integer >= {MIN_OPSET}, got {opset!r}")
     started = time.perf_counter()
     path = os.fspath(path)
     with atomic_path(path, ".onnx") as tmp:
         try:
-            model = to_proto(graph, opset)
+            model, batch = to_proto(graph, opset, dynamic_batch)
             onnx_lib.checker.check_model(model)
         except Exception as exc:
             raise ExportError(f"torch.onnx could not export the graph: {type(exc).__name__}: "
@@ -75,7 +116,27 @@ def export(graph: Graph, path: str, *, opset: int = 18, simplify: bool = True,
         session = ort_session(tmp, threads=torch.get_num_threads())
         outputs = run_onnx(session, graph.example_inputs)
         details = {"opset": opset, "nodes": len(model.graph.node), "nodes_before_simplify": nodes_before,
-                   "simplified": simplify}
+                   "simplified": simplify, "batch": batch}
         report = parity_report("onnx", graph, path, tmp, outputs, tolerance, started, details)
+        if batch == "dynamic":
+            _check_other_batch(graph, session, tolerance, path)
     report.runner = lambda *inputs: run_onnx(session, inputs)
     return report
+
+
+OTHER_BATCH = 3   # the batch size a model with a symbolic batch axis is checked at, besides the example's
+
+
+def at_batch(inputs: tuple, n: int) -> tuple:
+    """``inputs`` with ``n`` rows (their rows repeated), to run a model at another batch size."""
+    return tuple(torch.cat([x] * n)[:n] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+
+
+def _check_other_batch(graph: Graph, session: ort.InferenceSession, tolerance: float, path: str) -> None:
+    from graphopt.verify import compare_outputs
+
+    inputs = at_batch(graph.example_inputs, OTHER_BATCH)
+    error = compare_outputs(graph.run(*inputs), run_onnx(session, inputs))[1]
+    if not error <= tolerance:
+        raise ExportError(f"onnx export of {path}: at batch {OTHER_BATCH} the model differs from the graph "
+                          f"(relative error {error:.3g}); export with dynamic_batch=False")

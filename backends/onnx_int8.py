@@ -5,11 +5,14 @@ Two forms, both with int8 weight initializers (never float weights) and uint8 ac
   MaxPool/Flatten/Reshape directly on uint8 tensors;
 - ``qdq``: float ops between QuantizeLinear/DequantizeLinear pairs (int32 biases), which
   onnxruntime fuses into the same integer kernels at load time.
-``form="auto"`` builds both, times them in onnxruntime on this CPU (interleaved) and keeps the
-faster, or the smaller file where they time within 5% of each other; a model with a
-LayerNormalization after a residual add is also timed with the two kept apart (onnx_layernorm).
-The artifact is checked against the IR: at least ``min_within_step`` of the outputs
-must lie within one quantization step of the simulated-quant graph's outputs.
+``form="auto"`` is a rule, not a measurement, so the same graph always gives the same file:
+QOperator where the direct lowering covers every op, QDQ through torch.onnx otherwise, and
+LayerNormalizations after a residual add kept apart from it (onnx_layernorm).
+``form="tune"`` builds both forms (and both LayerNorm variants), times them here and keeps the
+faster. The weights' range is the graph's target's (graphopt.targets), recorded in the file's
+metadata. The artifact is checked against the IR, layer by layer: at least ``min_within_step``
+of the quantized values within one step of the simulated-quant graph's, in onnxruntime where this
+CPU computes the target exactly, else in onnx's reference evaluator (onnx_reference).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from graphopt.backend import ExportReport, register_backend
-from graphopt.backends.onnx import ort_session, run_onnx
+from graphopt.backends.onnx import OTHER_BATCH, at_batch, ort_session, ort_version, run_onnx
 from graphopt.backends.onnx_layernorm import layernorms_on_2d
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
@@ -35,10 +38,11 @@ from graphopt.latency import interleaved_latency
 from graphopt.ops import OpKind, op_name
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, flatten_args, int8_mac_share,
                             is_activation_fq, is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
-                            within_one_step)
+                            quant_target, within_one_step)
+from graphopt.targets import Target, host_target
 from graphopt.verify import compare_outputs
 
-FORMS = ("auto", "qoperator", "qdq")
+FORMS = ("auto", "qoperator", "qdq", "tune")
 MS = "com.microsoft"
 _NP = {"uint8": np.uint8, "int8": np.int8}
 _ONNX_INT = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
@@ -55,8 +59,9 @@ class _Value:
 class _Lowering:
     """Walks the IR once, emitting ONNX nodes; records which layers ran in integer kernels."""
 
-    def __init__(self, graph: Graph, form: str):
+    def __init__(self, graph: Graph, form: str, dynamic_batch: bool = True):
         self.graph, self.form = graph, form
+        self.batch = "N" if dynamic_batch else None   # None: each tensor's traced batch size
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.env: dict[str, _Value] = {}
@@ -137,7 +142,7 @@ class _Lowering:
             if node.name in self.env:
                 continue
             if node.op == "placeholder":
-                shape = ["N", *self.graph.shape(node)[1:]]
+                shape = [self.batch or self.graph.shape(node)[0], *self.graph.shape(node)[1:]]
                 inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
                 self.env[node.name] = _Value(node.name)
             elif node.op == "get_attr":
@@ -147,7 +152,8 @@ class _Lowering:
                     name = self.emit("Identity", [self.as_float(out)], f"output_{i}")
                     shape = self.graph.shape(out)
                     outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                                                 ["N", *shape[1:]] if shape else None))
+                                                                 [self.batch or shape[0], *shape[1:]]
+                                                                 if shape else None))
             elif is_weight_dq(node):
                 continue
             else:
@@ -428,8 +434,8 @@ def quant_structure(model: onnx.ModelProto) -> dict[str, int]:
     return {"int8_initializer_bytes": int(int8), "quant_ops": qops, "float_initializer_bytes": int(float_bytes)}
 
 
-def build(graph: Graph, form: str) -> tuple[onnx.ModelProto, _Lowering]:
-    lowering = _Lowering(graph, form)
+def build(graph: Graph, form: str, dynamic_batch: bool = True) -> tuple[onnx.ModelProto, _Lowering]:
+    lowering = _Lowering(graph, form, dynamic_batch)
     model = lowering.run()
     onnx.checker.check_model(model)
     return model, lowering
@@ -451,63 +457,86 @@ class _Candidate:
     float_layers: dict
     probes: dict   # IR fake-quant node -> (ONNX tensor, its QParams, or None for a float tensor)
     layernorms_2d: int = 0   # LayerNormalizations kept apart from their residual add (onnx_layernorm)
+    simplify_note: str = ""  # why onnx-simplifier's result was not kept ("" when it was, or was not asked)
 
 
-def _direct(graph: Graph, form: str, simplify: bool, threads: int) -> _Candidate:
+def _direct(graph: Graph, form: str, simplify: bool, dynamic_batch: bool) -> _Candidate:
     try:
-        built, lowering = build(graph, form)
+        built, lowering = build(graph, form, dynamic_batch)
     except ExportError:
         raise
     except Exception as exc:
         raise ExportError(f"onnx_int8 ({form}): could not build the model: {type(exc).__name__}: {exc}") from exc
     probes = {n.name: (lowering.env[n.name].name, lowering.env[n.name].qp) for n in graph.nodes
               if is_activation_fq(n) and n.name in lowering.env}
-    return _Candidate(_simplify(built) if simplify else built, built, form, "direct", lowering.int8_layers,
-                      dict(lowering.float_layers), probes)
+    model, note = _simplify(built) if simplify else (built, "")
+    return _Candidate(model, built, form, "direct", lowering.int8_layers, dict(lowering.float_layers), probes,
+                      simplify_note=note)
 
 
-def _through_torch_onnx(graph: Graph, simplify: bool, threads: int) -> _Candidate:
+def _through_torch_onnx(graph: Graph, simplify: bool, threads: int, dynamic_batch: bool) -> _Candidate:
     from graphopt.backends import onnx_int8_decomposed as decomposed
 
-    built, quantized = decomposed.build(graph)
+    built, quantized = decomposed.build(graph, dynamic_batch=dynamic_batch)
     int8_layers, float_layers = decomposed.fused_layers(built, graph, threads)
-    model = _simplify(built, fold_constants=True) if simplify else built
+    model, note = _simplify(built, fold_constants=True) if simplify else (built, "")
     nodes = {n.name: n for n in graph.nodes}
     probes = {name: (tensor, qparams(nodes[name])) for name, tensor in quantized.items()}
-    return _Candidate(model, built, "qdq", "torch_onnx", int8_layers, float_layers, probes)
+    return _Candidate(model, built, "qdq", "torch_onnx", int8_layers, float_layers, probes, simplify_note=note)
 
 
-def _candidates(graph: Graph, form: str, lowering: str, simplify: bool, threads: int) -> dict[str, _Candidate]:
-    """The direct lowering in the requested form(s); torch.onnx's QDQ export when asked for, or
-    when the direct lowering has no rule for an op of the graph (``auto``)."""
+def _candidates(graph: Graph, form: str, lowering: str, simplify: bool, threads: int,
+                dynamic_batch: bool) -> dict[str, _Candidate]:
+    """The direct lowering in the requested form (both forms for ``tune``; QOperator for
+    ``auto``); torch.onnx's QDQ export when asked for, or when the direct lowering has no rule
+    for an op of the graph (``lowering="auto"``)."""
     if lowering == "torch_onnx":
-        return {"qdq": _through_torch_onnx(graph, simplify, threads)}
+        return {"qdq": _through_torch_onnx(graph, simplify, threads, dynamic_batch)}
+    forms = {"tune": ("qoperator", "qdq"), "auto": ("qoperator",)}.get(form, (form,))
     try:
-        return {f: _direct(graph, f, simplify, threads) for f in (("qoperator", "qdq") if form == "auto" else (form,))}
+        return {f: _direct(graph, f, simplify, dynamic_batch) for f in forms}
     except ExportError as exc:
         if lowering == "direct" or "no ONNX lowering" not in str(exc):
             raise
-    return {"qdq": _through_torch_onnx(graph, simplify, threads)}
+    return {"qdq": _through_torch_onnx(graph, simplify, threads, dynamic_batch)}
 
 
-def _with_layernorms_on_2d(candidates: dict[str, _Candidate]) -> dict[str, _Candidate]:
+def _with_layernorms_on_2d(candidates: dict[str, _Candidate], keep_both: bool) -> dict[str, _Candidate]:
     """Each candidate whose residual adds onnxruntime would fuse into its LayerNormalizations
-    gets a twin that keeps them apart (see onnx_layernorm); timing decides between them."""
+    gets a twin that keeps them apart (see onnx_layernorm): in place of it, or beside it when
+    the forms are timed (``keep_both``)."""
     out = dict(candidates)
     for key, c in candidates.items():
         model, count = layernorms_on_2d(c.model)
         if count:
-            out[f"{key}+ln2d"] = replace(c, model=model, layernorms_2d=count)
+            twin = replace(c, model=model, layernorms_2d=count)
+            if keep_both:
+                out[f"{key}+ln2d"] = twin
+            else:
+                out[key] = twin
     return out
+
+
+def _target_metadata(model: onnx.ModelProto, target: Target) -> None:
+    """Record the target in the file, where a deployment script can read it back."""
+    for key, value in (("graphopt.quant_target", target.name),
+                       ("graphopt.weight_range", f"[{target.weight_qmin}, {target.weight_qmax}]")):
+        entry = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 @register_backend("onnx_int8")
 def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto", simplify: bool = True,
-           threads: int = 2, min_within_step: float = 0.99) -> ExportReport:
-    """Write the folded int8 graph at ``path`` (QOperator or QDQ form, the faster by default) and
-    check it in onnxruntime against the simulated-quant IR. ``lowering``: ``direct`` (this
-    module's op-by-op lowering), ``torch_onnx`` (onnx_int8_decomposed: any graph torch.onnx
-    exports, QDQ form) or ``auto`` (direct where it has a rule for every op)."""
+           threads: int = 2, min_within_step: float = 0.99, dynamic_batch: bool = True) -> ExportReport:
+    """Write the folded int8 graph at ``path`` and check it against the simulated-quant IR.
+
+    ``form``: ``auto`` (QOperator where the direct lowering covers the graph: explicit integer
+    ops, the smallest file, the kernels onnxruntime would fuse QDQ into; QDQ through torch.onnx
+    otherwise), ``qoperator``, ``qdq``, or ``tune`` (build both, time them here, keep the faster).
+    ``lowering``: ``direct`` (this module's op-by-op lowering), ``torch_onnx``
+    (onnx_int8_decomposed: any graph torch.onnx exports, QDQ form) or ``auto``.
+    The check runs in onnxruntime where this CPU computes the graph's target exactly, else in
+    onnx's reference evaluator (exact integer arithmetic); the report says which."""
     if form not in FORMS:
         raise ConfigError(f"backend 'onnx_int8': form must be one of {', '.join(FORMS)}, got {form!r}")
     if lowering not in LOWERINGS:
@@ -519,47 +548,97 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                           "run insert_qdq and fold_qdq first")
     started = time.perf_counter()
     path = os.fspath(path)
-    candidates = _with_layernorms_on_2d(_candidates(graph, form, lowering, simplify, threads))
+    target, host = quant_target(graph), host_target()
+    exact_here = host.runs_exactly(target)
+    tune = form == "tune"
+    candidates = _with_layernorms_on_2d(_candidates(graph, form, lowering, simplify, threads, dynamic_batch), tune)
     timings = time_forms({f: c.model.SerializeToString() for f, c in candidates.items()}, graph.example_inputs,
-                         threads) if len(candidates) > 1 else {}
+                         threads) if tune and len(candidates) > 1 else {}
     chosen = candidates[_pick(candidates, timings)]
-    model, built = chosen.model, chosen.built
-    share, worst, expected = _probe(graph, built, chosen.probes, threads)
+    built = chosen.built
+    if exact_here:
+        check = f"onnxruntime on this CPU ({host.name}), whose kernels compute {target.name} exactly"
+        share, worst, expected = _probe(graph, built, chosen.probes, lambda m: _ort_runner(m, threads))
+    else:
+        check = (f"ONNX reference evaluator (exact integer arithmetic): this CPU ({host.name}) would saturate "
+                 f"{target.name}'s weights in onnxruntime")
+        share, worst, expected = _probe(graph, built, chosen.probes, _reference_runner)
     if share < min_within_step:
         raise ExportError(f"onnx_int8 export of {path}: only {share:.2%} of quantized values within one step of the "
-                          f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}); "
-                          f"nothing written")
+                          f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}; "
+                          f"target {target.name}, checked by {check}); nothing written")
+    model, simplify_note = _keep_simplified(chosen, threads, graph.example_inputs)
+    _target_metadata(model, target)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)
-        session = ort_session(tmp, threads)
+        try:
+            session = ort_session(tmp, threads)
+        except Exception as exc:
+            raise ExportError(f"onnx_int8 export of {path}: this onnxruntime ({ort_version()}) cannot run the "
+                              f"model built for target {target.name}: {str(exc).strip().splitlines()[0]}") from exc
         outputs = [torch.from_numpy(o) for o in run_onnx(session, graph.example_inputs)]
-        if model is not built and compare_outputs([torch.from_numpy(e) for e in expected], outputs)[1] > 1e-5:
-            raise ExportError(f"onnx_int8 export of {path}: the simplified model's outputs differ "
-                              f"from the built one's")
+        batch = _check_batch(session, graph, path)
         size = os.path.getsize(tmp)
+    if not exact_here:   # this CPU's outputs are not the target's: report the exact ones
+        outputs = [torch.from_numpy(np.asarray(e)) for e in expected]
     reference = graph.run()
     abs_err, rel_err = compare_outputs(reference, outputs)
-    details = {"form": chosen.form, "lowering": chosen.lowering, "layernorms_2d": chosen.layernorms_2d,
+    details = {"target": target.name, "host": host.name, "check": check, "form": chosen.form,
+               "form_rule": "timed (form='tune')" if tune else ("requested" if form != "auto" else
+                                                                "QOperator where the direct lowering covers the graph, else QDQ"),
+               "lowering": chosen.lowering, "layernorms_2d": chosen.layernorms_2d, "batch": batch,
                "ms_by_form": {k: round(v, 3) for k, v in timings.items()},
                "within_one_step": share, "outputs_within_one_step": within_one_step(reference, outputs,
                                                                                     output_steps(graph)),
                "int8_mac_share": int8_mac_share(graph, chosen.int8_layers),
                "int8_layers": len(chosen.int8_layers), "float_layers": dict(chosen.float_layers),
-               **quant_structure(model), "simplified": simplify}
+               **quant_structure(model), "simplified": simplify and not simplify_note}
+    if simplify_note:
+        details["simplify_skipped"] = simplify_note
     report = ExportReport("onnx_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
     report.runner = lambda *inputs: run_onnx(session, inputs)
     return report
+
+
+def _keep_simplified(chosen: _Candidate, threads: int, inputs) -> tuple[onnx.ModelProto, str]:
+    """onnx-simplifier's model where it computes what the built one does (same kernels, same
+    outputs); the built model, and why, where it does not."""
+    if chosen.model is chosen.built or chosen.simplify_note:
+        return chosen.model, chosen.simplify_note
+    built = run_onnx(ort_session(chosen.built.SerializeToString(), threads), inputs)
+    simplified = run_onnx(ort_session(chosen.model.SerializeToString(), threads), inputs)
+    error = compare_outputs([torch.from_numpy(a) for a in built], [torch.from_numpy(a) for a in simplified])[1]
+    if error > 1e-5:
+        return chosen.built, f"onnx-simplifier changed the outputs (relative error {error:.3g}); kept the model as built"
+    return chosen.model, ""
+
+
+def _check_batch(session, graph: Graph, path: str) -> str:
+    """``dynamic`` once a model whose batch axis is symbolic has run at another batch size too;
+    ``static`` for a model with a fixed batch size (``dynamic_batch=False``, or a graph that fixes it)."""
+    if not session.get_inputs() or not isinstance(session.get_inputs()[0].shape[0], str):
+        return "static"
+    inputs = at_batch(graph.example_inputs, OTHER_BATCH)
+    try:
+        outputs = run_onnx(session, inputs)
+    except Exception as exc:
+        raise ExportError(f"onnx_int8 export of {path}: the model does not run at batch {OTHER_BATCH} "
+                          f"({str(exc).strip().splitlines()[0]}); export with dynamic_batch=False") from exc
+    if any(o.ndim and o.shape[0] != OTHER_BATCH for o in outputs):
+        raise ExportError(f"onnx_int8 export of {path}: at batch {OTHER_BATCH} the outputs have shapes "
+                          f"{[o.shape for o in outputs]}; export with dynamic_batch=False")
+    return "dynamic"
 
 
 SPEED_MARGIN = 0.05   # closer than this, two forms are a tie on a shared machine
 
 
 def _pick(candidates: dict[str, _Candidate], timings: dict[str, float]) -> str:
-    """The faster form; where both time within SPEED_MARGIN (onnxruntime usually compiles QDQ and
-    QOperator to the very same kernels), the smaller file (QOperator: no bias scales stored).
-    Between a form and its ``+ln2d`` twin, the twin unless it is slower by more than the margin:
-    the fused kernel it avoids was never faster here (1.5-7x slower from 8 to 2048 tokens), and a
-    small example batch can time them alike when larger batches would not."""
+    """Without timings (the default), the one candidate. With them (``form="tune"``): the faster
+    form; where both time within SPEED_MARGIN (onnxruntime usually compiles QDQ and QOperator to
+    the very same kernels), the smaller file (QOperator: no bias scales stored). Between a form
+    and its ``+ln2d`` twin, the twin unless it is slower by more than the margin: the fused
+    kernel it avoids was never faster here (1.5-7x slower from 8 to 2048 tokens)."""
     if not timings:
         return next(iter(candidates))
     base = {k: v for k, v in timings.items() if not k.endswith("+ln2d")}
@@ -570,21 +649,35 @@ def _pick(candidates: dict[str, _Candidate], timings: dict[str, float]) -> str:
     return twin if twin in timings and timings[twin] <= timings[chosen] * (1 + SPEED_MARGIN) else chosen
 
 
-def _probe(graph: Graph, model: onnx.ModelProto, probes: dict[str, tuple[str, QParams | None]], threads: int):
-    """Run the built model once with every probed tensor as an extra output: the share of quantized
-    values within one step of the simulated-quant graph layer by layer (each layer fed the
-    artifact's own inputs), the worst node, and the model's own outputs."""
+def _ort_runner(model: onnx.ModelProto, threads: int):
+    session = ort_session(model.SerializeToString(), threads)
+    return lambda inputs: (run_onnx(session, inputs), [o.name for o in session.get_outputs()])
+
+
+def _reference_runner(model: onnx.ModelProto):
+    from graphopt.backends.onnx_reference import evaluate
+
+    names = [i.name for i in model.graph.input]
+    return lambda inputs: (evaluate(model, {n: np.ascontiguousarray(t.detach().cpu().numpy())
+                                            for n, t in zip(names, inputs)}),
+                           [o.name for o in model.graph.output])
+
+
+def _probe(graph: Graph, model: onnx.ModelProto, probes: dict[str, tuple[str, QParams | None]], runner):
+    """Run the built model once (by ``runner``: onnxruntime or the reference evaluator) with every
+    probed tensor as an extra output: the share of quantized values within one step of the
+    simulated-quant graph layer by layer (each layer fed the artifact's own inputs), the worst
+    node, and the model's own outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for tensor, qp in probes.values():
         elem = TensorProto.FLOAT if qp is None else _ONNX_INT[qp.dtype]
         probe.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
-    sess = ort_session(probe.SerializeToString(), threads)
-    values = run_onnx(sess, graph.example_inputs)
-    by_name = dict(zip([o.name for o in sess.get_outputs()], values))
+    values, names = runner(probe)(graph.example_inputs)
+    by_name = dict(zip(names, values))
     artifact = {}
     for node_name, (tensor, qp) in probes.items():
-        array = by_name[tensor].astype(np.float32)
+        array = np.asarray(by_name[tensor]).astype(np.float32)
         if qp is not None:
             array = (array - qp.zero_point) * np.float32(qp.scale)
         artifact[node_name] = torch.from_numpy(array)
@@ -592,17 +685,20 @@ def _probe(graph: Graph, model: onnx.ModelProto, probes: dict[str, tuple[str, QP
     return share, worst, values[:len(model.graph.output)]
 
 
-def _simplify(model: onnx.ModelProto, fold_constants: bool = False) -> onnx.ModelProto:
+def _simplify(model: onnx.ModelProto, fold_constants: bool = False) -> tuple[onnx.ModelProto, str]:
     """onnx-simplifier, by default without constant folding (which could re-expand int8 weights
-    to float; torch.onnx exports need it for their shape arithmetic); the quantization structure
-    is checked to survive either way."""
+    to float; torch.onnx exports need it for their shape arithmetic). Where it fails or changes
+    the quantization structure, the model as built, and why."""
     import onnxsim
 
     before = quant_structure(model)
-    simplified, ok = onnxsim.simplify(model, skip_constant_folding=not fold_constants, skip_fuse_bn=True)
+    try:
+        simplified, ok = onnxsim.simplify(model, skip_constant_folding=not fold_constants, skip_fuse_bn=True)
+    except Exception as exc:
+        return model, f"onnx-simplifier failed ({type(exc).__name__}: {str(exc).strip()[:200]}); kept the model as built"
     after = quant_structure(simplified) if ok else None
     if not ok or after["int8_initializer_bytes"] < 0.99 * before["int8_initializer_bytes"] or \
             after["quant_ops"] != before["quant_ops"] or \
             after["float_initializer_bytes"] > before["float_initializer_bytes"]:
-        raise ExportError(f"onnx-simplifier changed the quantization structure ({before} -> {after})")
-    return simplified
+        return model, f"onnx-simplifier changed the quantization structure ({before} -> {after}); kept the model as built"
+    return simplified, ""

@@ -70,12 +70,12 @@ def decompose(graph: Graph) -> tuple[Graph, list[str]]:
     return twin, activations
 
 
-def build(graph: Graph, opset: int = 18) -> tuple[onnx.ModelProto, dict[str, str]]:
+def build(graph: Graph, opset: int = 18, dynamic_batch: bool = False) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The QDQ model, and for each activation fake-quant node of ``graph`` the name of the
     uint8/int8 tensor its QuantizeLinear produces (checked by count and scale)."""
     twin, activations = decompose(graph)
     try:
-        model = to_proto(twin, opset)        # the float backend's quiet torch.onnx call
+        model, _ = to_proto(twin, opset, dynamic_batch)   # the float backend's quiet torch.onnx call
     except Exception as exc:
         raise ExportError(f"onnx_int8 (torch.onnx): could not export the graph: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc

@@ -60,6 +60,11 @@ def _json_annotations(annotations: dict[str, dict]) -> dict[str, dict]:
     return {name: plain(entry) for name, entry in annotations.items()}
 
 
+def _plain_meta(meta: dict) -> dict[str, str]:
+    """The graph's string annotations (the int8 target): all a file carries of ``Graph.meta``."""
+    return {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _encode(graph: Graph, metadata: dict | None) -> tuple[bytes, dict[str, Any]]:
     """(file bytes, size report)."""
     gm = graph.gm
@@ -84,7 +89,8 @@ def _encode(graph: Graph, metadata: dict | None) -> tuple[bytes, dict[str, Any]]
     manifest = {"format": "graphopt.packed", "version": FORMAT_VERSION, "graphopt": graphopt.__version__,
                 "torch": torch.__version__, "metadata": metadata or {},
                 "graph": {"class_name": type(gm).__name__, "captured_by": graph.captured_by,
-                          "properties": sorted(graph.properties), "inputs": inputs, "modules": modules,
+                          "properties": sorted(graph.properties), "meta": _plain_meta(graph.meta),
+                          "inputs": inputs, "modules": modules,
                           "nodes": nodes},
                 "tensors": entries, "annotations": _json_annotations(annotations)}
     try:
@@ -170,8 +176,13 @@ def load(path: str | os.PathLike) -> Graph:
         inputs = _example_inputs(spec["inputs"])
     except Exception as exc:
         raise CorruptFile(f"{path}: malformed input description: {exc}") from exc
-    return Graph(gm, inputs, captured_by=str(spec.get("captured_by", "torch.fx")),
-                 properties=[str(p) for p in spec.get("properties", [])])
+    graph = Graph(gm, inputs, captured_by=str(spec.get("captured_by", "torch.fx")),
+                  properties=[str(p) for p in spec.get("properties", [])])
+    meta = spec.get("meta", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CorruptFile(f"{path}: the graph's annotations are not a map of strings")
+    graph.meta.update(meta)
+    return graph
 
 
 def load_module(path: str | os.PathLike) -> torch.fx.GraphModule:

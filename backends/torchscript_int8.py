@@ -9,6 +9,7 @@ at least ``min_within_step`` of the outputs within one quantization step of the 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -26,7 +27,8 @@ from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, gather_int8_rows, int8_mac_share, is_activation_fq,
                             is_weight_dq, keeps_grid,
-                            layerwise_within_one_step, output_steps, qparams, within_one_step)
+                            layerwise_within_one_step, output_steps, qparams, quant_target, within_one_step)
+from graphopt.targets import host_target
 from graphopt.verify import compare_outputs, node_values
 
 _AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -232,6 +234,12 @@ def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportR
                           "run insert_qdq and fold_qdq first")
     started = time.perf_counter()
     path = os.fspath(path)
+    target, host = quant_target(graph), host_target()
+    if not host.runs_exactly(target):
+        raise ExportError(f"torchscript_int8 export of {path}: the graph is quantized for {target.name}, whose "
+                          f"weights torch's int8 kernels on this CPU ({host.name}) would saturate, so the module "
+                          f"cannot be checked here; export it on a {target.name} machine, or quantize with "
+                          f"target='{host.name}' (the ONNX backend checks other targets exactly)")
     try:
         module, rebuild, gm = build_int8_module(graph)
     except (ConfigError, ExportError):
@@ -241,7 +249,8 @@ def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportR
                           f"{str(exc).strip().splitlines()[0]}") from exc
     with atomic_path(path, ".pt") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(module, tmp)
+        torch.jit.save(module, tmp, _extra_files={"graphopt.json": json.dumps(
+            {"quant_target": target.name, "weight_range": [target.weight_qmin, target.weight_qmax]})})
         reloaded = torch.jit.load(tmp)
         with torch.no_grad():
             outputs = reloaded(*graph.example_inputs)
@@ -256,7 +265,9 @@ def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportR
                               f"{worst!r}); nothing written")
         size = os.path.getsize(tmp)
     abs_err, rel_err = compare_outputs(reference, outputs)
-    details = {"engine": torch.backends.quantized.engine, "within_one_step": share,
+    details = {"target": target.name, "host": host.name,
+               "check": f"torch's {torch.backends.quantized.engine} kernels on this CPU ({host.name})",
+               "engine": torch.backends.quantized.engine, "within_one_step": share,
                "outputs_within_one_step": within_one_step(reference, outputs, output_steps(graph)),
                "int8_mac_share": int8_mac_share(graph, rebuild.int8_layers), "int8_layers": len(rebuild.int8_layers),
                "float_layers": dict(rebuild.float_layers)}

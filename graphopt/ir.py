@@ -32,7 +32,9 @@ def owner_and_leaf(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
 
 class Graph:
     """A traced model. ``captured_by`` says which tracer produced it; ``dynamic_shapes``
-    (torch.export's format) names the input axes that stay symbolic, for the exporters."""
+    (torch.export's format) names the input axes that stay symbolic, for the exporters;
+    ``meta`` holds graph-wide annotations (plain data, e.g. the int8 target), as ``node.meta``
+    holds per-node ones."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Iterable[Any], *,
                  captured_by: str = "torch.fx", properties: Iterable[str] = (), dynamic_shapes: Any = None):
@@ -41,6 +43,7 @@ class Graph:
         self.captured_by = captured_by
         self.dynamic_shapes = dynamic_shapes
         self.properties: set[str] = set(properties)
+        self.meta: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
         self.classify()
         self.analysis("shapes")
@@ -108,6 +111,7 @@ class Graph:
         twin.captured_by = self.captured_by
         twin.dynamic_shapes = self.dynamic_shapes
         twin.properties = set(self.properties)
+        twin.meta = dict(self.meta)
         twin._cache = dict(self._cache)
         return twin
 

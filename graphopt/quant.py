@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphopt.ops import OpKind
+from graphopt.targets import TARGET_KEY, TARGETS, Target, get_target
 
 if TYPE_CHECKING:
     from graphopt.ir import Graph
@@ -31,7 +32,7 @@ FUSED_KEY = "graphopt.fused"          # activations a conv/linear/add absorbed (
 FLOAT_REASON_KEY = "graphopt.float"   # why a conv/linear stayed float (mixed precision, no kernel, ...)
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
-WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # symmetric, restricted: no -128, zero point 0
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # full-range default: symmetric, restricted (no -128), zero point 0
 
 
 @dataclass(frozen=True)
@@ -73,24 +74,28 @@ def affine_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
     return QParams(float(torch.tensor(scale, dtype=torch.float32)), zero_point, dtype)
 
 
-def weight_scales(weight: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    """Per-channel symmetric scales (float32) along ``axis``; all-zero channels get scale 1."""
+def weight_scales(weight: torch.Tensor, axis: int = 0, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    """Per-channel symmetric scales (float32) along ``axis`` for codes in [-qmax, qmax] (the
+    target's weight range); all-zero channels get scale 1."""
     dims = [d for d in range(weight.dim()) if d != axis]
     amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
-    scales = (amax / WEIGHT_QMAX).float()
+    scales = (amax / qmax).float()
     return torch.where(scales > 0, scales, torch.ones_like(scales))
 
 
-def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0, qmin: int = WEIGHT_QMIN,
+                         qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     zeros = torch.zeros_like(scales, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scales, zeros, axis, WEIGHT_QMIN, WEIGHT_QMAX)
+    return torch.fake_quantize_per_channel_affine(weight, scales, zeros, axis, qmin, qmax)
 
 
-def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0, qmin: int = WEIGHT_QMIN,
+                    qmax: int = WEIGHT_QMAX) -> torch.Tensor:
     """The int8 codes of ``fake_quantize_weight`` (same rounding, so dequantizing is bit-exact)."""
     shape = [1] * weight.dim()
     shape[axis] = -1
-    return torch.round(fake_quantize_weight(weight, scales, axis) / scales.view(shape)).to(torch.int8)
+    fq = fake_quantize_weight(weight, scales, axis, qmin, qmax)
+    return torch.round(fq / scales.view(shape)).to(torch.int8)
 
 
 def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
@@ -270,3 +275,14 @@ def gather_int8_rows(graph) -> int:
     if count:
         graph.commit()
     return count
+
+
+def quant_target(graph) -> Target:
+    """The target a quantized graph was built for (``insert_qdq`` records it); for a graph without
+    the record, the narrowest target its int8 weight codes fit (7-bit codes run exactly anywhere)."""
+    if TARGET_KEY in graph.meta:
+        return get_target(graph.meta[TARGET_KEY])
+    widest = max((int(graph.attr(n.args[0].target).abs().max()) for n in graph.nodes
+                  if is_weight_dq(n) and n.args[0].op == "get_attr"), default=0)
+    return next(t for t in sorted(TARGETS.values(), key=lambda t: t.weight_qmax)
+                if t.weight_qmax >= widest and t.arch == "x86")

@@ -31,7 +31,7 @@ def _fold_weights(graph: Graph) -> int:
     for node in list(graph.nodes):
         if not is_weight_fq(node):
             continue
-        w, scale_node, zp_node, axis = node.args[:4]
+        w, scale_node, zp_node, axis, qmin, qmax = node.args[:6]
         if w.op != "get_attr" or scale_node.op != "get_attr" or scale_node.target.rpartition(".")[0] != \
                 w.target.rpartition(".")[0]:
             continue
@@ -39,7 +39,8 @@ def _fold_weights(graph: Graph) -> int:
         old = graph.gm.get_submodule(owner)
         scales = graph.attr(scale_node.target)
         container = nn.Module()
-        container.register_buffer("weight_int8", quantize_weight(graph.attr(w.target), scales, axis))
+        container.register_buffer("weight_int8", quantize_weight(graph.attr(w.target), scales, axis,
+                                                                          qmin, qmax))
         container.register_buffer("weight_scale", scales.clone())
         if getattr(old, "bias", None) is not None:
             container.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)

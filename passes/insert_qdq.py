@@ -29,8 +29,9 @@ from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, WEIGHT_QMIN, QParams, affine_qparams,
-                            make_fq_args, weight_scales)
+from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams, make_fq_args,
+                            weight_scales)
+from graphopt.targets import TARGET_KEY, TARGET_NAMES, Target, get_target
 from graphopt.quant import ADD_FUNCS, is_zero_clamp, keeps_grid
 from graphopt.verify import compare_outputs
 
@@ -148,25 +149,26 @@ class Planner:
                 plan.shared[node.name] = source[node.name] = source[x.name]
 
 
-def _fake_quantized_weight(graph: Graph, node: fx.Node, axis: int) -> fx.Node:
-    """A fake-quant node (inserted before ``node``) over its module's weight, per channel along ``axis``."""
+def _fake_quantized_weight(graph: Graph, node: fx.Node, axis: int, qmax: int = WEIGHT_QMAX) -> fx.Node:
+    """A fake-quant node (inserted before ``node``) over its module's weight, per channel along
+    ``axis``, codes in [-qmax, qmax]."""
     m = graph.module(node)
     target = str(node.target)
-    scales = weight_scales(m.weight, axis)
+    scales = weight_scales(m.weight, axis, qmax)
     m.register_buffer("weight_scale", scales)
     m.register_buffer("weight_zero_point", torch.zeros_like(scales, dtype=torch.int32))
     g = graph.gm.graph
     with g.inserting_before(node):
         return g.call_function(torch.fake_quantize_per_channel_affine,
                                (g.get_attr(f"{target}.weight"), g.get_attr(f"{target}.weight_scale"),
-                                g.get_attr(f"{target}.weight_zero_point"), axis, WEIGHT_QMIN, WEIGHT_QMAX))
+                                g.get_attr(f"{target}.weight_zero_point"), axis, -qmax, qmax))
 
 
-def _functionalize(graph: Graph, node: fx.Node) -> fx.Node:
+def _functionalize(graph: Graph, node: fx.Node, qmax: int) -> fx.Node:
     """Replace a conv/linear module call by F.conv*/F.linear over a per-channel fake-quantized weight."""
     m = graph.module(node)
     target = str(node.target)
-    wq = _fake_quantized_weight(graph, node, 0)
+    wq = _fake_quantized_weight(graph, node, 0, qmax)
     g = graph.gm.graph
     with g.inserting_before(node):
         b = g.get_attr(f"{target}.bias") if m.bias is not None else None
@@ -193,10 +195,10 @@ def quantize_embedding(graph: Graph, node: fx.Node) -> fx.Node:
     return new
 
 
-def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], layers: list[str] | None = None) -> int:
-    """Rewrite ``graph`` (whose nodes the plan names) with fake-quant nodes; returns how many were added.
-
-    ``layers`` restricts the rewrite to those anchors and their own inputs/outputs (sensitivity)."""
+def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], target: Target,
+               layers: list[str] | None = None) -> int:
+    """Rewrite ``graph`` (whose nodes the plan names) with fake-quant nodes, weights in ``target``'s
+    range; returns how many were added. ``layers`` restricts the rewrite to those anchors and their own inputs/outputs (sensitivity)."""
     g = graph.gm.graph
     by_name = {n.name: n for n in graph.nodes}
     if layers is None:
@@ -223,7 +225,7 @@ def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], layers
         fq.meta[QPARAMS_KEY] = qp
         added += 1
     for name in anchors:
-        _functionalize(graph, by_name[name])
+        _functionalize(graph, by_name[name], target.weight_qmax)
     for name, reason in plan.float_layers.items():
         if name in by_name:
             by_name[name].meta[FLOAT_REASON_KEY] = reason
@@ -251,7 +253,10 @@ class InsertQDQ(Pass):
     def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
                  max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
                  last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True,
-                 layer_outputs: str = "auto", embeddings: bool = True):
+                 layer_outputs: str = "auto", embeddings: bool = True, target: str = "auto"):
+        if target not in TARGET_NAMES:
+            raise ConfigError(f"pass 'insert_qdq': unknown target {target!r}; known: {', '.join(TARGET_NAMES)}")
+        self.target = get_target(target)   # "auto": this CPU, resolved once
         if observer not in observer_names():
             raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
         if activation_dtype not in ("uint8", "int8"):
@@ -305,6 +310,10 @@ class InsertQDQ(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         data = reiterable(ctx.data.get("calibration_data"), self.max_batches)  # read more than once
+        if not Planner(graph, {}, set()).layer_candidates() and not any(
+                isinstance(_module(graph, n), nn.Embedding) for n in graph.nodes):
+            raise ConfigError("pass 'insert_qdq': the model has no quantizable layer (Conv1d, Conv2d, Linear or "
+                              "Embedding module); nothing to quantize")
         keep = self._policy(graph)
         blocked: set[str] = set()
         ranges: dict[str, tuple[float, float]] = {}
@@ -318,19 +327,21 @@ class InsertQDQ(Pass):
         reference = graph.run(*held)
         sensitivity = {}
         if self.sensitive_float and plan.layers:
-            sensitivity = self._sensitivity(graph, plan, params, held, reference)
+            sensitivity = self._sensitivity(graph, plan, params, self.target, held, reference)
             worst = sorted(sensitivity, key=sensitivity.get, reverse=True)[:self.sensitive_float]
             keep |= {name: f"sensitive (error {sensitivity[name]:.3g} when quantized alone)" for name in worst}
             plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, _ = self._params(graph, plan, data, ranges)
-        added = apply_plan(graph, plan, params)
+        added = apply_plan(graph, plan, params, self.target)
+        graph.meta[TARGET_KEY] = self.target.name
         tables = [quantize_embedding(graph, n) for n in list(graph.nodes) if self.embeddings
                   and isinstance(_module(graph, n), nn.Embedding) and n.args and not n.kwargs
                   and n.name not in self.keep_float and str(n.target) not in self.keep_float]
         if tables:
             graph.commit()
         output = graph.run(*held)
-        stats = {"int8_layers": len(plan.layers), "quantized_adds": len(plan.adds), "fake_quant_nodes": added,
+        stats = {"target": self.target.name, "weight_range": [self.target.weight_qmin, self.target.weight_qmax],
+                 "int8_layers": len(plan.layers), "quantized_adds": len(plan.adds), "fake_quant_nodes": added,
                  "int8_embeddings": len(tables),
                  "observer": self.observer, "sqnr_db": round(sqnr_db(reference, output), 2),
                  "max_rel_error": compare_outputs(reference, output)[1]}
@@ -343,11 +354,11 @@ class InsertQDQ(Pass):
         return PassResult(graph, changed=added > 0 or bool(tables), stats=stats)
 
     @staticmethod
-    def _sensitivity(graph, plan, params, held, reference) -> dict[str, float]:
+    def _sensitivity(graph, plan, params, target, held, reference) -> dict[str, float]:
         """Output error (relative) with one layer quantized at a time."""
         errors = {}
         for layer in plan.layers:
             trial = graph.clone()
-            apply_plan(trial, plan, params, layers=[layer.name])
+            apply_plan(trial, plan, params, target, layers=[layer.name])
             errors[layer.name] = compare_outputs(reference, trial.run(*held))[1]
         return errors

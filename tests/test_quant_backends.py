@@ -57,8 +57,15 @@ def test_onnx_int8_parity_and_int8_weights(int8_graph, tmp_path, form):
     assert within_one_step(int8_graph.run(x), [torch.from_numpy(out)], output_steps(int8_graph)) >= 0.99
 
 
-def test_onnx_int8_auto_picks_the_faster_form_or_on_a_tie_the_smaller(int8_graph, tmp_path):
-    report = onnx_int8.export(int8_graph, tmp_path / "auto.onnx")
+def test_onnx_int8_auto_form_is_a_rule_and_the_file_is_deterministic(int8_graph, tmp_path):
+    first = onnx_int8.export(int8_graph, tmp_path / "a.onnx")
+    second = onnx_int8.export(int8_graph, tmp_path / "b.onnx")
+    assert first.details["form"] == "qoperator" and first.details["ms_by_form"] == {}   # nothing timed
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_onnx_int8_tune_times_both_forms_and_keeps_the_faster_or_on_a_tie_the_smaller(int8_graph, tmp_path):
+    report = onnx_int8.export(int8_graph, tmp_path / "tuned.onnx", form="tune")
     timings = report.details["ms_by_form"]
     assert set(timings) == {"qoperator", "qdq"}
     assert timings[report.details["form"]] <= min(timings.values()) * (1 + onnx_int8.SPEED_MARGIN)
@@ -99,7 +106,7 @@ def test_int8_backends_reject_bad_input(int8_graph, tmp_path):
     for backend in (onnx_int8, torchscript_int8):
         with pytest.raises(ConfigError, match="no int8 weights; run insert_qdq and fold_qdq first"):
             backend.export(float_graph, tmp_path / "x.bin")
-    with pytest.raises(ConfigError, match="form must be one of auto, qoperator, qdq"):
+    with pytest.raises(ConfigError, match="form must be one of auto, qoperator, qdq, tune"):
         onnx_int8.export(int8_graph, tmp_path / "x.onnx", form="qlinear")
 
 
