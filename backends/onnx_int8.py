@@ -467,8 +467,7 @@ def _direct(graph: Graph, form: str, simplify: bool, dynamic_batch: bool) -> _Ca
         raise
     except Exception as exc:
         raise ExportError(f"onnx_int8 ({form}): could not build the model: {type(exc).__name__}: {exc}") from exc
-    probes = {n.name: (lowering.env[n.name].name, lowering.env[n.name].qp) for n in graph.nodes
-              if is_activation_fq(n) and n.name in lowering.env}
+    probes = _probes(graph, lowering)
     model, note = _simplify(built) if simplify else (built, "")
     return _Candidate(model, built, form, "direct", lowering.int8_layers, dict(lowering.float_layers), probes,
                       simplify_note=note)
@@ -649,17 +648,34 @@ def _pick(candidates: dict[str, _Candidate], timings: dict[str, float]) -> str:
     return twin if twin in timings and timings[twin] <= timings[chosen] * (1 + SPEED_MARGIN) else chosen
 
 
+def reference_check(graph: Graph, form: str = "qoperator", pairwise_int16: bool = False) -> tuple[float, str | None]:
+    """Share of quantized values within one step of the simulated-quant graph (layer by layer)
+    and the worst node, for ``graph``'s direct lowering evaluated in exact integer arithmetic,
+    or, with ``pairwise_int16`` (QOperator form), as x86 CPUs without VNNI compute it: what an
+    AVX2 machine's check would say, on any machine."""
+    built, lowering = build(graph, form)
+    share, worst, _ = _probe(graph, built, _probes(graph, lowering),
+                             lambda m: _reference_runner(m, pairwise_int16))
+    return share, worst
+
+
+def _probes(graph: Graph, lowering: _Lowering) -> dict[str, tuple[str, QParams | None]]:
+    """IR fake-quant node -> the ONNX tensor that holds it and its parameters."""
+    return {n.name: (lowering.env[n.name].name, lowering.env[n.name].qp) for n in graph.nodes
+            if is_activation_fq(n) and n.name in lowering.env}
+
+
 def _ort_runner(model: onnx.ModelProto, threads: int):
     session = ort_session(model.SerializeToString(), threads)
     return lambda inputs: (run_onnx(session, inputs), [o.name for o in session.get_outputs()])
 
 
-def _reference_runner(model: onnx.ModelProto):
+def _reference_runner(model: onnx.ModelProto, pairwise_int16: bool = False):
     from graphopt.backends.onnx_reference import evaluate
 
     names = [i.name for i in model.graph.input]
     return lambda inputs: (evaluate(model, {n: np.ascontiguousarray(t.detach().cpu().numpy())
-                                            for n, t in zip(names, inputs)}),
+                                            for n, t in zip(names, inputs)}, pairwise_int16),
                            [o.name for o in model.graph.output])
 
 

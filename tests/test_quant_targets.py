@@ -17,9 +17,9 @@ from onnx import numpy_helper
 
 import graphopt
 from graphopt import ConfigError, ExportError, PassContext, PassManager
-from graphopt.backends import onnx as onnx_fp32, onnx_int8, onnx_reference, torchscript_int8
+from graphopt.backends import onnx as onnx_fp32, onnx_int8, torchscript_int8
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
-from graphopt.quant import is_activation_fq, output_steps, within_one_step
+from graphopt.quant import output_steps, within_one_step
 from graphopt.targets import TARGETS, get_target, host_target
 from graphopt.tools.fashion_cnn import FashionCNN
 
@@ -42,22 +42,6 @@ def target_graph(request):
     return request.param, _int8_graph(request.param)
 
 
-def _layerwise_share(graph, pairwise_int16: bool) -> float:
-    """The QOperator model of ``graph`` evaluated exactly, or as non-VNNI x86 kernels compute it."""
-    built, lowering = onnx_int8.build(graph, "qoperator")
-    probes = {n.name: (lowering.env[n.name].name, lowering.env[n.name].qp) for n in graph.nodes
-              if is_activation_fq(n) and n.name in lowering.env}
-
-    def runner(model):
-        names = [i.name for i in model.graph.input]
-        return lambda inputs: (onnx_reference.evaluate(model, {n: t.numpy() for n, t in zip(names, inputs)},
-                                                       pairwise_int16=pairwise_int16),
-                               [o.name for o in model.graph.output])
-
-    share, _, _ = onnx_int8._probe(graph, built, probes, runner)
-    return share
-
-
 def test_weight_codes_span_the_targets_range(target_graph):
     name, graph = target_graph
     target = TARGETS[name]
@@ -74,9 +58,10 @@ def test_non_vnni_arithmetic_saturates_full_range_weights_but_not_the_avx2_targe
     """The failure this target exists for, emulated on any CPU: VNNI-range weights on non-VNNI
     kernels are refused by the one-step check; 7-bit weights compute exactly there."""
     vnni, avx2 = _int8_graph("x86-vnni"), _int8_graph("x86-avx2")
-    assert _layerwise_share(vnni, pairwise_int16=False) == 1.0
-    assert _layerwise_share(vnni, pairwise_int16=True) < 0.99
-    assert _layerwise_share(avx2, pairwise_int16=True) == 1.0
+    assert onnx_int8.reference_check(vnni)[0] == 1.0
+    share, worst = onnx_int8.reference_check(vnni, pairwise_int16=True)
+    assert share < 0.99 and worst.startswith("fake_quantize_per_tensor_affine")
+    assert onnx_int8.reference_check(avx2, pairwise_int16=True)[0] == 1.0
 
 
 def test_targets_arithmetic_rules():
