@@ -156,8 +156,8 @@ def decode_value(data: Any, nodes: dict[str, fx.Node]) -> Any:
             return tuple(decode_value(v, nodes) for v in body)
         if tag == "list":
             return [decode_value(v, nodes) for v in body]
-        if tag == "dict":
-            return {str(k): decode_value(v, nodes) for k, v in body.items()}
+        if tag == "dict":   # keys become keyword names in fx's generated forward(): identifiers only
+            return {_check_identifier(k, "keyword argument"): decode_value(v, nodes) for k, v in body.items()}
         if tag == "slice":
             return slice(*(decode_value(v, nodes) for v in body))
         if tag == "ellipsis":
@@ -306,6 +306,8 @@ def decode_graph(records: list[dict]) -> fx.Graph:
         kwargs = decode_value(record["kwargs"], nodes)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise ValueError(f"{where}: malformed arguments")
+        for key in kwargs:
+            _check_identifier(key, f"{where} keyword argument")
         if target is builtins.getattr and (len(args) != 2 or args[1] not in ATTRIBUTES):
             raise DisallowedTarget(f"{where} reads attribute {args[1:]!r}, which is not in the allow-list")
         node = graph.create_node(op, target, args, kwargs, name=name)

@@ -175,13 +175,24 @@ def _rewrite_manifest(path, edit):
         op="call_method", target="__reduce__"), "method '__reduce__'"),
     (lambda m: next(n for n in m["graph"]["nodes"] if n["op"] == "call_module").update(
         target="features.__class__"), "dunder"),
+    # Python in a keyword name would be pasted by torch.fx into the generated forward()
+    (lambda m: next(n for n in m["graph"]["nodes"] if n["op"] == "call_module").update(
+        op="call_function", target="torch.relu", kwargs={"dict": {
+            "x=__import__('pathlib').Path('PWNED').touch(), y": False}}), "keyword argument .* not a plain identifier"),
+    (lambda m: next(n for n in m["graph"]["nodes"] if n["op"] == "call_module").update(
+        kwargs={"dict": {"dim": {"dict": {"a'): 0, **__import__('os').environ, ('": 1}}}}),
+     "keyword argument .* not a plain identifier"),
 ])
-def test_files_naming_anything_outside_the_allow_list_are_refused(digits_graph, tmp_path, edit, message):
+def test_files_naming_anything_outside_the_allow_list_are_refused(digits_graph, tmp_path, edit, message,
+                                                                  monkeypatch):
     path = tmp_path / "evil.gpk"
     packed.save(digits_graph, path)
     _rewrite_manifest(path, edit)
-    with pytest.raises(packed.DisallowedTarget, match=message):
-        packed.load(path)
+    monkeypatch.chdir(tmp_path)
+    for load in (packed.load, packed.load_module):
+        with pytest.raises(packed.DisallowedTarget, match=message):
+            load(path)
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_saving_a_graph_outside_the_allow_list_writes_nothing(tmp_path):
