@@ -1,7 +1,7 @@
 """graphopt: trace a PyTorch model into an IR, run verified compression passes, export it."""
 from graphopt.analysis import register_analysis
 from graphopt.backend import ExportReport, get_backend, register_backend, registered_backends
-from graphopt.errors import (ConfigError, ContractViolation, ExportError, GraphLintError, GraphoptError,
+from graphopt.errors import (ConfigError, ContractViolation, DataError, ExportError, GraphLintError, GraphoptError,
                              PassFailed, RequirementError, TraceError)
 from graphopt.ir import Graph
 from graphopt.ops import OpKind

@@ -9,6 +9,7 @@ recovery (pruning, low-rank splitting, binarization, weight sharing).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -18,7 +19,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from graphopt.calibration import split_batch
-from graphopt.errors import ConfigError
+from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
 
@@ -102,6 +103,63 @@ def _forward(gm: fx.GraphModule, inputs: tuple, names: set[str]):
     return tap.run(*inputs), tap.taps
 
 
+def check_finite(inputs: tuple, where: str) -> None:
+    """Refuse NaN/Inf in a batch's floating-point tensors before they reach any weight."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+            raise DataError(f"{where}: input {index} holds NaN or Inf values")
+
+
+class _EpochPlan:
+    """Batches of each epoch, streamed: ``max_batches`` and a fractional last epoch cut the
+    iterator, never a list of the whole loader (a streaming loader may be endless)."""
+
+    def __init__(self, data, config: DistillConfig):
+        self.data, self.limit = data, config.max_batches or None
+        self.whole = int(config.epochs)
+        self.fraction = config.epochs - self.whole
+        self.epochs = self.whole + (1 if self.fraction > 0 else 0)
+        self.counted: int | None = None   # batches one full epoch yielded, once seen
+
+    def _source(self):
+        return self.data() if callable(self.data) else self.data
+
+    def per_epoch(self) -> int | None:
+        """Batches in one full epoch: the loader's length, else ``max_batches``, else counted by
+        one pass over a loader that can be read again (nothing kept); None for a one-shot iterator."""
+        sized = self._source()
+        length = len(sized) if hasattr(sized, "__len__") else self.counted
+        if length is None and self.limit is None and (callable(self.data) or iter(sized) is not sized):
+            length = self.counted = sum(1 for _ in sized)
+        if length is None:
+            return self.limit
+        return min(length, self.limit) if self.limit else length
+
+    def steps(self, epoch: int) -> int | None:
+        full = self.per_epoch()
+        if epoch < self.whole or full is None:
+            return full
+        return max(1, int(full * self.fraction))
+
+    def total_steps(self) -> int:
+        counts = [self.steps(e) for e in range(self.epochs)]
+        if None in counts:
+            raise ConfigError("distillation: a cosine schedule needs the number of steps: give max_batches, or a "
+                              "loader that can be read more than once")
+        return sum(counts)
+
+    def batches(self, epoch: int):
+        steps = self.steps(epoch)
+        if epoch >= self.whole and steps is None:
+            raise ConfigError("distillation: a fractional epoch needs the epoch's length: give max_batches, or a "
+                              "loader that can be read more than once")
+        return itertools.islice(iter(self._source()), steps) if steps else iter(self._source())
+
+    def seen(self, epoch: int, count: int) -> None:
+        if epoch < self.whole:
+            self.counted = count
+
+
 def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Iterable, config: DistillConfig,
             progress: bool = True, loss_fn: Callable | None = None) -> dict[str, float]:
     """Fine-tune ``student.gm`` in place against ``teacher``; returns the mean loss of the
@@ -115,26 +173,18 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     teacher.gm.eval()
     losses: list[float] = []
-    whole, fraction = int(config.epochs), config.epochs - int(config.epochs)
-    epochs = whole + (1 if fraction > 0 else 0)
-    student.gm.train()
+    plan = _EpochPlan(data, config)
     scheduler = None
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, plan.total_steps()))
+    student.gm.train()
     try:
-        for epoch in range(epochs):
-            batches = list(data() if callable(data) else data)
-            if epoch == whole:  # the fractional last epoch
-                batches = batches[:max(1, int(len(batches) * fraction))]
-            if config.max_batches:
-                batches = batches[:config.max_batches]
-            if scheduler is None and config.schedule == "cosine":
-                per_epoch = len(batches)
-                total = per_epoch * whole + (max(1, int(per_epoch * fraction)) if fraction > 0 else 0)
-                if config.max_batches:
-                    total = min(per_epoch, config.max_batches) * epochs
-                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
-            for batch in tqdm(batches, desc=f"distill {epoch + 1}/{epochs}", disable=not progress, leave=False,
-                              delay=2):
+        for epoch in range(plan.epochs):
+            for step, batch in enumerate(tqdm(plan.batches(epoch), desc=f"distill {epoch + 1}/{plan.epochs}",
+                                              total=plan.steps(epoch), disable=not progress, leave=False, delay=2)):
                 inputs, labels = split_batch(batch)
+                where = f"distillation: batch {step} of epoch {epoch + 1}"
+                check_finite(inputs, where)
                 with torch.no_grad():
                     t_out, t_feats = _forward(teacher.gm, inputs, names)
                 s_out, s_feats = _forward(student.gm, inputs, names)
@@ -142,12 +192,15 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                 for name in names:
                     if name in s_feats and name in t_feats and s_feats[name].shape == t_feats[name].shape:
                         loss = loss + config.feature_weight * F.mse_loss(s_feats[name], t_feats[name])
+                if not torch.isfinite(loss):
+                    raise DataError(f"{where}: the loss is {loss.item()} (weights left as before this step)")
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 losses.append(loss.item())
+                plan.seen(epoch, step + 1)
     finally:
         student.gm.eval()
     if not losses:

@@ -58,5 +58,10 @@ class ConfigError(GraphoptError):
     """A pipeline file or pass/backend option is wrong (unknown key, bad type, bad value)."""
 
 
+class DataError(GraphoptError):
+    """Data handed to graphopt cannot be used as it is (NaN/Inf values, an empty loader); the
+    message names the batch or tensor."""
+
+
 class ExportError(GraphoptError):
     """A backend could not produce a correct artifact; nothing was written."""

@@ -107,3 +107,33 @@ def test_a_two_input_model_is_distilled_on_both_inputs_not_on_one_input_and_labe
     before = gap()
     distill(student, teacher, data, DistillConfig(epochs=10, lr=3e-2, loss="mse"), progress=False)
     assert gap() < 0.05 * before
+
+
+def _endless(batch):
+    """A streaming loader with no length that never ends (as a user's infinite generator)."""
+    def stream():
+        while True:
+            yield batch
+    return stream
+
+
+def test_a_streaming_loader_is_read_only_up_to_max_batches():
+    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    student = teacher.clone()
+    batch = (torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    stats = distill(student, teacher, _endless(batch), DistillConfig(epochs=2.5, max_batches=3, lr=1e-3,
+                                                                     schedule="cosine"), progress=False)
+    assert stats["steps"] == 3 + 3 + 1   # two full epochs of 3, then half of one (rounded down, at least 1)
+    with pytest.raises(ConfigError, match="cosine schedule needs the number of steps: give max_batches"):
+        distill(student, teacher, _endless(batch)(), DistillConfig(epochs=1, schedule="cosine"), progress=False)
+
+
+def test_a_nan_batch_is_named_and_leaves_the_weights_finite():
+    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    student = teacher.clone()
+    good = (torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    bad = (torch.full((16, 1, 8, 8), float("nan")), torch.randint(0, 10, (16,)))
+    with pytest.raises(graphopt.DataError, match="batch 2 of epoch 1: input 0 holds NaN or Inf"):
+        distill(student, teacher, [good, good, bad, good], DistillConfig(epochs=1, lr=1e-3), progress=False)
+    assert all(torch.isfinite(p).all() for p in student.gm.parameters())
+    assert not student.gm.training
