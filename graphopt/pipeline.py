@@ -239,7 +239,26 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     data = {}
     for key, spec in _check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
         data[key] = _data_factory(key, spec)
-    return PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
+    config = PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
+    check_outputs(config)
+    return config
+
+
+def check_outputs(config: PipelineConfig, report_json: str | None = None) -> None:
+    """Refuse, before any work, an output that would overwrite an input (the pipeline file, the
+    checkpoint) or another output: paths compared after resolving links and ``..``."""
+    claims: dict[str, str] = {os.path.realpath(config.path): "the pipeline file"}
+    if config.model.checkpoint:
+        claims[os.path.realpath(config.model.checkpoint)] = "model.checkpoint"
+    outputs = [(f"backends[{i}].path", path) for i, (_, path, _) in enumerate(config.backends)]
+    json_path = report_json or config.report_json
+    if json_path:
+        outputs.append(("the report JSON" if report_json else "report.json", json_path))
+    for where, path in outputs:
+        real = os.path.realpath(path)
+        if real in claims:
+            raise ConfigError(f"{where}: {path} would overwrite {claims[real]}; choose another path")
+        claims[real] = where
 
 
 def _parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:

@@ -139,3 +139,28 @@ def test_passes_lists_registered_passes(capsys):
     out = capsys.readouterr().out
     assert "fold_batchnorm" in out and "exact" in out and "folded_norms" in out
     assert "torchscript" in out
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, capsys):
+    import shutil
+
+    checkpoint = tmp_path / "ckpt.pt"
+    shutil.copy(CHECKPOINT, checkpoint)
+    before = checkpoint.read_bytes()
+    model = MODEL.replace(CHECKPOINT, str(checkpoint))
+    cases = {
+        f'[[backends]]\nname = "torchscript"\npath = "{checkpoint}"\n': "would overwrite model.checkpoint",
+        '[[backends]]\nname = "onnx"\npath = "sub/../p.toml"\n': "would overwrite the pipeline file",
+        '[[backends]]\nname = "onnx"\npath = "m.onnx"\n[[backends]]\nname = "torchscript"\npath = "./m.onnx"\n':
+            r"backends\[1\].path: .*/\./m.onnx would overwrite backends\[0\].path",
+        '[[backends]]\nname = "onnx"\npath = "m.onnx"\n[report]\njson = "m.onnx"\n':
+            r"report.json: .*m.onnx would overwrite backends\[0\].path",
+    }
+    for body, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline(write(tmp_path, model + body))
+    path = write(tmp_path, model + '[[backends]]\nname = "onnx"\npath = "m.onnx"\n')
+    assert cli_main(["run", path, "--quiet", "--json", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "the report JSON" in err and "would overwrite model.checkpoint" in err
+    assert checkpoint.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "p.toml"]

@@ -11,13 +11,14 @@ import sys
 from graphopt.backend import registered_backends
 from graphopt.errors import ConfigError, GraphoptError, PassFailed
 from graphopt.pass_base import registered_passes
-from graphopt.pipeline import ModelSpec, load_pipeline, resolve_callable, run_pipeline
+from graphopt.pipeline import ModelSpec, check_outputs, load_pipeline, resolve_callable, run_pipeline
 from graphopt.report import human, pass_table, table, write_json
 from graphopt.trace import trace
 
 
 def _cmd_run(args) -> int:
     config = load_pipeline(args.pipeline)
+    check_outputs(config, args.json)
     try:
         outcome = run_pipeline(config, progress=not args.quiet)
     except PassFailed as failure:
