@@ -37,6 +37,10 @@ class DistillConfig:
     schedule: str = "cosine"       # lr annealed to 0 over the run (short runs recover far more); or "constant"
 
     def check(self) -> None:
+        if isinstance(self.feature_nodes, str) or not all(isinstance(n, str) for n in self.feature_nodes):
+            raise ConfigError(f"distillation feature_nodes must be a list of node names, got {self.feature_nodes!r}"
+                              + (f" (write [{self.feature_nodes!r}])" if isinstance(self.feature_nodes, str) else ""))
+        self.feature_nodes = tuple(self.feature_nodes)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"distillation schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.loss not in LOSSES:
@@ -167,6 +171,10 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     a callable is called once per epoch (so generators restart)."""
     config.check()
     names = set(config.feature_nodes)
+    missing = sorted(names - {n.name for n in student.nodes})
+    if missing:
+        raise ConfigError(f"distillation: feature_nodes names {missing[0]!r}, which is not a node of the student "
+                          f"graph (graphopt inspect lists them)")
     params = [p for p in student.gm.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("distillation: the student has no trainable parameters")

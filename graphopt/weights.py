@@ -25,10 +25,18 @@ from graphopt.pass_base import Contract
 ANNOTATIONS_KEY = "graphopt.compression"
 
 
-def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[str] | None = None
-                  ) -> list[tuple[str, nn.Module]]:
+def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[str] | None = None,
+                  owner: str = "weight pass") -> list[tuple[str, nn.Module]]:
     """(module path, module) of every conv/linear call with a weight, in graph order; ``layers``
-    and ``exclude`` are fnmatch patterns over module paths."""
+    and ``exclude`` are fnmatch patterns over module paths, each of which must match a layer
+    (a misspelt name is an error, not a layer silently left alone)."""
+    candidates = [str(n.target) for n in graph.nodes
+                  if n.op == "call_module" and graph.kind(n) in (OpKind.CONV, OpKind.LINEAR)]
+    for key, patterns in (("layers", layers), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(fnmatch.fnmatchcase(path, pattern) for path in candidates):
+                raise ConfigError(f"{owner}: {key} pattern {pattern!r} matches no conv/linear layer of the model; "
+                                  f"e.g. {', '.join(candidates[:6])}")
     found, seen = [], set()
     for node in graph.nodes:
         if node.op != "call_module" or graph.kind(node) not in (OpKind.CONV, OpKind.LINEAR):

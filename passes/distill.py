@@ -20,7 +20,7 @@ class Distill(Pass):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,
-                                    feature_nodes=tuple(feature_nodes or ()), feature_weight=feature_weight)
+                                    feature_nodes=feature_nodes or (), feature_weight=feature_weight)
         self.config.check()
         self.progress = progress
 

@@ -277,11 +277,21 @@ class InsertQDQ(Pass):
         self.observer_options = {"percentile": {"percentile": percentile}}.get(observer, {})
         make_observer(observer, **self.observer_options)  # validates its options now
         self.observer, self.activation_dtype = observer, activation_dtype
+        if keep_float is not None and (not isinstance(keep_float, (list, tuple))
+                                       or not all(isinstance(k, str) for k in keep_float)):
+            raise ConfigError(f"pass 'insert_qdq': keep_float must be a list of layer names, got {keep_float!r}"
+                              + (f" (write [{keep_float!r}])" if isinstance(keep_float, str) else ""))
         self.max_batches, self.keep_float = max_batches, list(keep_float or [])
         self.first_layer, self.last_layer = first_layer, last_layer
         self.sensitive_float, self.bound, self.progress = sensitive_float, bound, progress
 
     def _policy(self, graph: Graph) -> dict[str, str]:
+        known = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes if n.op == "call_module"}
+        unknown = [name for name in self.keep_float if name not in known]
+        if unknown:
+            layers = [str(n.target) for n in Planner(graph, {}, set()).layer_candidates()][:6]
+            raise ConfigError(f"pass 'insert_qdq': keep_float names {unknown[0]!r}, which is not a layer of the model; "
+                              f"e.g. {', '.join(layers)}")
         keep = {name: "kept float (keep_float)" for name in self.keep_float}
         layers = Planner(graph, {}, set()).layer_candidates()
         if layers and self.first_layer == "float":

@@ -49,6 +49,7 @@ class PruneMagnitude(Pass):
                  lr: float = 1e-3, max_batches: int | None = None, layers: list | None = None,
                  exclude: list | None = None, bound: float | None = None, progress: bool = False):
         owner = "pass 'prune_magnitude'"
+        self.owner = owner
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
             raise ConfigError(f"{owner}: sparsity must be a number in [0, 1), got {sparsity!r}")
         if scope not in SCOPES:
@@ -59,7 +60,7 @@ class PruneMagnitude(Pass):
         configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        targets = weight_layers(graph, self.layers, self.exclude)
+        targets = weight_layers(graph, self.layers, self.exclude, self.owner)
         if not targets:
             return PassResult(graph, changed=False, stats={"layers": 0})
         weights = [module.weight for _, module in targets]

@@ -36,6 +36,7 @@ class QuantizeWeights(Pass):
     def __init__(self, bits: int = 4, granularity: str = "channel", group_size: int = 64,
                  layers: list | None = None, exclude: list | None = None, bound: float | None = None):
         owner = "pass 'quantize_weights'"
+        self.owner = owner
         if isinstance(bits, bool) or bits not in BITS:
             raise ConfigError(f"{owner}: bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
         if granularity not in GRANULARITIES:
@@ -48,7 +49,7 @@ class QuantizeWeights(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         qmax = (1 << (self.bits - 1)) - 1
         per_channel_fallback, errors, count = [], [], 0
-        for path, module in weight_layers(graph, self.layers, self.exclude):
+        for path, module in weight_layers(graph, self.layers, self.exclude, self.owner):
             w = module.weight
             channels = w.shape[0]
             row = w.numel() // channels

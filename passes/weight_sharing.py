@@ -47,6 +47,7 @@ class ShareWeights(Pass):
                  max_batches: int | None = None, layers: list | None = None, exclude: list | None = None,
                  bound: float | None = None, progress: bool = False):
         owner = "pass 'share_weights'"
+        self.owner = owner
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
             raise ConfigError(f"{owner}: bits must be an integer from 2 to 8, got {bits!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -56,7 +57,7 @@ class ShareWeights(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         clusters = 1 << self.bits
-        targets = weight_layers(graph, self.layers, self.exclude)
+        targets = weight_layers(graph, self.layers, self.exclude, self.owner)
         plans = []
         errors = []
         for path, module in targets:

@@ -1,0 +1,57 @@
+"""Every option that names layers refuses a name the model does not have, and a string where a
+list is due (one rule for all passes: a misspelt layer is never silently left alone)."""
+import pytest
+import torch
+
+import graphopt
+from graphopt import ConfigError, PassContext, PassFailed, PassManager
+from graphopt.distill import DistillConfig, distill
+from graphopt.passes import InsertQDQ, PruneMagnitude, QuantizeWeights, ShareWeights
+from graphopt.tools.digits import DigitsCNN
+
+
+@pytest.fixture(scope="module")
+def graph():
+    torch.manual_seed(0)
+    return graphopt.trace(DigitsCNN().eval(), torch.rand(2, 1, 8, 8))
+
+
+def _run(graph, pass_):
+    data = [torch.rand(4, 1, 8, 8) for _ in range(2)]
+    return PassManager([pass_], context=PassContext({"calibration_data": data})).run(graph.clone())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: InsertQDQ(keep_float="conv1"), r"keep_float must be a list of layer names, got 'conv1' \(write \['conv1'\]\)"),
+    (lambda: InsertQDQ(keep_float=[3]), "keep_float must be a list of layer names"),
+    (lambda: PruneMagnitude(layers="features.0"), "layers must be a list of module path patterns"),
+    (lambda: DistillConfig(feature_nodes="relu").check(), r"feature_nodes must be a list of node names, got 'relu'"),
+])
+def test_a_string_where_a_list_is_due_is_refused(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("pass_, message", [
+    (InsertQDQ(keep_float=["conv9"], progress=False), "keep_float names 'conv9', which is not a layer of the model"),
+    (PruneMagnitude(layers=["conv9*"]), "layers pattern 'conv9\\*' matches no conv/linear layer of the model"),
+    (QuantizeWeights(exclude=["fc9"]), "exclude pattern 'fc9' matches no conv/linear layer of the model"),
+    (ShareWeights(layers=["nope"]), "layers pattern 'nope' matches no conv/linear layer"),
+])
+def test_a_layer_name_the_model_does_not_have_is_refused(graph, pass_, message):
+    with pytest.raises(PassFailed, match=message) as info:
+        _run(graph, pass_)
+    assert isinstance(info.value.cause, ConfigError)
+
+
+def test_names_that_exist_are_used(graph):
+    first = next(n for n in graph.nodes if n.op == "call_module" and isinstance(graph.module(n), torch.nn.Conv2d))
+    for name in (str(first.target), first.name):   # a module path or a node name
+        result = _run(graph, InsertQDQ(keep_float=[name], progress=False))
+        assert result.records[-1].stats["float_layers"] == {first.name: "kept float (keep_float)"}
+
+
+def test_distillation_feature_nodes_must_exist(graph):
+    with pytest.raises(ConfigError, match="feature_nodes names 'relu9', which is not a node of the student"):
+        distill(graph.clone(), graph, [torch.rand(4, 1, 8, 8)], DistillConfig(feature_nodes=("relu9",)),
+                progress=False)
