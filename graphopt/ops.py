@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import operator
+import sys
 from typing import Callable
 
 import torch
@@ -15,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from torchvision.ops import stochastic_depth
 
 from graphopt.modules import PrunedMultiheadAttention
 
@@ -163,7 +163,16 @@ def op_name(node: fx.Node) -> str:
 # default True) is set: dropout, and torchvision's stochastic depth (EfficientNet, ConvNeXt,
 # Swin). Called with training=False, as an eval-mode trace records them, they pass values through.
 _TRAINING_ARG: dict[Callable, int] = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
-                                      F.alpha_dropout: 2, stochastic_depth: 3}
+                                      F.alpha_dropout: 2}
+
+
+def _training_arg(target) -> int | None:
+    """Position of ``target``'s training argument, if it is one of those functions. torchvision
+    is looked up only once the model has imported it (importing it here cost graphopt 2 s)."""
+    if target in _TRAINING_ARG:
+        return _TRAINING_ARG[target]
+    ops = sys.modules.get("torchvision.ops")
+    return 3 if ops is not None and target is getattr(ops, "stochastic_depth", None) else None
 
 
 def _training_off(node: fx.Node, index: int) -> bool:
@@ -190,8 +199,9 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
         if isinstance(target, torch._ops.OpOverload):
             return _ATEN_KINDS.get(op_name(node), OpKind.UNKNOWN)
         try:
-            if target in _TRAINING_ARG:
-                return OpKind.IDENTITY if _training_off(node, _TRAINING_ARG[target]) else OpKind.UNKNOWN
+            index = _training_arg(target)
+            if index is not None:
+                return OpKind.IDENTITY if _training_off(node, index) else OpKind.UNKNOWN
             return _FUNCTION_KINDS.get(target, OpKind.UNKNOWN)
         except TypeError:  # unhashable callable
             return OpKind.UNKNOWN
