@@ -49,11 +49,47 @@ _ONNX_INT = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
 _INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
+class LoweringError(ExportError):
+    """The direct lowering has no correct rule for a node (``node``, ``op``): ``lowering="auto"``
+    exports the graph through torch.onnx instead."""
+
+    def __init__(self, message: str, node: str | None = None, op: str | None = None):
+        super().__init__(message)
+        self.node, self.op = node, op
+
+
+def _op(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    return op_name(node) if node.op in ("call_function", "call_method") else node.op
+
+
 @dataclass(frozen=True)
 class _Value:
     name: str
     qp: QParams | None = None     # set: a uint8/int8 tensor on this grid (qoperator form)
     from_qp: QParams | None = None  # qdq form: a float tensor that is DequantizeLinear(q, qp)
+
+
+class _Env(dict):
+    """ONNX value of each lowered IR node, by name. A constant the IR reads as an operand (a
+    get_attr: a ViT's class or distillation token, a position embedding) becomes a float
+    initializer the first time it is read."""
+
+    def __init__(self, lowering: "_Lowering"):
+        super().__init__()
+        self.lowering = lowering
+
+    def __missing__(self, name: str) -> "_Value":
+        node = self.lowering.graph_nodes.get(name)
+        if node is None or node.op != "get_attr":
+            raise ExportError(f"onnx_int8: node {name!r} is read before it was lowered")
+        value = self.lowering.graph.attr(node.target)
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"onnx_int8: constant {name!r} ({node.target}) is a {type(value).__name__}, "
+                              f"not a tensor")
+        self[name] = _Value(self.lowering.const(name, value.detach().cpu().numpy()))
+        return self[name]
 
 
 class _Lowering:
@@ -64,7 +100,8 @@ class _Lowering:
         self.batch = "N" if dynamic_batch else None   # None: each tensor's traced batch size
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
-        self.env: dict[str, _Value] = {}
+        self.graph_nodes = {n.name: n for n in graph.nodes}
+        self.env: dict[str, _Value] = _Env(self)
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}   # dq node -> (int8, scales, axis)
         self.int8_layers: list[str] = []
         self.float_layers: dict[str, str] = {}
@@ -97,7 +134,7 @@ class _Lowering:
         if isinstance(arg, fx.Node) and is_weight_dq(arg):
             return self.weight_float(arg)
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            return self.const(arg.name, self.graph.attr(arg.target).detach().cpu().numpy())
+            return self.env[arg.name].name
         if not isinstance(arg, fx.Node):
             return self.const("c", np.array(arg, np.float32))
         value = self.env[arg.name]
@@ -149,7 +186,7 @@ class _Lowering:
                 continue
             elif node.op == "output":
                 for i, out in enumerate(flatten_args(node.args[0])):
-                    name = self.emit("Identity", [self.as_float(out)], f"output_{i}")
+                    name = self.emit("Identity", [self.lowered(node, self.as_float, out)], f"output_{i}")
                     shape = self.graph.shape(out)
                     outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
                                                                  [self.batch or shape[0], *shape[1:]]
@@ -157,12 +194,26 @@ class _Lowering:
             elif is_weight_dq(node):
                 continue
             else:
-                self.lower(node)
+                self.lowered(node, self.lower, node)
         g = helper.make_graph(self.nodes, "graphopt_int8", inputs, outputs, list(self.inits.values()))
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
                                   producer_name="graphopt")
         model.ir_version = 9
         return model
+
+    def lowered(self, node: fx.Node, rule, *args):
+        """``rule(*args)`` for ``node``; whatever goes wrong comes out as a LoweringError that names
+        the node and its op (a rule's own ExportError keeps its message)."""
+        try:
+            return rule(*args)
+        except LoweringError:
+            raise
+        except ExportError as exc:
+            message = str(exc) if repr(node.name) in str(exc) else f"{exc} (at node {node.name!r}, {_op(node)})"
+            raise LoweringError(message, node.name, _op(node)) from exc
+        except Exception as exc:
+            raise LoweringError(f"onnx_int8 ({self.form}): could not lower node {node.name!r} ({_op(node)}): "
+                                f"{type(exc).__name__}: {exc}", node.name, _op(node)) from exc
 
     def lower(self, node: fx.Node) -> None:
         if is_activation_fq(node):
@@ -179,6 +230,7 @@ class _Lowering:
                 and all(isinstance(a, fx.Node) for a in node.args):
             a, b = node.args
             if self.form == "qoperator" and user is not None and all(self.env[v.name].qp for v in (a, b)):
+                # (a constant operand, e.g. a position embedding, has no grid: a float Add below)
                 qa, qb = self.env[a.name], self.env[b.name]
                 out = self.emit("QLinearAdd", [qa.name, *self.qp_inputs(qa.qp), qb.name, *self.qp_inputs(qb.qp),
                                                *self.qp_inputs(qparams(user))], "qadd", domain=MS)
@@ -329,6 +381,10 @@ class _Lowering:
             self.env[node.name] = self.keep_grid(x, self.emit("Transpose", [src], "transpose",
                                                               perm=[d % rank for d in dims]), quant_in)
             return
+        if kind == OpKind.RESHAPE and op_name(node) in _BROADCASTS:
+            raise LoweringError(f"onnx_int8: no ONNX lowering for node {node.name!r} ({op_name(node)}): a "
+                                f"broadcast to sizes fixed when the graph was traced is not a Reshape",
+                                node.name, op_name(node))
         if kind == OpKind.RESHAPE:
             shape = list(self.graph.shape(node))
             shape_in = self.const("shape", np.array([0, *shape[1:]], np.int64))
@@ -366,12 +422,15 @@ class _Lowering:
             return self.float_layer(node, m)
         op = _float_op(m, node)
         if op is None:
-            raise ExportError(f"onnx_int8: no ONNX lowering for node {node.name!r} "
-                              f"({getattr(node.target, '__name__', node.target)}); keep it out of the graph "
-                              f"or export with the float 'onnx' backend")
+            raise LoweringError(f"onnx_int8: no ONNX lowering for node {node.name!r} "
+                                f"({getattr(node.target, '__name__', node.target)}); keep it out of the graph "
+                                f"or export with the float 'onnx' backend", node.name, _op(node))
         name, attrs, extra = op
         ins = [self.as_float(x)] + [self.const("c", np.array(v, np.float32)) for v in extra]
         self.env[node.name] = _Value(self.emit(name, ins, name.lower(), **attrs))
+
+
+_BROADCASTS = {"expand", "expand_as", "broadcast_to"}
 
 
 def _pool_attrs(m, node) -> dict:
@@ -458,15 +517,16 @@ class _Candidate:
     probes: dict   # IR fake-quant node -> (ONNX tensor, its QParams, or None for a float tensor)
     layernorms_2d: int = 0   # LayerNormalizations kept apart from their residual add (onnx_layernorm)
     simplify_note: str = ""  # why onnx-simplifier's result was not kept ("" when it was, or was not asked)
+    direct_failed: str = ""  # why the direct lowering was not used (lowering="auto" fell back to torch.onnx)
 
 
 def _direct(graph: Graph, form: str, simplify: bool, dynamic_batch: bool) -> _Candidate:
     try:
         built, lowering = build(graph, form, dynamic_batch)
-    except ExportError:
+    except LoweringError:
         raise
-    except Exception as exc:
-        raise ExportError(f"onnx_int8 ({form}): could not build the model: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:   # the model as a whole (onnx.checker): still the lowering's failure
+        raise LoweringError(f"onnx_int8 ({form}): could not build the model: {type(exc).__name__}: {exc}") from exc
     probes = _probes(graph, lowering)
     model, note = _simplify(built) if simplify else (built, "")
     return _Candidate(model, built, form, "direct", lowering.int8_layers, dict(lowering.float_layers), probes,
@@ -477,7 +537,11 @@ def _through_torch_onnx(graph: Graph, simplify: bool, threads: int, dynamic_batc
     from graphopt.backends import onnx_int8_decomposed as decomposed
 
     built, quantized = decomposed.build(graph, dynamic_batch=dynamic_batch)
-    int8_layers, float_layers = decomposed.fused_layers(built, graph, threads)
+    try:
+        int8_layers, float_layers = decomposed.fused_layers(built, graph, threads)
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        raise ExportError(f"onnx_int8 (torch.onnx): could not read the integer kernels back from onnxruntime: "
+                          f"{type(exc).__name__}: {exc}") from exc
     model, note = _simplify(built, fold_constants=True) if simplify else (built, "")
     nodes = {n.name: n for n in graph.nodes}
     probes = {name: (tensor, qparams(nodes[name])) for name, tensor in quantized.items()}
@@ -494,10 +558,11 @@ def _candidates(graph: Graph, form: str, lowering: str, simplify: bool, threads:
     forms = {"tune": ("qoperator", "qdq"), "auto": ("qoperator",)}.get(form, (form,))
     try:
         return {f: _direct(graph, f, simplify, dynamic_batch) for f in forms}
-    except ExportError as exc:
-        if lowering == "direct" or "no ONNX lowering" not in str(exc):
+    except LoweringError as exc:
+        if lowering == "direct":
             raise
-    return {"qdq": _through_torch_onnx(graph, simplify, threads, dynamic_batch)}
+        reason = str(exc)
+    return {"qdq": replace(_through_torch_onnx(graph, simplify, threads, dynamic_batch), direct_failed=reason)}
 
 
 def _with_layernorms_on_2d(candidates: dict[str, _Candidate], keep_both: bool) -> dict[str, _Candidate]:
@@ -594,6 +659,8 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                **quant_structure(model), "simplified": simplify and not simplify_note}
     if simplify_note:
         details["simplify_skipped"] = simplify_note
+    if chosen.direct_failed:
+        details["direct_lowering_failed"] = chosen.direct_failed
     report = ExportReport("onnx_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
     report.runner = lambda *inputs: run_onnx(session, inputs)
     return report
@@ -686,9 +753,15 @@ def _probe(graph: Graph, model: onnx.ModelProto, probes: dict[str, tuple[str, QP
     node, and the model's own outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for tensor, qp in probes.values():
-        elem = TensorProto.FLOAT if qp is None else _ONNX_INT[qp.dtype]
-        probe.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
+    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    listed = {o.name for o in probe.graph.output}
+    for node_name, (tensor, qp) in probes.items():
+        if tensor not in known:
+            raise ExportError(f"onnx_int8: the model has no tensor {tensor!r} for quantized node {node_name!r}")
+        if tensor not in listed:   # one tensor may carry several IR nodes (merged by the exporter)
+            listed.add(tensor)
+            elem = TensorProto.FLOAT if qp is None else _ONNX_INT[qp.dtype]
+            probe.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
     values, names = runner(probe)(graph.example_inputs)
     by_name = dict(zip(names, values))
     artifact = {}

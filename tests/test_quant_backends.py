@@ -9,7 +9,7 @@ import graphopt
 from graphopt import ConfigError, ExportError, PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
-from graphopt.quant import within_one_step, output_steps
+from graphopt.quant import is_activation_fq, output_steps, within_one_step
 from graphopt.tools.fashion_cnn import FashionCNN
 
 from conftest import randomize_bn
@@ -156,3 +156,94 @@ def test_relu_on_a_quantized_tensor_stays_integer(swaps, tmp_path):
     assert onnx_report.details["int8_layers"] == 2
     assert onnx_report.details["float_layers"] == {"fc": "rank-4 input (QGemm takes 2-D)"}
     assert ts_report.details["int8_layers"] == 3
+
+
+class TinyDistilledViT(torch.nn.Module):
+    """DeiT's distilled shape (timm's VisionTransformerDistilled), tiny: patch tokens behind a
+    class and a distillation token (parameters broadcast to the batch), a position embedding,
+    one attention block, and two heads whose outputs are averaged in eval."""
+
+    def __init__(self, dim=32, heads=4, classes=10, batch=2):
+        super().__init__()
+        self.heads, self.batch = heads, batch
+        self.patch = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.dist_token = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, 16 + 2, dim) * 0.02)
+        self.norm1, self.norm2, self.norm = (torch.nn.LayerNorm(dim) for _ in range(3))
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+        self.head, self.head_dist = torch.nn.Linear(dim, classes), torch.nn.Linear(dim, classes)
+
+    def forward(self, x):
+        b, n, d = self.batch, 18, self.qkv.in_features        # sizes the model was built for
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x), dim=1)
+        x = x + self.pos_embed
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        x = self.norm(x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x)))))
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
+@pytest.fixture(scope="module")
+def distilled_vit_int8():
+    torch.manual_seed(6)
+    graph = graphopt.trace(TinyDistilledViT().eval(), torch.randn(2, 3, 32, 32))
+    data = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    return PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                       context=PassContext({"calibration_data": data})).run(graph).graph
+
+
+@pytest.mark.parametrize("form", ["qoperator", "qdq"])
+def test_a_distilled_vit_falls_back_to_torch_onnx_with_the_node_named(distilled_vit_int8, tmp_path, form):
+    # the direct lowering reads the tokens and the position embedding as constants, and has no
+    # rule for the broadcast of the tokens to the batch: an ExportError naming node and op
+    with pytest.raises(ExportError, match=r"no ONNX lowering for node 'expand' \(expand\)") as info:
+        onnx_int8.export(distilled_vit_int8, tmp_path / "direct.onnx", form=form, lowering="direct")
+    assert (getattr(info.value, "node", None), getattr(info.value, "op", None)) == ("expand", "expand")
+    assert not (tmp_path / "direct.onnx").exists()
+    report = onnx_int8.export(distilled_vit_int8, tmp_path / "auto.onnx", form=form)   # lowering="auto"
+    assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
+    assert "'expand'" in report.details["direct_lowering_failed"]
+    quantized = sum(1 for n in distilled_vit_int8.nodes if is_activation_fq(n))
+    model = onnx.load(tmp_path / "auto.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == quantized
+
+
+def test_no_raw_error_of_a_lowering_rule_escapes_export(int8_graph, tmp_path, monkeypatch):
+    def broken_conv(self, node, quant_in, user):   # a lowering rule with a bug
+        raise TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+
+    monkeypatch.setattr(onnx_int8._Lowering, "lower_conv", broken_conv)
+    with pytest.raises(ExportError, match=r"could not lower node 'conv2d' \(conv2d\): TypeError"):
+        onnx_int8.export(int8_graph, tmp_path / "direct.onnx", form="qoperator", lowering="direct")
+    report = onnx_int8.export(int8_graph, tmp_path / "auto.onnx", form="qoperator")
+    assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
+    assert "'conv2d'" in report.details["direct_lowering_failed"]
+
+
+class ConstantOperand(torch.nn.Module):
+    """A learned offset added to a quantized activation: a constant operand of an add."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.offset = torch.nn.Parameter(torch.randn(1, 16, 1, 1))
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x)) + self.offset))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("form", ["qoperator", "qdq"])
+def test_direct_lowering_reads_a_constant_operand_as_an_initializer(tmp_path, form):
+    torch.manual_seed(7)
+    graph = graphopt.trace(ConstantOperand().eval(), torch.randn(2, 3, 16, 16))
+    data = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                       context=PassContext({"calibration_data": data})).run(graph).graph
+    report = onnx_int8.export(int8, tmp_path / "m.onnx", form=form, lowering="direct")
+    assert report.details["lowering"] == "direct" and report.details["within_one_step"] >= 0.99
+    assert report.details["int8_layers"] == 3

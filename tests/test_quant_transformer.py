@@ -169,3 +169,77 @@ def test_a_cnn_with_an_op_the_direct_lowering_lacks_falls_back_to_torch_onnx(tmp
     assert report.details["lowering"] == "torch_onnx"
     assert report.details["int8_layers"] == 3 and report.details["int8_mac_share"] == 1.0
     assert report.details["within_one_step"] >= 0.99
+
+
+class EncoderWithUnusedPooler(TinyEncoder):
+    """TinyEncoder whose forward also runs a pooler (first token -> Linear -> tanh) it does not
+    return, as a wrapper keeping a Hugging Face model's ``last_hidden_state`` does: torch.export
+    keeps the dead pooler in the graph, torch.onnx's optimizer removes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pooler = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        b, t, d = h.shape
+        if t > 1:
+            h = h * 1.0
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = self.norm1(h + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)))
+        h = self.norm2(h + self.ffn_out(F.gelu(self.ffn_in(h))))
+        torch.tanh(self.pooler(h[:, 0]))                     # computed, never returned
+        return h
+
+
+def _quantizers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_torch_onnx_lowering_finds_each_quantizer_by_identity_not_by_count(tmp_path):
+    from graphopt.backends import onnx_int8_decomposed as decomposed
+
+    torch.manual_seed(0)
+    dims = ({0: Dim("batch", max=64), 1: Dim("seq", min=2, max=64)},)
+    graph = graphopt.trace(EncoderWithUnusedPooler().eval(), torch.randint(0, 100, (2, 12)), dynamic_shapes=dims)
+    data = [torch.randint(0, 100, (8, n)) for n in (9, 16, 12)]
+    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                       context=PassContext({"calibration_data": data})).run(graph).graph
+    report = onnx_int8.export(int8, tmp_path / "enc.onnx")
+    assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
+    live = decomposed.live_nodes(int8)
+    activations = {n.name for n in int8.nodes if is_activation_fq(n)}
+    dead = {n for n in activations if n not in live}
+    assert len(activations) == 6 and len(dead) == 2           # the pooler's input and output
+    # one QuantizeLinear per quantized activation the outputs depend on, each found through the
+    # extra graph output it was exported as (removed again), with the node's own parameters
+    assert len(_quantizers(onnx.load(tmp_path / "enc.onnx"))) == len(activations - dead) == 4
+    built, found = decomposed.build(int8)
+    assert set(found) == activations - dead and len(built.graph.output) == 1     # the extra outputs are gone
+    quantizers = _quantizers(built)
+    nodes = {n.name: n for n in int8.nodes}
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in built.graph.initializer}
+    for name, tensor in found.items():
+        scale = constants[quantizers[tensor].input[1]]
+        assert float(scale) == pytest.approx(nodes[name].meta["graphopt.qparams"].scale, rel=1e-6)
+
+
+def test_torch_onnx_lowering_survives_the_exporter_merging_equal_quantizers(encoder_int8, tmp_path):
+    from graphopt.backends import onnx_int8_decomposed as decomposed
+
+    _, _, result = encoder_int8
+    graph = result.graph.clone()
+    shared = next(n for n in graph.nodes if is_activation_fq(n) and len(n.users) > 1)
+    user = next(u for u in shared.users if u.target is F.linear)
+    with graph.gm.graph.inserting_after(shared):     # a second fake-quant of the same tensor, same grid
+        twin = graph.gm.graph.call_function(shared.target, shared.args, dict(shared.kwargs))
+    twin.meta.update(shared.meta)
+    user.replace_input_with(shared, twin)
+    graph.commit()
+    assert sum(is_activation_fq(n) for n in graph.nodes) == 5
+    built, found = decomposed.build(graph)
+    # torch.onnx's common-subexpression pass merges the two QuantizeLinear nodes: both map to it
+    assert len(found) == 5 and found[shared.name] == found[twin.name]
+    assert len(_quantizers(built)) == 4
+    report = onnx_int8.export(graph, tmp_path / "enc.onnx")
+    assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
