@@ -15,10 +15,10 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from graphopt.analysis import analysis_names
-from graphopt.errors import ContractViolation, GraphLintError, PassFailed, RequirementError
+from graphopt.errors import ConfigError, ContractViolation, GraphLintError, PassFailed, RequirementError
 from graphopt.ir import Graph
 from graphopt.pass_base import EXACT_TOLERANCE, Contract, Pass, PassContext
-from graphopt.verify import compare_outputs, first_divergence
+from graphopt.verify import compare_outputs, first_divergence, flatten_outputs
 
 
 @dataclass
@@ -94,6 +94,9 @@ class PassManager:
         context = PassContext({"input_graph": graph, **self.context.data})
         inputs = self.check_inputs or graph.example_inputs
         original = reference = graph.run(*inputs) if self.verify else None
+        if self.verify and not any(t.numel() for t in flatten_outputs(original)):
+            raise ConfigError("the model returns no (non-empty) tensor on the held batch, so no pass could be "
+                              "verified; return the model's tensors, or run with verify=False")
         records = [_record("input", "-", graph, 0.0, False, 0.0, 0.0, {})]
         current = graph
         bar = tqdm(self.passes, desc="passes", disable=not self.progress, leave=False, delay=2)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from graphopt.errors import TraceError
+from graphopt.errors import ConfigError, TraceError
 from graphopt.ir import Graph
 from graphopt.lift_layers import lift_functional_layers
 
@@ -60,6 +60,18 @@ def _reason(exc: BaseException) -> str:
             or "GuardOnDataDependent" in type(exc).__name__:
         return f"data-dependent control flow ({text})"
     return f"{type(exc).__name__}: {text}"
+
+
+def _check_example_inputs(inputs: tuple) -> None:
+    """The example inputs are the batch every pass is verified on: an empty or non-finite one
+    would make every check vacuous (error 0.0 whatever a pass did)."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            if x.numel() == 0:
+                raise ConfigError(f"trace(): example input {index} is empty (shape {tuple(x.shape)}); passes are "
+                                  f"verified on it, so give at least one sample")
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise ConfigError(f"trace(): example input {index} holds NaN or Inf values")
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -106,6 +118,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
+    _check_example_inputs(inputs)
     model = copy.deepcopy(model).eval()
     is_hf = type(model).__module__.startswith("transformers.")
     attempts: dict[str, str] = {}

@@ -200,3 +200,27 @@ json = "report.json"
     assert rows["test_halve_then_double"]["stats"] == {"layer": "classifier.2"}
     assert rows["test_halve_then_double"]["max_error"] <= 1e-5
     assert rows["fold_batchnorm"]["stats"]["folded"] == 2
+
+
+def test_vacuous_verification_is_refused():
+    """An empty held batch or a model without tensor outputs would verify any pass with error 0."""
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(graphopt.ConfigError, match="example input 0 is empty"):
+        graphopt.trace(Head(), torch.randn(0, 4))
+    with pytest.raises(graphopt.ConfigError, match="example input 0 holds NaN"):
+        graphopt.trace(Head(), torch.full((2, 4), float("nan")))
+
+    class NoTensor(torch.nn.Module):
+        def forward(self, x):
+            return None
+
+    graph = graphopt.trace(NoTensor(), torch.randn(2, 4))
+    with pytest.raises(graphopt.ConfigError, match="returns no \\(non-empty\\) tensor"):
+        graphopt.PassManager([]).run(graph)
