@@ -7,6 +7,8 @@ earlier pass ``ensures``), what it ``ensures``, and which analyses it ``invalida
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, TypeVar
 
@@ -88,10 +90,31 @@ def register_pass(name: str) -> Callable[[P], P]:
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise GraphoptError(f"pass name {name!r} is taken by {existing.__module__}.{existing.__qualname__}")
         cls.name = name
+        if "__init__" in cls.__dict__ and not getattr(cls.__init__, "_checks_options", False):
+            cls.__init__ = _checked_init(cls.__init__, name)
         _PASSES[name] = cls
         return cls
 
     return decorate
+
+
+def _checked_init(init: Callable, name: str) -> Callable:
+    """``init`` with its arguments type-checked as a pipeline file's are, so a Python caller's
+    ``FoldQDQ(bound="x")`` is a ConfigError naming the option, not a TypeError deep in a pass."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        check_options(f"pass {name!r}", init, kwargs)   # unknown keys listed with the valid ones
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"pass {name!r}: {exc}") from None
+        check_options(f"pass {name!r}", init, {k: v for k, v in bound.arguments.items() if k != "self"})
+        init(self, *args, **kwargs)
+
+    checked._checks_options = True   # type: ignore[attr-defined]
+    return checked
 
 
 def registered_passes() -> dict[str, type[Pass]]:

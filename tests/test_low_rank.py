@@ -263,7 +263,7 @@ def test_split_model_exports_to_onnx_and_torchscript(tmp_path):
     ({"layers": {"fc1": {"rnak": 3}}}, r"layers\['fc1'\]: unknown key 'rnak'; valid keys: rank, ratio"),
     ({"layers": {"fc1": 3}, "protected": ["fc1"]}, "'fc1' is both protected and given an override"),
     ({"protected": "fc1"}, "protected must be a list of module names"),
-    ({"data_aware": "yes"}, "data_aware must be true or false, got 'yes'"),
+    ({"data_aware": "yes"}, "option 'data_aware' must be bool, got str 'yes'"),
     ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
 ])
 def test_bad_options_are_named(options, message):

@@ -224,3 +224,13 @@ def test_vacuous_verification_is_refused():
     graph = graphopt.trace(NoTensor(), torch.randn(2, 4))
     with pytest.raises(graphopt.ConfigError, match="returns no \\(non-empty\\) tensor"):
         graphopt.PassManager([]).run(graph)
+
+
+def test_python_callers_get_the_same_option_checks_as_pipeline_files():
+    from graphopt.passes import FoldQDQ, InsertQDQ
+
+    with pytest.raises(graphopt.ConfigError, match="pass 'fold_qdq': option 'bound' must be float, got str 'x'"):
+        FoldQDQ(bound="x")
+    with pytest.raises(graphopt.ConfigError, match="pass 'insert_qdq': unknown option 'observr'; valid options: "):
+        InsertQDQ(observr="mse")
+    assert FoldQDQ(bound=1).bound == 1
