@@ -44,10 +44,11 @@ def int8_graph(name: str, target: str, size: int, prune: float):
 def main() -> None:
     from graphopt.backends import onnx_int8
     from graphopt.report import table, write_json
+    from graphopt.tools.fashion_cnn import parse_targets
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
-    parser.add_argument("--targets", default="x86-vnni,x86-avx2")
+    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2")
     parser.add_argument("--size", type=int, default=112, help="input height and width")
     parser.add_argument("--prune", type=float, default=0.0, help="prune to this share of the MACs first (0: no)")
     parser.add_argument("--out", default="bench-results/int8_target_zoo.json")
@@ -55,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     for name in args.models.split(","):
-        for target in args.targets.split(","):
+        for target in args.targets:
             started = time.perf_counter()
             row = {"model": name, "target": target}
             try:
