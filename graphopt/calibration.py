@@ -14,7 +14,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from graphopt.errors import ConfigError
+from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
 
@@ -190,6 +190,13 @@ def split_batch(batch: Any) -> tuple[tuple, torch.Tensor | None]:
     if isinstance(batch, (tuple, list)):
         return tuple(batch), None
     raise ConfigError(f"data must yield tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+
+
+def check_finite(inputs: tuple, where: str) -> None:
+    """Refuse NaN/Inf in a batch's floating-point tensors before they reach any weight."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+            raise DataError(f"{where}: input {index} holds NaN or Inf values")
 
 
 def batch_inputs(batch: Any) -> tuple:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from graphopt.calibration import split_batch
+from graphopt.calibration import check_finite, split_batch
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
@@ -105,13 +105,6 @@ def _forward(gm: fx.GraphModule, inputs: tuple, names: set[str]):
         return gm(*inputs), {}
     tap = _Tap(gm, names)
     return tap.run(*inputs), tap.taps
-
-
-def check_finite(inputs: tuple, where: str) -> None:
-    """Refuse NaN/Inf in a batch's floating-point tensors before they reach any weight."""
-    for index, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
-            raise DataError(f"{where}: input {index} holds NaN or Inf values")
 
 
 class _EpochPlan:

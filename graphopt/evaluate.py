@@ -7,8 +7,8 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from graphopt.calibration import split_batch
-from graphopt.errors import ConfigError
+from graphopt.calibration import check_finite, split_batch
+from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
 
@@ -18,16 +18,21 @@ def top1_accuracy(model: Graph | Callable, batches: Iterable, limit: int | None 
     Graph, any module, or an exported artifact's runner (numpy outputs, first one read)."""
     run = model.gm if isinstance(model, Graph) else model
     correct = total = 0
-    for item in tqdm(islice(batches, limit), desc="evaluate", disable=not progress, leave=False, delay=2):
+    for index, item in enumerate(tqdm(islice(batches, limit), desc="evaluate", disable=not progress, leave=False,
+                                      delay=2)):
         inputs, labels = split_batch(item)
         if labels is None:
             raise ConfigError("evaluation data must yield (inputs, labels) pairs")
+        check_finite(inputs, f"evaluation batch {index}")
         with torch.no_grad():
             logits = run(*inputs)
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
-        logits = torch.as_tensor(logits)
-        correct += (logits.argmax(-1) == labels).sum().item()
+        predicted = torch.as_tensor(logits).argmax(-1)
+        if labels.shape != predicted.shape:
+            raise DataError(f"evaluation batch {index}: labels of shape {tuple(labels.shape)} for predictions of "
+                            f"shape {tuple(predicted.shape)}; one label per sample is needed")
+        correct += (predicted == labels).sum().item()
         total += labels.numel()
     if total == 0:
         raise ConfigError("evaluation data yielded no samples")

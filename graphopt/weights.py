@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.distill import DistillConfig, distill
-from graphopt.errors import ConfigError
+from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.pass_base import Contract
@@ -49,6 +49,8 @@ def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[s
             continue
         if exclude and any(fnmatch.fnmatchcase(path, p) for p in exclude):
             continue
+        if not torch.isfinite(module.weight).all():
+            raise DataError(f"{owner}: the weight of {path!r} holds NaN or Inf values; compressing it would hide that")
         seen.add(path)
         found.append((path, module))
     return found

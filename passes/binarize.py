@@ -18,7 +18,7 @@ import torch.nn as nn
 from graphopt.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
 from graphopt.calibration import batch_inputs
 from graphopt.distill import DistillConfig, distill
-from graphopt.errors import ConfigError
+from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
@@ -132,6 +132,9 @@ class Binarize(Pass):
         if self.distill_epochs:
             teacher = ctx.data.get("teacher") or ctx.data.get("input_graph") or graph.clone()
         modules = graph.modules()
+        for name in choice["binarize"]:
+            if not torch.isfinite(modules[name].weight).all():
+                raise DataError(f"binarize: the weight of {name!r} holds NaN or Inf values; binarizing it would hide that")
         for name in choice["binarize"]:
             graph.replace_module(name, to_binary(modules[name], self.activations))
         if self.activations and choice["binarize"]:

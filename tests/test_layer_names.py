@@ -55,3 +55,27 @@ def test_distillation_feature_nodes_must_exist(graph):
     with pytest.raises(ConfigError, match="feature_nodes names 'relu9', which is not a node of the student"):
         distill(graph.clone(), graph, [torch.rand(4, 1, 8, 8)], DistillConfig(feature_nodes=("relu9",)),
                 progress=False)
+
+
+@pytest.mark.parametrize("make", [lambda: PruneMagnitude(), lambda: QuantizeWeights(), lambda: ShareWeights(),
+                                  lambda: __import__("graphopt.passes", fromlist=["Binarize"]).Binarize()])
+def test_nan_weights_are_named_not_compressed(graph, make):
+    broken = graph.clone()
+    with torch.no_grad():   # every conv: binarize keeps the first (input) layer full precision
+        for conv in (m for m in broken.gm.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(PassFailed, match="holds NaN or Inf values") as info:
+        PassManager([make()], verify=False).run(broken)
+    assert isinstance(info.value.cause, graphopt.DataError)
+
+
+def test_evaluation_refuses_labels_of_the_wrong_length_and_nan_inputs(graph):
+    from graphopt.evaluate import top1_accuracy
+
+    x = torch.rand(4, 1, 8, 8)
+    assert 0 <= top1_accuracy(graph, [(x, torch.randint(0, 10, (4,)))]) <= 1
+    with pytest.raises(graphopt.DataError, match=r"evaluation batch 1: labels of shape \(2,\) for predictions of "
+                                                  r"shape \(4,\)"):
+        top1_accuracy(graph, [(x, torch.zeros(4, dtype=torch.long)), (x, torch.zeros(2, dtype=torch.long))])
+    with pytest.raises(graphopt.DataError, match="evaluation batch 0: input 0 holds NaN"):
+        top1_accuracy(graph, [(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))])
