@@ -130,7 +130,7 @@ def test_bound_is_enforced(folded):
 @pytest.mark.parametrize("make, message", [
     (lambda: PruneMagnitude(sparsity=1.0), r"sparsity must be a number in \[0, 1\)"),
     (lambda: PruneMagnitude(sparsity=-0.1), r"sparsity must be a number in \[0, 1\)"),
-    (lambda: PruneMagnitude(sparsity=True), "sparsity must be"),
+    (lambda: PruneMagnitude(sparsity=True), "option .sparsity. must be float, got bool True"),
     (lambda: PruneMagnitude(scope="model"), "scope must be one of layer, global"),
     (lambda: PruneMagnitude(steps=0), "steps must be an integer >= 1"),
     (lambda: PruneMagnitude(layers="features.*"), "layers must be a list"),
