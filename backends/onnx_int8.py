@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
 from graphopt.backend import ExportReport, register_backend
-from graphopt.backends.onnx import OTHER_BATCH, at_batch, ort_session, ort_version, run_onnx
+from graphopt.backends._onnx_runtime import OTHER_BATCH, at_batch, ort_session, ort_version, run_onnx
 from graphopt.backends.onnx_layernorm import layernorms_on_2d
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path

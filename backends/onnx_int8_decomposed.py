@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from graphopt.errors import ExportError
-from graphopt.backends.onnx import to_proto
+from graphopt.backends._onnx_runtime import to_proto
 from graphopt.ir import Graph, owner_and_leaf
 from graphopt.quant import CONV_FUNCS, gather_int8_rows, is_activation_fq, is_weight_dq, qparams
 

@@ -1,0 +1,89 @@
+"""torch.onnx export and onnxruntime sessions, shared by the ONNX backends (private: no
+registered backend imports another, they all import this)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import onnx as onnx_lib
+import onnxruntime as ort
+import torch
+
+from graphopt.ir import Graph
+
+
+def to_proto(graph: Graph, opset: int, dynamic_batch: bool = False) -> tuple[onnx_lib.ModelProto, str]:
+    """torch.onnx (dynamo exporter) on the GraphModule, quietly; and the batch axis it has.
+
+    A graph captured by torch.export keeps the shapes it was captured with (symbolic where its
+    ``dynamic_shapes`` said so; its guards fix the rest). A torch.fx graph, with ``dynamic_batch``,
+    has every tensor input's first axis symbolic (exported from a batch of two where the example has
+    one, since torch.export specialises sizes 0 and 1); a graph whose code fixes the batch size
+    is exported static, and the returned note says why."""
+    shapes, inputs, batch = graph.dynamic_shapes, graph.example_inputs, "as captured"
+    if shapes is None:
+        batch = "static"
+        if dynamic_batch and graph.captured_by == "torch.fx":
+            shapes, inputs = _batch_axes(graph.example_inputs)
+            batch = "dynamic"
+    try:
+        return _export(graph.gm, inputs, opset, shapes), batch
+    except Exception as exc:
+        if batch != "dynamic":
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _export(graph.gm, graph.example_inputs, opset, None), f"static (torch.export: {reason[:200]})"
+
+
+def _export(gm, inputs, opset: int, shapes) -> onnx_lib.ModelProto:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(gm, tuple(inputs), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                                    external_data=False, verbose=False)
+    return program.model_proto
+
+
+def _batch_axes(inputs: tuple) -> tuple[tuple, tuple]:
+    """torch.export dynamic_shapes with axis 0 of every tensor input named ``batch``, and
+    inputs of at least two rows to trace with."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    shapes, wide = [], []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim():
+            shapes.append({0: batch})
+            wide.append(x if x.shape[0] > 1 else torch.cat([x, x]))
+        else:
+            shapes.append(None)
+            wide.append(x)
+    return tuple(shapes), tuple(wide)
+
+
+def ort_version() -> str:
+    return ort.__version__
+
+
+def ort_session(model: str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session on a file path or serialized model; with ``threads``, that many intra-op
+    threads and no spinning (so it can be timed interleaved with torch without slowing it)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:
+    feed = {meta.name: np.ascontiguousarray(t.detach().cpu().numpy())
+            for meta, t in zip(session.get_inputs(), inputs)}
+    return session.run(None, feed)
+
+
+OTHER_BATCH = 3   # the batch size a model with a symbolic batch axis is checked at, besides the example's
+
+
+def at_batch(inputs: tuple, n: int) -> tuple:
+    """``inputs`` with ``n`` rows (their rows repeated), to run a model at another batch size."""
+    return tuple(torch.cat([x] * n)[:n] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
