@@ -112,6 +112,13 @@ RUNTIMES = ("eager", "eager-cl", "ort")
 HOT = 1         # an untimed call before each timed one: steady-state latency (see latency.interleaved_latency)
 
 
+def prune_to_macs(graph: graphopt.Graph, target: float = 0.5, round_to: int = ROUND_TO) -> tuple[graphopt.Graph, int]:
+    """graphopt's structured pruning of ``graph`` to ``target`` x its MACs (prune_channels: L2,
+    channel counts in multiples of ``round_to``): the pruned graph and its MACs."""
+    result = graphopt.PassManager([PruneChannels(target_macs=target, round_to=round_to)]).run(graph)
+    return result.graph, result.records[-1].macs
+
+
 def speed(models: list[str], rounds: int, out: str, round_to: int = ROUND_TO) -> None:
     torch.set_num_threads(THREADS)
     rows = []
@@ -120,9 +127,9 @@ def speed(models: list[str], rounds: int, out: str, round_to: int = ROUND_TO) ->
         model = torchvision.models.get_model(name, weights=None).eval()
         x1 = torch.randn(1, 3, 224, 224)
         dense = graphopt.trace(model, x1)
-        ours = graphopt.PassManager([PruneChannels(target_macs=0.5, round_to=round_to)]).run(dense)
+        ours, ours_macs = prune_to_macs(dense, 0.5, round_to)
         variants = {"dense": (dense.gm, dense.analysis("cost").macs),
-                    "graphopt": (ours.graph.gm, ours.records[-1].macs)}
+                    "graphopt": (ours.gm, ours_macs)}
         tp_error = ""
         try:
             tp_model, tp_macs, tp_round_to = torch_pruning_near(model, x1, 0.5, [output_layer(model)], round_to,

@@ -1,0 +1,53 @@
+"""Pure helpers of the int8 benchmark tools: how bench_quant composes its compounding ratio, and
+the rule ort_recipe_avx2_check compares emulated and native outputs by."""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.tools import bench_quant
+from graphopt.tools.ort_recipe_avx2_check import agreement, output_steps
+
+
+def test_compounding_ratio_and_missing_columns():
+    speedups = {bench_quant.int8_column("ONNX", "x86-avx2"): 2.0, bench_quant.PRUNED_FP32: 1.5,
+                bench_quant.int8_column("pruned", "x86-avx2"): 2.7}
+    got = bench_quant.compounding(speedups, "x86-avx2")
+    assert got["product"] == 3.0 and abs(got["ratio"] - 0.9) < 1e-12 and "ratio_same_export" not in got
+    speedups[bench_quant.GRAPHOPT_FP32] = 1.25       # the export alone is faster: pruning gained 1.2x, not 1.5x
+    assert abs(bench_quant.compounding(speedups, "x86-avx2")["ratio_same_export"] - 1.35 / 1.2) < 1e-12
+    assert bench_quant.compounding(speedups, "x86-vnni") is None          # a refused or untimed column
+    cols = bench_quant.columns(["x86-vnni", "x86-avx2"], prune=True)
+    assert len(cols) == len(set(cols)) and "graphopt pruned+int8 ONNX (x86-vnni)" in cols
+    assert not any("pruned" in c for c in bench_quant.columns(["x86-avx2"], prune=False))
+
+
+def test_agreement_counts_elements_within_one_output_step():
+    ref = [np.zeros((2, 10))]
+    other = [np.zeros((2, 10))]
+    other[0][0, 0] = 0.5 * 1.001        # exactly at the slack: agrees
+    other[0][1, 3] = 1.0                # two steps off
+    got = agreement(ref, other, [0.5])
+    assert got["share"] == 19 / 20 and not got["passes"] and got["max_diff_steps"] == 2.0
+    assert got["rule"] == "step"
+    close = agreement(ref, [np.zeros((2, 10))], [0.5])
+    assert close["share"] == 1.0 and close["passes"] and close["top1_agreement"] == 1.0
+
+
+def test_agreement_float_outputs_relative_to_largest_magnitude():
+    ref = [np.array([[100.0, -2.0, 1.0, 0.0]])]
+    other = [np.array([[100.05, -2.09, 1.2, 0.0]])]    # 1e-3 x 100 = 0.1: the 0.2 miss is the only one
+    got = agreement(ref, other, [None])
+    assert got["share"] == 0.75 and got["rule"] == "float" and got["max_diff_steps"] is None
+
+
+def test_output_steps_reads_the_final_dequantize_scale():
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+             helper.make_node("Relu", ["x"], ["r"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]),
+                               helper.make_tensor_value_info("r", TensorProto.FLOAT, [4])],
+                              [numpy_helper.from_array(np.array(0.25, np.float32), "s"),
+                               numpy_helper.from_array(np.array(3, np.uint8), "z")])
+    assert output_steps(helper.make_model(graph)) == [0.25, None]
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
