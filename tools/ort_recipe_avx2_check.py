@@ -2,7 +2,7 @@
 
     python -m graphopt.tools.ort_recipe_avx2_check [--models resnet18,mobilenet_v2] [--samples 4]
                                                    [--targets x86-vnni,x86-avx2] [--plain] [--fp32]
-                                                   [--emulator /work/avx2/run_avx2.sh]
+                                                   [--emulator tools/run_avx2.sh]
                                                    [--out bench-results/avx2_check.json]
 
 Per model (random weights, as bench_quant), the int8 artifacts bench_quant times are built here:
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-EMULATOR = "/work/avx2/run_avx2.sh"
+EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_avx2.sh")   # needs Debian's qemu-user
 PASS_SHARE = 0.99
 STEP_SLACK = 1.001          # as graphopt.quant.within_one_step
 FLOAT_RELATIVE = 1e-3       # float outputs: agree within this x max |reference|
