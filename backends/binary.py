@@ -95,8 +95,58 @@ def _decode_header(path: str) -> tuple[dict, memoryview]:
         raise ConfigError(f"{path}: checksum mismatch (file damaged or truncated)")
     (length,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
     start = len(MAGIC) + 4
-    header = json.loads(blob[start:start + length])
-    return header, memoryview(blob)[start + length:-4]
+    try:
+        header = json.loads(blob[start:start + length])
+    except ValueError as exc:
+        raise ConfigError(f"{path}: malformed header ({exc})") from None
+    payload = memoryview(blob)[start + length:-4]
+    _check_header(header, len(payload), path)
+    return header, payload
+
+
+_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+def _check_header(header, payload: int, path: str) -> None:
+    """Refuse anything this reader does not know, before a byte is decoded: a CRC only catches
+    accidents, so a crafted file must fail here with a named reason, not deep in numpy."""
+    def bad(why: str):
+        raise ConfigError(f"{path}: malformed binary-weights file: {why}")
+
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list) \
+            or not isinstance(header.get("layers"), dict):
+        bad("the header is not a table of tensors and layers")
+    if header.get("format") != 1:
+        raise ConfigError(f"{path}: binary-weights format {header.get('format')!r} is not supported "
+                          f"(this graphopt reads format 1)")
+    for name, info in header["layers"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("activations"), bool):
+            bad(f"layer {name!r} has no activations flag")
+    for entry in header["tensors"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            bad("a tensor entry has no name")
+        name = entry["name"]
+        shape, offset, length = entry.get("shape"), entry.get("offset"), entry.get("length")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            bad(f"tensor {name!r} has shape {shape!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)) \
+                or offset + length > payload:
+            bad(f"tensor {name!r} lies outside the file (offset {offset!r}, length {length!r})")
+        if entry.get("dtype") not in _DTYPES:
+            bad(f"tensor {name!r} has dtype {entry.get('dtype')!r}; known: {', '.join(_DTYPES)}")
+        count = int(np.prod(shape)) if shape else 1
+        if entry.get("encoding") == "raw":
+            expected = count * np.dtype(entry["dtype"]).itemsize
+        elif entry.get("encoding") == "bits":
+            alphas = entry.get("alphas")
+            if not isinstance(alphas, int) or isinstance(alphas, bool) or alphas < 1:
+                bad(f"tensor {name!r} has {alphas!r} scales")
+            expected = packed_size(count) + 2 * alphas
+        else:
+            bad(f"tensor {name!r} has encoding {entry.get('encoding')!r}; known: raw, bits")
+        if length != expected:
+            bad(f"tensor {name!r} holds {length} bytes, its shape and dtype need {expected}")
 
 
 def _decode_tensor(entry: dict, payload: memoryview) -> torch.Tensor:

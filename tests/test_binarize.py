@@ -306,3 +306,37 @@ data = "graphopt.tools.digits:test_batches"
     assert outcome.records[1].stats["layers"] == ["features.3", "classifier.2"]
     assert outcome.exports[0].details["binary_ratio"] >= 25
     assert outcome.metrics["after"]["top1"] >= 0.9
+
+
+def _reseal(path, edit):
+    """Edit a .gobin header and give the file a valid CRC again: a crafted, not a damaged, file."""
+    import json
+    import struct
+    import zlib
+
+    blob = path.read_bytes()
+    magic = binary_backend.MAGIC
+    (length,) = struct.unpack("<I", blob[len(magic):len(magic) + 4])
+    start = len(magic) + 4
+    header = json.loads(blob[start:start + length])
+    edit(header)
+    head = json.dumps(header).encode()
+    body = magic + struct.pack("<I", len(head)) + head + blob[start + length:-4]
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.update(format=2), "format 2 is not supported"),
+    (lambda h: h["tensors"][0].update(encoding="zstd"), "encoding 'zstd'; known: raw, bits"),
+    (lambda h: h["tensors"][0].update(dtype="object"), "dtype 'object'"),
+    (lambda h: h["tensors"][0].update(offset=10 ** 9), "lies outside the file"),
+    (lambda h: h["tensors"][0].update(shape=[10 ** 6]), "its shape and dtype need"),
+    (lambda h: h["tensors"][0].pop("name"), "a tensor entry has no name"),
+    (lambda h: h.update(tensors={"a": 1}), "not a table of tensors and layers"),
+])
+def test_crafted_files_with_a_valid_crc_are_refused_by_name(digits_graph, tmp_path, edit, message):
+    path = tmp_path / "m.gobin"
+    binary_backend.save_binary(binarized(digits_graph), path)
+    _reseal(path, edit)
+    with pytest.raises(ConfigError, match=message):
+        binary_backend.load_binary(path, digits_graph)
