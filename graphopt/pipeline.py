@@ -24,6 +24,7 @@ seconds, not a half-finished run.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import os
@@ -72,10 +73,15 @@ def resolve_callable(spec: str, where: str) -> Callable:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{where}: {spec!r} is not of the form 'package.module:attribute'")
+    if module_name.startswith("."):
+        raise ConfigError(f"{where}: {module_name!r} is a relative module name; give the full 'package.module'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{where}: cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:   # the module itself fails: a syntax error, an exception at import
+        raise ConfigError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     target = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -120,14 +126,30 @@ class ModelSpec:
         if self.torchvision:
             import torchvision
 
-            model = torchvision.models.get_model(self.torchvision, weights=None, **self.kwargs)
+            known = torchvision.models.list_models()
+            if self.torchvision not in known:
+                close = difflib.get_close_matches(self.torchvision, known, n=3)
+                raise ConfigError(f"model.torchvision: unknown model {self.torchvision!r}"
+                                  + (f"; did you mean {', '.join(close)}?" if close else ""))
+            model = _call("model.torchvision", lambda: torchvision.models.get_model(self.torchvision, weights=None,
+                                                                                     **self.kwargs))
         elif self.factory:
-            model = resolve_callable(self.factory, "model.factory")(**self.kwargs)
+            factory = resolve_callable(self.factory, "model.factory")
+            model = _call(f"model.factory {self.factory}", lambda: factory(**self.kwargs))
         if self.checkpoint:
             model = _load_checkpoint(self.checkpoint, model, self.trusted_checkpoint)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model: the model source gave {type(model).__name__}, not a torch.nn.Module")
         return model.eval()
+
+
+def _call(where: str, make: Callable) -> Any:
+    """Run a user's model constructor; its failure is a ConfigError naming it and the reason."""
+    try:
+        return make()
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{where} failed: {type(exc).__name__}: {text}") from exc
 
 
 def _load_checkpoint(path: str, model: nn.Module | None, trusted: bool) -> nn.Module:
@@ -136,14 +158,18 @@ def _load_checkpoint(path: str, model: nn.Module | None, trusted: bool) -> nn.Mo
     except Exception as exc:
         if model is not None or not trusted:
             hint = "" if model is not None else " (a whole pickled module needs trusted_checkpoint = true)"
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty or unreadable file"
             raise ConfigError(f"model.checkpoint: cannot load {path} as a state_dict: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
+                              f"{type(exc).__name__}: {text}{hint}") from None
         return torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if model is None:
         raise ConfigError(f"model.checkpoint: {path} holds weights only; name the architecture with "
                           "model.torchvision or model.factory")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConfigError(f"model.checkpoint: {path} holds a {type(state).__name__}, not a state_dict "
+                          f"(a mapping of parameter names to tensors)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -2,6 +2,8 @@
 output shape and dtype in ``node.meta`` (keys ``graphopt.shape``, ``graphopt.dtype``)."""
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,8 +36,8 @@ def _shape_and_dtype(meta):
 @register_analysis("shapes")
 def propagate_shapes(graph: "Graph") -> dict[str, tuple]:
     """Node name -> output shape; also writes shape and dtype into each node's meta."""
-    with torch.no_grad():
-        ShapeProp(graph.gm).propagate(*graph.example_inputs)
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):   # ShapeProp prints a traceback
+        ShapeProp(graph.gm).propagate(*graph.example_inputs)                # before raising: the error says it
     shapes = {}
     for node in graph.gm.graph.nodes:
         shape, dtype = _shape_and_dtype(node.meta.get("tensor_meta"))

@@ -55,6 +55,8 @@ def _user_location(exc: BaseException) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    while exc.__cause__ is not None and "ShapeProp error" in str(exc):   # fx's wrapper: the cause says why
+        exc = exc.__cause__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "cannot be used as inputs to control flow" in text or "data-dependent" in text.lower() \
             or "GuardOnDataDependent" in type(exc).__name__:

@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import graphopt
 
@@ -164,3 +165,27 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the report JSON" in err and "would overwrite model.checkpoint" in err
     assert checkpoint.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "p.toml"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "resnet99"], "unknown model 'resnet99'; did you mean resnet50"),
+    (["inspect", "graphopt.tools.digits:DigitsCNN", "--input-shape=-1,1,8,8"], "--input-shape must be positive"),
+    (["inspect", "graphopt.tools.digits:DigitsCNN", "--input-shape=1,3,8,8"],
+     "cannot trace DigitsCNN: <root>: RuntimeError: Given groups=1"),
+    (["inspect", ".rel:f"], "'.rel' is a relative module name"),
+    (["inspect", "graphopt.tools.digits:DigitsCNN", "--input-shape=1,1,8,8", "--checkpoint", "{empty}"],
+     "cannot load .*empty.pt as a state_dict: EOFError"),
+    (["inspect", "graphopt.tools.digits:DigitsCNN", "--input-shape=1,1,8,8", "--checkpoint", "{tensor}"],
+     "holds a Tensor, not a state_dict"),
+])
+def test_cli_bad_input_names_the_problem_without_a_traceback(tmp_path, capsys, argv, message):
+    import re
+
+    empty, tensor = tmp_path / "empty.pt", tmp_path / "tensor.pt"
+    empty.write_bytes(b"")
+    torch.save(torch.zeros(3), tensor)
+    argv = [a.format(empty=empty, tensor=tensor) for a in argv]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert re.search(message, err), err

@@ -66,6 +66,8 @@ def _model_from_argument(model: str, input_shape: str | None, checkpoint: str | 
             spec.input_shapes = [[int(d) for d in shape.split(",")]]
         except ValueError:
             raise ConfigError(f"--input-shape must be comma-separated integers, got {shape!r}") from None
+        if any(d < 1 for d in spec.input_shapes[0]):
+            raise ConfigError(f"--input-shape must be positive integers, got {shape!r}")
     return spec.build(), spec.example_inputs()
 
 
