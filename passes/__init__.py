@@ -1,18 +1,18 @@
 """Built-in passes. Importing this package registers them (it is graphopt's own plugin)."""
 from graphopt.passes.bias_correction import BiasCorrection
 from graphopt.passes.binarize import Binarize, FreezeBinary
-from graphopt.passes.dead_code import EliminateDeadCode
+from graphopt.passes.eliminate_dead_code import EliminateDeadCode
 from graphopt.passes.distill import Distill
-from graphopt.passes.equalize import CrossLayerEqualization
+from graphopt.passes.cross_layer_equalization import CrossLayerEqualization
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.fold_qdq import FoldQDQ
 from graphopt.passes.insert_qdq import InsertQDQ
-from graphopt.passes.low_rank import SplitLowRank
-from graphopt.passes.magnitude_prune import PruneMagnitude
+from graphopt.passes.split_low_rank import SplitLowRank
+from graphopt.passes.prune_magnitude import PruneMagnitude
 from graphopt.passes.prune_channels import PruneChannels
-from graphopt.passes.quantize_weights_lowbit import QuantizeWeights
+from graphopt.passes.quantize_weights import QuantizeWeights
 from graphopt.passes.remove_identity import RemoveIdentity
-from graphopt.passes.weight_sharing import ShareWeights
+from graphopt.passes.share_weights import ShareWeights
 
 __all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
            "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank", "InsertQDQ",

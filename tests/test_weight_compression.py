@@ -5,8 +5,8 @@ import graphopt
 from graphopt import ConfigError, PassContext, PassFailed, PassManager, RequirementError
 from graphopt.evaluate import top1_accuracy
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, ShareWeights
-from graphopt.passes.magnitude_prune import schedule
-from graphopt.passes.weight_sharing import kmeans_1d
+from graphopt.passes.prune_magnitude import schedule
+from graphopt.passes.share_weights import kmeans_1d
 from graphopt.tools import digits
 from graphopt.tools.digits import train_batches, trained_digits_cnn
 from graphopt.weights import ANNOTATIONS_KEY
