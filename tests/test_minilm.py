@@ -46,15 +46,23 @@ def test_data_aware_split_to_80_percent_keeps_the_scores(encoder_graph):
     assert scores["lee50"] > PUBLISHED["lee50"] - 0.03
 
 
-def test_int8_onnx_artifact_keeps_word_similarity_within_a_hundredth(encoder_graph, tmp_path):
+# the measured cost of each target's weight range (README): 7-bit weights cost WordSim-353 0.014
+WORD_SIMILARITY_TOLERANCE = {"x86-vnni": 0.01, "x86-avx2": 0.02}
+
+
+@pytest.mark.parametrize("target", sorted(WORD_SIMILARITY_TOLERANCE))
+def test_int8_onnx_artifact_keeps_word_similarity(encoder_graph, tmp_path, target):
     from graphopt.backends import onnx_int8
     from graphopt.passes import FoldQDQ, InsertQDQ
+    from graphopt.targets import TARGETS, host_target
 
+    if not host_target().runs_exactly(TARGETS[target]):   # scores need this CPU to run the file as built
+        pytest.skip(f"onnxruntime on this CPU ({host_target().name}) saturates {target}'s weights")
     tokenizer, _, graph = encoder_graph
     context = PassContext({"calibration_data": minilm.distill_batches(tokenizer)[:8]})
-    int8 = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=context).run(graph).graph
+    int8 = PassManager([InsertQDQ(progress=False, target=target), FoldQDQ()], context=context).run(graph).graph
     report = onnx_int8.export(int8, tmp_path / "minilm.int8.onnx")
     assert report.details["int8_layers"] == 36 and report.details["int8_mac_share"] > 0.95
     scores = minilm.scores(lambda *x: torch.from_numpy(report.runner(*x)[0]), tokenizer)   # the written file
-    assert abs(scores["wordsim353"] - PUBLISHED["wordsim353"]) <= 0.01
-    assert abs(scores["simlex999"] - PUBLISHED["simlex999"]) <= 0.01
+    assert abs(scores["wordsim353"] - PUBLISHED["wordsim353"]) <= WORD_SIMILARITY_TOLERANCE[target]
+    assert abs(scores["simlex999"] - PUBLISHED["simlex999"]) <= WORD_SIMILARITY_TOLERANCE[target]
