@@ -631,7 +631,7 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
         raise ExportError(f"onnx_int8 export of {path}: only {share:.2%} of quantized values within one step of the "
                           f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}; "
                           f"target {target.name}, checked by {check}); nothing written")
-    model, simplify_note = _keep_simplified(chosen, threads, graph.example_inputs)
+    model, simplify_note = _keep_simplified(chosen, threads, graph.example_inputs, expected if exact_here else None)
     _target_metadata(model, target)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)
@@ -666,14 +666,17 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
     return report
 
 
-def _keep_simplified(chosen: _Candidate, threads: int, inputs) -> tuple[onnx.ModelProto, str]:
+def _keep_simplified(chosen: _Candidate, threads: int, inputs, built=None) -> tuple[onnx.ModelProto, str]:
     """onnx-simplifier's model where it computes what the built one does (same kernels, same
-    outputs); the built model, and why, where it does not."""
+    outputs); the built model, and why, where it does not. ``built``: the built model's
+    onnxruntime outputs when the parity check already ran it here (not run again)."""
     if chosen.model is chosen.built or chosen.simplify_note:
         return chosen.model, chosen.simplify_note
-    built = run_onnx(ort_session(chosen.built.SerializeToString(), threads), inputs)
+    if built is None:
+        built = run_onnx(ort_session(chosen.built.SerializeToString(), threads), inputs)
     simplified = run_onnx(ort_session(chosen.model.SerializeToString(), threads), inputs)
-    error = compare_outputs([torch.from_numpy(a) for a in built], [torch.from_numpy(a) for a in simplified])[1]
+    error = compare_outputs([torch.from_numpy(np.asarray(a)) for a in built],
+                            [torch.from_numpy(a) for a in simplified])[1]
     if error > 1e-5:
         return chosen.built, f"onnx-simplifier changed the outputs (relative error {error:.3g}); kept the model as built"
     return chosen.model, ""

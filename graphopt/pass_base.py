@@ -64,8 +64,10 @@ class Pass:
 
     @classmethod
     def from_config(cls, options: dict[str, Any]) -> "Pass":
-        """Build from a pipeline file's options, rejecting unknown keys and wrong types."""
-        check_options(f"pass {cls.name!r}", cls.__init__, options)
+        """Build from a pipeline file's options, rejecting unknown keys and wrong types (a registered
+        pass's constructor checks them; see register_pass)."""
+        if not getattr(cls.__init__, "_checks_options", False):
+            check_options(f"pass {cls.name!r}", cls.__init__, options)
         return cls(**options)
 
     @classmethod
@@ -106,11 +108,13 @@ def _checked_init(init: Callable, name: str) -> Callable:
     @functools.wraps(init)
     def checked(self, *args, **kwargs):
         check_options(f"pass {name!r}", init, kwargs)   # unknown keys listed with the valid ones
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"pass {name!r}: {exc}") from None
-        check_options(f"pass {name!r}", init, {k: v for k, v in bound.arguments.items() if k != "self"})
+        if args:   # positional arguments: bound to their names, then checked the same way
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError as exc:
+                raise ConfigError(f"pass {name!r}: {exc}") from None
+            check_options(f"pass {name!r}", init, {k: v for k, v in bound.arguments.items()
+                                                    if k != "self" and k not in kwargs})
         init(self, *args, **kwargs)
 
     checked._checks_options = True   # type: ignore[attr-defined]
