@@ -15,9 +15,10 @@ from graphopt.tools.fashion_cnn import FashionCNN
 from conftest import randomize_bn
 
 
-def _int8_graph(**insert_options):
+def _int8_graph(batch: int = 4, **insert_options):
+    """The Fashion-MNIST test CNN, BatchNorm folded, quantized and folded (traced at ``batch``)."""
     torch.manual_seed(3)
-    graph = graphopt.trace(randomize_bn(FashionCNN(width=8)), torch.randn(4, 1, 28, 28))
+    graph = graphopt.trace(randomize_bn(FashionCNN(width=8)), torch.randn(batch, 1, 28, 28))
     gen = torch.Generator().manual_seed(4)
     data = [torch.randn(16, 1, 28, 28, generator=gen) for _ in range(4)]
     passes = [FoldBatchNorm(), InsertQDQ(progress=False, **insert_options), FoldQDQ()]

@@ -18,23 +18,19 @@ from onnx import numpy_helper
 import graphopt
 from graphopt import ConfigError, ExportError, PassContext, PassManager
 from graphopt.backends import onnx as onnx_fp32, onnx_int8, torchscript_int8
-from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
+from graphopt.passes import InsertQDQ
 from graphopt.quant import output_steps, within_one_step
 from graphopt.targets import TARGETS, get_target, host_target
 from graphopt.tools.fashion_cnn import FashionCNN
 
 from conftest import randomize_bn
+from test_quant_backends import _int8_graph as quantized_test_cnn
 
 TARGET_NAMES = sorted(TARGETS)
 
 
 def _int8_graph(target: str, batch: int = 4):
-    torch.manual_seed(3)
-    graph = graphopt.trace(randomize_bn(FashionCNN(width=8)), torch.randn(batch, 1, 28, 28))
-    gen = torch.Generator().manual_seed(4)
-    data = [torch.randn(16, 1, 28, 28, generator=gen) for _ in range(4)]
-    passes = [FoldBatchNorm(), InsertQDQ(progress=False, target=target), FoldQDQ()]
-    return PassManager(passes, context=PassContext({"calibration_data": data})).run(graph).graph
+    return quantized_test_cnn(batch, target=target)
 
 
 @pytest.fixture(scope="module", params=TARGET_NAMES)
