@@ -30,7 +30,7 @@ from graphopt.backends.packed_errors import (CorruptFile, DisallowedTarget, Pack
 from graphopt.backends.packed_graph import decode_graph, decode_modules, encode_modules, encode_nodes
 from graphopt.backends.packed_report import build_report, size_table
 from graphopt.backends.packed_tensors import (BlobWriter, Reader, dtype_name, encode_tensor, place, torch_dtype)
-from graphopt.backends.parity import parity_report
+from graphopt.backends.parity import module_runner, parity_report
 from graphopt.errors import ConfigError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
@@ -240,10 +240,13 @@ def export(graph: Graph, path: str, *, tolerance: float = 0.0, table: bool = Fal
     with atomic_path(path, ".gpk") as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+        reloaded = load_module(tmp)
         with torch.no_grad():   # the module alone: a Graph would re-run shape analysis first
-            outputs = load_module(tmp)(*graph.example_inputs)
+            outputs = reloaded(*graph.example_inputs)
         details = {"size": report["totals"], "layers": report["layers"]}
         result = parity_report("packed", graph, path, tmp, outputs, tolerance, started, details)
     if table:
         print(size_table(report))
+    result.runner = module_runner(reloaded)
     return result
+

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from graphopt.backend import ExportReport
 from graphopt.errors import ExportError
@@ -21,3 +23,12 @@ def parity_report(backend: str, graph: Graph, path: str, written: str, outputs: 
         raise ExportError(f"{backend} export of {path} does not match the graph: max relative error "
                           f"{rel_err:.3g} > tolerance {tolerance:.3g} (max abs {abs_err:.3g}); nothing written")
     return ExportReport(backend, path, os.path.getsize(written), abs_err, rel_err, time.perf_counter() - started, details)
+
+
+def module_runner(module: Any) -> Callable[..., Any]:
+    """The reloaded artifact as a callable on inputs, without autograd: what reports time and
+    evaluate, so numbers describe the file that was written, not the graph it came from."""
+    def run(*inputs):
+        with torch.no_grad():
+            return module(*inputs)
+    return run

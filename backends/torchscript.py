@@ -12,7 +12,7 @@ from graphopt.backend import ExportReport, register_backend
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
-from graphopt.backends.parity import parity_report
+from graphopt.backends.parity import module_runner, parity_report
 
 METHODS = ("auto", "script", "trace")
 
@@ -62,10 +62,5 @@ def export(graph: Graph, path: str, *, method: str = "auto", tolerance: float = 
         with torch.no_grad():
             outputs = reloaded(*graph.example_inputs)
         report = parity_report("torchscript", graph, path, tmp, outputs, tolerance, started, {"method": how})
-
-    def runner(*inputs):
-        with torch.no_grad():
-            return reloaded(*inputs)
-
-    report.runner = runner
+    report.runner = module_runner(reloaded)
     return report

@@ -21,6 +21,7 @@ from torch import fx
 
 from graphopt.backend import ExportReport, register_backend
 from graphopt.backends import torch_int8_kernels as kernels
+from graphopt.backends.parity import module_runner
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
@@ -271,4 +272,7 @@ def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportR
                "outputs_within_one_step": within_one_step(reference, outputs, output_steps(graph)),
                "int8_mac_share": int8_mac_share(graph, rebuild.int8_layers), "int8_layers": len(rebuild.int8_layers),
                "float_layers": dict(rebuild.float_layers)}
-    return ExportReport("torchscript_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
+    report = ExportReport("torchscript_int8", path, size, abs_err, rel_err, time.perf_counter() - started, details)
+    report.runner = module_runner(reloaded)
+    return report
+

@@ -1,8 +1,8 @@
 """graphopt: trace a PyTorch model into an IR, run verified compression passes, export it."""
 from graphopt.analysis import register_analysis
 from graphopt.backend import ExportReport, get_backend, register_backend, registered_backends
-from graphopt.errors import (ConfigError, ContractViolation, DataError, ExportError, GraphLintError, GraphoptError,
-                             PassFailed, RequirementError, TraceError)
+from graphopt.errors import (ConfigError, ContractViolation, DataError, EvaluationError, ExportError, GraphLintError,
+                             GraphoptError, PassFailed, RequirementError, TraceError)
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.pass_base import (Contract, Pass, PassContext, PassResult, get_pass, register_pass,
@@ -17,5 +17,15 @@ __all__ = [
     "get_pass", "registered_passes", "PassManager", "PassRecord", "PipelineResult", "register_analysis",
     "register_backend", "get_backend", "registered_backends", "ExportReport", "GraphoptError",
     "TraceError", "GraphLintError", "RequirementError", "ContractViolation", "PassFailed", "ConfigError",
-    "ExportError",
+    "ExportError", "DataError", "EvaluationError", "compress", "Goal",
 ]
+
+
+def __getattr__(name: str):
+    """``graphopt.compress`` and ``graphopt.Goal`` load the search (optuna, matplotlib) on first use,
+    so ``import graphopt`` stays light."""
+    if name in ("compress", "Goal"):
+        from graphopt import search
+
+        return getattr(search, name)
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")

@@ -65,3 +65,7 @@ class DataError(GraphoptError):
 
 class ExportError(GraphoptError):
     """A backend could not produce a correct artifact; nothing was written."""
+
+
+class EvaluationError(GraphoptError):
+    """A user's evaluate function failed or returned something that is not a number."""

@@ -52,7 +52,7 @@ REPORT_KEYS = {"json", "latency", "threads", "rounds"}
 METRICS = {"top1": top1_accuracy}
 
 
-def _check_keys(where: str, table: Any, valid: set[str]) -> dict:
+def check_keys(where: str, table: Any, valid: set[str]) -> dict:
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
     unknown = sorted(set(table) - valid)
@@ -190,12 +190,12 @@ class PipelineConfig:
     latency: dict | None = None  # {"threads": n, "rounds": n} when [report] latency = true
 
 
-def _data_factory(key: str, spec: Any) -> Callable:
+def data_factory(key: str, spec: Any) -> Callable:
     """A [data] entry: "pkg.mod:fn", or a table {factory = "pkg.mod:fn", kwargs = {...}}.
     Passes receive the callable and call it each time they need a fresh pass over the data."""
     where = f"data.{key}"
     if isinstance(spec, dict):
-        _check_keys(f"[{where}]", spec, {"factory", "kwargs"})
+        check_keys(f"[{where}]", spec, {"factory", "kwargs"})
         fn = resolve_callable(spec.get("factory"), f"{where}.factory")
         kwargs = _typed(f"{where}.kwargs", spec.get("kwargs", {}), dict, "a table")
         return functools.partial(fn, **kwargs)
@@ -217,10 +217,10 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     def local(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(base, p)
 
-    _check_keys(path, raw, SECTIONS)
+    check_keys(path, raw, SECTIONS)
     if "model" not in raw:
         raise ConfigError(f"{path}: missing [model] table")
-    model = _parse_model(_check_keys("[model]", raw["model"], MODEL_KEYS), local)
+    model = parse_model(check_keys("[model]", raw["model"], MODEL_KEYS), local)
 
     passes = []
     for i, entry in enumerate(_typed("passes", raw.get("passes", []), list, "an array of tables ([[passes]])")):
@@ -241,7 +241,7 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
 
     evaluate = None
     if "evaluate" in raw:
-        evaluate = dict(_check_keys("[evaluate]", raw["evaluate"], EVALUATE_KEYS))
+        evaluate = dict(check_keys("[evaluate]", raw["evaluate"], EVALUATE_KEYS))
         resolve_callable(evaluate.get("data"), "evaluate.data")
         metric = evaluate.setdefault("metric", "top1")
         if metric not in METRICS:
@@ -251,7 +251,7 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
 
     report_json, latency = None, None
     if "report" in raw:
-        report = _check_keys("[report]", raw["report"], REPORT_KEYS)
+        report = check_keys("[report]", raw["report"], REPORT_KEYS)
         if "json" in report:
             report_json = _writable("report.json", local(_typed("report.json", report["json"], str, "a path")))
         if _typed("report.latency", report.get("latency", False), bool, "true or false"):
@@ -263,8 +263,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
                 latency[key] = value
 
     data = {}
-    for key, spec in _check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
-        data[key] = _data_factory(key, spec)
+    for key, spec in check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
+        data[key] = data_factory(key, spec)
     config = PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
     check_outputs(config)
     return config
@@ -287,7 +287,7 @@ def check_outputs(config: PipelineConfig, report_json: str | None = None) -> Non
         claims[real] = where
 
 
-def _parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
+def parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
     sources = [k for k in ("torchvision", "factory") if k in table]
     if len(sources) > 1:
         raise ConfigError("[model]: give one of torchvision or factory, not both")

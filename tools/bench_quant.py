@@ -40,7 +40,6 @@ import tempfile
 import time
 import warnings
 
-import onnx
 import onnxruntime as ort
 import torch
 import torchvision
@@ -52,6 +51,7 @@ from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.errors import GraphoptError
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
 from graphopt.latency import interleaved_latency
+from graphopt.search.baselines import ort_quantized
 from graphopt.report import table, write_json
 from graphopt.targets import TARGETS
 from graphopt.tools.bench_prune import ROUND_TO, prune_to_macs
@@ -109,45 +109,6 @@ def torch_runner(module):
         with torch.no_grad():
             return module(*inputs)
     return run
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over a list of batches (a tensor or a tuple of tensors each)."""
-
-    def __init__(self, names: list[str], batches):
-        self.items = iter([{n: t.numpy() for n, t in zip(names, b if isinstance(b, tuple) else (b,))}
-                           for b in batches])
-
-    def get_next(self):
-        return next(self.items, None)
-
-
-def ort_quantized(fp32_path: str, folder: str, batches, pre_process: bool, reduce_range: bool = False) -> str:
-    """onnxruntime's ``quantize_static``: plainly (QDQ, per-channel), or after ``quant_pre_process``
-    (QOperator, U8 activations, S8 per-channel weights), then optionally with ``reduce_range``
-    (7-bit weights, onnxruntime's setting for CPUs without VNNI)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    names = [i.name for i in onnx.load(fp32_path, load_external_data=False).graph.input]
-    source = fp32_path
-    out = os.path.join(folder, ("ort_pre" if pre_process else "ort_plain") + ("_rr" if reduce_range else "")
-                       + ".int8.onnx")
-    with contextlib.chdir(folder):   # onnxruntime's tools leave scratch files in the working directory
-        if pre_process:
-            source = os.path.join(folder, "pre.onnx")
-            if not os.path.exists(source):   # one pre-processed model for both pre_process recipes
-                try:
-                    quant_pre_process(fp32_path, source)
-                except Exception:   # symbolic shape inference fails on some exports (BERT): ORT's documented way out
-                    quant_pre_process(fp32_path, source, skip_symbolic_shape=True)
-            quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QOperator,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=reduce_range)
-        else:
-            quantize_static(source, out, _Reader(names, batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=reduce_range)
-    return out
 
 
 def torch_ao_fx(model, x, batches):

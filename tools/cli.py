@@ -1,7 +1,9 @@
-"""The ``graphopt`` command line: run a pipeline file, inspect a model, list passes.
+"""The ``graphopt`` command line: compress a model for a goal, run a pipeline file, inspect a model,
+list passes.
 
 Errors graphopt raises on purpose are printed as one line naming the problem (exit 2);
-a pass that fails mid-pipeline prints the report so far and the failing pass (exit 1).
+a pass that fails mid-pipeline prints the report so far and the failing pass (exit 1); a search
+that finds no candidate within the goal still writes its report and exits 3.
 """
 from __future__ import annotations
 
@@ -110,6 +112,18 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_compress(args) -> int:
+    from graphopt.search.spec import load_spec
+
+    spec = load_spec(args.spec, out_dir=args.out)
+    overrides = {k: v for k, v in (("max_minutes", args.max_minutes), ("max_trials", args.max_trials),
+                                   ("objective", args.objective), ("max_drop", args.max_drop)) if v is not None}
+    result = spec.run(progress=not args.quiet, resume=not args.fresh, **overrides)
+    print()
+    print(result.summary())
+    return 0 if result.chosen is not None else 3
+
+
 def _cmd_passes(args) -> int:
     print(table(["pass", "contract", "requires", "ensures", "description"],
                 [(name, cls.contract.value, ",".join(sorted(cls.requires)) or "-",
@@ -140,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--importance", default="l2", help="with --prune-plan: l1, l2, bn_scale, fpgm")
     inspect.add_argument("--round-to", type=int, default=1, help="with --prune-plan: keep multiples of this")
     inspect.set_defaults(fn=_cmd_inspect)
+    compress = sub.add_parser("compress", help="search pass pipelines for a goal (max drop; latency, size or "
+                                                   "MACs) and write the chosen artifact, plots and a report")
+    compress.add_argument("spec", help="compress spec (.toml): [model], [data], [evaluate], [goal], [output]")
+    compress.add_argument("--out", help="output directory (overrides [output] dir)")
+    compress.add_argument("--max-minutes", type=float, help="time budget (overrides [goal])")
+    compress.add_argument("--max-trials", type=int, help="trial budget (overrides [goal])")
+    compress.add_argument("--objective", help="latency, size or macs (overrides [goal])")
+    compress.add_argument("--max-drop", type=float, help="allowed metric drop (overrides [goal])")
+    compress.add_argument("--fresh", action="store_true", help="start the study again instead of resuming it")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.set_defaults(fn=_cmd_compress)
     passes = sub.add_parser("passes", help="list registered passes and backends")
     passes.set_defaults(fn=_cmd_passes)
     return parser

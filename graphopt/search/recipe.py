@@ -1,0 +1,106 @@
+"""A candidate compression: which passes, with which knobs, lowered by which backend.
+
+A Recipe is plain data (what a trial of the search samples, what the cache keys on, what the
+report prints); ``passes()`` turns it into registered passes by name, so the search never
+imports a pass module and a user's own registered passes could stand in.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from graphopt.pass_base import Pass, get_pass
+
+from graphopt.search.goal import Goal
+
+
+@dataclass(frozen=True)
+class Recipe:
+    prune: float = 0.0            # share of the MACs structured pruning removes (0: none)
+    scope: str = "global"         # how pruning spreads over channel groups: global | uniform
+    protect: int = 0              # the k most pruning-sensitive layers keep every channel
+    low_rank: float = 0.0         # energy kept by low-rank splitting (0: none)
+    finetune: float = 0.0         # epochs of distillation from the original after structural steps
+    sparsity: float = 0.0         # unstructured magnitude sparsity (size goals)
+    share_bits: int = 0           # weight sharing: 2**bits shared values per layer (0: none)
+    quant: str = "fp32"           # fp32 | int8 (weights and activations) | int8-weights (size goals)
+    sensitive_float: int = 0      # with int8: the k most quantization-sensitive layers stay float
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def label(self) -> str:
+        """Short, human: 'prune 40% + distill 1 ep + int8 (2 float)'."""
+        parts = []
+        if self.prune:
+            parts.append(f"prune {self.prune:.0%}" + (f" {self.scope}" if self.scope != "global" else "")
+                         + (f" (protect {self.protect})" if self.protect else ""))
+        if self.low_rank:
+            parts.append(f"low-rank {self.low_rank:.2f}")
+        if self.finetune and (self.prune or self.low_rank):
+            parts.append(f"distill {self.finetune:g} ep")
+        if self.sparsity:
+            parts.append(f"sparsity {self.sparsity:.0%}")
+        if self.share_bits:
+            parts.append(f"share {self.share_bits}-bit")
+        if self.quant == "int8":
+            parts.append("int8" + (f" ({self.sensitive_float} float)" if self.sensitive_float else ""))
+        elif self.quant == "int8-weights":
+            parts.append("int8 weights")
+        return " + ".join(parts) or "original"
+
+    def passes(self, protected_layers: list[str], finetune_batches: int | None, progress: bool = False) -> list[Pass]:
+        """The pipeline after BatchNorm folding: structural steps, recovery, weight coding, int8."""
+        steps: list[Pass] = []
+        structural = bool(self.prune or self.low_rank)
+        if self.prune:
+            steps.append(get_pass("prune_channels")(target_macs=round(1 - self.prune, 4), scope=self.scope,
+                                                    protected=protected_layers[:self.protect]))
+        if self.low_rank:
+            steps.append(get_pass("split_low_rank")(energy=self.low_rank, progress=progress))
+        if structural and self.finetune:
+            steps.append(get_pass("distill")(epochs=self.finetune, max_batches=finetune_batches, progress=progress))
+        tune = {"finetune_epochs": self.finetune, "max_batches": finetune_batches} if self.finetune else {}
+        if self.sparsity:
+            steps.append(get_pass("prune_magnitude")(sparsity=self.sparsity, **tune))
+        if self.share_bits:
+            steps.append(get_pass("share_weights")(bits=self.share_bits, **tune))
+        if self.quant == "int8":
+            steps.append(get_pass("insert_qdq")(sensitive_float=self.sensitive_float, progress=progress))
+            steps.append(get_pass("fold_qdq")())
+        elif self.quant == "int8-weights":
+            steps.append(get_pass("quantize_weights")(bits=8))
+        return steps
+
+    def backend(self, goal: Goal) -> str:
+        """The artifact the objective is measured on."""
+        if goal.objective == "size":
+            return "packed"
+        if goal.objective == "latency" and goal.runtime == "torch":
+            return "torchscript_int8" if self.quant == "int8" else "torchscript"
+        return "onnx_int8" if self.quant == "int8" else "onnx"
+
+
+@dataclass(frozen=True)
+class Space:
+    """The ranges a search samples from; narrowed by the sensitivity stage."""
+    max_prune: float = 0.7
+    scopes: tuple[str, ...] = ("global", "uniform")
+    max_protect: int = 3
+    low_rank: tuple[float, ...] = (0.0, 0.98, 0.95, 0.9)
+    finetune: tuple[float, ...] = (0.0,)
+    sparsity: tuple[float, ...] = (0.0,)
+    share_bits: tuple[int, ...] = (0,)
+    quant: tuple[str, ...] = ("fp32", "int8")
+    max_sensitive_float: int = 3
+    notes: list[str] = field(default_factory=list, compare=False)
+
+    @staticmethod
+    def for_goal(goal: Goal, has_train_data: bool) -> "Space":
+        finetune = (0.0, 1.0, 2.0) if has_train_data else (0.0,)
+        if goal.objective == "size":
+            return Space(finetune=finetune, sparsity=(0.0, 0.5, 0.7, 0.85), share_bits=(0, 6, 5, 4),
+                         quant=("fp32", "int8-weights"), max_sensitive_float=0)
+        if goal.objective == "macs":
+            return Space(finetune=finetune, quant=("fp32",), max_sensitive_float=0)
+        return Space(finetune=finetune)

@@ -1,0 +1,85 @@
+"""The cheap first stage of the search: how much each layer minds being pruned or quantized, and
+how far uniform pruning can go before fine-tuning, measured in seconds on the held batch and a
+few evaluations, so the costly trials only sample ranges that can pay off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from graphopt.channels import OUT, channel_groups
+from graphopt.errors import GraphoptError
+from graphopt.ir import Graph
+from graphopt.pass_base import PassContext, get_pass
+from graphopt.pass_manager import PassManager
+from graphopt.verify import compare_outputs
+
+SWEEP = (0.2, 0.4, 0.6, 0.8)     # shares of the MACs removed, before any fine-tuning
+GROUP_RATIO = 0.5                 # each group alone loses this share of its channels
+MAX_GROUPS = 80                   # beyond this, the groups with the most MACs are measured
+
+
+@dataclass
+class Sensitivity:
+    prune_layers: dict[str, float] = field(default_factory=dict)   # layer -> output error, half its channels cut
+    quant_layers: dict[str, float] = field(default_factory=dict)   # layer -> output error, quantized alone
+    sweep: dict[float, float] = field(default_factory=dict)        # share of MACs pruned -> metric, no fine-tune
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def protected_order(self) -> list[str]:
+        return sorted(self.prune_layers, key=self.prune_layers.get, reverse=True)
+
+    def max_prune(self, original: float, allowed: float, finetune: bool, ceiling: float) -> float:
+        """The largest swept share whose drop before fine-tuning stays within reach: 10x the
+        allowed drop when distillation can recover, 2x otherwise; the first grid point at least."""
+        reach = allowed * (10 if finetune else 2)
+        ok = [r for r, m in sorted(self.sweep.items()) if original - m <= reach]
+        best = max(ok, default=min(self.sweep, default=ceiling))
+        nxt = [r for r in sorted(self.sweep) if r > best]
+        return min(ceiling, (best + nxt[0]) / 2 if nxt else best)   # halfway to the first miss
+
+    def to_dict(self) -> dict:
+        return {"prune_layers": self.prune_layers, "quant_layers": self.quant_layers,
+                "sweep": {str(k): v for k, v in self.sweep.items()}, "notes": self.notes,
+                "seconds": round(self.seconds, 2)}
+
+
+def prune_layer_sensitivity(base: Graph) -> dict[str, float]:
+    """Output error (relative, on the held batch) with one channel group cut by half, named by its
+    producing layer; groups that cannot be pruned alone are left out."""
+    cost = base.analysis("cost")
+    layer_macs = {n.target: cost.nodes[n.name].macs for n in base.nodes if n.op == "call_module"}
+    groups = [g for g in channel_groups(base).prunable if g.targets(OUT)]
+    groups.sort(key=lambda g: -sum(layer_macs.get(t, 0) for t in g.targets(OUT)))
+    reference = base.run()
+    errors: dict[str, float] = {}
+    for group in groups[:MAX_GROUPS]:
+        layer = group.targets(OUT)[0]
+        step = get_pass("prune_channels")(ratio=0.0, layers={layer: GROUP_RATIO})
+        try:
+            graph = PassManager([step], verify=False).run(base).graph
+        except GraphoptError:
+            continue
+        errors[layer] = compare_outputs(reference, graph.run())[1]
+    return errors
+
+
+def quant_layer_sensitivity(base: Graph, data: dict) -> dict[str, float]:
+    """insert_qdq's own per-layer analysis (each layer quantized alone, output error)."""
+    step = get_pass("insert_qdq")(sensitive_float=1, progress=False, bound=float("inf"))
+    result = PassManager([step], context=PassContext(dict(data)), verify=False).run(base)
+    return dict(result.records[-1].stats.get("sensitivity", {}))
+
+
+def prune_sweep(base: Graph, metric: Callable[[Graph], float]) -> dict[float, float]:
+    """The metric at each swept pruning share, without fine-tuning (global importance)."""
+    out = {}
+    for share in SWEEP:
+        step = get_pass("prune_channels")(target_macs=round(1 - share, 4), scope="global")
+        try:
+            graph = PassManager([step], verify=False).run(base).graph
+        except GraphoptError:
+            break   # the budget cannot be reached: larger shares cannot either
+        out[share] = metric(graph)
+    return out

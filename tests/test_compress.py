@@ -1,0 +1,158 @@
+"""graphopt.compress: the search answers the goal it was given, on the bundled digits CNN with its
+real held-out data, and says clearly when it cannot."""
+import json
+import os
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends import packed
+from graphopt.errors import ConfigError, EvaluationError
+from graphopt.evaluate import top1_accuracy
+from graphopt.search import Goal, compress
+from graphopt.search.baselines import ORT_RECIPES
+from graphopt.search.frontier import choose, pareto_front
+from graphopt.search.goal import make_goal
+from graphopt.tools import digits
+from graphopt.tools.cli import main
+
+EXAMPLE = os.path.join(os.path.dirname(digits.__file__), "examples", "digits_compress.toml")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _digits(out_dir, **goal):
+    return compress(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8), evaluate="top1",
+                    eval_data=digits.test_batches, data=digits.train_batches,
+                    goal={"max_drop": 1.0, **goal}, out_dir=str(out_dir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def size_run(tmp_path_factory):
+    return _digits(tmp_path_factory.mktemp("size"), objective="size", max_trials=10, max_minutes=3)
+
+
+def test_size_goal_gives_a_smaller_file_within_the_drop(size_run):
+    r = size_run
+    assert r.chosen is not None and r.chosen.feasible
+    assert r.original.metric == pytest.approx(100 * top1_accuracy(digits.trained_digits_cnn(), digits.test_batches()))
+    assert r.original.metric - r.chosen.metric <= 1.0 + 1e-9
+    # the file on disk, reloaded on its own, is what the search measured
+    loaded = packed.load(r.artifact)
+    assert 100 * top1_accuracy(loaded, digits.test_batches()) == pytest.approx(r.chosen.metric)
+    assert os.path.getsize(r.artifact) == r.chosen.size_bytes
+    assert r.fp32_file_bytes / r.chosen.size_bytes >= 5     # 13x measured; structure overhead dominates here
+    # the choice is the cheapest feasible candidate, and no complete candidate dominates it
+    feasible = [t for t in r.trials if t.feasible]
+    assert r.chosen.size_bytes == min(t.size_bytes for t in feasible)
+    assert r.chosen in r.front
+
+
+def test_report_plots_and_json_describe_the_run(size_run):
+    r = size_run
+    text = open(r.report).read()
+    assert f"trial {r.chosen.number}" in text and r.chosen.recipe.label() in text
+    for step in r.chosen.steps:
+        assert step["name"] in text
+    for path in r.plots.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG
+    data = json.load(open(os.path.join(r.out_dir, "compress.json")))
+    assert data["chosen"]["number"] == r.chosen.number
+    assert len(data["trials"]) == len(r.trials)
+    assert data["chosen_factors"]["smaller"] == pytest.approx(r.fp32_file_bytes / r.chosen.size_bytes)
+
+
+def test_a_resumed_study_builds_nothing_again(size_run):
+    again = _digits(size_run.out_dir, objective="size", max_trials=10, max_minutes=3)
+    assert [t.recipe for t in again.trials] == [t.recipe for t in size_run.trials]
+    assert again.chosen.number == size_run.chosen.number
+    assert again.chosen.size_bytes == size_run.chosen.size_bytes
+
+
+def test_latency_goal_times_peers_and_accuracy_control(tmp_path):
+    r = _digits(tmp_path, objective="latency", batch_size=64, max_trials=4, max_minutes=3)
+    assert [b.name for b in r.baselines] == list(ORT_RECIPES)
+    for b in r.baselines:
+        assert 90 <= b.metric <= 100 and b.latency_ms > 0 and os.path.isfile(b.artifact)
+    assert r.accuracy_control is not None and r.accuracy_control.recipe.quant == "int8"
+    assert r.chosen is not None and r.chosen.feasible
+    assert {"original", f"trial {r.chosen.number}"} <= set(r.latency)   # timed side by side at the end
+    assert r.artifact.endswith(".onnx") and os.path.isfile(r.artifact)
+
+
+def test_stopped_early_it_still_answers(tmp_path):
+    r = _digits(tmp_path, objective="size", max_trials=50, max_minutes=0.01)
+    assert r.stopped_by == "max_minutes"
+    assert 1 <= len(r.trials) < 50
+    assert r.chosen is not None
+
+
+def test_an_unreachable_goal_reports_the_shortfall(tmp_path):
+    # cosine similarity to the original cannot stay at exactly 100 once anything is compressed
+    r = compress(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8), evaluate="cosine",
+                 eval_data=digits.test_batches, data=digits.train_batches,
+                 goal={"max_drop": 0.0, "objective": "size", "max_trials": 3}, out_dir=str(tmp_path), progress=False)
+    assert r.chosen is None and r.artifact is None
+    best = min(t.drop for t in r.trials if t.drop is not None)
+    assert best > 0
+    assert "No candidate met the constraint" in open(r.report).read()
+    assert f"{best:.3g}" in r.summary()
+
+
+def test_evaluate_failures_name_the_trial(tmp_path):
+    calls = []
+
+    def flaky(run):
+        calls.append(1)
+        if len(calls) > 5:   # the original and the four points of the pruning sweep pass
+            raise RuntimeError("metric server down")
+        return 50.0
+
+    with pytest.raises(EvaluationError, match=r"evaluate failed on trial 0 .*metric server down"):
+        compress(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8), evaluate=flaky, data=digits.train_batches,
+                 goal={"objective": "size", "max_trials": 2}, out_dir=str(tmp_path), progress=False)
+    with pytest.raises(EvaluationError, match="returned 'good' on the original model; it must return a finite number"):
+        compress(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8), evaluate=lambda run: "good",
+                 goal={"objective": "size"}, out_dir=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"runtime": "tensorrt"}, r"runtime: Input should be 'onnxruntime' or 'torch' \(got 'tensorrt'\)"),
+    ({"objective": "speed"}, "objective: Input should be 'latency', 'size' or 'macs'"),
+    ({"max_drop": -1}, "max_drop: Input should be greater than or equal to 0"),
+    ({"max_drop": 1, "max_relative_drop": 0.01}, "not both"),
+    ({"max_trails": 3}, "max_trails: Extra inputs are not permitted"),
+])
+def test_goal_fields_are_checked(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        make_goal(fields)
+
+
+def test_allowed_drop():
+    assert Goal().allowed_drop(90.0) == 1.0
+    assert Goal(max_drop=0.5).allowed_drop(90.0) == 0.5
+    assert Goal(max_relative_drop=0.02).allowed_drop(80.0) == pytest.approx(1.6)
+
+
+def test_pareto_front_and_choice():
+    points = [(90, 5), (91, 7), (89, 4), (91, 6), (85, 9), (92, 10)]   # (metric, cost)
+    front = pareto_front(points, lambda p: p[0], lambda p: p[1])
+    assert front == [(89, 4), (90, 5), (91, 6), (92, 10)]
+    assert choose(points, lambda p: p[0], lambda p: p[1], lambda p: p[0] >= 90.5) == (91, 6)
+    assert choose(points, lambda p: p[0], lambda p: p[1], lambda p: p[0] > 99) is None
+
+
+def test_graphopt_exposes_compress_lazily():
+    assert graphopt.compress is compress and graphopt.Goal is Goal
+
+
+def test_cli_compress_refuses_a_bad_spec(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(open(EXAMPLE).read().replace('objective = "size"', 'objective = "speed"')
+                    .replace('"digits_cnn.pt"', repr(os.path.join(os.path.dirname(EXAMPLE), "digits_cnn.pt"))))
+    assert main(["compress", str(spec)]) == 2
+    assert "[goal]: objective: Input should be 'latency', 'size' or 'macs' (got 'speed')" in capsys.readouterr().err
+    checkpoint = os.path.join(os.path.dirname(EXAMPLE), "digits_cnn.pt")
+    assert main(["compress", EXAMPLE, "--out", checkpoint]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
