@@ -44,3 +44,22 @@ def test_readme_quantization_example_runs(tmp_path, monkeypatch):
     exec(next(b for b in python_blocks() if "onnx_int8" in b), scope)
     assert [r.name for r in scope["result"].records][-2:] == ["bias_correction", "fold_qdq"]
     assert (tmp_path / "model.int8.onnx").exists() and (tmp_path / "model.int8.pt").exists()
+
+
+def test_readme_compress_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(next(b for b in python_blocks() if "graphopt.compress(" in b), scope)
+    result = scope["result"]
+    assert result.chosen is not None and result.original.metric - result.chosen.metric <= 1.0
+    assert (tmp_path / "out" / "compress" / "report.md").exists()
+    assert os.path.isfile(result.artifact) and result.artifact.endswith(".gpk")
+
+
+def test_readme_setup_runs_the_bundled_compress_spec():
+    from graphopt.search.spec import load_spec
+
+    setup = re.search(r"```sh\n(python3 -m venv.*?)\n```", open(README).read()).group(1)
+    spec = re.search(r"graphopt compress (\S+)", setup).group(1)
+    loaded = load_spec(os.path.join(os.path.dirname(README), spec))
+    assert loaded.goal.max_minutes <= 2.5 and loaded.goal.max_drop == 1.0   # the README's promise: < 3 min
