@@ -87,3 +87,36 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: tupl
         if compare_outputs(a, b)[1] > tolerance:
             return node.name
     return None
+
+
+# An exact pass may move float32 rounding (a BatchNorm folded into a conv's weights sums the same
+# products in another order) but not the function: its outputs must be as close to the true
+# (float64) outputs as the graph before it was, within this factor.
+REASSOCIATION_FACTOR = 4.0
+
+
+def float64_outputs(graph, inputs: tuple) -> Any | None:
+    """The graph's outputs computed in float64 (a copy of its module and floating inputs), or None
+    where it cannot run in float64 (integer kernels, dtype-pinned ops)."""
+    import copy
+
+    try:
+        gm = copy.deepcopy(graph.gm).double()
+        wide = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+        with torch.no_grad():
+            return gm(*wide)
+    except Exception:
+        return None
+
+
+def within_reassociation(before, after, inputs: tuple, tolerance: float) -> tuple[bool, float, float]:
+    """Whether ``after`` is as exact as ``before``: (ok, error of after vs before in float64, error of
+    before's float32 run vs its own float64 run). ``ok`` when the first is <= ``tolerance`` or <=
+    REASSOCIATION_FACTOR x the second (the rounding the graph had anyway)."""
+    truth = float64_outputs(before, inputs)
+    if truth is None:
+        return False, math.inf, math.inf
+    with torch.no_grad():
+        moved = compare_outputs(truth, after.run(*inputs))[1]
+        floor = compare_outputs(truth, before.run(*inputs))[1]
+    return moved <= max(tolerance, REASSOCIATION_FACTOR * floor), moved, floor

@@ -1,4 +1,5 @@
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -234,3 +235,50 @@ def test_python_callers_get_the_same_option_checks_as_pipeline_files():
     with pytest.raises(graphopt.ConfigError, match="pass 'insert_qdq': unknown option 'observr'; valid options: "):
         InsertQDQ(observr="mse")
     assert FoldQDQ(bound=1).bound == 1
+
+
+class _OffsetThenNorm(torch.nn.Module):
+    """A conv whose large bias the BatchNorm subtracts again (running_mean 2000, tiny variance):
+    float32 loses ~1e-4 of the output to that cancellation before any pass runs, as deep nets with
+    real weights lose ~1e-5."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), \
+            torch.nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.conv.bias.fill_(2000.0)
+            self.bn.running_mean.fill_(2000.0)
+            self.bn.running_var.fill_(0.01)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+class _ScaleHead(Pass):
+    name = "scale_head"
+    contract = Contract.EXACT
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def run(self, graph, ctx):
+        with torch.no_grad():
+            graph.gm.get_submodule("head").weight.mul_(self.factor)
+        return PassResult(graph, changed=True)
+
+
+def test_exactness_allows_float32_rounding_the_graph_already_had_and_nothing_more():
+    graph = graphopt.trace(_OffsetThenNorm().eval(), torch.randn(4, 3, 16, 16))
+    result = PassManager([FoldBatchNorm()]).run(graph)
+    check = result.records[1].stats["exact_vs_float64"]
+    assert check["float32_rounding_before"] > 1e-5          # the old rule (1e-5 vs the float32 run) refused this fold
+    assert result.records[1].max_error > 1e-5
+    assert check["error"] < check["float32_rounding_before"]  # folded, it is closer to the float64 truth
+    # a pass that changes the function is still refused, here and on a well-conditioned graph
+    with pytest.raises(PassFailed, match="broke its exact contract"):
+        PassManager([FoldBatchNorm(), _ScaleHead(1.001)]).run(graph)
+    plain = graphopt.trace(torch.nn.Sequential(OrderedDict(head=torch.nn.Conv2d(3, 4, 3))).eval(),
+                           torch.randn(2, 3, 8, 8))
+    with pytest.raises(PassFailed, match="broke its exact contract"):
+        PassManager([_ScaleHead(1 + 3e-5)]).run(plain)
