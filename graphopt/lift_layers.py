@@ -6,7 +6,8 @@ matches layers as modules, so both capture paths are brought to one IR here: eac
 ``linear``/``conv2d``/``layer_norm``/``embedding`` whose weight (and bias) are parameters read
 by that call alone becomes a call to an ``nn.Linear``/``nn.Conv2d``/``nn.LayerNorm``/
 ``nn.Embedding`` that holds the very same Parameter objects, at the module path the weight
-came from. Eval-mode dropout (``train=False``) is an identity and is removed.
+came from. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
+``_assert_tensor_metadata`` checks (nothing uses their result).
 """
 from __future__ import annotations
 
@@ -98,6 +99,19 @@ def _drop_eval_dropout(gm: fx.GraphModule) -> int:
     return dropped
 
 
+def _drop_metadata_asserts(gm: fx.GraphModule) -> int:
+    """torch.export records a ``.to(dtype)`` as a cast plus ``aten._assert_tensor_metadata``, a
+    check on a traced value's dtype that returns nothing; it holds by construction in the captured
+    graph, and left in, it is an op of unknown kind on every channel it touches."""
+    target = getattr(aten, "_assert_tensor_metadata", None)
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if target is not None and node.op == "call_function" and node.target is target.default and not node.users:
+            gm.graph.erase_node(node)
+            dropped += 1
+    return dropped
+
+
 def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
     """Rewrite ``gm`` in place; returns how many of each op became a module."""
     lifted: dict[str, int] = {}
@@ -137,6 +151,9 @@ def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
     dropped = _drop_eval_dropout(gm)
     if dropped:
         lifted["dropout_removed"] = dropped
+    asserts = _drop_metadata_asserts(gm)
+    if asserts:
+        lifted["metadata_asserts_removed"] = asserts
     if lifted:
         gm.graph.lint()
         gm.recompile()

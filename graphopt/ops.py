@@ -105,6 +105,8 @@ _FUNCTION_KINDS: dict[Callable, OpKind] = {
 _METHOD_KINDS: dict[str, OpKind] = {
     **{m: OpKind.ELEMENTWISE for m in ("add", "add_", "sub", "mul", "mul_", "div", "neg", "abs",
                                          "exp", "sqrt", "rsqrt", "pow", "clamp", "masked_fill")},
+    # dtype/device casts: the same values per channel in another type
+    **{m: OpKind.ELEMENTWISE for m in ("to", "float", "half", "double", "bfloat16")},
     **{m: OpKind.ACTIVATION for m in ("relu", "relu_", "sigmoid", "tanh", "sigmoid_")},
     **{m: OpKind.RESHAPE for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "expand",
                                      "contiguous", "unflatten")},
@@ -139,6 +141,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "softmax": OpKind.SOFTMAX, "_softmax": OpKind.SOFTMAX,
     "scaled_dot_product_attention": OpKind.ATTENTION,
     "embedding": OpKind.EMBEDDING, "dropout": OpKind.IDENTITY, "clone": OpKind.IDENTITY,
+    "_to_copy": OpKind.ELEMENTWISE, "to": OpKind.ELEMENTWISE,
 }
 
 

@@ -10,7 +10,7 @@ columns zeroed) as its reference, and promises exact equality with it.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,23 @@ from graphopt.slicing import apply_cuts, resize_group_norm, split_sizes
 
 class NothingToPrune(GraphoptError):
     """Every channel group of the model is blocked (the reasons are in the message)."""
+
+
+def blocking_summary(groups, top: int = 5) -> str:
+    """The reasons groups are blocked, most frequent first, with how many groups each blocks and
+    an example node: 'cummax (unknown) is not understood ... (3 groups, e.g. at cummax_2)'."""
+    counts: Counter = Counter()
+    example: dict[str, str] = {}
+    for group in groups:
+        for reason in dict.fromkeys(group.blocked):
+            node, sep, what = reason.partition(": ")
+            what = what if sep and " " not in node else reason
+            counts[what] += 1
+            example.setdefault(what, node if sep and " " not in node else "")
+    parts = [f"{what} ({n} group{'s' if n > 1 else ''}{f', e.g. at {example[what]}' if example[what] else ''})"
+             for what, n in counts.most_common(top)]
+    more = len(counts) - top
+    return "blocking: " + "; ".join(parts) + (f"; and {more} other reason{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 @dataclass
@@ -110,9 +127,8 @@ class PruneChannels(Pass):
             raise NothingToPrune("nothing prunable: the model has no conv, linear or embedding layer "
                                  "called as a module")
         if not plan.prunable:
-            reasons = sorted({r for g in plan.blocked for r in g.blocked})
-            raise NothingToPrune(f"nothing prunable: all {len(plan.groups)} channel groups are blocked "
-                                 f"({'; '.join(reasons[:5])}{'; ...' if len(reasons) > 5 else ''})")
+            raise NothingToPrune(f"nothing prunable: all {len(plan.groups)} channel groups are blocked; "
+                                 f"{blocking_summary(plan.blocked)}")
         if self.importance.needs_data:
             data = (ctx.data if ctx else {}).get("train_data")
             if data is None:

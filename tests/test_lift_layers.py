@@ -100,3 +100,39 @@ def test_low_rank_splits_layers_of_an_exported_graph():
     assert split.modules()["fc"][0].out_features == 4
     other = torch.randint(0, 50, (4, 9))
     assert split.gm(other).shape == (4, 9, 24)
+
+
+class CastingMLP(nn.Module):
+    """Casts between dtypes, as GPT-2-style code does (torch.export adds an
+    ``_assert_tensor_metadata`` check per cast), with a branch on a size so torch.export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 1.0
+        h = torch.relu(self.a(x)).to(torch.float64)
+        return self.c(torch.relu(self.b(h.to(torch.float32))))
+
+
+class CastingMLPNoBranch(CastingMLP):
+    """The same casts without the branch: torch.fx captures it (``.to`` as a method call)."""
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)).to(torch.float64).to(torch.float32))))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_dtype_casts_do_not_block_pruning(export):
+    model = (CastingMLP() if export else CastingMLPNoBranch()).eval()
+    x = torch.randn(2, 8)
+    g = graphopt.trace(model, (x,))
+    assert g.captured_by == ("torch.export" if export else "torch.fx")
+    assert not any("assert_tensor_metadata" in str(n.target) for n in g.nodes)
+    result = PassManager([graphopt.get_pass("prune_channels")(ratio=0.5)]).run(g)
+    stats = result.records[-1].stats
+    assert stats["blocked"] == 1 and stats["prunable"] == 2      # a and b; c reaches the output
+    assert stats["channels_removed"] == 16
+    assert result.graph.run(x).shape == (2, 4)
