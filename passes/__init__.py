@@ -10,10 +10,11 @@ from graphopt.passes.insert_qdq import InsertQDQ
 from graphopt.passes.split_low_rank import SplitLowRank
 from graphopt.passes.prune_magnitude import PruneMagnitude
 from graphopt.passes.prune_channels import PruneChannels
+from graphopt.passes.qat import QAT
 from graphopt.passes.quantize_weights import QuantizeWeights
 from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.share_weights import ShareWeights
 
 __all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
            "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank", "InsertQDQ",
-           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection"]
+           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection", "QAT"]

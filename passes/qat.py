@@ -1,0 +1,103 @@
+"""Quantization-aware training: fine-tune the simulated-int8 graph ``insert_qdq`` made.
+
+Fake-quant ops pass gradients straight through inside their range (torch's own STE), so the
+float weights learn to sit where int8 rounding hurts least; by default against the float model
+the pipeline started from (distillation), which is what recovers PTQ's loss without labels.
+BatchNorm is folded before ``insert_qdq``, so there is nothing to freeze. ``learn_scales`` also
+trains the per-channel weight scales (LSQ: the gradient of each scale scaled by
+1/sqrt(weights per channel x qmax)); activation ranges stay as calibrated. The graph keeps its
+structure, so ``fold_qdq`` and the int8 backends (with their parity checks) follow unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from graphopt.distill import DistillConfig, distill
+from graphopt.errors import ConfigError
+from graphopt.ir import Graph
+from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
+from graphopt.quant import is_weight_fq
+
+
+def lsq_per_channel(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int,
+                    qmax: int) -> torch.Tensor:
+    """torch.fake_quantize_per_channel_affine's values (symmetric: zero points are 0), with
+    gradients for ``scale`` as LSQ defines them and straight-through ones for ``w``."""
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    per_channel = w.numel() // max(w.shape[axis], 1)
+    g = 1.0 / math.sqrt(per_channel * qmax)
+    s = scale.reshape(shape)
+    s = s * g + (s - s * g).detach()              # the value of s, its gradient scaled by g
+    x = w / s
+    q = torch.clamp(x + (x.round() - x).detach(), qmin, qmax)
+    return q * s
+
+
+class _LearnableScales:
+    """While active, weight scales are Parameters and their fake-quant nodes call lsq_per_channel."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes = [n for n in graph.nodes if is_weight_fq(n) and n.args[1].op == "get_attr"]
+
+    def __enter__(self):
+        for node in self.nodes:
+            owner, leaf = self._owner(node.args[1].target)
+            scale = owner._buffers.pop(leaf)
+            owner.register_parameter(leaf, nn.Parameter(scale.detach().clone()))
+            node.target = lsq_per_channel
+        self.graph.gm.recompile()
+        return self
+
+    def __exit__(self, *exc):
+        for node in self.nodes:
+            owner, leaf = self._owner(node.args[1].target)
+            learned = owner._parameters.pop(leaf).detach().clamp_min(1e-12)
+            owner.register_buffer(leaf, learned)
+            node.target = torch.fake_quantize_per_channel_affine
+        self.graph.gm.recompile()
+        return False
+
+    def _owner(self, target: str) -> tuple[nn.Module, str]:
+        path, _, leaf = target.rpartition(".")
+        return (self.graph.gm.get_submodule(path) if path else self.graph.gm), leaf
+
+
+@register_pass("qat")
+class QAT(Pass):
+    """Fine-tune the simulated-int8 graph (after insert_qdq) by distillation from the float model."""
+
+    contract = Contract.NONE
+    requires = frozenset({"train_data"})
+    invalidates = frozenset()  # weights (and scales) change, structure does not
+
+    def __init__(self, epochs: float = 1.0, lr: float = 1e-4, temperature: float = 4.0, alpha: float = 0.7,
+                 max_batches: int | None = None, learn_scales: bool = False, progress: bool = True,
+                 schedule: str = "cosine"):
+        if not isinstance(learn_scales, bool):
+            raise ConfigError(f"pass 'qat': learn_scales must be true or false, got {learn_scales!r}")
+        self.config = DistillConfig(epochs=float(epochs), lr=lr, temperature=temperature, alpha=alpha,
+                                    max_batches=max_batches, schedule=schedule)
+        self.config.check()
+        self.learn_scales, self.progress = learn_scales, progress
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if not any(is_weight_fq(n) for n in graph.nodes):
+            raise ConfigError("pass 'qat': the graph has no fake-quantized weights; run insert_qdq before qat")
+        teacher = ctx.data.get("teacher") or ctx.data["input_graph"]
+        before = {n.args[1].target: graph.attr(n.args[1].target).clone() for n in graph.nodes
+                  if is_weight_fq(n) and n.args[1].op == "get_attr"}
+        if self.learn_scales:
+            with _LearnableScales(graph):
+                stats = distill(graph, teacher, ctx.data["train_data"], self.config, progress=self.progress)
+        else:
+            stats = distill(graph, teacher, ctx.data["train_data"], self.config, progress=self.progress)
+        moved = max((float((graph.attr(k) / v - 1).abs().max()) for k, v in before.items()), default=0.0)
+        stats = {k: round(v, 4) for k, v in stats.items()}
+        stats["learn_scales"] = self.learn_scales
+        stats["max_scale_change"] = round(moved, 4)
+        return PassResult(graph, changed=True, stats=stats)
