@@ -258,8 +258,9 @@ class _Search:
                                       else s.quant[0])   # shared weights are already coded
         floats = (trial.suggest_int("sensitive_float", 0, s.max_sensitive_float)
                   if quant == "int8" and s.max_sensitive_float else 0)
+        qat = trial.suggest_categorical("qat", list(s.qat)) if quant == "int8" and len(s.qat) > 1 else 0.0
         return Recipe(prune=round(prune, 4), scope=scope, protect=protect, low_rank=low_rank, finetune=finetune,
-                      sparsity=sparsity, share_bits=share, quant=quant, sensitive_float=floats)
+                      sparsity=sparsity, share_bits=share, quant=quant, sensitive_float=floats, qat=qat)
 
     def step(self, params: dict | None = None) -> Trial:
         """Build one candidate (``params`` fixes its knobs) and tell the study what it measured."""
@@ -444,6 +445,8 @@ def _params(space: Space, recipe: Recipe) -> dict:
         params["quant"] = recipe.quant
     if recipe.quant == "int8" and space.max_sensitive_float:
         params["sensitive_float"] = recipe.sensitive_float
+    if recipe.quant == "int8" and len(space.qat) > 1:
+        params["qat"] = recipe.qat
     return params
 
 

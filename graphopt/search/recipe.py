@@ -25,6 +25,7 @@ class Recipe:
     share_bits: int = 0           # weight sharing: 2**bits shared values per layer (0: none)
     quant: str = "fp32"           # fp32 | int8 (weights and activations) | int8-weights (size goals)
     sensitive_float: int = 0      # with int8: the k most quantization-sensitive layers stay float
+    qat: float = 0.0              # with int8: epochs of quantization-aware training (0: post-training only)
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -44,7 +45,8 @@ class Recipe:
         if self.share_bits:
             parts.append(f"share {self.share_bits}-bit")
         if self.quant == "int8":
-            parts.append("int8" + (f" ({self.sensitive_float} float)" if self.sensitive_float else ""))
+            parts.append("int8" + (f" ({self.sensitive_float} float)" if self.sensitive_float else "")
+                         + (f" + QAT {self.qat:g} ep" if self.qat else ""))
         elif self.quant == "int8-weights":
             parts.append("int8 weights")
         return " + ".join(parts) or "original"
@@ -67,6 +69,8 @@ class Recipe:
             steps.append(get_pass("share_weights")(bits=self.share_bits, **tune))
         if self.quant == "int8":
             steps.append(get_pass("insert_qdq")(sensitive_float=self.sensitive_float, progress=progress))
+            if self.qat:
+                steps.append(get_pass("qat")(epochs=self.qat, max_batches=finetune_batches, progress=progress))
             steps.append(get_pass("fold_qdq")())
         elif self.quant == "int8-weights":
             steps.append(get_pass("quantize_weights")(bits=8))
@@ -93,6 +97,7 @@ class Space:
     share_bits: tuple[int, ...] = (0,)
     quant: tuple[str, ...] = ("fp32", "int8")
     max_sensitive_float: int = 3
+    qat: tuple[float, ...] = (0.0,)
     notes: list[str] = field(default_factory=list, compare=False)
 
     @staticmethod
@@ -103,4 +108,4 @@ class Space:
                          quant=("fp32", "int8-weights"), max_sensitive_float=0)
         if goal.objective == "macs":
             return Space(finetune=finetune, quant=("fp32",), max_sensitive_float=0)
-        return Space(finetune=finetune)
+        return Space(finetune=finetune, qat=(0.0, 1.0) if has_train_data else (0.0,))
