@@ -202,25 +202,31 @@ def data_factory(key: str, spec: Any) -> Callable:
     return resolve_callable(spec, where)
 
 
-def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
-    """Parse and fully check a pipeline file."""
-    path = os.fspath(path)
+def read_config(path: str, what: str, sections: set[str]) -> tuple[dict, Callable[[str], str], ModelSpec]:
+    """A TOML file with a [model] table (pipeline or compress spec): its tables, a function making
+    paths relative to the file, and the checked model."""
     if not os.path.isfile(path):
-        raise ConfigError(f"pipeline file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
 
     def local(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(base, p)
 
-    check_keys(path, raw, SECTIONS)
+    check_keys(path, raw, sections)
     if "model" not in raw:
         raise ConfigError(f"{path}: missing [model] table")
-    model = parse_model(check_keys("[model]", raw["model"], MODEL_KEYS), local)
+    return raw, local, parse_model(check_keys("[model]", raw["model"], MODEL_KEYS), local)
+
+
+def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
+    """Parse and fully check a pipeline file."""
+    path = os.fspath(path)
+    raw, local, model = read_config(path, "pipeline file", SECTIONS)
 
     passes = []
     for i, entry in enumerate(_typed("passes", raw.get("passes", []), list, "an array of tables ([[passes]])")):

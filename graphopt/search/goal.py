@@ -66,10 +66,16 @@ def make_goal(goal: "Goal | dict | None", where: str = "goal") -> Goal:
         return goal
     if goal is None:
         return Goal()
-    if not isinstance(goal, dict):
-        raise ConfigError(f"{where} must be a Goal or a table of its fields, got {type(goal).__name__}")
+    return validated(Goal, goal, where)
+
+
+def validated(model: type[BaseModel], table: object, where: str) -> BaseModel:
+    """``model`` built from a table of a spec file or keyword arguments; what is wrong is a
+    ConfigError naming ``where`` and the field."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table of {model.__name__}'s fields, got {type(table).__name__}")
     try:
-        return Goal(**goal)
+        return model(**table)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
 

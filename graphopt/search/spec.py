@@ -23,16 +23,15 @@ and where the outputs go, every field checked before the first trial.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from graphopt.errors import ConfigError
-from graphopt.pipeline import MODEL_KEYS, ModelSpec, check_keys, data_factory, parse_model, resolve_callable
+from graphopt.pipeline import ModelSpec, check_keys, data_factory, read_config, resolve_callable
 
-from graphopt.search.goal import Goal, make_goal, pydantic_message
+from graphopt.search.goal import Goal, make_goal, validated
 
 SECTIONS = {"model", "data", "evaluate", "goal", "output"}
 # what a run writes inside its output folder (besides trials/ and baselines/)
@@ -72,34 +71,10 @@ class CompressSpec:
                         finetune_batches=self.finetune_batches, progress=progress)
 
 
-def _typed_table(where: str, table: Any, model: type[BaseModel]) -> BaseModel:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{where}] must be a table, got {type(table).__name__}")
-    try:
-        return model(**table)
-    except ValidationError as exc:
-        raise ConfigError(f"[{where}] {pydantic_message(exc)}") from None
-
-
 def load_spec(path: str | os.PathLike, out_dir: str | None = None) -> CompressSpec:
     """Parse and check a compress spec; relative paths are relative to the file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"compress spec not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    base = os.path.dirname(os.path.abspath(path))
-
-    def local(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(base, p)
-
-    check_keys(path, raw, SECTIONS)
-    if "model" not in raw:
-        raise ConfigError(f"{path}: missing [model] table")
-    model = parse_model(check_keys("[model]", raw["model"], MODEL_KEYS), local)
+    raw, local, model = read_config(path, "compress spec", SECTIONS)
     data = None
     if "data" in raw:
         table = check_keys("[data]", raw["data"], {"batches"})
@@ -107,7 +82,7 @@ def load_spec(path: str | os.PathLike, out_dir: str | None = None) -> CompressSp
             raise ConfigError("[data]: give batches = \"pkg.mod:fn\" (a function returning calibration and "
                               "fine-tuning batches)")
         data = data_factory("batches", table["batches"])
-    evaluate = _typed_table("evaluate", raw.get("evaluate", {}), EvaluateSpec)
+    evaluate = validated(EvaluateSpec, raw.get("evaluate", {}), "[evaluate]")
     if evaluate.function and evaluate.metric:
         raise ConfigError("[evaluate]: give metric or function, not both")
     metric: Callable | str = (resolve_callable(evaluate.function, "evaluate.function") if evaluate.function
@@ -116,7 +91,7 @@ def load_spec(path: str | os.PathLike, out_dir: str | None = None) -> CompressSp
     if isinstance(metric, str) and eval_data is None:
         raise ConfigError(f"[evaluate]: metric {metric!r} needs data = \"pkg.mod:fn\" (the evaluation batches)")
     goal = make_goal(raw.get("goal", {}), "[goal]")
-    output = _typed_table("output", raw.get("output", {}), OutputSpec)
+    output = validated(OutputSpec, raw.get("output", {}), "[output]")
     folder = os.path.abspath(out_dir or local(output.dir))
     _check_out_dir(folder, [path] + ([model.checkpoint] if model.checkpoint else []))
     return CompressSpec(path, model, data, metric, eval_data, goal, folder, output.finetune_batches)
