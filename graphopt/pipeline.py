@@ -41,6 +41,7 @@ from graphopt.errors import ConfigError
 from graphopt.evaluate import top1_accuracy
 from graphopt.ir import Graph
 from graphopt.latency import interleaved_latency
+from graphopt.memory import check_fits, tensor_bytes
 from graphopt.pass_base import Pass, PassContext, get_pass
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.trace import trace
@@ -104,6 +105,24 @@ def _writable(where: str, path: str) -> str:
     return path
 
 
+# dtypes graphopt can make seeded example inputs of (random normal, or integers in [0, 100))
+INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+                torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def input_dtype(name: Any) -> torch.dtype:
+    """The torch dtype ``model.input_dtype`` names; a ConfigError for any other value, naming why."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"model.input_dtype: unknown dtype {name!r} (e.g. float32, int64)")
+    if dtype not in INPUT_DTYPES:
+        kind = "a quantized" if "qint" in str(dtype) else "an unsupported"
+        raise ConfigError(f"model.input_dtype: {dtype} is {kind} dtype for example inputs; give one of "
+                          f"{', '.join(str(d).removeprefix('torch.') for d in INPUT_DTYPES)} (graphopt quantizes "
+                          f"a float model itself: insert_qdq)")
+    return dtype
+
+
 @dataclass
 class ModelSpec:
     torchvision: str | None = None
@@ -114,12 +133,21 @@ class ModelSpec:
     input_shapes: list[list[int]] = field(default_factory=list)
     input_dtype: str = "float32"
 
+    def check_inputs(self, where: str = "model.input_shape") -> torch.dtype:
+        """The input dtype, once the example inputs are known to be makeable and to fit in memory."""
+        dtype = input_dtype(self.input_dtype)
+        total = sum(tensor_bytes(s, dtype) for s in self.input_shapes)
+        shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
+        check_fits(total, f"{where}: example inputs of shape {shapes} ({self.input_dtype})")
+        return dtype
+
     def example_inputs(self) -> tuple:
+        dtype = self.check_inputs()
         generator = torch.Generator().manual_seed(0)
-        dtype = getattr(torch, self.input_dtype)
-        if dtype.is_floating_point:
+        if dtype.is_floating_point or dtype.is_complex:
             return tuple(torch.randn(*s, generator=generator, dtype=dtype) for s in self.input_shapes)
-        return tuple(torch.randint(0, 100, s, generator=generator, dtype=dtype) for s in self.input_shapes)
+        high = 2 if dtype == torch.bool else 100
+        return tuple(torch.randint(0, high, s, generator=generator, dtype=dtype) for s in self.input_shapes)
 
     def build(self) -> nn.Module:
         model = None
@@ -210,8 +238,10 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:   # TOML files are UTF-8 text
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read pipeline file {path}: {exc.strerror or exc}") from None
     base = os.path.dirname(os.path.abspath(path))
 
     def local(p: str) -> str:
@@ -244,10 +274,11 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
         evaluate = dict(_check_keys("[evaluate]", raw["evaluate"], EVALUATE_KEYS))
         resolve_callable(evaluate.get("data"), "evaluate.data")
         metric = evaluate.setdefault("metric", "top1")
-        if metric not in METRICS:
+        if not isinstance(metric, str) or metric not in METRICS:
             raise ConfigError(f"evaluate.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-        if "limit" in evaluate and (not isinstance(evaluate["limit"], int) or evaluate["limit"] <= 0):
-            raise ConfigError(f"evaluate.limit must be a positive integer, got {evaluate['limit']!r}")
+        limit = evaluate.get("limit", 1)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+            raise ConfigError(f"evaluate.limit must be a positive integer, got {limit!r}")
 
     report_json, latency = None, None
     if "report" in raw:
@@ -263,7 +294,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
                 latency[key] = value
 
     data = {}
-    for key, spec in _check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
+    table = raw.get("data", {})
+    for key, spec in _check_keys("[data]", table, set(table) if isinstance(table, dict) else set()).items():
         data[key] = _data_factory(key, spec)
     config = PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
     check_outputs(config)
@@ -316,16 +348,14 @@ def _parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
     shape = table.get("input_shape")
     if shape is None:
         raise ConfigError("[model]: input_shape is required, e.g. input_shape = [1, 3, 224, 224]")
-    shapes = shape if shape and isinstance(shape[0], list) else [shape]
+    shapes = shape if isinstance(shape, list) and shape and isinstance(shape[0], list) else [shape]
     for s in shapes:
         if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
                                                        for d in s):
             raise ConfigError(f"model.input_shape must be a list of positive integers, got {shape!r}")
     spec.input_shapes = shapes
-    dtype = table.get("input_dtype", "float32")
-    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ConfigError(f"model.input_dtype: unknown dtype {dtype!r} (e.g. float32, int64)")
-    spec.input_dtype = dtype
+    spec.input_dtype = table.get("input_dtype", "float32")
+    spec.check_inputs()
     return spec
 
 

@@ -21,6 +21,7 @@ from graphopt.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
+from graphopt.options import Count, Fraction, NonNegative, Positive
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 
 _LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
@@ -55,10 +56,11 @@ class Binarize(Pass):
     contract = Contract.NONE  # accuracy comes back through training, not by construction
     invalidates = frozenset({"cost"})
 
-    def __init__(self, activations: bool = False, include: list | None = None, exclude: list | None = None,
-                 keep_first: bool = True, keep_last: bool = True, distill_epochs: float = 0.0, lr: float = 1e-3,
-                 temperature: float = 4.0, distill_alpha: float = 0.7, weight_decay: float = 0.0,
-                 max_batches: int | None = None, freeze: bool = True, progress: bool = True):
+    def __init__(self, activations: bool = False, include: list[str] | None = None,
+                 exclude: list[str] | None = None, keep_first: bool = True, keep_last: bool = True,
+                 distill_epochs: NonNegative = 0.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
+                 distill_alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
+                 freeze: bool = True, progress: bool = True):
         self.activations = bool(activations)
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)

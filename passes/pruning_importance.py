@@ -136,6 +136,6 @@ CRITERIA: dict[str, type[Importance]] = {c.name: c for c in (L1, L2, BNScale, FP
 def make_importance(spec: str | Importance) -> Importance:
     if isinstance(spec, Importance):
         return spec
-    if spec not in CRITERIA:
+    if not isinstance(spec, str) or spec not in CRITERIA:
         raise ConfigError(f"unknown importance {spec!r}; valid: {', '.join(CRITERIA)} (or an Importance object)")
     return CRITERIA[spec]()
