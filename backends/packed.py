@@ -31,7 +31,7 @@ from graphopt.backends.packed_graph import decode_graph, decode_modules, encode_
 from graphopt.backends.packed_report import build_report, size_table
 from graphopt.backends.packed_tensors import (BlobWriter, Reader, dtype_name, encode_tensor, place, torch_dtype)
 from graphopt.backends.parity import parity_report
-from graphopt.errors import ConfigError, GraphoptError
+from graphopt.errors import GraphoptError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.memory import check_fits, check_run_fits, tensor_bytes
@@ -268,8 +268,6 @@ def _example_inputs(specs: list[dict]) -> tuple[torch.Tensor, ...]:
 def export(graph: Graph, path: str, *, tolerance: Tolerance = 0.0, table: bool = False) -> ExportReport:
     """Write ``graph`` in the packed format, reload it and check its outputs (``tolerance``
     relative; 0 means bit for bit). ``table`` prints the per-layer size table."""
-    if not isinstance(tolerance, (int, float)) or tolerance < 0:
-        raise ConfigError(f"backend 'packed': tolerance must be a number >= 0, got {tolerance!r}")
     started = time.perf_counter()
     path = os.fspath(path)
     data, report = _encode(graph, None)

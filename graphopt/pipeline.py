@@ -39,6 +39,7 @@ import torch.nn as nn
 from graphopt.backend import ExportReport, check_backend_options, get_backend
 from graphopt.errors import ConfigError
 from graphopt.evaluate import top1_accuracy
+from graphopt.files import check_output_path
 from graphopt.ir import Graph
 from graphopt.latency import interleaved_latency
 from graphopt.memory import check_fits, tensor_bytes
@@ -93,18 +94,6 @@ def resolve_callable(spec: str, where: str) -> Callable:
     return target
 
 
-def _writable(where: str, path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise ConfigError(f"{where}: cannot write {path}: {probe} is not a writable directory")
-    if os.path.isdir(path):
-        raise ConfigError(f"{where}: {path} is a directory")
-    return path
-
-
 # dtypes graphopt can make seeded example inputs of (random normal, or integers in [0, 100))
 INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
                 torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -116,7 +105,7 @@ def input_dtype(name: Any) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"model.input_dtype: unknown dtype {name!r} (e.g. float32, int64)")
     if dtype not in INPUT_DTYPES:
-        kind = "a quantized" if "qint" in str(dtype) else "an unsupported"
+        kind = "a quantized" if str(dtype).removeprefix("torch.").startswith(("qint", "quint")) else "an unsupported"
         raise ConfigError(f"model.input_dtype: {dtype} is {kind} dtype for example inputs; give one of "
                           f"{', '.join(str(d).removeprefix('torch.') for d in INPUT_DTYPES)} (graphopt quantizes "
                           f"a float model itself: insert_qdq)")
@@ -164,6 +153,8 @@ class ModelSpec:
         elif self.factory:
             factory = resolve_callable(self.factory, "model.factory")
             model = _call(f"model.factory {self.factory}", lambda: factory(**self.kwargs))
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"model: the model source gave {type(model).__name__}, not a torch.nn.Module")
         if self.checkpoint:
             model = _load_checkpoint(self.checkpoint, model, self.trusted_checkpoint)
         if not isinstance(model, nn.Module):
@@ -245,7 +236,7 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     base = os.path.dirname(os.path.abspath(path))
 
     def local(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(base, p)
+        return p if not p or os.path.isabs(p) else os.path.join(base, p)   # "" stays empty: refused as such
 
     _check_keys(path, raw, SECTIONS)
     if "model" not in raw:
@@ -265,7 +256,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
         entry = dict(_typed(where, entry, dict, "a table"))
         name = _typed(f"{where}.name", entry.pop("name", None), str, "a backend name")
         get_backend(name)
-        out = _writable(f"{where}.path", local(_typed(f"{where}.path", entry.pop("path", None), str, "an output path")))
+        out = local(_typed(f"{where}.path", entry.pop("path", None), str, "an output path"))
+        out = check_output_path(out, f"{where}.path")
         check_backend_options(name, entry)
         backends.append((name, out, entry))
 
@@ -284,7 +276,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     if "report" in raw:
         report = _check_keys("[report]", raw["report"], REPORT_KEYS)
         if "json" in report:
-            report_json = _writable("report.json", local(_typed("report.json", report["json"], str, "a path")))
+            report_json = check_output_path(local(_typed("report.json", report["json"], str, "a path")),
+                                            "report.json")
         if _typed("report.latency", report.get("latency", False), bool, "true or false"):
             latency = {}
             for key, default in (("threads", 2), ("rounds", 20)):
@@ -309,9 +302,11 @@ def check_outputs(config: PipelineConfig, report_json: str | None = None) -> Non
     if config.model.checkpoint:
         claims[os.path.realpath(config.model.checkpoint)] = "model.checkpoint"
     outputs = [(f"backends[{i}].path", path) for i, (_, path, _) in enumerate(config.backends)]
-    json_path = report_json or config.report_json
+    if report_json is not None:
+        check_output_path(report_json, "the report JSON")
+    json_path = report_json if report_json is not None else config.report_json
     if json_path:
-        outputs.append(("the report JSON" if report_json else "report.json", json_path))
+        outputs.append(("the report JSON" if report_json is not None else "report.json", json_path))
     for where, path in outputs:
         real = os.path.realpath(path)
         if real in claims:
