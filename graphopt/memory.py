@@ -6,7 +6,6 @@ bytes against the memory available turns that into an error naming the size, up 
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Iterable
@@ -15,6 +14,7 @@ import torch
 
 from graphopt.errors import ConfigError
 from graphopt.report import human
+from graphopt.torch_logs import quiet
 
 
 def available_bytes() -> int:
@@ -69,16 +69,11 @@ def check_run_fits(gm: torch.fx.GraphModule, inputs: tuple, what: str, error: ty
                 raise _TooLarge(node.name, nbytes)
             return out
 
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")   # it logs a traceback for ops it cannot run
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        with quiet(), FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             Sizes(gm).run(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs))
     except _TooLarge as big:
         raise error(f"{what}: node {big.node!r} would need {human(big.nbytes, 'B')} of memory; this machine has "
                     f"{human(limit, 'B')} available") from None
     except Exception:
         return
-    finally:
-        quiet.setLevel(level)

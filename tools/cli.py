@@ -61,7 +61,7 @@ def _model_from_argument(model: str, input_shape: str | None, checkpoint: str | 
             spec.factory = model
         else:
             spec.torchvision = model
-        shape = input_shape or "1,3,224,224"
+        shape = "1,3,224,224" if input_shape is None else input_shape
         try:
             spec.input_shapes = [[int(d) for d in shape.split(",")]]
         except ValueError:
