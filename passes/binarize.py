@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
-from graphopt.calibration import batch_inputs
+from graphopt.calibration import batch_inputs, check_batch, check_finite
 from graphopt.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
@@ -140,7 +140,8 @@ class Binarize(Pass):
         for name in choice["binarize"]:
             graph.replace_module(name, to_binary(modules[name], self.activations))
         if self.activations and choice["binarize"]:
-            init_shifts(graph, choice["binarize"], _first_batch(ctx.data.get("train_data")) or graph.example_inputs)
+            first = _first_batch(graph, ctx.data.get("train_data"))
+            init_shifts(graph, choice["binarize"], first or graph.example_inputs)
         graph.commit()
         stats: dict = {"binarized": len(choice["binarize"]), "layers": choice["binarize"],
                        "full_precision": choice["full_precision"], "activations": self.activations}
@@ -173,11 +174,14 @@ def freeze_all(graph: Graph) -> list[str]:
     return names
 
 
-def _first_batch(data) -> tuple | None:
+def _first_batch(graph: Graph, data) -> tuple | None:
     if data is None:
         return None
     for batch in (data() if callable(data) else data):
-        return batch_inputs(batch)
+        inputs = batch_inputs(batch)
+        check_batch(graph, inputs, "binarize: training batch 0 (input shifts)")
+        check_finite(inputs, "binarize: training batch 0 (input shifts)")
+        return inputs
     return None
 
 
