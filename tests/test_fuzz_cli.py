@@ -97,7 +97,7 @@ def torch_errors():
     logging.getLogger("torch").removeHandler(handler)
 
 
-@fuzz(150)
+@fuzz(250)
 @given(data=st.data())
 def test_bad_arguments_exit_with_an_error_line_and_no_traceback(inputs, capfd, torch_errors, data):
     args = data.draw(argv(inputs), label="argv")

@@ -201,7 +201,7 @@ def edited(draw, document: dict) -> dict:
     return doc
 
 
-@fuzz(300)
+@fuzz(500)
 @given(data=st.data())
 def test_crafted_packed_manifests_are_packed_format_errors(files, monkeypatch, data):
     folder, good, _ = files
@@ -223,7 +223,7 @@ def test_crafted_packed_data_sections_load_or_are_packed_format_errors(files, mo
     read_gpk(path, monkeypatch)
 
 
-@fuzz(150)
+@fuzz(250)
 @given(data=st.data())
 def test_crafted_binary_weight_headers_are_config_errors(files, graphs, data):
     folder, _, good = files

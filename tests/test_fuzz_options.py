@@ -83,7 +83,7 @@ def _load(folder, section: str, owner: str, options: dict):
     return load_pipeline(str(path))
 
 
-@fuzz(400)
+@fuzz(800)
 @given(data=st.data())
 def test_option_values_of_the_wrong_kind_are_config_errors_naming_the_option(folder, data):
     section, owner, param, kind = data.draw(st.sampled_from(TARGETS), label="option")

@@ -119,7 +119,7 @@ def test_the_unmutated_document_loads(folder):
     assert [b[0] for b in config.backends] == ["onnx", "packed"]
 
 
-@fuzz(250)
+@fuzz(400)
 @given(doc=mutated_pipelines())
 def test_mutated_pipeline_files_load_or_raise_config_error(folder, doc):
     path = folder / "mutated.toml"
