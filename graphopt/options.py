@@ -33,7 +33,7 @@ class Range:
     infinite: bool = False
 
     def holds(self, value: float) -> bool:
-        if math.isinf(value) and not self.infinite:
+        if not self.infinite and (abs(value) > 1e308 or math.isinf(value)):   # an int past any float counts too
             return False
         if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
             return False
@@ -94,13 +94,14 @@ def _accepts(annotation: Any, value: Any) -> bool:
         if isinstance(value, float) and math.isnan(value):
             return False   # NaN compares false with everything: no range check could catch it later
         return isinstance(value, _SIMPLE[annotation])
+    sequence = (list, tuple) if list in (origin, annotation) else tuple   # a Python caller's tuple for a list
     if origin in (list, tuple):   # list[str]: a list, and every item a str
-        return isinstance(value, origin) and (not args or all(_accepts(args[0], v) for v in value))
+        return isinstance(value, sequence) and (not args or all(_accepts(args[0], v) for v in value))
     if origin is dict:
         return isinstance(value, dict) and (not args or all(_accepts(args[0], k) and _accepts(args[1], v)
                                                             for k, v in value.items()))
     if isinstance(annotation, type):   # list, dict, or a class such as an importance criterion
-        return isinstance(value, annotation)
+        return isinstance(value, sequence if annotation is list else annotation)
     return True
 
 
