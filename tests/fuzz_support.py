@@ -1,14 +1,20 @@
-"""What the fuzz tests share: a reproducible hypothesis profile and a TOML writer.
+"""What the fuzz tests share: a reproducible hypothesis profile, a fixed memory size, and a
+TOML writer.
 
-CI must get the same examples on every run (derandomized, no example database), and the
-whole fuzz suite must stay within its time budget, so every fuzz test sizes ``max_examples``
-itself through :func:`fuzz`.
+CI must get the same examples on every run (derandomized, no example database) with the same
+outcome on every machine (memory checks see a fixed size), and the whole fuzz suite must stay
+within its time budget, so every fuzz test sizes ``max_examples`` itself through :func:`fuzz`.
 """
 from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from graphopt import memory
+
+FUZZ_MEMORY = 64 << 20
 
 
 def fuzz(max_examples: int) -> settings:
@@ -16,6 +22,13 @@ def fuzz(max_examples: int) -> settings:
     return settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def bounded_memory(monkeypatch):
+    """Fuzz tests run as if the machine had 64 MiB to give: a declared size is then accepted or
+    refused the same way everywhere, and nothing a fuzzed input asks for can load a CI machine."""
+    monkeypatch.setattr(memory, "available_bytes", lambda: FUZZ_MEMORY)
 
 
 def _string(text: str) -> str:

@@ -29,7 +29,7 @@ from graphopt.pass_manager import PassManager
 from graphopt.passes import Binarize, PruneMagnitude, QuantizeWeights, ShareWeights
 from graphopt.tools.digits import trained_digits_cnn
 
-from fuzz_support import fuzz
+from fuzz_support import bounded_memory, fuzz  # noqa: F401  (bounded_memory: autouse)
 
 HEAD = struct.Struct("<8sIIQQ32s")
 SENTINEL = "PWNED"

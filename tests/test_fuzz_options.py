@@ -20,7 +20,7 @@ from graphopt.pass_base import registered_passes
 from graphopt.pipeline import load_pipeline
 from graphopt.tools.digits import CHECKPOINT
 
-from fuzz_support import fuzz, to_toml
+from fuzz_support import bounded_memory, fuzz, to_toml  # noqa: F401  (bounded_memory: autouse)
 
 MODEL = {"factory": "graphopt.tools.digits:DigitsCNN", "checkpoint": CHECKPOINT, "input_shape": [1, 1, 8, 8]}
 

@@ -19,7 +19,7 @@ from graphopt.options import option_names
 from graphopt.tools.digits import CHECKPOINT
 from graphopt.trace import trace
 
-from fuzz_support import fuzz, to_toml
+from fuzz_support import bounded_memory, fuzz, to_toml  # noqa: F401  (bounded_memory: autouse)
 
 VALID = {
     "model": {"factory": "graphopt.tools.digits:DigitsCNN", "checkpoint": CHECKPOINT, "input_shape": [1, 1, 8, 8],
