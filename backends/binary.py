@@ -14,6 +14,7 @@ those saved.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import time
@@ -29,6 +30,7 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.backends.parity import parity_report
+from graphopt.options import Tolerance
 
 MAGIC = b"GOBIN\x00\x00\x01"
 
@@ -86,8 +88,11 @@ def encode(graph: Graph) -> tuple[bytes, dict]:
 
 
 def _decode_header(path: str) -> tuple[dict, memoryview]:
-    with open(path, "rb") as f:
-        blob = f.read()
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(blob) < len(MAGIC) + 8 or blob[:len(MAGIC)] != MAGIC:
         raise ConfigError(f"{path}: not a graphopt binary-weights file")
     (crc,) = struct.unpack("<I", blob[-4:])
@@ -97,8 +102,8 @@ def _decode_header(path: str) -> tuple[dict, memoryview]:
     start = len(MAGIC) + 4
     try:
         header = json.loads(blob[start:start + length])
-    except ValueError as exc:
-        raise ConfigError(f"{path}: malformed header ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: malformed header ({type(exc).__name__}: {exc})") from None
     payload = memoryview(blob)[start + length:-4]
     _check_header(header, len(payload), path)
     return header, payload
@@ -122,10 +127,14 @@ def _check_header(header, payload: int, path: str) -> None:
     for name, info in header["layers"].items():
         if not isinstance(info, dict) or not isinstance(info.get("activations"), bool):
             bad(f"layer {name!r} has no activations flag")
+    names = set()
     for entry in header["tensors"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             bad("a tensor entry has no name")
         name = entry["name"]
+        if name in names:
+            bad(f"tensor {name!r} is listed twice")
+        names.add(name)
         shape, offset, length = entry.get("shape"), entry.get("offset"), entry.get("length")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                 for d in shape)):
@@ -135,13 +144,13 @@ def _check_header(header, payload: int, path: str) -> None:
             bad(f"tensor {name!r} lies outside the file (offset {offset!r}, length {length!r})")
         if entry.get("dtype") not in _DTYPES:
             bad(f"tensor {name!r} has dtype {entry.get('dtype')!r}; known: {', '.join(_DTYPES)}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)   # exact: numpy's product wraps around at 2**63 and could match a short length
         if entry.get("encoding") == "raw":
             expected = count * np.dtype(entry["dtype"]).itemsize
         elif entry.get("encoding") == "bits":
             alphas = entry.get("alphas")
-            if not isinstance(alphas, int) or isinstance(alphas, bool) or alphas < 1:
-                bad(f"tensor {name!r} has {alphas!r} scales")
+            if not shape or alphas != shape[0] or isinstance(alphas, bool):
+                bad(f"tensor {name!r} has {alphas!r} scales for shape {shape} (one per output channel)")
             expected = packed_size(count) + 2 * alphas
         else:
             bad(f"tensor {name!r} has encoding {entry.get('encoding')!r}; known: raw, bits")
@@ -179,6 +188,12 @@ def load_binary(path: str | os.PathLike, graph: Graph) -> Graph:
         layer.frozen = True
         layer.weight.requires_grad_(False)
     state = {e["name"]: _decode_tensor(e, payload) for e in header["tensors"]}
+    expected = loaded.gm.state_dict()
+    for name, tensor in state.items():   # load_state_dict would cast a wrong dtype silently
+        if name in expected and (tensor.dtype, tensor.shape) != (expected[name].dtype, expected[name].shape):
+            raise ConfigError(f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} "
+                              f"{list(tensor.shape)}, the graph has {str(expected[name].dtype).removeprefix('torch.')} "
+                              f"{list(expected[name].shape)}")
     try:
         loaded.gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -194,7 +209,7 @@ def save_binary(graph: Graph, path: str | os.PathLike) -> dict:
 
 
 @register_backend("binary")
-def export(graph: Graph, path: str, *, tolerance: float = 0.0) -> ExportReport:
+def export(graph: Graph, path: str, *, tolerance: Tolerance = 0.0) -> ExportReport:
     """Write the 1-bit weights file, reload it into the graph and check the outputs."""
     started = time.perf_counter()
     path = os.fspath(path)

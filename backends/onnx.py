@@ -15,13 +15,14 @@ from graphopt.ir import Graph
 from graphopt.backends._onnx_runtime import (OTHER_BATCH, at_batch, ort_session, run_onnx,  # noqa: F401
                                               to_proto)
 from graphopt.backends.parity import parity_report
+from graphopt.options import Tolerance
 
 MIN_OPSET = 17
 
 
 @register_backend("onnx")
 def export(graph: Graph, path: str, *, opset: int = 18, simplify: bool = True,
-           tolerance: float = 1e-4, dynamic_batch: bool = True) -> ExportReport:
+           tolerance: Tolerance = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``graph`` as an ONNX model at ``path``; fail (writing nothing) if onnxruntime's
     outputs differ from the graph's by more than ``tolerance`` (relative). The batch axis is
     symbolic unless ``dynamic_batch=False`` (checked by a second run at another batch size)."""

@@ -36,6 +36,7 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.latency import interleaved_latency
 from graphopt.ops import OpKind, op_name
+from graphopt.options import Count, Fraction
 from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, flatten_args, int8_mac_share,
                             is_activation_fq, is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
                             quant_target, within_one_step)
@@ -591,7 +592,7 @@ def _target_metadata(model: onnx.ModelProto, target: Target) -> None:
 
 @register_backend("onnx_int8")
 def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto", simplify: bool = True,
-           threads: int = 2, min_within_step: float = 0.99, dynamic_batch: bool = True) -> ExportReport:
+           threads: Count = 2, min_within_step: Fraction = 0.99, dynamic_batch: bool = True) -> ExportReport:
     """Write the folded int8 graph at ``path`` and check it against the simulated-quant IR.
 
     ``form``: ``auto`` (QOperator where the direct lowering covers the graph: explicit integer

@@ -31,9 +31,11 @@ from graphopt.backends.packed_graph import decode_graph, decode_modules, encode_
 from graphopt.backends.packed_report import build_report, size_table
 from graphopt.backends.packed_tensors import (BlobWriter, Reader, dtype_name, encode_tensor, place, torch_dtype)
 from graphopt.backends.parity import module_runner, parity_report
-from graphopt.errors import ConfigError
+from graphopt.errors import GraphoptError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
+from graphopt.memory import check_fits, check_run_fits, tensor_bytes
+from graphopt.options import Tolerance
 from graphopt.weights import ANNOTATIONS_KEY
 
 __all__ = ["save", "load", "load_module", "export", "size_table", "ANNOTATIONS_KEY", "PackedFormatError", "TruncatedFile",
@@ -44,6 +46,7 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ32s")   # magic, version, flags, manifest bytes, data bytes, sha256
 _FLAG_ZLIB = 1
 _ALIGN = 64
+MAX_MANIFEST = 64 << 20   # decompressed manifest bytes read at most (some 200,000 nodes)
 
 
 def _annotations(graph: Graph) -> dict[str, dict]:
@@ -155,13 +158,25 @@ def _read_checked(path: str) -> tuple[dict, memoryview]:
         raise CorruptFile(f"{path} is corrupted: its sha256 checksum does not match its contents")
     try:
         text = bytes(view[_HEADER.size:_HEADER.size + manifest_len])
-        manifest = json.loads(zlib.decompress(text) if flags & _FLAG_ZLIB else text)
-    except (zlib.error, ValueError) as exc:
-        raise CorruptFile(f"{path}: the manifest cannot be read: {exc}") from exc
+        manifest = json.loads(_inflate(text) if flags & _FLAG_ZLIB else text)
+    except (zlib.error, ValueError, RecursionError) as exc:   # RecursionError: arrays nested 10^5 deep
+        raise CorruptFile(f"{path}: the manifest cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "graphopt.packed" \
             or manifest.get("version") != FORMAT_VERSION:
         raise CorruptFile(f"{path}: the manifest is not a graphopt packed manifest of version {FORMAT_VERSION}")
     return manifest, view[data_start:]
+
+
+def _inflate(text: bytes) -> bytes:
+    """The manifest, decompressed up to MAX_MANIFEST bytes: a few kilobytes of zlib can claim
+    gigabytes (a zip bomb), so the output is bounded, not the input."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(text, MAX_MANIFEST)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"it decompresses to more than {MAX_MANIFEST >> 20} MiB")
+    if not inflater.eof:
+        raise ValueError("its zlib stream ends early")
+    return out
 
 
 def load(path: str | os.PathLike) -> Graph:
@@ -174,10 +189,18 @@ def load(path: str | os.PathLike) -> Graph:
     spec = manifest["graph"]
     try:
         inputs = _example_inputs(spec["inputs"])
+    except GraphoptError as exc:
+        raise CorruptFile(f"{path}: {exc}") from None
     except Exception as exc:
         raise CorruptFile(f"{path}: malformed input description: {exc}") from exc
-    graph = Graph(gm, inputs, captured_by=str(spec.get("captured_by", "torch.fx")),
-                  properties=[str(p) for p in spec.get("properties", [])])
+    check_run_fits(gm, inputs, f"{path}: the graph on its declared inputs", CorruptFile)
+    try:   # shape propagation runs the graph once: a file whose weights do not fit its graph fails here
+        graph = Graph(gm, inputs, captured_by=str(spec.get("captured_by", "torch.fx")),
+                      properties=[str(p) for p in spec.get("properties", [])])
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CorruptFile(f"{path}: the graph does not run on its declared inputs: {type(exc).__name__}: "
+                          f"{text}") from exc
     meta = spec.get("meta", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CorruptFile(f"{path}: the graph's annotations are not a map of strings")
@@ -194,9 +217,9 @@ def _load(path: str) -> tuple[torch.fx.GraphModule, dict]:
     manifest, blob = _read_checked(path)
     try:
         reader = Reader(blob)
-        builders = [(e["name"], bool(e["param"]), reader.plan(e)) for e in manifest["tensors"]]
+        builders = [(e["name"], bool(e["param"]), _named(e["name"], reader.plan, e)) for e in manifest["tensors"]]
         reader.run()
-        tensors = {name: (build(), is_param) for name, is_param, build in builders}
+        tensors = {name: (_named(name, build), is_param) for name, is_param, build in builders}
         spec = manifest["graph"]
         root = decode_modules(spec["modules"], tensors)
         fx_graph = decode_graph(spec["nodes"])
@@ -204,10 +227,19 @@ def _load(path: str) -> tuple[torch.fx.GraphModule, dict]:
         gm.training = root.training
         gm.meta[ANNOTATIONS_KEY] = dict(manifest.get("annotations", {}))
         return gm, manifest
-    except PackedFormatError:
-        raise
+    except PackedFormatError as exc:   # a name outside the allow-list: said with the file it came from
+        raise type(exc)(f"{path}: {exc}") from None
     except Exception as exc:  # a checksummed file that still does not describe a graph
         raise CorruptFile(f"{path}: malformed contents: {type(exc).__name__}: {exc}") from exc
+
+
+def _named(name: Any, step: Any, *args: Any) -> Any:
+    """``step(*args)``, its failure naming the tensor it was decoding."""
+    try:
+        return step(*args)
+    except (ValueError, KeyError, TypeError, IndexError, MemoryError, OverflowError) as exc:
+        what = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        raise ValueError(f"tensor {name!r}: {what}{exc}") from exc
 
 
 def _class_name(name: Any) -> str:
@@ -218,9 +250,13 @@ def _class_name(name: Any) -> str:
 
 def _example_inputs(specs: list[dict]) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for spec in specs:
+    inputs, total = [], 0
+    for index, spec in enumerate(specs):
         shape, dtype = [int(d) for d in spec["shape"]], torch_dtype(spec["dtype"])
+        if any(d < 0 for d in shape):
+            raise ValueError(f"example input {index} has shape {shape}")
+        total += tensor_bytes(shape, dtype)
+        check_fits(total, f"example input {index} (shape {shape}, {spec['dtype']})", CorruptFile)
         if dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(dtype))
         else:
@@ -229,11 +265,9 @@ def _example_inputs(specs: list[dict]) -> tuple[torch.Tensor, ...]:
 
 
 @register_backend("packed")
-def export(graph: Graph, path: str, *, tolerance: float = 0.0, table: bool = False) -> ExportReport:
+def export(graph: Graph, path: str, *, tolerance: Tolerance = 0.0, table: bool = False) -> ExportReport:
     """Write ``graph`` in the packed format, reload it and check its outputs (``tolerance``
     relative; 0 means bit for bit). ``table`` prints the per-layer size table."""
-    if not isinstance(tolerance, (int, float)) or tolerance < 0:
-        raise ConfigError(f"backend 'packed': tolerance must be a number >= 0, got {tolerance!r}")
     started = time.perf_counter()
     path = os.fspath(path)
     data, report = _encode(graph, None)

@@ -143,23 +143,29 @@ _MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last"
                    "preserve_format": torch.preserve_format}
 
 
-def decode_value(data: Any, nodes: dict[str, fx.Node]) -> Any:
+MAX_NESTING = 32   # containers inside containers in one argument (fx's own graphs use a handful)
+
+
+def decode_value(data: Any, nodes: dict[str, fx.Node], depth: int = 0) -> Any:
     if data is None or isinstance(data, (bool, str, int, float)):
         return data
+    if depth > MAX_NESTING:
+        raise ValueError(f"an argument is nested more than {MAX_NESTING} containers deep")
     if isinstance(data, dict) and len(data) == 1:
         (tag, body), = data.items()
         if tag == "node":
-            if body not in nodes:
+            if not isinstance(body, str) or body not in nodes:
                 raise ValueError(f"argument refers to node {body!r} before it is defined")
             return nodes[body]
-        if tag == "tuple":
-            return tuple(decode_value(v, nodes) for v in body)
-        if tag == "list":
-            return [decode_value(v, nodes) for v in body]
-        if tag == "dict":   # keys become keyword names in fx's generated forward(): identifiers only
-            return {_check_identifier(k, "keyword argument"): decode_value(v, nodes) for k, v in body.items()}
-        if tag == "slice":
-            return slice(*(decode_value(v, nodes) for v in body))
+        if tag == "tuple" and isinstance(body, list):
+            return tuple(decode_value(v, nodes, depth + 1) for v in body)
+        if tag == "list" and isinstance(body, list):
+            return [decode_value(v, nodes, depth + 1) for v in body]
+        if tag == "dict" and isinstance(body, dict):   # keys become keyword names in fx's forward(): identifiers
+            return {_check_identifier(k, "keyword argument"): decode_value(v, nodes, depth + 1)
+                    for k, v in body.items()}
+        if tag == "slice" and isinstance(body, list) and len(body) == 3:
+            return slice(*(decode_value(v, nodes, depth + 1) for v in body))
         if tag == "ellipsis":
             return Ellipsis
         if tag == "float" and body in ("inf", "-inf", "nan"):
@@ -228,12 +234,12 @@ def decode_modules(entries: list[dict], tensors: dict[str, tuple[torch.Tensor, b
                 raise ValueError(f"module {path!r}: {type_name}({args}) failed: {exc}") from exc
         module.train(bool(entry.get("training", False)))
         prefix = f"{path}." if path else ""
-        for name, _ in list(module.named_parameters(recurse=False)):
-            tensor, is_param = _take(tensors, prefix + name, used, path)
+        for name, slot in list(module.named_parameters(recurse=False)):
+            tensor, is_param = _fitting(_take(tensors, prefix + name, used, path), slot, path, name)
             module._parameters[name] = nn.Parameter(tensor, requires_grad=is_param and tensor.is_floating_point())
-        for name in list(module._buffers):
-            if module._buffers[name] is not None:
-                module._buffers[name] = _take(tensors, prefix + name, used, path)[0]
+        for name, slot in list(module._buffers.items()):
+            if slot is not None:
+                module._buffers[name] = _fitting(_take(tensors, prefix + name, used, path), slot, path, name)[0]
         if path == "":
             root = module
             for name in [n for n in tensors if "." not in n]:  # constants fx keeps on the root
@@ -254,6 +260,17 @@ def decode_modules(entries: list[dict], tensors: dict[str, tuple[torch.Tensor, b
     if extra:
         raise ValueError(f"tensor {extra[0]!r} belongs to no module")
     return root
+
+
+def _fitting(taken: tuple[torch.Tensor, bool], slot: torch.Tensor, path: str, name: str) -> tuple[torch.Tensor, bool]:
+    """The file's tensor, if it has the shape the module's constructor arguments give its ``name``
+    (built on the meta device) and the same kind of dtype (floating point or not: a half-precision
+    model keeps its fp16 weights)."""
+    tensor = taken[0]
+    if tensor.shape != slot.shape or tensor.is_floating_point() != slot.is_floating_point():
+        raise ValueError(f"module {path or '<root>'!r}: {name} is {tensor.dtype} {list(tensor.shape)} in the file, "
+                         f"its constructor arguments give {slot.dtype} {list(slot.shape)}")
+    return taken
 
 
 def _take(tensors: dict, name: str, used: set[str], path: str) -> tuple[torch.Tensor, bool]:

@@ -16,6 +16,7 @@ codebook/scales, coding overhead) for the size report.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import torch
 
 from graphopt.backends.packed_codec import (CHUNK, HuffmanStream, huffman_decode_many, huffman_encode, pack_bits,
                                             unpack_bits, width_for)
+from graphopt.memory import check_fits, tensor_bytes
 
 MAX_CODEBOOK = 1 << 12        # try codebook coding below this many distinct values
 MIN_ZERO_FRACTION = 0.2       # try sparse coding above this fraction of exact zeros
@@ -257,8 +259,12 @@ class Reader:
             raise ValueError(f"segment [{offset}, {offset + length}) lies outside the data section")
         return self.blob[offset:offset + length]
 
-    def _ints(self, desc: dict) -> Callable[[], np.ndarray]:
+    def _ints(self, desc: dict, most: int) -> Callable[[], np.ndarray]:
+        """A stream of at most ``most`` integers (its length is read from the file: bounded before
+        anything of that length is allocated)."""
         n = int(desc["n"])
+        if not 0 <= n <= most:
+            raise ValueError(f"an integer stream declares {n} values where at most {most} belong")
         codec = desc["codec"]
         if codec == "const":
             value = int(desc["value"])
@@ -289,7 +295,10 @@ class Reader:
     def plan(self, entry: dict) -> Callable[[], torch.Tensor]:
         shape = [int(d) for d in entry["shape"]]
         dtype = torch_dtype(entry["dtype"])
-        numel = int(np.prod(shape)) if shape else 1
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape {shape} has a negative size")
+        numel = math.prod(shape)
+        check_fits(tensor_bytes(shape, dtype), f"shape {shape} ({entry['dtype']})", ValueError)
         enc = entry["enc"]
         if enc["kind"] == "raw" and enc["array"]["dtype"] == entry["dtype"]:
             array = enc["array"]
@@ -304,7 +313,9 @@ class Reader:
             raise ValueError(f"{enc['kind']} encoding is only for float32 tensors, not {entry['dtype']}")
         if enc["kind"] == "sparse":
             nnz, escape = int(enc["nnz"]), int(enc["escape"])
-            gaps = self._ints(enc["gaps"])
+            if not 0 <= nnz <= numel or escape < 1:
+                raise ValueError(f"sparse tensor of {numel} values declares {nnz} non-zeros, escape {escape}")
+            gaps = self._ints(enc["gaps"], nnz + numel // escape + 1)
 
             def positions() -> np.ndarray:
                 symbols = gaps()
@@ -335,7 +346,7 @@ class Reader:
             return lambda: array
         if kind == "codebook":
             book = self._array(enc["codebook"])
-            codes = self._ints(enc["codes"])
+            codes = self._ints(enc["codes"], n)
 
             def from_book() -> np.ndarray:
                 c = codes()
@@ -347,7 +358,9 @@ class Reader:
         if kind == "quant":
             scales = self._array(enc["scales"])
             group, zero = int(enc["group"]), int(enc["zero"])
-            codes = self._ints(enc["codes"])
+            if group < 1:
+                raise ValueError(f"quantized groups of {group} values")
+            codes = self._ints(enc["codes"], n)
 
             def from_codes() -> np.ndarray:
                 c = codes()

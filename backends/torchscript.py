@@ -13,6 +13,7 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.backends.parity import module_runner, parity_report
+from graphopt.options import Tolerance
 
 METHODS = ("auto", "script", "trace")
 
@@ -48,7 +49,7 @@ def _compile(graph: Graph, method: str):
 
 
 @register_backend("torchscript")
-def export(graph: Graph, path: str, *, method: str = "auto", tolerance: float = 1e-4) -> ExportReport:
+def export(graph: Graph, path: str, *, method: str = "auto", tolerance: Tolerance = 1e-4) -> ExportReport:
     """Write ``graph`` as TorchScript at ``path``, reload it and check its outputs."""
     if method not in METHODS:
         raise ConfigError(f"backend 'torchscript': method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -5,10 +5,12 @@ under a name; it writes atomically and checks the artifact against the graph's o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from graphopt.errors import ConfigError
+from graphopt.files import check_output_path
 from graphopt.options import check_options
 from graphopt.plugins import load_plugins
 
@@ -35,9 +37,16 @@ _BACKENDS: dict[str, ExportFn] = {}
 
 
 def register_backend(name: str) -> Callable[[ExportFn], ExportFn]:
+    """Function decorator: make ``fn`` the backend ``name``. Every call, from Python or a pipeline
+    file, has its output path and options checked first, so a bad one costs no export work."""
     def decorate(fn: ExportFn) -> ExportFn:
-        _BACKENDS[name] = fn
-        return fn
+        @functools.wraps(fn)
+        def checked(graph: Any, path: Any, **options: Any) -> ExportReport:
+            check_options(f"backend {name!r}", fn, options, skip=("graph", "path"))
+            return fn(graph, check_output_path(path, f"backend {name!r}: path"), **options)
+
+        _BACKENDS[name] = checked
+        return checked
 
     return decorate
 

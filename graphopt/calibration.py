@@ -199,6 +199,20 @@ def check_finite(inputs: tuple, where: str) -> None:
             raise DataError(f"{where}: input {index} holds NaN or Inf values")
 
 
+def check_labels(labels: torch.Tensor | None, logits: Any, where: str) -> None:
+    """Refuse labels a classification loss cannot read: one per sample, each a class index of the
+    model's output (cross-entropy would fail deep in torch, or an out-of-range index on a GPU)."""
+    if labels is None or not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        return
+    samples = logits.shape[0] if logits.dim() > 1 else 1
+    if labels.dim() != 1 or labels.shape[0] != samples:
+        raise DataError(f"{where}: labels of shape {tuple(labels.shape)} for outputs of shape {tuple(logits.shape)}; "
+                        f"one class index per sample is needed")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
+        raise DataError(f"{where}: labels range over [{labels.min().item()}, {labels.max().item()}], but the model "
+                        f"has {logits.shape[-1]} classes")
+
+
 def batch_inputs(batch: Any) -> tuple:
     """The model inputs of one batch (see ``split_batch``)."""
     return split_batch(batch)[0]
@@ -215,24 +229,36 @@ def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, pr
     if not isinstance(batches, Iterable):
         raise ConfigError(f"calibration data must be iterable (or a callable returning an iterable), "
                           f"got {type(batches).__name__}")
-    expected = [tuple(t.shape) for t in graph.example_inputs if isinstance(t, torch.Tensor)]
-    free = _dynamic_axes(graph, len(expected))
     count = 0
     for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, delay=2,
                                        total=max_batches)):
         if max_batches is not None and index >= max_batches:
             break
         inputs = batch_inputs(batch)
-        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs]
-        if len(got) != len(expected) or any(
-                g is None or len(g) != len(e) or any(a != b for d, (a, b) in enumerate(zip(g, e)) if d not in f)
-                for g, e, f in zip(got, expected, free)):
-            raise ConfigError(f"calibration batch {index} has input shapes {got}, but the model was traced with "
-                              f"{expected} (only the batch dimension and axes traced as dynamic may differ)")
+        check_batch(graph, inputs, f"calibration batch {index}")
         count += 1
         yield inputs
     if not count:
         raise ConfigError("calibration data yielded no batches")
+
+
+def check_batch(graph: Graph, inputs: tuple, where: str) -> None:
+    """Refuse a batch the graph cannot run as traced: another number of inputs, another rank,
+    another size on an axis other than the batch axis (or one traced as dynamic), or another
+    dtype. ``where`` names the batch ("distillation: batch 3 of epoch 1")."""
+    expected = [t for t in graph.example_inputs if isinstance(t, torch.Tensor)]
+    free = _dynamic_axes(graph, len(expected))
+    got = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs]
+    shapes = [tuple(t.shape) for t in expected]
+    if len(got) != len(shapes) or any(
+            g is None or len(g) != len(e) or any(a != b for d, (a, b) in enumerate(zip(g, e)) if d not in f)
+            for g, e, f in zip(got, shapes, free)):
+        raise DataError(f"{where} has input shapes {got}, but the model was traced with {shapes} (only the batch "
+                        f"dimension and axes traced as dynamic may differ)")
+    for index, (x, e) in enumerate(zip(inputs, expected)):
+        if x.dtype != e.dtype:
+            raise DataError(f"{where}: input {index} is {str(x.dtype).removeprefix('torch.')}, but the model was "
+                            f"traced with {str(e.dtype).removeprefix('torch.')} inputs")
 
 
 def _dynamic_axes(graph: Graph, count: int) -> list[set[int]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from graphopt.calibration import check_finite, split_batch
+from graphopt.calibration import check_batch, check_finite, check_labels, split_batch
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
@@ -185,10 +185,13 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                                               total=plan.steps(epoch), disable=not progress, leave=False, delay=2)):
                 inputs, labels = split_batch(batch)
                 where = f"distillation: batch {step} of epoch {epoch + 1}"
+                check_batch(student, inputs, where)
                 check_finite(inputs, where)
                 with torch.no_grad():
                     t_out, t_feats = _forward(teacher.gm, inputs, names)
                 s_out, s_feats = _forward(student.gm, inputs, names)
+                if loss_fn is None and config.loss == "kd" and config.alpha < 1:   # the loss reads the labels
+                    check_labels(labels, s_out, where)
                 loss = (loss_fn or _loss_fn(config))(s_out, t_out, labels)
                 for name in names:
                     if name in s_feats and name in t_feats and s_feats[name].shape == t_feats[name].shape:

@@ -39,8 +39,10 @@ import torch.nn as nn
 from graphopt.backend import ExportReport, check_backend_options, get_backend
 from graphopt.errors import ConfigError
 from graphopt.evaluate import top1_accuracy
+from graphopt.files import check_output_path
 from graphopt.ir import Graph
 from graphopt.latency import interleaved_latency
+from graphopt.memory import check_fits, tensor_bytes
 from graphopt.pass_base import Pass, PassContext, get_pass
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.trace import trace
@@ -92,16 +94,22 @@ def resolve_callable(spec: str, where: str) -> Callable:
     return target
 
 
-def _writable(where: str, path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise ConfigError(f"{where}: cannot write {path}: {probe} is not a writable directory")
-    if os.path.isdir(path):
-        raise ConfigError(f"{where}: {path} is a directory")
-    return path
+# dtypes graphopt can make seeded example inputs of (random normal, or integers in [0, 100))
+INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+                torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def input_dtype(name: Any) -> torch.dtype:
+    """The torch dtype ``model.input_dtype`` names; a ConfigError for any other value, naming why."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"model.input_dtype: unknown dtype {name!r} (e.g. float32, int64)")
+    if dtype not in INPUT_DTYPES:
+        kind = "a quantized" if str(dtype).removeprefix("torch.").startswith(("qint", "quint")) else "an unsupported"
+        raise ConfigError(f"model.input_dtype: {dtype} is {kind} dtype for example inputs; give one of "
+                          f"{', '.join(str(d).removeprefix('torch.') for d in INPUT_DTYPES)} (graphopt quantizes "
+                          f"a float model itself: insert_qdq)")
+    return dtype
 
 
 @dataclass
@@ -114,12 +122,21 @@ class ModelSpec:
     input_shapes: list[list[int]] = field(default_factory=list)
     input_dtype: str = "float32"
 
+    def check_inputs(self, where: str = "model.input_shape") -> torch.dtype:
+        """The input dtype, once the example inputs are known to be makeable and to fit in memory."""
+        dtype = input_dtype(self.input_dtype)
+        total = sum(tensor_bytes(s, dtype) for s in self.input_shapes)
+        shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
+        check_fits(total, f"{where}: example inputs of shape {shapes} ({self.input_dtype})")
+        return dtype
+
     def example_inputs(self) -> tuple:
+        dtype = self.check_inputs()
         generator = torch.Generator().manual_seed(0)
-        dtype = getattr(torch, self.input_dtype)
-        if dtype.is_floating_point:
+        if dtype.is_floating_point or dtype.is_complex:
             return tuple(torch.randn(*s, generator=generator, dtype=dtype) for s in self.input_shapes)
-        return tuple(torch.randint(0, 100, s, generator=generator, dtype=dtype) for s in self.input_shapes)
+        high = 2 if dtype == torch.bool else 100
+        return tuple(torch.randint(0, high, s, generator=generator, dtype=dtype) for s in self.input_shapes)
 
     def build(self) -> nn.Module:
         model = None
@@ -136,6 +153,8 @@ class ModelSpec:
         elif self.factory:
             factory = resolve_callable(self.factory, "model.factory")
             model = _call(f"model.factory {self.factory}", lambda: factory(**self.kwargs))
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"model: the model source gave {type(model).__name__}, not a torch.nn.Module")
         if self.checkpoint:
             model = _load_checkpoint(self.checkpoint, model, self.trusted_checkpoint)
         if not isinstance(model, nn.Module):
@@ -210,12 +229,14 @@ def read_config(path: str, what: str, sections: set[str]) -> tuple[dict, Callabl
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:   # TOML files are UTF-8 text
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     base = os.path.dirname(os.path.abspath(path))
 
     def local(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(base, p)
+        return p if not p or os.path.isabs(p) else os.path.join(base, p)   # "" stays empty: refused as such
 
     check_keys(path, raw, sections)
     if "model" not in raw:
@@ -241,7 +262,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
         entry = dict(_typed(where, entry, dict, "a table"))
         name = _typed(f"{where}.name", entry.pop("name", None), str, "a backend name")
         get_backend(name)
-        out = _writable(f"{where}.path", local(_typed(f"{where}.path", entry.pop("path", None), str, "an output path")))
+        out = local(_typed(f"{where}.path", entry.pop("path", None), str, "an output path"))
+        out = check_output_path(out, f"{where}.path")
         check_backend_options(name, entry)
         backends.append((name, out, entry))
 
@@ -250,16 +272,18 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
         evaluate = dict(check_keys("[evaluate]", raw["evaluate"], EVALUATE_KEYS))
         resolve_callable(evaluate.get("data"), "evaluate.data")
         metric = evaluate.setdefault("metric", "top1")
-        if metric not in METRICS:
+        if not isinstance(metric, str) or metric not in METRICS:
             raise ConfigError(f"evaluate.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-        if "limit" in evaluate and (not isinstance(evaluate["limit"], int) or evaluate["limit"] <= 0):
-            raise ConfigError(f"evaluate.limit must be a positive integer, got {evaluate['limit']!r}")
+        limit = evaluate.get("limit", 1)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+            raise ConfigError(f"evaluate.limit must be a positive integer, got {limit!r}")
 
     report_json, latency = None, None
     if "report" in raw:
         report = check_keys("[report]", raw["report"], REPORT_KEYS)
         if "json" in report:
-            report_json = _writable("report.json", local(_typed("report.json", report["json"], str, "a path")))
+            report_json = check_output_path(local(_typed("report.json", report["json"], str, "a path")),
+                                            "report.json")
         if _typed("report.latency", report.get("latency", False), bool, "true or false"):
             latency = {}
             for key, default in (("threads", 2), ("rounds", 20)):
@@ -269,7 +293,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
                 latency[key] = value
 
     data = {}
-    for key, spec in check_keys("[data]", raw.get("data", {}), set(raw.get("data", {}))).items():
+    table = raw.get("data", {})
+    for key, spec in check_keys("[data]", table, set(table) if isinstance(table, dict) else set()).items():
         data[key] = data_factory(key, spec)
     config = PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
     check_outputs(config)
@@ -283,9 +308,11 @@ def check_outputs(config: PipelineConfig, report_json: str | None = None) -> Non
     if config.model.checkpoint:
         claims[os.path.realpath(config.model.checkpoint)] = "model.checkpoint"
     outputs = [(f"backends[{i}].path", path) for i, (_, path, _) in enumerate(config.backends)]
-    json_path = report_json or config.report_json
+    if report_json is not None:
+        check_output_path(report_json, "the report JSON")
+    json_path = report_json if report_json is not None else config.report_json
     if json_path:
-        outputs.append(("the report JSON" if report_json else "report.json", json_path))
+        outputs.append(("the report JSON" if report_json is not None else "report.json", json_path))
     for where, path in outputs:
         real = os.path.realpath(path)
         if real in claims:
@@ -322,16 +349,14 @@ def parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
     shape = table.get("input_shape")
     if shape is None:
         raise ConfigError("[model]: input_shape is required, e.g. input_shape = [1, 3, 224, 224]")
-    shapes = shape if shape and isinstance(shape[0], list) else [shape]
+    shapes = shape if isinstance(shape, list) and shape and isinstance(shape[0], list) else [shape]
     for s in shapes:
         if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
                                                        for d in s):
             raise ConfigError(f"model.input_shape must be a list of positive integers, got {shape!r}")
     spec.input_shapes = shapes
-    dtype = table.get("input_dtype", "float32")
-    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ConfigError(f"model.input_dtype: unknown dtype {dtype!r} (e.g. float32, int64)")
-    spec.input_dtype = dtype
+    spec.input_dtype = table.get("input_dtype", "float32")
+    spec.check_inputs()
     return spec
 
 

@@ -21,6 +21,7 @@ from torch import fx
 from graphopt.errors import ConfigError, TraceError
 from graphopt.ir import Graph
 from graphopt.lift_layers import lift_functional_layers
+from graphopt.torch_logs import quiet
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -69,11 +70,23 @@ def _check_example_inputs(inputs: tuple) -> None:
     would make every check vacuous (error 0.0 whatever a pass did)."""
     for index, x in enumerate(inputs):
         if isinstance(x, torch.Tensor):
+            if x.is_quantized:
+                raise ConfigError(f"trace(): example input {index} is a quantized tensor ({x.dtype}); trace the float "
+                                  f"model on float inputs (graphopt quantizes it: insert_qdq)")
             if x.numel() == 0:
                 raise ConfigError(f"trace(): example input {index} is empty (shape {tuple(x.shape)}); passes are "
                                   f"verified on it, so give at least one sample")
-            if x.is_floating_point() and not torch.isfinite(x).all():
+            if (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x).all():
                 raise ConfigError(f"trace(): example input {index} holds NaN or Inf values")
+
+
+def _dtype_hint(model: nn.Module, inputs: tuple) -> str:
+    """A bool or complex example input next to floating-point weights, named: the likely reason a
+    model does not trace (torch's own message names a kernel or a type pair, not the input)."""
+    weights = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    odd = [f"example input {i} is {str(x.dtype).removeprefix('torch.')}" for i, x in enumerate(inputs)
+           if isinstance(x, torch.Tensor) and (x.dtype == torch.bool or x.is_complex())]
+    return f" ({', '.join(odd)}; the model's weights are {', '.join(weights)})" if odd and weights else ""
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -95,7 +108,8 @@ def _fx_capture(model: nn.Module) -> fx.GraphModule:
 
 
 def _export_capture(model: nn.Module, inputs: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
-    program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    with quiet():   # a failure is reported in the TraceError; torch would also log its traceback to stderr
+        program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = program.module()
     lift_functional_layers(gm)  # one IR whichever tracer captured it: layers as modules
     return gm
@@ -143,5 +157,6 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
             if not first_reason:
                 first_module, first_reason = module, reason
     detail = "; ".join(f"{k}: {v}" for k, v in attempts.items())
-    raise TraceError(f"cannot trace {type(model).__name__}: {first_module or '<root>'}: {first_reason} "
-                     f"[tried {detail}]", module=first_module, reason=first_reason, attempts=attempts)
+    raise TraceError(f"cannot trace {type(model).__name__}: {first_module or '<root>'}: {first_reason}"
+                     f"{_dtype_hint(model, inputs)} [tried {detail}]", module=first_module, reason=first_reason,
+                     attempts=attempts)

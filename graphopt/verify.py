@@ -32,8 +32,9 @@ def tensor_errors(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     """(max absolute error, max error relative to max|ref|) of one output."""
     if tuple(ref.shape) != tuple(out.shape):
         return math.inf, math.inf
-    ref = ref.detach().double()
-    out = out.detach().double()
+    wide = torch.complex128 if ref.is_complex() or out.is_complex() else torch.float64   # keep imaginary parts
+    ref = ref.detach().to(wide)
+    out = out.detach().to(wide)
     if ref.numel() == 0:
         return 0.0, 0.0
     diff = (out - ref).abs().max().item()

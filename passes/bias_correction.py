@@ -11,6 +11,7 @@ from torch import fx
 
 from graphopt.calibration import ChannelMeanObserver, calibrate
 from graphopt.ir import Graph
+from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import CONV_FUNCS, is_weight_fq
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class BiasCorrection(Pass):
     requires = frozenset({"qdq", "calibration_data"})
     invalidates = frozenset()
 
-    def __init__(self, max_batches: int = 16, bound: float = 0.5, progress: bool = True):
+    def __init__(self, max_batches: Count = 16, bound: Tolerance = 0.5, progress: bool = True):
         self.max_batches, self.bound, self.progress = max_batches, bound, progress
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from graphopt.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
-from graphopt.calibration import batch_inputs
+from graphopt.calibration import batch_inputs, check_batch, check_finite
 from graphopt.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
+from graphopt.options import Count, Fraction, NonNegative, Positive
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 
 _LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
@@ -55,10 +56,11 @@ class Binarize(Pass):
     contract = Contract.NONE  # accuracy comes back through training, not by construction
     invalidates = frozenset({"cost"})
 
-    def __init__(self, activations: bool = False, include: list | None = None, exclude: list | None = None,
-                 keep_first: bool = True, keep_last: bool = True, distill_epochs: float = 0.0, lr: float = 1e-3,
-                 temperature: float = 4.0, distill_alpha: float = 0.7, weight_decay: float = 0.0,
-                 max_batches: int | None = None, freeze: bool = True, progress: bool = True):
+    def __init__(self, activations: bool = False, include: list[str] | None = None,
+                 exclude: list[str] | None = None, keep_first: bool = True, keep_last: bool = True,
+                 distill_epochs: NonNegative = 0.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
+                 distill_alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
+                 freeze: bool = True, progress: bool = True):
         self.activations = bool(activations)
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
@@ -138,7 +140,8 @@ class Binarize(Pass):
         for name in choice["binarize"]:
             graph.replace_module(name, to_binary(modules[name], self.activations))
         if self.activations and choice["binarize"]:
-            init_shifts(graph, choice["binarize"], _first_batch(ctx.data.get("train_data")) or graph.example_inputs)
+            first = _first_batch(graph, ctx.data.get("train_data"))
+            init_shifts(graph, choice["binarize"], first or graph.example_inputs)
         graph.commit()
         stats: dict = {"binarized": len(choice["binarize"]), "layers": choice["binarize"],
                        "full_precision": choice["full_precision"], "activations": self.activations}
@@ -171,11 +174,14 @@ def freeze_all(graph: Graph) -> list[str]:
     return names
 
 
-def _first_batch(data) -> tuple | None:
+def _first_batch(graph: Graph, data) -> tuple | None:
     if data is None:
         return None
     for batch in (data() if callable(data) else data):
-        return batch_inputs(batch)
+        inputs = batch_inputs(batch)
+        check_batch(graph, inputs, "binarize: training batch 0 (input shifts)")
+        check_finite(inputs, "binarize: training batch 0 (input shifts)")
+        return inputs
     return None
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.ir import Graph
+from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import is_plain_relu
 
@@ -60,7 +61,7 @@ class CrossLayerEqualization(Pass):
     contract = Contract.EXACT
     invalidates = frozenset({"cost"})
 
-    def __init__(self, iterations: int = 4, through_relu6: bool = False, bound: float = 0.05):
+    def __init__(self, iterations: int = 4, through_relu6: bool = False, bound: Tolerance = 0.05):
         if not isinstance(iterations, int) or iterations < 1:
             from graphopt.errors import ConfigError
             raise ConfigError(f"pass 'cross_layer_equalization': iterations must be a positive integer, "

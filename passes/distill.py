@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from graphopt.distill import DistillConfig, distill
 from graphopt.ir import Graph
+from graphopt.options import Count, Fraction, NonNegative, Positive
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 
 
@@ -14,9 +15,10 @@ class Distill(Pass):
     requires = frozenset({"train_data"})
     invalidates = frozenset()  # weights change, structure does not
 
-    def __init__(self, epochs: float = 1.0, lr: float = 1e-3, temperature: float = 4.0, alpha: float = 0.7,
-                 weight_decay: float = 0.0, max_batches: int | None = None, feature_nodes: list | None = None,
-                 feature_weight: float = 1.0, progress: bool = True, loss: str = "kd", schedule: str = "cosine"):
+    def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
+                 alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
+                 feature_nodes: list[str] | None = None, feature_weight: NonNegative = 1.0, progress: bool = True,
+                 loss: str = "kd", schedule: str = "cosine"):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,

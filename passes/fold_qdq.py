@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphopt.ir import Graph
+from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import (FUSED_KEY, clamp_bounds, dequantize_per_channel, is_activation_fq, is_weight_fq,
                             keeps_grid, qparams, quantize_weight)
@@ -112,7 +113,7 @@ class FoldQDQ(Pass):
     ensures = frozenset({"folded_qdq"})
     invalidates = None
 
-    def __init__(self, bound: float = 0.05):
+    def __init__(self, bound: Tolerance = 0.05):
         self.bound = bound
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

@@ -18,6 +18,7 @@ analysis) and layers without an int8 kernel stay float; ``stats["float_layers"]`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -28,12 +29,15 @@ from graphopt.calibration import calibrate, iter_calibration, make_observer, obs
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
+from graphopt.options import Range, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams, make_fq_args,
                             weight_scales)
 from graphopt.targets import TARGET_KEY, TARGET_NAMES, Target, get_target
 from graphopt.quant import ADD_FUNCS, is_zero_clamp, keeps_grid
 from graphopt.verify import compare_outputs
+
+Percentile = Annotated[float, Range(50, 100, low_open=True)]   # the percentile observer's share kept
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _SHAPE_OPS = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}   # extra args are sizes, not tensors
@@ -250,9 +254,9 @@ class InsertQDQ(Pass):
     ensures = frozenset({"qdq"})
     invalidates = None
 
-    def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: float = 99.99,
-                 max_batches: int = 16, keep_float: list | None = None, first_layer: str = "int8",
-                 last_layer: str = "int8", sensitive_float: int = 0, bound: float = 0.5, progress: bool = True,
+    def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: Percentile = 99.99,
+                 max_batches: int = 16, keep_float: list[str] | None = None, first_layer: str = "int8",
+                 last_layer: str = "int8", sensitive_float: int = 0, bound: Tolerance = 0.5, progress: bool = True,
                  layer_outputs: str = "auto", embeddings: bool = True, target: str = "auto"):
         if target not in TARGET_NAMES:
             raise ConfigError(f"pass 'insert_qdq': unknown target {target!r}; known: {', '.join(TARGET_NAMES)}")

@@ -80,9 +80,9 @@ class PruneChannels(Pass):
     contract = Contract.EXACT  # against the masked original (see PassResult.reference)
 
     def __init__(self, ratio: float | None = None, target_macs: float | None = None,
-                 target_params: float | None = None, importance: Any = "l2", scope: str = "uniform",
+                 target_params: float | None = None, importance: str | Importance = "l2", scope: str = "uniform",
                  max_ratio: float = 0.9, round_to: int = 1, layers: dict | None = None,
-                 protected: list | None = None, steps: int = 1):
+                 protected: list[str] | None = None, steps: int = 1):
         chosen = [n for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
                   if v is not None]
         if len(chosen) != 1:

@@ -10,6 +10,7 @@ import torch
 
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import Count, NonNegative, Positive, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.weights import (annotate, configure_weight_pass, finetune_constrained, weight_layers,
                               zero_mask)
@@ -45,9 +46,9 @@ class PruneMagnitude(Pass):
     contract = Contract.BOUNDED
     invalidates = frozenset()  # values change, shapes and counts do not
 
-    def __init__(self, sparsity: float = 0.5, scope: str = "layer", steps: int = 1, finetune_epochs: float = 0.0,
-                 lr: float = 1e-3, max_batches: int | None = None, layers: list | None = None,
-                 exclude: list | None = None, bound: float | None = None, progress: bool = False):
+    def __init__(self, sparsity: float = 0.5, scope: str = "layer", steps: int = 1, finetune_epochs: NonNegative = 0.0,
+                 lr: Positive = 1e-3, max_batches: Count | None = None, layers: list[str] | None = None,
+                 exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False):
         owner = "pass 'prune_magnitude'"
         self.owner = owner
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:

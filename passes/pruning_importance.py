@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from graphopt.calibration import split_batch
+from graphopt.calibration import check_batch, check_finite, check_labels, split_batch
 from graphopt.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -107,9 +107,13 @@ class Taylor(Importance):
             if seen >= self.batches:
                 break
             inputs, labels = split_batch(batch)
+            where = f"taylor importance: training batch {seen}"
+            check_batch(graph, inputs, where)
+            check_finite(inputs, where)
             gm.zero_grad()
             with torch.enable_grad():
                 out = gm(*inputs)
+                check_labels(labels, out, where)
                 loss = F.cross_entropy(out, labels) if labels is not None else out.pow(2).mean()
                 loss.backward()
             for n, p in gm.named_parameters():
@@ -136,6 +140,6 @@ CRITERIA: dict[str, type[Importance]] = {c.name: c for c in (L1, L2, BNScale, FP
 def make_importance(spec: str | Importance) -> Importance:
     if isinstance(spec, Importance):
         return spec
-    if spec not in CRITERIA:
+    if not isinstance(spec, str) or spec not in CRITERIA:
         raise ConfigError(f"unknown importance {spec!r}; valid: {', '.join(CRITERIA)} (or an Importance object)")
     return CRITERIA[spec]()

@@ -11,6 +11,7 @@ import torch
 
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.weights import annotate, configure_weight_pass, forget, weight_layers
 
@@ -34,7 +35,7 @@ class QuantizeWeights(Pass):
     invalidates = frozenset()
 
     def __init__(self, bits: int = 4, granularity: str = "channel", group_size: int = 64,
-                 layers: list | None = None, exclude: list | None = None, bound: float | None = None):
+                 layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None):
         owner = "pass 'quantize_weights'"
         self.owner = owner
         if isinstance(bits, bool) or bits not in BITS:

@@ -12,6 +12,7 @@ import torch
 
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import Count, NonNegative, Positive, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.weights import (annotate, configure_weight_pass, finetune_constrained, forget,
                               tied_gradient, weight_layers)
@@ -43,9 +44,9 @@ class ShareWeights(Pass):
     contract = Contract.BOUNDED
     invalidates = frozenset()
 
-    def __init__(self, bits: int = 4, iterations: int = 30, finetune_epochs: float = 0.0, lr: float = 1e-4,
-                 max_batches: int | None = None, layers: list | None = None, exclude: list | None = None,
-                 bound: float | None = None, progress: bool = False):
+    def __init__(self, bits: int = 4, iterations: int = 30, finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-4,
+                 max_batches: Count | None = None, layers: list[str] | None = None,
+                 exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False):
         owner = "pass 'share_weights'"
         self.owner = owner
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:

@@ -103,7 +103,7 @@ class SplitLowRank(Pass):
 
     def __init__(self, ratio: float | None = None, energy: float | None = None, target_macs: float | None = None,
                  target_params: float | None = None, conv_method: str = "auto", rank_multiple: int = 1,
-                 hooi_iters: int = 2, layers: dict | None = None, protected: list | None = None,
+                 hooi_iters: int = 2, layers: dict | None = None, protected: list[str] | None = None,
                  only_if_cheaper: bool = True, max_error: float | None = None, data_aware: bool = False,
                  calibration_batches: int = 8, progress: bool = True):
         given = {k: v for k, v in zip(_BUDGETS, (ratio, energy, target_macs, target_params)) if v is not None}

@@ -138,9 +138,9 @@ def test_unbinarizable_layer_type_is_named():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"include": "features.3"}, "include must be a list"),
-    ({"distill_epochs": -1.0}, "distill_epochs must be >= 0"),
-    ({"distill_alpha": 2.0}, "alpha must be in"),
+    ({"include": "features.3"}, r"option 'include' must be list\[str\] or None"),
+    ({"distill_epochs": -1.0}, "option 'distill_epochs' must be a finite float >= 0, got float -1.0"),
+    ({"distill_alpha": 2.0}, "option 'distill_alpha' must be a finite float >= 0 and <= 1, got float 2.0"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -45,9 +45,13 @@ def test_distill_pass_needs_training_data_and_uses_the_input_graph_as_teacher():
     assert result.records[1].stats["steps"] == 11  # half of 23 batches of 64
 
 
-@pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "epochs must be > 0"),
-                                             ({"alpha": 1.5}, "alpha must be in"),
-                                             ({"temperature": -1.0}, "temperature must be > 0"),
+@pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "option 'epochs' must be a finite float > 0, got int 0"),
+                                             ({"alpha": 1.5}, "option 'alpha' must be a finite float >= 0 and <= 1"),
+                                             ({"temperature": -1.0}, "option 'temperature' must be a finite float > 0"),
+                                             ({"epochs": float("inf")}, "option 'epochs' must be a finite float > 0"),
+                                             ({"max_batches": 0}, "option 'max_batches' must be an int >= 1 or None"),
+                                             ({"feature_weight": float("nan")},
+                                              "option 'feature_weight' must be a number, not NaN"),
                                              ({"loss": "hinge"}, "loss must be one of kd, cosine, mse"),
                                              ({"schedule": "step"}, "schedule must be one of constant, cosine")])
 def test_bad_distillation_settings(kwargs, message):

@@ -22,9 +22,9 @@ def _run(graph, pass_):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: InsertQDQ(keep_float="conv1"), r"keep_float must be a list of layer names, got 'conv1' \(write \['conv1'\]\)"),
-    (lambda: InsertQDQ(keep_float=[3]), "keep_float must be a list of layer names"),
-    (lambda: PruneMagnitude(layers="features.0"), "layers must be a list of module path patterns"),
+    (lambda: InsertQDQ(keep_float="conv1"), r"option 'keep_float' must be list\[str\] or None, got str 'conv1' \(write \['conv1'\]\)"),
+    (lambda: InsertQDQ(keep_float=[3]), r"option 'keep_float' must be list\[str\] or None, got list \[3\]"),
+    (lambda: PruneMagnitude(layers="features.0"), r"option 'layers' must be list\[str\] or None, got str 'features.0' \(write"),
     (lambda: DistillConfig(feature_nodes="relu").check(), r"feature_nodes must be a list of node names, got 'relu'"),
 ])
 def test_a_string_where_a_list_is_due_is_refused(make, message):

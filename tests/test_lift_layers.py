@@ -11,7 +11,7 @@ import graphopt
 from graphopt import PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.calibration import MinMaxObserver, calibrate
-from graphopt.errors import ConfigError
+from graphopt.errors import DataError
 from graphopt.passes import SplitLowRank
 
 
@@ -88,7 +88,7 @@ def test_dynamic_axes_serve_other_sizes_in_graph_onnx_and_calibration(tmp_path):
 
 def test_calibration_still_rejects_a_static_axis_of_the_wrong_size():
     g = graphopt.trace(nn.Sequential(nn.Linear(6, 4)), torch.randn(2, 6))
-    with pytest.raises(ConfigError, match=r"input shapes \[\(2, 5\)\].*\[\(2, 6\)\]"):
+    with pytest.raises(DataError, match=r"calibration batch 0 has input shapes \[\(2, 5\)\].*\[\(2, 6\)\]"):
         calibrate(g, {"_0": MinMaxObserver()}, [torch.randn(2, 5)], progress=False)
 
 

@@ -262,7 +262,7 @@ def test_split_model_exports_to_onnx_and_torchscript(tmp_path):
     ({"layers": {"fc1": {"energy": 1.5}}}, r"layers\['fc1'\].energy must be a number in \(0, 1\]"),
     ({"layers": {"fc1": {"rnak": 3}}}, r"layers\['fc1'\]: unknown key 'rnak'; valid keys: rank, ratio"),
     ({"layers": {"fc1": 3}, "protected": ["fc1"]}, "'fc1' is both protected and given an override"),
-    ({"protected": "fc1"}, "protected must be a list of module names"),
+    ({"protected": "fc1"}, r"option 'protected' must be list\[str\] or None, got str 'fc1'"),
     ({"data_aware": "yes"}, "option 'data_aware' must be bool, got str 'yes'"),
     ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
 ])

@@ -146,7 +146,7 @@ def test_registered_backend_and_options(digits_graph, tmp_path):
     export = graphopt.get_backend("packed")
     report = export(digits_graph, str(tmp_path / "r.gpk"))
     assert report.backend == "packed" and report.max_rel_error == 0.0
-    with pytest.raises(ConfigError, match="tolerance must be a number >= 0"):
+    with pytest.raises(ConfigError, match="backend 'packed': option 'tolerance' must be a float >= 0, got int -1"):
         export(digits_graph, str(tmp_path / "x.gpk"), tolerance=-1)
 
 

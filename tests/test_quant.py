@@ -222,7 +222,7 @@ def test_bad_options():
         InsertQDQ(observer="kl")
     with pytest.raises(ConfigError, match="first_layer must be 'int8' or 'float'"):
         InsertQDQ(first_layer="fp16")
-    with pytest.raises(ConfigError, match="percentile must be in"):
+    with pytest.raises(ConfigError, match="option .percentile. must be a finite float > 50 and <= 100, got float 20.0"):
         InsertQDQ(observer="percentile", percentile=20.0)
 
 

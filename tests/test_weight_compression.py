@@ -133,7 +133,7 @@ def test_bound_is_enforced(folded):
     (lambda: PruneMagnitude(sparsity=True), "option .sparsity. must be float, got bool True"),
     (lambda: PruneMagnitude(scope="model"), "scope must be one of layer, global"),
     (lambda: PruneMagnitude(steps=0), "steps must be an integer >= 1"),
-    (lambda: PruneMagnitude(layers="features.*"), "layers must be a list"),
+    (lambda: PruneMagnitude(layers="features.*"), r"option 'layers' must be list\[str\] or None"),
     (lambda: ShareWeights(bits=1), "bits must be an integer from 2 to 8"),
     (lambda: ShareWeights(bits=9), "bits must be an integer from 2 to 8"),
     (lambda: QuantizeWeights(bits=3), "bits must be one of 2, 4, 8"),

@@ -63,14 +63,16 @@ def _model_from_argument(model: str, input_shape: str | None, checkpoint: str | 
             spec.factory = model
         else:
             spec.torchvision = model
-        shape = input_shape or "1,3,224,224"
+        shape = "1,3,224,224" if input_shape is None else input_shape
         try:
             spec.input_shapes = [[int(d) for d in shape.split(",")]]
         except ValueError:
             raise ConfigError(f"--input-shape must be comma-separated integers, got {shape!r}") from None
         if any(d < 1 for d in spec.input_shapes[0]):
             raise ConfigError(f"--input-shape must be positive integers, got {shape!r}")
-    return spec.build(), spec.example_inputs()
+        spec.check_inputs("--input-shape")   # before the model is built: refused up front if too large
+    inputs = spec.example_inputs()
+    return spec.build(), inputs
 
 
 def _prune_plan(graph, args) -> None:
