@@ -32,7 +32,7 @@ from graphopt.backend import ExportReport, register_backend
 from graphopt.backends.packed_errors import (CorruptFile, DisallowedTarget, PackedFormatError, TruncatedFile,
                                              UnsupportedGraph, UnsupportedVersion)
 from graphopt.backends.packed_graph import decode_graph, decode_modules, encode_modules, encode_nodes
-from graphopt.backends.packed_loading import PendingModule
+from graphopt.backends.packed_loading import PendingModule, start_decoding
 from graphopt.backends.packed_report import build_report, size_table
 from graphopt.backends.packed_tensors import (CODECS, BlobWriter, Reader, dtype_name, encode_tensor, place,
                                               torch_dtype)
@@ -210,6 +210,7 @@ def open_module(path: str | os.PathLike) -> PendingModule:
 
 def _load(path: str) -> tuple[PendingModule, dict]:
     manifest, blob, version = _read_checked(path)
+    futures: dict = {}
     try:
         reader = Reader(blob, version)
         builders, placeholders = {}, {}
@@ -217,20 +218,24 @@ def _load(path: str) -> tuple[PendingModule, dict]:
             name, is_param = str(entry["name"]), bool(entry["param"])
             if name in builders:
                 raise ValueError(f"tensor {name!r} is stored twice")
-            builders[name] = (reader.plan(entry), is_param)
+            builders[name] = reader.plan(entry)
             placeholders[name] = (torch.empty([int(d) for d in entry["shape"]], dtype=torch_dtype(entry["dtype"]),
                                               device="meta"), is_param)
         reader.run()  # version 1: the Huffman streams, all at once, before any tensor is built
+        futures = start_decoding(builders, torch.get_num_threads())  # decodes while the module is built
         spec = manifest["graph"]
         root = decode_modules(spec["modules"], placeholders)
         fx_graph = decode_graph(spec["nodes"])
         gm = torch.fx.GraphModule(root, fx_graph, _class_name(spec["class_name"]))
         gm.training = root.training
         gm.meta[ANNOTATIONS_KEY] = dict(manifest.get("annotations", {}))
-        return PendingModule(gm, builders, path, torch.get_num_threads()), manifest
-    except PackedFormatError:
-        raise
-    except Exception as exc:  # a checksummed file that still does not describe a graph
+        return PendingModule(gm, futures, {name: p for name, (_, p) in placeholders.items()}, path), manifest
+    except Exception as exc:
+        for future in futures.values():
+            future.cancel()
+        if isinstance(exc, PackedFormatError):
+            raise
+        # a checksummed file that still does not describe a graph
         raise CorruptFile(f"{path}: malformed contents: {type(exc).__name__}: {exc}") from exc
 
 

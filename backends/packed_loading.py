@@ -1,8 +1,8 @@
 """Decoding a packed file's tensors on a thread pool while its module is built and run.
 
-The module is built first with shape-only (meta device) tensors, so it exists before any
-weight is decoded; a pool of ``torch.get_num_threads()`` threads decodes the tensors in
-file order (zstandard and most numpy work release the GIL). A tensor is put in the module
+A pool of ``torch.get_num_threads()`` threads starts decoding the tensors in file order
+(zstandard and most numpy work release the GIL) while the module is built with shape-only
+(meta device) tensors, so the module exists before its weights do. A tensor is put in the module
 the first time something needs it: a forward pre-hook on each called submodule waits for
 that submodule's tensors only, so the first layers run while later ones still decode.
 Nothing ever computes with a placeholder: until installed, a tensor is on the meta device,
@@ -26,22 +26,18 @@ class PendingModule:
     ``module`` can be called at once; ``wait()`` returns it with every tensor in place (its
     ``state_dict()`` holds meta tensors until then); ``done()`` says whether decoding ended."""
 
-    def __init__(self, module: torch.fx.GraphModule, builders: dict[str, tuple[Callable[[], torch.Tensor], bool]],
-                 path: str, threads: int):
+    def __init__(self, module: torch.fx.GraphModule, futures: dict[str, Future], is_param: dict[str, bool],
+                 path: str):
         self.module, self.path = module, path
-        self._is_param = {name: is_param for name, (_, is_param) in builders.items()}
+        self._futures, self._is_param = dict(futures), is_param
         self._lock = threading.Lock()
-        pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="graphopt-packed")
-        self._futures: dict[str, Future] = {name: pool.submit(build) for name, (build, _) in builders.items()}
-        pool.shutdown(wait=False)  # the queued tensors still decode; the threads end after the last
         self._hooks = []
-        graph = module.graph
-        needed_by_root = [n for n in builders if "." not in n]
-        for node in graph.nodes:
+        needed_by_root = [n for n in futures if "." not in n]
+        for node in module.graph.nodes:
             if node.op == "get_attr":
-                needed_by_root += _under(builders, node.target)
+                needed_by_root += _under(futures, node.target)
             elif node.op == "call_module":
-                self._hook(module.get_submodule(node.target), _under(builders, node.target))
+                self._hook(module.get_submodule(node.target), _under(futures, node.target))
         self._hook(module, needed_by_root)
 
     def _hook(self, target: nn.Module, names: list[str]) -> None:
@@ -83,6 +79,15 @@ class PendingModule:
             handle.remove()
         self._hooks.clear()
         return self.module
+
+
+def start_decoding(builders: dict[str, Callable[[], torch.Tensor]], threads: int) -> dict[str, Future]:
+    """Each builder queued on a new pool of ``threads`` threads, in order; the pool's threads
+    end after the last one (``cancel`` the futures to drop the rest)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="graphopt-packed")
+    futures = {name: pool.submit(build) for name, build in builders.items()}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def _under(names: dict, prefix: str) -> list[str]:

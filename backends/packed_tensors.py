@@ -251,13 +251,13 @@ class Reader:
         self.pending: list[HuffmanStream] = []
         self.decoded: list[np.ndarray] = []
 
-    def _bytes(self, seg: list[int]) -> memoryview:
+    def span(self, seg: list[int]) -> memoryview:
         offset, length = (int(v) for v in seg)
         if offset < 0 or length < 0 or offset + length > len(self.blob):
             raise ValueError(f"segment [{offset}, {offset + length}) lies outside the data section")
         return self.blob[offset:offset + length]
 
-    def _ints(self, desc: dict, limit: int) -> Callable[[], np.ndarray]:
+    def ints(self, desc: dict, limit: int) -> Callable[[], np.ndarray]:
         """A decoder of the integer stream ``desc`` (at most ``limit`` values)."""
         n, codec = int(desc["n"]), desc["codec"]
         if codec not in self.codecs:
@@ -269,15 +269,15 @@ class Reader:
             value = int(desc["value"])
             return lambda: np.full(n, value, dtype=np.int64)
         if codec == "bits":
-            data, width, low = self._bytes(desc["seg"]), int(desc["width"]), int(desc["low"])
+            data, width, low = self.span(desc["seg"]), int(desc["width"]), int(desc["low"])
             if not 1 <= width <= 63:
                 raise ValueError(f"bit field width {width} is outside 1..63")
             return lambda: unpack_bits(data, width, n) + low
         if codec == "zstd":
-            data, width = self._bytes(desc["seg"]), int(desc["width"])
+            data, width = self.span(desc["seg"]), int(desc["width"])
             return lambda: zstd_decode(data, n, width)
         stream = read_stream(n, int(desc["symbols"]), int(desc["sym_width"]), int(desc["off_width"]),
-                             self._bytes(desc["table"]), self._bytes(desc["offsets"]), self._bytes(desc["seg"]))
+                             self.span(desc["table"]), self.span(desc["offsets"]), self.span(desc["seg"]))
         index = len(self.pending)
         self.pending.append(stream)
         return lambda: self.decoded[index]
@@ -285,7 +285,7 @@ class Reader:
     def _array(self, desc: dict) -> np.ndarray:
         dtype = {"float16": np.float16, "float32": np.float32}[desc["dtype"]]
         n = int(desc["n"])
-        data = self._bytes(desc["seg"])
+        data = self.span(desc["seg"])
         if len(data) != n * np.dtype(dtype).itemsize:
             raise ValueError(f"array of {n} {desc['dtype']} values has {len(data)} bytes")
         return np.frombuffer(data, dtype=dtype).astype(np.float32)
@@ -301,7 +301,7 @@ class Reader:
             array = enc["array"]
             if int(array["n"]) != numel:
                 raise ValueError("raw tensor does not match its shape and dtype")
-            data = self._bytes(array["seg"])
+            data = self.span(array["seg"])
             if len(data) != numel * torch.empty(0, dtype=dtype).element_size():
                 raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs more or fewer")
             return lambda: (torch.frombuffer(data, dtype=dtype, count=numel) if numel else
@@ -314,7 +314,7 @@ class Reader:
         nnz, escape = int(enc["nnz"]), int(enc["escape"])
         if not 0 <= nnz <= numel or escape < 1:
             raise ValueError(f"sparse tensor of {numel} values with {nnz} non-zeros and escape {escape}")
-        gaps = self._ints(enc["gaps"], nnz + numel // escape + 1)
+        gaps = self.ints(enc["gaps"], nnz + numel // escape + 1)
         values = self._values(enc["values"], nnz, numel)
 
         def build_sparse() -> torch.Tensor:
@@ -335,7 +335,7 @@ class Reader:
             return lambda positions: array
         if kind == "codebook":
             book = self._array(enc["codebook"])
-            codes = self._ints(enc["codes"], n)
+            codes = self.ints(enc["codes"], n)
 
             def from_book(positions: np.ndarray | None) -> np.ndarray:
                 c = codes()
@@ -349,7 +349,7 @@ class Reader:
             group, zero = int(enc["group"]), int(enc["zero"])
             if group < 1 or scales.size * group != numel:
                 raise ValueError(f"{scales.size} scales of groups of {group} do not cover {numel} values")
-            codes = self._ints(enc["codes"], n)
+            codes = self.ints(enc["codes"], n)
 
             def from_codes(positions: np.ndarray | None) -> np.ndarray:
                 c = codes()

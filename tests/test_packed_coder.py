@@ -20,6 +20,7 @@ from graphopt.backends.packed_codec import zstd_decode, zstd_encode
 from graphopt.backends.packed_huffman import MAX_CODE_LEN, huffman_decode_many, huffman_encode, stored_size
 from graphopt.backends.packed_tensors import BlobWriter, Reader, _Draft, encode_tensor, place
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, ShareWeights
+from graphopt.tools.packed_v1 import write_version_1
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 V1_FILE = os.path.join(DATA, "digits_pruned_shared_v1.gpk")
@@ -91,7 +92,7 @@ def _decode_ints(desc, chunks):
     blob = BlobWriter()
     desc = place(desc, chunks, blob)
     reader = Reader(memoryview(bytearray(b"".join(blob.parts))), packed.FORMAT_VERSION)
-    decode = reader._ints(desc, limit=10 ** 7)
+    decode = reader.ints(desc, limit=10 ** 7)
     reader.run()
     return decode()
 
@@ -209,6 +210,16 @@ def v2_file(digits_graph, tmp_path):
     packed.save(graph, path)
     assert "zstd" in {s["codec"] for s in _streams(packed._read_checked(str(path))[0])}
     return graph, path
+
+
+def test_version_1_copy_of_a_file_holds_huffman_streams_and_the_same_tensors(v2_file, tmp_path):
+    graph, path = v2_file
+    write_version_1(str(path), str(tmp_path / "v1.gpk"))
+    manifest, _, version = packed._read_checked(str(tmp_path / "v1.gpk"))
+    assert version == 1 and "huffman" in {s["codec"] for s in _streams(manifest)}
+    state = packed.load_module(tmp_path / "v1.gpk").state_dict()
+    for name, tensor in graph.gm.state_dict().items():
+        assert _digest(state[name]) == _digest(tensor), name
 
 
 def test_files_of_other_versions_or_another_versions_coder_are_refused_by_name(v2_file, tmp_path):
