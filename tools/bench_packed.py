@@ -80,9 +80,10 @@ RECIPES = {
         PruneMagnitude(sparsity=0.5, layers=["0", "3", "9"]),
         PruneMagnitude(sparsity=0.8, layers=["7"], steps=2, **finetune(0.5)),
         ShareWeights(bits=5, **finetune(0.5))], 10),
+    # the convs stay dense: pruning them by half cost 8 points before fine-tuning and 1.1 after
+    # (3 seeds); the two 512-wide FC layers hold 93% of the weights
     "fashion_vgg": (fashion_vgg, lambda: [
         FoldBatchNorm(), RemoveIdentity(),
-        PruneMagnitude(sparsity=0.5, exclude=["19", "22"]),
         PruneMagnitude(sparsity=0.95, layers=["19", "22"], steps=3, **finetune(0.5)),
         ShareWeights(bits=4, **finetune(0.5))], 40),
 }
