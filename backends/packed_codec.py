@@ -3,8 +3,8 @@
 Both carry 1-D arrays of non-negative integers (codes, codebook indices, index gaps).
 zstandard is the entropy coder of format version 2: on weight codes and index gaps its
 Huffman-coded literal blocks are as small as version 1's canonical Huffman streams with their
-chunk offsets (within 1.5% of the order-0 entropy), and they decode at ~1 GB/s in C, where the
-numpy Huffman decoder (``packed_huffman``) managed ~14 MB/s (``bench_packed`` measures both).
+chunk offsets (within 1.5% of the order-0 entropy), and they decode at ~1 G symbols/s in C, where
+the numpy Huffman decoder (``packed_huffman``) manages ~15 M (``bench_packed`` measures both).
 Symbols are stored one byte each, or as two byte planes (low bytes, then high bytes) when
 they need 16 bits, so each block's Huffman table sees one distribution.
 """

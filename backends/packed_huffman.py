@@ -1,6 +1,6 @@
 """Canonical Huffman integer streams: the entropy coder of packed format version 1.
 
-Version 2 files use zstandard (see ``packed_codec``), which decodes ~80x faster; this module
+Version 2 files use zstandard (see ``packed_codec``), which decodes ~60x faster; this module
 stays so version-1 files still load bit for bit, and so the coder comparison benchmark can
 measure both. Streams are cut into chunks of ``CHUNK`` symbols whose starting bit offsets are
 stored, so the decoder advances every chunk of every stream of a file in one numpy step per
