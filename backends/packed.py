@@ -4,12 +4,16 @@ Layout::
 
     header   64 bytes: magic, format version, flags, manifest length, data length, sha256
     manifest zlib-compressed JSON: the fx graph as data, module tree, tensor encodings
-    data     the tensors' bytes: raw arrays, bit-packed and Huffman-coded integer streams
+    data     the tensors' bytes: raw arrays, bit-packed and zstandard-coded integer streams
 
 The sha256 covers the header fields before it and everything after the header. Tensors
 are encoded by kind (see ``packed_tensors``); the graph through allow-lists (see
-``packed_graph``). ``save``/``load`` are the Python API; the ``packed`` backend saves,
-reloads and checks that the outputs are bit for bit the graph's.
+``packed_graph``). ``save``/``load``/``load_module``/``open_module`` are the Python API; the
+``packed`` backend saves, reloads and checks that the outputs are bit for bit the graph's.
+
+Version 2 codes integer streams with zstandard; version 1 (canonical Huffman) files still
+load. A file of any other version is refused by name (``UnsupportedVersion``), and a stream
+whose codec is not its version's is ``CorruptFile``, so no file is read with the wrong coder.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ from graphopt.backend import ExportReport, register_backend
 from graphopt.backends.packed_errors import (CorruptFile, DisallowedTarget, PackedFormatError, TruncatedFile,
                                              UnsupportedGraph, UnsupportedVersion)
 from graphopt.backends.packed_graph import decode_graph, decode_modules, encode_modules, encode_nodes
+from graphopt.backends.packed_loading import PendingModule, start_decoding
 from graphopt.backends.packed_report import build_report, size_table
-from graphopt.backends.packed_tensors import (BlobWriter, Reader, dtype_name, encode_tensor, place, torch_dtype)
+from graphopt.backends.packed_tensors import (CODECS, BlobWriter, Reader, dtype_name, encode_tensor, place,
+                                              torch_dtype)
 from graphopt.backends.parity import module_runner, parity_report
 from graphopt.errors import GraphoptError
 from graphopt.files import atomic_path
@@ -38,11 +44,13 @@ from graphopt.memory import check_fits, check_run_fits, tensor_bytes
 from graphopt.options import Tolerance
 from graphopt.weights import ANNOTATIONS_KEY
 
-__all__ = ["save", "load", "load_module", "export", "size_table", "ANNOTATIONS_KEY", "PackedFormatError", "TruncatedFile",
+__all__ = ["save", "load", "load_module", "open_module", "PendingModule", "export",
+           "size_table", "ANNOTATIONS_KEY", "PackedFormatError", "TruncatedFile",
            "CorruptFile", "UnsupportedVersion", "DisallowedTarget", "UnsupportedGraph", "FORMAT_VERSION"]
 
 MAGIC = b"GOPACK\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = tuple(sorted(CODECS))   # 1: canonical Huffman streams; 2: zstandard streams
 _HEADER = struct.Struct("<8sIIQQ32s")   # magic, version, flags, manifest bytes, data bytes, sha256
 _FLAG_ZLIB = 1
 _ALIGN = 64
@@ -130,8 +138,8 @@ def save(graph: Graph, path: str | os.PathLike, *, metadata: dict | None = None)
     return report
 
 
-def _read_checked(path: str) -> tuple[dict, memoryview]:
-    """(manifest, data section) after checking magic, version, lengths and checksum."""
+def _read_checked(path: str) -> tuple[dict, memoryview, int]:
+    """(manifest, data section, format version) after checking magic, version, lengths and checksum."""
     try:
         with open(path, "rb") as f:
             raw = bytearray(f.read())
@@ -142,9 +150,11 @@ def _read_checked(path: str) -> tuple[dict, memoryview]:
     if len(raw) < _HEADER.size:
         raise TruncatedFile(f"{path} is truncated: {len(raw)} bytes, shorter than the {_HEADER.size}-byte header")
     magic, version, flags, manifest_len, data_len, digest = _HEADER.unpack_from(raw)
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersion(f"{path} was written in packed format version {version}; this graphopt "
-                                 f"({graphopt.__version__}) reads version {FORMAT_VERSION}")
+    if version not in READ_VERSIONS:
+        newer = " (newer than this graphopt: upgrade graphopt to read it)" if version > FORMAT_VERSION else ""
+        raise UnsupportedVersion(f"{path} was written in packed format version {version}{newer}; this graphopt "
+                                 f"({graphopt.__version__}) reads versions "
+                                 f"{', '.join(map(str, READ_VERSIONS))} and writes {FORMAT_VERSION}")
     data_start = _HEADER.size + manifest_len + (-(_HEADER.size + manifest_len) % _ALIGN)
     expected = data_start + data_len
     if len(raw) < expected:
@@ -162,9 +172,10 @@ def _read_checked(path: str) -> tuple[dict, memoryview]:
     except (zlib.error, ValueError, RecursionError) as exc:   # RecursionError: arrays nested 10^5 deep
         raise CorruptFile(f"{path}: the manifest cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "graphopt.packed" \
-            or manifest.get("version") != FORMAT_VERSION:
-        raise CorruptFile(f"{path}: the manifest is not a graphopt packed manifest of version {FORMAT_VERSION}")
-    return manifest, view[data_start:]
+            or manifest.get("version") != version:
+        raise CorruptFile(f"{path}: the manifest is not a graphopt packed manifest of version {version}, "
+                          f"as its header says")
+    return manifest, view[data_start:], version
 
 
 def _inflate(text: bytes) -> bytes:
@@ -185,7 +196,8 @@ def load(path: str | os.PathLike) -> Graph:
     Example inputs are not stored: the loaded graph gets seeded random ones of the saved
     shapes and dtypes (shape propagation runs the model once on them). Raises a
     PackedFormatError subclass naming what is wrong."""
-    gm, manifest = _load(os.fspath(path))
+    pending, manifest = _load(os.fspath(path))
+    gm = pending.wait()
     spec = manifest["graph"]
     try:
         inputs = _example_inputs(spec["inputs"])
@@ -209,27 +221,44 @@ def load(path: str | os.PathLike) -> Graph:
 
 
 def load_module(path: str | os.PathLike) -> torch.fx.GraphModule:
-    """Just the GraphModule saved at ``path`` (no Graph analyses, nothing run)."""
+    """Just the GraphModule saved at ``path``, every tensor decoded (no Graph analyses, nothing run)."""
+    return open_module(path).wait()
+
+
+def open_module(path: str | os.PathLike) -> PendingModule:
+    """The GraphModule saved at ``path``, callable at once while its tensors decode on a thread
+    pool (``torch.get_num_threads()`` threads); ``.wait()`` gives it with every tensor in place."""
     return _load(os.fspath(path))[0]
 
 
-def _load(path: str) -> tuple[torch.fx.GraphModule, dict]:
-    manifest, blob = _read_checked(path)
+def _load(path: str) -> tuple[PendingModule, dict]:
+    manifest, blob, version = _read_checked(path)
+    futures: dict = {}
     try:
-        reader = Reader(blob)
-        builders = [(e["name"], bool(e["param"]), _named(e["name"], reader.plan, e)) for e in manifest["tensors"]]
-        reader.run()
-        tensors = {name: (_named(name, build), is_param) for name, is_param, build in builders}
+        reader = Reader(blob, version)
+        builders, placeholders = {}, {}
+        for entry in manifest["tensors"]:
+            name, is_param = str(entry["name"]), bool(entry["param"])
+            if name in builders:
+                raise ValueError(f"tensor {name!r} is stored twice")
+            builders[name] = reader.plan(entry)
+            placeholders[name] = (torch.empty([int(d) for d in entry["shape"]], dtype=torch_dtype(entry["dtype"]),
+                                              device="meta"), is_param)
+        reader.run()  # version 1: the Huffman streams, all at once, before any tensor is built
+        futures = start_decoding(builders, torch.get_num_threads())  # decodes while the module is built
         spec = manifest["graph"]
-        root = decode_modules(spec["modules"], tensors)
+        root = decode_modules(spec["modules"], placeholders)
         fx_graph = decode_graph(spec["nodes"])
         gm = torch.fx.GraphModule(root, fx_graph, _class_name(spec["class_name"]))
         gm.training = root.training
         gm.meta[ANNOTATIONS_KEY] = dict(manifest.get("annotations", {}))
-        return gm, manifest
-    except PackedFormatError as exc:   # a name outside the allow-list: said with the file it came from
-        raise type(exc)(f"{path}: {exc}") from None
-    except Exception as exc:  # a checksummed file that still does not describe a graph
+        return PendingModule(gm, futures, {name: p for name, (_, p) in placeholders.items()}, path), manifest
+    except Exception as exc:
+        for future in futures.values():
+            future.cancel()
+        if isinstance(exc, PackedFormatError):
+            raise
+        # a checksummed file that still does not describe a graph
         raise CorruptFile(f"{path}: malformed contents: {type(exc).__name__}: {exc}") from exc
 
 

@@ -1,21 +1,25 @@
-"""Integer streams for the packed format: fixed-width bit packing and canonical Huffman.
+"""Integer streams of the packed format: fixed-width bit fields and zstandard frames.
 
-Both work on 1-D arrays of non-negative integers (codes, codebook indices, index gaps)
-and are vectorised with numpy. Huffman streams are cut into chunks of ``CHUNK`` symbols
-whose starting bit offsets are stored, so that the decoder advances every chunk of every
-stream of a file in one numpy step per symbol position (``CHUNK`` steps in all, however
-many tensors the file holds) instead of one Python step per symbol.
+Both carry 1-D arrays of non-negative integers (codes, codebook indices, index gaps).
+zstandard is the entropy coder of format version 2: on weight codes and index gaps its
+Huffman-coded literal blocks are as small as version 1's canonical Huffman streams with their
+chunk offsets (within 1.5% of the order-0 entropy), and they decode at ~1 G symbols/s in C, where
+the numpy Huffman decoder (``packed_huffman``) manages ~15 M (``bench_packed`` measures both).
+Symbols are stored one byte each, or as two byte planes (low bytes, then high bytes) when
+they need 16 bits, so each block's Huffman table sees one distribution.
 """
 from __future__ import annotations
 
-import heapq
-from dataclasses import dataclass
-
 import numpy as np
+import zstandard
 
-MAX_CODE_LEN = 16      # the decoder reads 24-bit windows: code length + 7 must fit
-CHUNK = 1024           # symbols per independently decodable Huffman chunk
-MAX_SYMBOL = 1 << 16   # symbols are < 2**16 (codebook indices, shifted codes, gap symbols)
+MAX_ZSTD_SYMBOL = 1 << 16
+# Literal-heavy streams: a 128 KiB window (one block) and the optimal parser with a long
+# target length keep zstd from trading literals for useless short matches. Measured on the
+# streams of a pruned int8 ResNet-50: 0.1% smaller than level 19, in a seventh of its time.
+_PARAMS = zstandard.ZstdCompressionParameters(window_log=17, chain_log=10, hash_log=10, search_log=1, min_match=7,
+                                              target_length=64, strategy=zstandard.STRATEGY_BTOPT,
+                                              write_checksum=False, write_content_size=True, write_dict_id=False)
 
 
 def width_for(max_value: int) -> int:
@@ -42,151 +46,56 @@ def unpack_bits(data: bytes | memoryview | np.ndarray, width: int, count: int) -
     needed = (count * width + 7) // 8
     if raw.size < needed:
         raise ValueError(f"bit-packed stream holds {raw.size} bytes, {needed} needed")
+    if width == 8:
+        return raw[:count].astype(np.int64)
+    if width <= 25:  # every field lies in the 4 bytes from its first one
+        buf = np.concatenate([raw[:needed], np.zeros(3, dtype=np.uint8)]).astype(np.int64)
+        start = np.arange(count, dtype=np.int64) * width
+        byte = start >> 3
+        window = (buf[byte] << 24) | (buf[byte + 1] << 16) | (buf[byte + 2] << 8) | buf[byte + 3]
+        return (window >> (32 - width - (start & 7))) & ((1 << width) - 1)
     bits = np.unpackbits(raw[:needed])[: count * width].reshape(count, width).astype(np.int64)
     weights = (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
     return bits @ weights
 
 
-# -- canonical Huffman ------------------------------------------------------------------
-def huffman_lengths(counts: np.ndarray) -> np.ndarray:
-    """Code lengths (<= MAX_CODE_LEN) for symbols with the given positive ``counts``."""
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.size == 1:
-        return np.ones(1, dtype=np.int64)
-    work = counts.copy()
-    while True:
-        heap = [(int(c), i, (i,)) for i, c in enumerate(work)]
-        heapq.heapify(heap)
-        lengths = np.zeros(counts.size, dtype=np.int64)
-        tiebreak = counts.size
-        while len(heap) > 1:
-            c1, _, s1 = heapq.heappop(heap)
-            c2, _, s2 = heapq.heappop(heap)
-            members = s1 + s2
-            lengths[list(members)] += 1
-            heapq.heappush(heap, (c1 + c2, tiebreak, members))
-            tiebreak += 1
-        if lengths.max() <= MAX_CODE_LEN:
-            return lengths
-        work = (work >> 1) | 1  # flatten the distribution until the longest code fits
+# -- zstandard --------------------------------------------------------------------------
+def zstd_encode(values: np.ndarray) -> tuple[bytes, int]:
+    """(one zstandard frame, bytes per symbol) for integers in [0, 2**16)."""
+    values = np.asarray(values)
+    if values.size and (values.min() < 0 or values.max() >= MAX_ZSTD_SYMBOL):
+        raise ValueError(f"zstd stream symbols must lie in [0, {MAX_ZSTD_SYMBOL})")
+    width = 1 if not values.size or values.max() < 256 else 2
+    if width == 1:
+        raw = values.astype(np.uint8).tobytes()
+    else:
+        raw = np.ascontiguousarray(values.astype("<u2").view(np.uint8).reshape(-1, 2).T).tobytes()
+    return zstandard.ZstdCompressor(compression_params=_PARAMS).compress(raw), width
 
 
-def canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, codes): symbol ranks sorted by (length, rank) and their canonical codes."""
-    order = np.lexsort((np.arange(lengths.size), lengths))
-    codes = np.zeros(lengths.size, dtype=np.int64)
-    code, previous = 0, int(lengths[order[0]])
-    for position, rank in enumerate(order):
-        length = int(lengths[rank])
-        if position:
-            code = (code + 1) << (length - previous)
-        codes[rank] = code
-        previous = length
-    return order, codes
-
-
-@dataclass
-class HuffmanStream:
-    """An encoded stream: ``symbols`` (sorted) and their code ``lengths`` form the table."""
-
-    count: int
-    symbols: np.ndarray
-    lengths: np.ndarray
-    offsets: np.ndarray   # starting bit of each chunk after the first
-    data: bytes
-
-
-def huffman_encode(values: np.ndarray) -> HuffmanStream:
-    values = np.asarray(values, dtype=np.int64)
-    symbols, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    if symbols.size and (symbols[0] < 0 or symbols[-1] >= MAX_SYMBOL):
-        raise ValueError(f"Huffman symbols must lie in [0, {MAX_SYMBOL})")
-    lengths = huffman_lengths(counts) if symbols.size else np.zeros(0, dtype=np.int64)
-    if not symbols.size:
-        return HuffmanStream(0, symbols, lengths, np.zeros(0, dtype=np.int64), b"")
-    _, codes = canonical_codes(lengths)
-    sym_len, sym_code = lengths[inverse], codes[inverse]
-    ends = np.cumsum(sym_len)
-    starts = ends - sym_len
-    bits = np.zeros(int(ends[-1]), dtype=np.uint8)
-    for k in range(int(lengths.max())):
-        live = sym_len > k
-        bits[starts[live] + k] = (sym_code[live] >> (sym_len[live] - 1 - k)) & 1
-    offsets = starts[CHUNK::CHUNK]
-    return HuffmanStream(int(values.size), symbols, lengths, offsets, np.packbits(bits).tobytes())
-
-
-@dataclass
-class _Pending:
-    stream: HuffmanStream
-    lut_base: int
-    max_len: int
-
-
-def huffman_decode_many(streams: list[HuffmanStream]) -> list[np.ndarray]:
-    """Decode several streams together (int64 arrays), advancing all their chunks at once."""
-    results: list[np.ndarray | None] = [None] * len(streams)
-    buffers, lut_syms, lut_lens = [], [], []
-    chunk_bit, chunk_lut, chunk_shift, chunk_count = [], [], [], []
-    lut_size, byte_pos = 0, 0
-    width = 1
-    plans = []
-    for index, stream in enumerate(streams):
-        if stream.count == 0:
-            results[index] = np.zeros(0, dtype=np.int64)
-            continue
-        max_len = int(stream.lengths.max())
-        width = max(width, max_len)
-        plans.append((index, stream, max_len))
-    if not plans:
-        return results  # type: ignore[return-value]
-    for index, stream, max_len in plans:
-        order, _ = canonical_codes(stream.lengths)
-        span = 1 << (max_len - stream.lengths[order])
-        if span.sum() > (1 << max_len):
-            raise ValueError("Huffman table violates the Kraft inequality")
-        syms = np.repeat(stream.symbols[order], span)
-        lens = np.repeat(stream.lengths[order], span)
-        pad = (1 << max_len) - syms.size  # incomplete code (a single symbol): fill the rest
-        syms = np.concatenate([syms, np.zeros(pad, dtype=np.int64)])
-        lens = np.concatenate([lens, np.full(pad, max_len, dtype=np.int64)])
-        lut_syms.append(syms)
-        lut_lens.append(lens)
-        starts = np.concatenate([[0], np.asarray(stream.offsets, dtype=np.int64)])
-        n_chunks = (stream.count + CHUNK - 1) // CHUNK
-        if starts.size != n_chunks or (starts.size > 1 and np.any(np.diff(starts) < 0)) \
-                or (starts.size and starts[-1] > len(stream.data) * 8):
-            raise ValueError("Huffman chunk offsets do not match the stream")
-        chunk_bit.append(starts + byte_pos * 8)
-        chunk_lut.append(np.full(n_chunks, lut_size, dtype=np.int64))
-        chunk_shift.append(np.full(n_chunks, max_len, dtype=np.int64))
-        counts = np.full(n_chunks, CHUNK, dtype=np.int64)
-        counts[-1] = stream.count - CHUNK * (n_chunks - 1)
-        chunk_count.append(counts)
-        buffers.append(np.frombuffer(stream.data, dtype=np.uint8))
-        lut_size += syms.size
-        byte_pos += len(stream.data)
-    # reading past a stream's end decodes garbage that is masked away; pad so reads stay in range
-    buffers.append(np.zeros(2 * CHUNK + 8, dtype=np.uint8))
-    buf = np.concatenate(buffers).astype(np.int64)
-    syms_all, lens_all = np.concatenate(lut_syms), np.concatenate(lut_lens)
-    pos = np.concatenate(chunk_bit)
-    base = np.concatenate(chunk_lut)
-    shift = width - np.concatenate(chunk_shift)
-    counts = np.concatenate(chunk_count)
-    out = np.zeros((pos.size, CHUNK), dtype=np.int64)
-    mask = (1 << width) - 1
-    steps = int(counts.max())
-    for step in range(steps):
-        byte, bit = pos >> 3, pos & 7
-        window = (buf[byte] << 16) | (buf[byte + 1] << 8) | buf[byte + 2]
-        window = ((window >> (24 - width - bit)) & mask) >> shift
-        slot = base + window
-        out[:, step] = syms_all[slot]
-        pos = pos + lens_all[slot]
-    cursor = 0
-    for index, stream, _ in plans:
-        n_chunks = (stream.count + CHUNK - 1) // CHUNK
-        results[index] = out[cursor:cursor + n_chunks].reshape(-1)[: stream.count].copy()
-        cursor += n_chunks
-    return results  # type: ignore[return-value]
+def zstd_decode(data: bytes | memoryview, count: int, width: int) -> np.ndarray:
+    """Inverse of ``zstd_encode``: ``count`` symbols (uint8 or uint16). Raises ValueError
+    unless ``data`` is exactly one frame that declares and holds ``count * width`` bytes."""
+    if width not in (1, 2):
+        raise ValueError(f"zstd stream symbols are 1 or 2 bytes wide, not {width}")
+    size = count * width
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd stream has no valid frame header: {exc}") from exc
+    if declared != size:
+        raise ValueError(f"zstd frame declares {declared} bytes; a stream of {count} symbols of {width} bytes "
+                         f"needs {size}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd stream does not decode: {exc}") from exc
+    if len(raw) != size:
+        raise ValueError(f"zstd stream holds {len(raw)} bytes, {size} expected")
+    planes = np.frombuffer(raw, dtype=np.uint8)
+    if width == 1:
+        return planes
+    out = np.empty(count, dtype="<u2")
+    pairs = out.view(np.uint8).reshape(count, 2)
+    pairs[:, 0], pairs[:, 1] = planes[:count], planes[count:]
+    return out

@@ -10,9 +10,9 @@ Kinds (all decode to the saved values bit for bit):
 - ``sparse``: positions of the non-zero weights as gaps between them (relative indices,
   with an escape symbol for long gaps), plus one of the kinds above over the non-zeros.
 
-Integer streams (codes, gaps) are stored as a constant, fixed-width bit fields or
-canonical Huffman, whichever is smallest. Every part is tallied by role (values, index,
-codebook/scales, coding overhead) for the size report.
+Integer streams (codes, gaps) are stored as a constant, fixed-width bit fields or a
+zstandard frame (canonical Huffman in version-1 files), whichever is smallest. Every part is
+tallied by role (values, index, codebook/scales, coding overhead) for the size report.
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from graphopt.backends.packed_codec import (CHUNK, HuffmanStream, huffman_decode_many, huffman_encode, pack_bits,
-                                            unpack_bits, width_for)
+from graphopt.backends.packed_codec import MAX_ZSTD_SYMBOL, pack_bits, unpack_bits, width_for, zstd_decode, zstd_encode
+from graphopt.backends.packed_huffman import HuffmanStream, huffman_decode_many, read_stream
 from graphopt.memory import check_fits, tensor_bytes
 
 MAX_CODEBOOK = 1 << 12        # try codebook coding below this many distinct values
 MIN_ZERO_FRACTION = 0.2       # try sparse coding above this fraction of exact zeros
-ESCAPES = (16, 64, 256, 1024, 4096)
+ESCAPES = (15, 63, 255, 1023, 4095)  # gap symbols 0..escape: one byte up to 255
+#: integer codecs each format version writes (and so the only ones a file of that version may hold)
+CODECS = {1: frozenset({"const", "bits", "huffman"}), 2: frozenset({"const", "bits", "zstd"})}
 
 _DTYPES = {name: getattr(torch, name) for name in
            ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
@@ -93,30 +95,26 @@ class _Draft:
         return {"dtype": "float32", "n": int(values.size), **self.segment(values.tobytes(), role, 4)}
 
     def ints(self, values: np.ndarray, role: str) -> dict:
-        """Non-negative integers as the smallest of: constant, fixed-width bits, Huffman."""
+        """Non-negative integers as the smallest of: constant, fixed-width bits, zstandard."""
         values = np.asarray(values, dtype=np.int64)
         n = int(values.size)
         if n == 0 or values.min() == values.max():
             return {"codec": "const", "n": n, "value": int(values[0]) if n else 0}
-        low = int(values.min())
-        width = width_for(int(values.max()) - low)
+        low, high = int(values.min()), int(values.max())
+        width = width_for(high - low)
+        if high < MAX_ZSTD_SYMBOL:
+            frame, sym_bytes = zstd_encode(values)
+            if len(frame) < (n * width + 7) // 8:
+                return {"codec": "zstd", "n": n, "width": sym_bytes, **self.segment(frame, role)}
         packed = pack_bits(values - low, width)
-        huff = huffman_encode(values) if values.max() < (1 << 16) else None
-        if huff is not None:
-            huff_bytes = len(huff.data) + (huff.symbols.size * (width_for(int(huff.symbols[-1])) + 5) + 7) // 8 \
-                + huff.offsets.size * width_for(int(huff.offsets[-1]) if huff.offsets.size else 0) // 8 + 24
-            if huff_bytes < len(packed):
-                return self._huffman(huff, role)
         return {"codec": "bits", "n": n, "width": width, "low": low, **self.segment(packed, role)}
 
-    def _huffman(self, huff: HuffmanStream, role: str) -> dict:
-        sym_width = width_for(int(huff.symbols[-1]))
-        off_width = width_for(int(huff.offsets[-1]) if huff.offsets.size else 0)
-        return {"codec": "huffman", "n": huff.count, "symbols": int(huff.symbols.size), "sym_width": sym_width,
-                "off_width": off_width, **self.segment(huff.data, role),
-                "table": self.segment(pack_bits(huff.symbols, sym_width) + pack_bits(huff.lengths - 1, 4),
-                                      "overhead")["seg"],
-                "offsets": self.segment(pack_bits(huff.offsets, off_width), "overhead")["seg"]}
+    def adopt(self, other: "_Draft") -> int:
+        """Take ``other``'s segments and tally; returns the number its first segment now has."""
+        base = len(self.chunks)
+        self.chunks.extend(other.chunks)
+        self.tally.update(other.tally)
+        return base
 
     def size(self) -> int:
         return self.tally.total()
@@ -151,16 +149,19 @@ def encode_tensor(tensor: torch.Tensor, hint: dict | None = None) -> tuple[dict,
                 continue
             positions = np.flatnonzero(nonzero)
             values = flat[positions]
+            index = _Draft()
+            gaps = _encode_positions(index, positions)  # shared by every kind of values
         else:
             positions, values = None, flat
         for kind in ("raw", "quant", "codebook"):
             draft = _Draft()
+            if sparse:
+                gaps_desc = {**gaps, "gaps": _shift_segments(gaps["gaps"], draft.adopt(index))}
             enc = _encode_values(draft, kind, values, positions, scales, group)
             if enc is None:
                 continue
             if sparse:
-                enc = {"kind": "sparse", "nnz": int(positions.size), **_encode_positions(draft, positions),
-                       "values": enc}
+                enc = {"kind": "sparse", "nnz": int(positions.size), **gaps_desc, "values": enc}
             candidates.append((enc, draft))
     enc, draft = min(candidates, key=lambda c: c[1].size())
     entry["enc"] = enc
@@ -213,16 +214,12 @@ def _encode_positions(draft: _Draft, positions: np.ndarray) -> dict:
         if gaps.size == 0 or gaps.max() < escape:
             break
     escape, stream, trial = best
-    # re-home the winning stream's segments in the caller's draft
-    base = len(draft.chunks)
-    draft.chunks.extend(trial.chunks)
-    draft.tally.update(trial.tally)
-    return {"escape": escape, "gaps": _shift_segments(stream, base)}
+    return {"escape": escape, "gaps": _shift_segments(stream, draft.adopt(trial))}
 
 
 def _shift_segments(desc: dict, base: int) -> dict:
     out = dict(desc)
-    for key in ("seg", "table", "offsets"):
+    for key in ("seg", "table", "offsets"):  # "table" and "offsets": version-1 Huffman streams
         if key in out:
             out[key] = out[key] + base
     return out
@@ -244,50 +241,53 @@ def place(enc: Any, chunks: list[tuple[bytes, int]], blob: BlobWriter) -> Any:
 
 # -- decoding -------------------------------------------------------------------------------
 class Reader:
-    """Decodes a file's tensors in two phases so all Huffman streams are decoded together:
-    ``plan(entry)`` registers what a tensor needs and returns a builder; ``run()`` decodes
-    every Huffman stream; then each builder makes its tensor."""
+    """Decodes the tensors of a file of format ``version``. ``plan(entry)`` checks an entry and
+    returns a builder that decodes that one tensor; builders share nothing mutable, so they
+    may run in any order and on any thread. A version-1 file's Huffman streams are decoded
+    together by ``run()`` first (the numpy decoder is fast only on the whole batch)."""
 
-    def __init__(self, blob: memoryview):
+    def __init__(self, blob: memoryview, version: int):
         self.blob = blob
+        self.version = version
+        self.codecs = CODECS[version]
         self.pending: list[HuffmanStream] = []
         self.decoded: list[np.ndarray] = []
 
-    def _bytes(self, seg: list[int]) -> memoryview:
+    def span(self, seg: list[int]) -> memoryview:
         offset, length = (int(v) for v in seg)
         if offset < 0 or length < 0 or offset + length > len(self.blob):
             raise ValueError(f"segment [{offset}, {offset + length}) lies outside the data section")
         return self.blob[offset:offset + length]
 
-    def _ints(self, desc: dict, most: int) -> Callable[[], np.ndarray]:
-        """A stream of at most ``most`` integers (its length is read from the file: bounded before
-        anything of that length is allocated)."""
-        n = int(desc["n"])
-        if not 0 <= n <= most:
-            raise ValueError(f"an integer stream declares {n} values where at most {most} belong")
-        codec = desc["codec"]
+    def ints(self, desc: dict, limit: int) -> Callable[[], np.ndarray]:
+        """A decoder of the integer stream ``desc`` (at most ``limit`` values)."""
+        n, codec = int(desc["n"]), desc["codec"]
+        if codec not in self.codecs:
+            raise ValueError(f"integer codec {codec!r} is not one of format version {self.version}'s "
+                             f"({', '.join(sorted(self.codecs))})")
+        if not 0 <= n <= limit:
+            raise ValueError(f"integer stream of {n} values where at most {limit} fit the tensor")
         if codec == "const":
             value = int(desc["value"])
             return lambda: np.full(n, value, dtype=np.int64)
         if codec == "bits":
-            values = unpack_bits(self._bytes(desc["seg"]), int(desc["width"]), n) + int(desc["low"])
-            return lambda: values
-        if codec == "huffman":
-            k, sym_width, off_width = int(desc["symbols"]), int(desc["sym_width"]), int(desc["off_width"])
-            table = np.frombuffer(self._bytes(desc["table"]), dtype=np.uint8)
-            symbols = unpack_bits(table, sym_width, k)
-            lengths = unpack_bits(table[(k * sym_width + 7) // 8:], 4, k) + 1
-            n_offsets = max(0, (n + CHUNK - 1) // CHUNK - 1)
-            offsets = unpack_bits(self._bytes(desc["offsets"]), off_width, n_offsets)
-            index = len(self.pending)
-            self.pending.append(HuffmanStream(n, symbols, lengths, offsets, bytes(self._bytes(desc["seg"]))))
-            return lambda: self.decoded[index]
-        raise ValueError(f"unknown integer codec {codec!r}")
+            data, width, low = self.span(desc["seg"]), int(desc["width"]), int(desc["low"])
+            if not 1 <= width <= 63:
+                raise ValueError(f"bit field width {width} is outside 1..63")
+            return lambda: unpack_bits(data, width, n) + low
+        if codec == "zstd":
+            data, width = self.span(desc["seg"]), int(desc["width"])
+            return lambda: zstd_decode(data, n, width)
+        stream = read_stream(n, int(desc["symbols"]), int(desc["sym_width"]), int(desc["off_width"]),
+                             self.span(desc["table"]), self.span(desc["offsets"]), self.span(desc["seg"]))
+        index = len(self.pending)
+        self.pending.append(stream)
+        return lambda: self.decoded[index]
 
     def _array(self, desc: dict) -> np.ndarray:
         dtype = {"float16": np.float16, "float32": np.float32}[desc["dtype"]]
         n = int(desc["n"])
-        data = self._bytes(desc["seg"])
+        data = self.span(desc["seg"])
         if len(data) != n * np.dtype(dtype).itemsize:
             raise ValueError(f"array of {n} {desc['dtype']} values has {len(data)} bytes")
         return np.frombuffer(data, dtype=dtype).astype(np.float32)
@@ -296,7 +296,7 @@ class Reader:
         shape = [int(d) for d in entry["shape"]]
         dtype = torch_dtype(entry["dtype"])
         if any(d < 0 for d in shape):
-            raise ValueError(f"shape {shape} has a negative size")
+            raise ValueError(f"tensor shape {shape} has a negative size")
         numel = math.prod(shape)
         check_fits(tensor_bytes(shape, dtype), f"shape {shape} ({entry['dtype']})", ValueError)
         enc = entry["enc"]
@@ -304,51 +304,43 @@ class Reader:
             array = enc["array"]
             if int(array["n"]) != numel:
                 raise ValueError("raw tensor does not match its shape and dtype")
-            data = self._bytes(array["seg"])
+            data = self.span(array["seg"])
             if len(data) != numel * torch.empty(0, dtype=dtype).element_size():
                 raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs more or fewer")
             return lambda: (torch.frombuffer(data, dtype=dtype, count=numel) if numel else
                             torch.empty(0, dtype=dtype)).reshape(shape)
         if dtype != torch.float32:
             raise ValueError(f"{enc['kind']} encoding is only for float32 tensors, not {entry['dtype']}")
-        if enc["kind"] == "sparse":
-            nnz, escape = int(enc["nnz"]), int(enc["escape"])
-            if not 0 <= nnz <= numel or escape < 1:
-                raise ValueError(f"sparse tensor of {numel} values declares {nnz} non-zeros, escape {escape}")
-            gaps = self._ints(enc["gaps"], nnz + numel // escape + 1)
+        if enc["kind"] != "sparse":
+            values = self._values(enc, numel, numel)
+            return lambda: torch.from_numpy(values(None)).reshape(shape)
+        nnz, escape = int(enc["nnz"]), int(enc["escape"])
+        if not 0 <= nnz <= numel or escape < 1:
+            raise ValueError(f"sparse tensor of {numel} values with {nnz} non-zeros and escape {escape}")
+        gaps = self.ints(enc["gaps"], nnz + numel // escape + 1)
+        values = self._values(enc["values"], nnz, numel)
 
-            def positions() -> np.ndarray:
-                symbols = gaps()
-                entries = symbols != escape
-                advance = np.where(entries, symbols + 1, escape)
-                pos = np.cumsum(advance)[entries] - 1
-                if pos.size != nnz or (pos.size and pos[-1] >= numel):
-                    raise ValueError("sparse positions do not match the tensor")
-                return pos
+        def build_sparse() -> torch.Tensor:
+            positions = _positions(gaps(), escape, nnz, numel)
+            full = np.zeros(numel, dtype=np.float32)
+            full[positions] = values(positions)
+            return torch.from_numpy(full).reshape(shape)
 
-            values = self._values(enc["values"], nnz, positions)
+        return build_sparse
 
-            def build_sparse() -> torch.Tensor:
-                full = np.zeros(numel, dtype=np.float32)
-                full[positions()] = values()
-                return torch.from_numpy(full).reshape(shape)
-
-            return build_sparse
-        values = self._values(enc, numel, lambda: np.arange(numel))
-        return lambda: torch.from_numpy(values()).reshape(shape)
-
-    def _values(self, enc: dict, n: int, positions: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    def _values(self, enc: dict, n: int, numel: int) -> Callable[[np.ndarray | None], np.ndarray]:
+        """A decoder of ``n`` values; it takes their flat positions (None: all ``numel``, in order)."""
         kind = enc["kind"]
         if kind == "raw":
             array = self._array(enc["array"])
             if array.size != n:
                 raise ValueError("value count does not match")
-            return lambda: array
+            return lambda positions: array
         if kind == "codebook":
             book = self._array(enc["codebook"])
-            codes = self._ints(enc["codes"], n)
+            codes = self.ints(enc["codes"], n)
 
-            def from_book() -> np.ndarray:
+            def from_book(positions: np.ndarray | None) -> np.ndarray:
                 c = codes()
                 if c.size != n or (c.size and c.max() >= book.size):
                     raise ValueError("codebook codes do not match")
@@ -358,19 +350,41 @@ class Reader:
         if kind == "quant":
             scales = self._array(enc["scales"])
             group, zero = int(enc["group"]), int(enc["zero"])
-            if group < 1:
-                raise ValueError(f"quantized groups of {group} values")
-            codes = self._ints(enc["codes"], n)
+            if group < 1 or scales.size * group != numel:
+                raise ValueError(f"{scales.size} scales of groups of {group} do not cover {numel} values")
+            codes = self.ints(enc["codes"], n)
 
-            def from_codes() -> np.ndarray:
+            def from_codes(positions: np.ndarray | None) -> np.ndarray:
                 c = codes()
-                index = positions() // group
-                if c.size != n or (index.size and index[-1] >= scales.size):
+                if c.size != n:
                     raise ValueError("quantized codes do not match")
-                return (c - zero).astype(np.float32) * scales[index]
+                steps = (c.astype(np.int64 if c.dtype == np.int64 else np.int32) - zero).astype(np.float32)
+                if positions is None:  # dense: every group in full
+                    return (steps.reshape(scales.size, group) * scales[:, None]).reshape(-1)
+                ends = np.searchsorted(positions, np.arange(1, scales.size + 1, dtype=np.int64) * group)
+                return steps * np.repeat(scales, np.diff(ends, prepend=0))
 
             return from_codes
         raise ValueError(f"unknown value encoding {kind!r}")
 
     def run(self) -> None:
-        self.decoded = huffman_decode_many(self.pending)
+        """Decode a version-1 file's Huffman streams (all together)."""
+        if self.pending:
+            self.decoded = huffman_decode_many(self.pending)
+
+
+def _positions(symbols: np.ndarray, escape: int, nnz: int, numel: int) -> np.ndarray:
+    """Flat positions of the non-zeros from their gap symbols (``escape``: skip ``escape`` places)."""
+    entries = symbols != escape
+    reach = symbols.size * (max(escape, int(symbols.max(initial=0)) + 1) + 1)
+    advance = symbols.astype(np.int32 if reach < 2 ** 31 else np.int64)  # int32 sums: ~2x faster
+    advance += 1
+    if not entries.all():
+        advance[~entries] = escape
+    positions = np.cumsum(advance, dtype=advance.dtype)
+    positions -= 1
+    if not entries.all():
+        positions = positions[entries]
+    if positions.size != nnz or (positions.size and positions[-1] >= numel):
+        raise ValueError("sparse positions do not match the tensor")
+    return positions

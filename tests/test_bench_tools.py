@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.tools import bench_quant
+from graphopt.tools import bench_packed, bench_quant
 from graphopt.tools.ort_recipe_avx2_check import agreement, output_steps
 
 
@@ -51,3 +51,16 @@ def test_output_steps_reads_the_final_dequantize_scale():
                                numpy_helper.from_array(np.array(3, np.uint8), "z")])
     assert output_steps(helper.make_model(graph)) == [0.25, None]
     onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_packed_targets_are_decided_on_the_mean_over_seeds():
+    runs = [{"seed": s, "params": 10, "loss_points": loss, "ratio_vs_fp32": ratio, "accuracy_fp32": 90.0,
+             "accuracy_packed": 90.0 - loss, "file_bytes": 100, "bits_per_weight": 1.0, "bit_exact_reload": True}
+            for s, loss, ratio in [(0, 1.3, 41.0), (1, 0.2, 39.5), (2, 0.7, 42.0)]]
+    got = bench_packed.summarise("net", runs, target_ratio=40)
+    assert got["loss_points"] == {"mean": 0.73, "std": 0.55, "min": 0.2, "max": 1.3}
+    assert got["ratio_vs_fp32"]["mean"] == 40.83 and got["meets_target"]  # one seed over 1 point, one under 40x
+    runs[1]["loss_points"] = 1.2
+    assert not bench_packed.summarise("net", runs, target_ratio=40)["meets_target"]  # mean loss 1.07
+    per_seed, summary = bench_packed.fashion_tables([got])
+    assert len(per_seed[1]) == 3 and summary[1][0][2] == "0.73 ± 0.55 [0.20, 1.30]"

@@ -66,7 +66,7 @@ def _gpk_parts(data: bytes) -> tuple[dict, bytes]:
     return json.loads(zlib.decompress(data[HEAD.size:HEAD.size + mlen])), data[start:]
 
 
-def seal_gpk(manifest_bytes: bytes, blob: bytes, version: int = 1, flags: int = 1, compress: bool = True) -> bytes:
+def seal_gpk(manifest_bytes: bytes, blob: bytes, version: int = packed.FORMAT_VERSION, flags: int = 1, compress: bool = True) -> bytes:
     """A .gpk whose header and sha256 are right for whatever it holds: only its content is hostile."""
     text = zlib.compress(manifest_bytes) if compress else manifest_bytes
     body = text + b"\0" * (-(HEAD.size + len(text)) % 64) + blob
@@ -279,8 +279,8 @@ HOSTILE_FILES = {
     "header version 7": (lambda good: seal_gpk(zlib.compress(json.dumps(_gpk_parts(good)[0]).encode()),
                                                _gpk_parts(good)[1], version=7, compress=False),
                          packed.UnsupportedVersion, "version 7"),
-    "manifest version 2": (lambda good: _edit(good, lambda m: m.update(version=2)), packed.CorruptFile,
-                           "not a graphopt packed manifest of version 1"),
+    "manifest version 1": (lambda good: _edit(good, lambda m: m.update(version=1)), packed.CorruptFile,
+                           "not a graphopt packed manifest of version 2"),
     "huge input": (lambda good: _edit(good, lambda m: m["graph"]["inputs"][0].update(shape=[10 ** 6] * 3)),
                    packed.CorruptFile, "example input 0 .* would need"),
     "negative input": (lambda good: _edit(good, lambda m: m["graph"]["inputs"][0].update(shape=[-1, 1, 8, 8])),
@@ -295,7 +295,7 @@ HOSTILE_FILES = {
     "huge sparse tensor": (lambda good: _edit(good, lambda m: _tensor(m, "features.3.weight").update(
         shape=[10 ** 5, 10 ** 5, 10])), packed.CorruptFile, "would need"),
     "huge huffman count": (lambda good: _edit(good, lambda m: _tensor(m, "classifier.2.weight")["enc"]["codes"].update(
-        n=10 ** 13)), packed.CorruptFile, "classifier.2.weight"),
+        n=10 ** 13)), packed.CorruptFile, "integer stream of 10000000000000 values where at most 5120"),
     "wrong weight shape": (lambda good: _edit(good, lambda m: m["graph"]["modules"][-1]["args"].update(
         in_features=7)), packed.CorruptFile, "classifier.2"),
     "wrong tensor dtype": (lambda good: _edit(good, lambda m: _tensor(m, "features.1.bias").update(
@@ -305,7 +305,7 @@ HOSTILE_FILES = {
         kind="zstd")), packed.CorruptFile, "zstd"),
     "unknown codec": (lambda good: _edit(good, lambda m: _tensor(m, "features.0.weight")["enc"]["codes"].update(
         codec="lzma")), packed.CorruptFile, "lzma"),
-    "deep nesting": (lambda good: seal_gpk(b'{"format": "graphopt.packed", "version": 1, "graph": '
+    "deep nesting": (lambda good: seal_gpk(b'{"format": "graphopt.packed", "version": 2, "graph": '
                                            + b"[" * 100000 + b"]" * 100000 + b"}", _gpk_parts(good)[1]),
                      packed.CorruptFile, "manifest"),
     "deep arguments": (lambda good: _edit(good, lambda m: m["graph"]["nodes"][1].update(args=_nested(200))),
@@ -335,7 +335,7 @@ def _nested(depth: int) -> dict:
 def _bomb() -> bytes:
     """A manifest of 1 MiB of zlib that inflates to 1 GiB (compressed in pieces: the test never holds it)."""
     squeeze = zlib.compressobj(9)
-    parts = [squeeze.compress(b'{"format": "graphopt.packed", "version": 1, "pad": "')]
+    parts = [squeeze.compress(b'{"format": "graphopt.packed", "version": 2, "pad": "')]
     parts += [squeeze.compress(b" " * (1 << 20)) for _ in range(1024)]
     return b"".join(parts) + squeeze.compress(b'"}') + squeeze.flush()
 

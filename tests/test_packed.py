@@ -12,7 +12,8 @@ import torchvision
 import graphopt
 from graphopt import ConfigError, ExportError, GraphoptError
 from graphopt.backends import packed
-from graphopt.backends.packed_codec import CHUNK, huffman_decode_many, huffman_encode, pack_bits, unpack_bits
+from graphopt.backends.packed_codec import pack_bits, unpack_bits
+from graphopt.backends.packed_huffman import CHUNK, huffman_decode_many, huffman_encode
 from graphopt.backends.packed_tensors import Reader, BlobWriter, encode_tensor, place
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, ShareWeights
 
@@ -55,7 +56,7 @@ def _round_trip_tensor(tensor, hint=None):
     entry, chunks, tally = encode_tensor(tensor, hint)
     blob = BlobWriter()
     entry["enc"] = place(entry["enc"], chunks, blob)
-    reader = Reader(memoryview(bytearray(b"".join(blob.parts))))
+    reader = Reader(memoryview(bytearray(b"".join(blob.parts))), packed.FORMAT_VERSION)
     build = reader.plan(entry)
     reader.run()
     return entry, build(), tally
@@ -226,7 +227,7 @@ def test_truncated_corrupted_and_foreign_files(digits_graph, tmp_path):
         "flip.gpk": (data[:-50] + bytes([data[-50] ^ 1]) + data[-49:], packed.CorruptFile, "checksum"),
         "tail.gpk": (data + b"x", packed.CorruptFile, "unexpected bytes"),
         "other.gpk": (b"PK\x03\x04" + data[4:], packed.PackedFormatError, "not a graphopt packed file"),
-        "v2.gpk": (data[:8] + struct.pack("<I", 2) + data[12:], packed.UnsupportedVersion, "version 2"),
+        "v3.gpk": (data[:8] + struct.pack("<I", 3) + data[12:], packed.UnsupportedVersion, "version 3 .newer"),
         "empty.gpk": (b"", packed.PackedFormatError, "not a graphopt packed file"),
     }
     for name, (content, error, message) in cases.items():
