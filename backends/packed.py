@@ -241,7 +241,7 @@ def _load(path: str) -> tuple[PendingModule, dict]:
             name, is_param = str(entry["name"]), bool(entry["param"])
             if name in builders:
                 raise ValueError(f"tensor {name!r} is stored twice")
-            builders[name] = reader.plan(entry)
+            builders[name] = _named(name, reader.plan, entry)
             placeholders[name] = (torch.empty([int(d) for d in entry["shape"]], dtype=torch_dtype(entry["dtype"]),
                                               device="meta"), is_param)
         reader.run()  # version 1: the Huffman streams, all at once, before any tensor is built

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -39,8 +39,8 @@ from graphopt.search import sensitivity as sens
 from graphopt.search.frontier import choose, pareto_front
 from graphopt.search.goal import Goal, make_goal
 from graphopt.search.recipe import Recipe, Space
-from graphopt.search.trial import (EXTENSIONS, Evaluator, Trial, Workbench, batch_inputs, eager_runner, time_ms,
-                                   torch_runner)
+from graphopt.search.trial import (EXTENSIONS, Evaluator, Trial, Workbench, batch_inputs, calls_per_sample,
+                                   eager_runner, time_ms, torch_runner)
 
 METRICS = ("top1", "cosine")
 
@@ -528,11 +528,7 @@ def _space(goal: Goal, context: dict, sensitivity: sens.Sensitivity, original: f
         changes.update(quant=tuple(q for q in space.quant if q != "int8"), max_sensitive_float=0)
     else:
         changes["max_sensitive_float"] = min(space.max_sensitive_float, len(sensitivity.quant_layers) - 1)
-    if changes:
-        from dataclasses import replace
-
-        space = replace(space, **changes)
-    return space
+    return replace(space, **changes)
 
 
 def _peer_baselines(base: Graph, goal: Goal, evaluator: Evaluator, context: dict, out_dir: str, original: Point,
@@ -603,6 +599,5 @@ def _remeasure(result: CompressResult, bench: Workbench, finalists: list[Trial])
         return {}
     inputs = bench.inputs()
     runs = {k: (lambda r=r: r(*inputs)) for k, r in runners.items()}
-    once = max(time_ms(next(iter(runners.values())), inputs, rounds=3) / 1e3, 1e-6)
-    inner = max(1, min(200, int(0.01 / once)))
+    inner = calls_per_sample(next(iter(runners.values())), inputs)
     return {k: v * 1e3 for k, v in interleaved_latency(runs, rounds=20, inner=inner).items()}

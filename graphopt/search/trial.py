@@ -98,11 +98,14 @@ def torch_runner(run: Callable) -> Callable:
 
 def time_ms(run: Callable, inputs: tuple, rounds: int = 15) -> float:
     """Median ms per call; short calls are timed in groups so the clock's resolution does not matter."""
+    return interleaved_latency({"run": lambda: run(*inputs)}, rounds=rounds, inner=calls_per_sample(run, inputs))["run"] * 1e3
+
+
+def calls_per_sample(run: Callable, inputs: tuple) -> int:
+    """How many calls to time together so one sample lasts about 10 ms (one untimed call measures it)."""
     start = time.perf_counter()
     run(*inputs)
-    once = max(time.perf_counter() - start, 1e-6)
-    inner = max(1, min(200, int(0.01 / once)))
-    return interleaved_latency({"run": lambda: run(*inputs)}, rounds=rounds, inner=inner)["run"] * 1e3
+    return max(1, min(200, int(0.01 / max(time.perf_counter() - start, 1e-6))))
 
 
 class Evaluator:
