@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from graphopt.backend import ExportReport, register_backend
-from graphopt.binary import BINARY_LAYERS, to_binary, weight_from_bits
-from graphopt.bitpack import pack_bits, packed_size, unpack_bits
+from graphopt.quant.binary import BINARY_LAYERS, to_binary, weight_from_bits
+from graphopt.backends._bitpack import pack_bits, packed_size, unpack_bits
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph

@@ -9,7 +9,7 @@ Two forms, both with int8 weight initializers (never float weights) and uint8 ac
 QOperator where the direct lowering covers every op, QDQ through torch.onnx otherwise, and
 LayerNormalizations after a residual add kept apart from it (onnx_layernorm).
 ``form="tune"`` builds both forms (and both LayerNorm variants), times them here and keeps the
-faster. The weights' range is the graph's target's (graphopt.targets), recorded in the file's
+faster. The weights' range is the graph's target's (graphopt.quant.targets), recorded in the file's
 metadata. The artifact is checked against the IR, layer by layer: at least ``min_within_step``
 of the quantized values within one step of the simulated-quant graph's, in onnxruntime where this
 CPU computes the target exactly, else in onnx's reference evaluator (onnx_reference).
@@ -34,13 +34,14 @@ from graphopt.backends.onnx_layernorm import layernorms_on_2d
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.ops import OpKind, op_name
 from graphopt.options import Count, Fraction
-from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, flatten_args, int8_mac_share,
-                            is_activation_fq, is_plain_relu, is_weight_dq, layerwise_within_one_step, output_steps, qparams,
-                            quant_target, within_one_step)
-from graphopt.targets import Target, host_target
+from graphopt.backends._int8_checks import (flatten_args, int8_mac_share, layerwise_within_one_step, output_steps,
+                                            within_one_step)
+from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, is_activation_fq, is_plain_relu,
+                                    is_weight_dq, qparams, quant_target)
+from graphopt.quant.targets import Target, host_target
 from graphopt.verify import compare_outputs
 
 FORMS = ("auto", "qoperator", "qdq", "tune")

@@ -24,7 +24,8 @@ from torch import fx
 from graphopt.errors import ExportError
 from graphopt.backends._onnx_runtime import to_proto
 from graphopt.ir import Graph, owner_and_leaf
-from graphopt.quant import CONV_FUNCS, gather_int8_rows, is_activation_fq, is_weight_dq, qparams
+from graphopt.quant.qparams import CONV_FUNCS, is_activation_fq, is_weight_dq, qparams
+from graphopt.backends._int8_checks import gather_int8_rows
 
 INTEGER_KERNELS = {"MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger",
                    "ConvInteger", "DynamicQuantizeMatMul", "QAttention"}

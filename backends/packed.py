@@ -42,7 +42,7 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.memory import check_fits, check_run_fits, tensor_bytes
 from graphopt.options import Tolerance
-from graphopt.weights import ANNOTATIONS_KEY
+from graphopt.quant.weights import ANNOTATIONS_KEY
 
 __all__ = ["save", "load", "load_module", "open_module", "PendingModule", "export",
            "size_table", "ANNOTATIONS_KEY", "PackedFormatError", "TruncatedFile",

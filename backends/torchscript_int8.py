@@ -26,10 +26,11 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
-from graphopt.quant import (ADD_FUNCS, CONV_FUNCS, QParams, gather_int8_rows, int8_mac_share, is_activation_fq,
-                            is_weight_dq, keeps_grid,
-                            layerwise_within_one_step, output_steps, qparams, quant_target, within_one_step)
-from graphopt.targets import host_target
+from graphopt.backends._int8_checks import (gather_int8_rows, int8_mac_share, layerwise_within_one_step, output_steps,
+                                            within_one_step)
+from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, QParams, is_activation_fq, is_weight_dq, keeps_grid, qparams,
+                                    quant_target)
+from graphopt.quant.targets import host_target
 from graphopt.verify import compare_outputs, node_values
 
 _AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)

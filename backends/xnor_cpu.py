@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphopt.binary import BinaryConv2d, BinaryLinear
-from graphopt.bitpack import pack_words
+from graphopt.quant.binary import BinaryConv2d, BinaryLinear
+from graphopt.backends._bitpack import pack_words
 from graphopt.errors import ConfigError
 
 CHUNK_BYTES = 1 << 22  # bound on the (rows, out, words) XOR temporary

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from graphopt.calibration import ChannelMeanObserver, calibrate
+from graphopt.quant.calibration import ChannelMeanObserver, calibrate
 from graphopt.ir import Graph
 from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import CONV_FUNCS, is_weight_fq
+from graphopt.quant.qparams import CONV_FUNCS, is_weight_fq
 import torch.nn.functional as F
 
 

@@ -15,9 +15,9 @@ import networkx as nx
 import torch
 import torch.nn as nn
 
-from graphopt.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
-from graphopt.calibration import batch_inputs, check_batch, check_finite
-from graphopt.distill import DistillConfig, distill
+from graphopt.quant.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
+from graphopt.data import batch_inputs, check_batch, check_finite
+from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind

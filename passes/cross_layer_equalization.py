@@ -17,7 +17,7 @@ from torch import fx
 from graphopt.ir import Graph
 from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import is_plain_relu
+from graphopt.quant.qparams import is_plain_relu
 
 _LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
 

@@ -1,7 +1,7 @@
 """Recovery pass: fine-tune the graph against the pipeline's input model by distillation."""
 from __future__ import annotations
 
-from graphopt.distill import DistillConfig, distill
+from graphopt.training.distill import DistillConfig, distill
 from graphopt.ir import Graph
 from graphopt.options import Count, Fraction, NonNegative, Positive
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass

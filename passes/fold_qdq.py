@@ -17,9 +17,8 @@ from torch import fx
 from graphopt.ir import Graph
 from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import (FUSED_KEY, clamp_bounds, dequantize_per_channel, is_activation_fq, is_weight_fq,
-                            keeps_grid, qparams, quantize_weight)
-from graphopt.quant import ADD_FUNCS, CONV_FUNCS
+from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, FUSED_KEY, clamp_bounds, dequantize_per_channel, is_activation_fq,
+                                    is_weight_fq, keeps_grid, qparams, quantize_weight)
 
 def _is_fusable_producer(node: fx.Node) -> bool:
     return node.op == "call_function" and (node.target in CONV_FUNCS or node.target is F.linear

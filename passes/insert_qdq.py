@@ -25,16 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from graphopt.calibration import calibrate, iter_calibration, make_observer, observer_names, reiterable
+from graphopt.data import reiterable
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.options import Range, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import (FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams, make_fq_args,
-                            weight_scales)
-from graphopt.targets import TARGET_KEY, TARGET_NAMES, Target, get_target
-from graphopt.quant import ADD_FUNCS, is_zero_clamp, keeps_grid
+from graphopt.quant.calibration import calibrate, iter_calibration, make_observer, observer_names
+from graphopt.quant.qparams import (ADD_FUNCS, FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams,
+                                    is_zero_clamp, keeps_grid, make_fq_args, weight_scales)
+from graphopt.quant.targets import TARGET_KEY, TARGET_NAMES, Target, get_target
 from graphopt.verify import compare_outputs
 
 Percentile = Annotated[float, Range(50, 100, low_open=True)]   # the percentile observer's share kept

@@ -1,6 +1,6 @@
 """Structured channel pruning over dependency groups, with the weights physically shrunk.
 
-Plan: analyse channel groups (graphopt.channels), score channels with an importance
+Plan: analyse channel groups (graphopt.pruning.channels), score channels with an importance
 criterion, choose what to remove (uniform ratio, global ranking with a per-group cap,
 per-layer overrides, rounding to a multiple, or a MACs/params budget found by search).
 Apply: slice every member of each group and rewrite shape literals. Oracle: the pass
@@ -18,14 +18,14 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from graphopt.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
+from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
                                ChannelGroup, ChannelPlan, channel_groups)
 from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.passes.pruning_importance import Importance, make_importance
-from graphopt.slicing import apply_cuts, resize_group_norm, split_sizes
+from graphopt.pruning.slicing import apply_cuts, resize_group_norm, split_sizes
 
 
 class NothingToPrune(GraphoptError):

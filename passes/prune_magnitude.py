@@ -12,7 +12,7 @@ from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.options import Count, NonNegative, Positive, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import (annotate, configure_weight_pass, finetune_constrained, weight_layers,
+from graphopt.quant.weights import (annotate, configure_weight_pass, finetune_constrained, weight_layers,
                               zero_mask)
 
 SCOPES = ("layer", "global")

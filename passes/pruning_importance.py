@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from graphopt.calibration import check_batch, check_finite, check_labels, split_batch
-from graphopt.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
+from graphopt.data import check_batch, check_finite, check_labels, split_batch
+from graphopt.pruning.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 

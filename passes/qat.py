@@ -15,11 +15,11 @@ import math
 import torch
 import torch.nn as nn
 
-from graphopt.distill import DistillConfig, distill
+from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant import is_weight_fq
+from graphopt.quant.qparams import is_weight_fq
 
 
 def lsq_per_channel(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int,

@@ -13,7 +13,7 @@ from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import annotate, configure_weight_pass, forget, weight_layers
+from graphopt.quant.weights import annotate, configure_weight_pass, forget, weight_layers
 
 BITS = (2, 4, 8)
 GRANULARITIES = ("channel", "group")

@@ -14,7 +14,7 @@ from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.options import Count, NonNegative, Positive, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.weights import (annotate, configure_weight_pass, finetune_constrained, forget,
+from graphopt.quant.weights import (annotate, configure_weight_pass, finetune_constrained, forget,
                               tied_gradient, weight_layers)
 
 BITS = range(2, 9)

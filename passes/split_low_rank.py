@@ -25,7 +25,7 @@ from typing import Any
 import torch.nn as nn
 from torch import fx
 
-from graphopt.calibration import InputMomentObserver, calibrate
+from graphopt.quant.calibration import InputMomentObserver, calibrate
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass

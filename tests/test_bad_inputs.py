@@ -14,9 +14,9 @@ import graphopt
 from graphopt import ConfigError, DataError, PassContext, PassFailed, PassManager, TraceError
 from graphopt import memory
 from graphopt.backend import registered_backends
-from graphopt.distill import DistillConfig, distill
+from graphopt.training.distill import DistillConfig, distill
 from graphopt.passes import Binarize, Distill, PruneChannels, PruneMagnitude, ShareWeights
-from graphopt.pipeline import ModelSpec, load_pipeline
+from graphopt.app.pipeline import ModelSpec, load_pipeline
 from graphopt.tools.cli import main
 from graphopt.tools.digits import CHECKPOINT, train_batches, trained_digits_cnn
 from graphopt.verify import compare_outputs

@@ -12,11 +12,11 @@ from graphopt.backends import binary as binary_backend
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
 from graphopt.backends import xnor_cpu
-from graphopt.binary import BinaryConv2d, BinaryLinear, binary_weight, freeze, sign_pm1, ste_sign
-from graphopt.bitpack import pack_bits, pack_words, packed_size, unpack_bits
-from graphopt.evaluate import top1_accuracy
+from graphopt.quant.binary import BinaryConv2d, BinaryLinear, binary_weight, freeze, sign_pm1, ste_sign
+from graphopt.backends._bitpack import pack_bits, pack_words, packed_size, unpack_bits
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
-from graphopt.pipeline import load_pipeline, run_pipeline
+from graphopt.app.pipeline import load_pipeline, run_pipeline
 from graphopt.tools import digits
 from graphopt.tools.digits import train_batches
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.channels import DEPTHWISE, IN, NORM, OUT, PARAM, SHAPE_ARG, SPLIT, channel_groups
+from graphopt.pruning.channels import DEPTHWISE, IN, NORM, OUT, PARAM, SHAPE_ARG, SPLIT, channel_groups
 
 
 def groups_of(model, *inputs):

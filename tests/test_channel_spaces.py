@@ -1,8 +1,8 @@
 """The space algebra under the channel analysis: refine, coarsen, align, rows and columns."""
 import pytest
 
-from graphopt.channel_spaces import Seg, Spaces, Unaligned
-from graphopt.channels import OUT, Member
+from graphopt.pruning.spaces import Seg, Spaces, Unaligned
+from graphopt.pruning.channels import OUT, Member
 
 
 def space(spaces, size, name):

@@ -9,7 +9,7 @@ import torch
 import graphopt
 from graphopt.backends import packed
 from graphopt.errors import ConfigError, EvaluationError
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.search import Goal, compress
 from graphopt.search.baselines import ORT_RECIPES
 from graphopt.search.frontier import choose, pareto_front

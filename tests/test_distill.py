@@ -4,9 +4,9 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import ConfigError, PassContext, PassManager, RequirementError
-from graphopt.distill import DistillConfig, cosine_loss, distill, kd_loss
+from graphopt.training.distill import DistillConfig, cosine_loss, distill, kd_loss
 from graphopt.passes import Distill
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.tools import digits
 from graphopt.tools.digits import train_batches, trained_digits_cnn
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from graphopt.backend import registered_backends
 from graphopt.errors import ConfigError
 from graphopt.pass_base import registered_passes
-from graphopt.pipeline import load_pipeline
+from graphopt.app.pipeline import load_pipeline
 from graphopt.tools.digits import CHECKPOINT
 
 from fuzz_support import bounded_memory, fuzz, to_toml  # noqa: F401  (bounded_memory: autouse)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from graphopt.errors import ConfigError, GraphoptError
-from graphopt.pipeline import EVALUATE_KEYS, MODEL_KEYS, REPORT_KEYS, SECTIONS, check_outputs, load_pipeline
+from graphopt.app.pipeline import EVALUATE_KEYS, MODEL_KEYS, REPORT_KEYS, SECTIONS, check_outputs, load_pipeline
 from graphopt.pass_base import registered_passes
 from graphopt.backend import registered_backends
 from graphopt.options import option_names

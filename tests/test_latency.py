@@ -1,7 +1,7 @@
 """The interleaved timer every speed benchmark uses."""
 import time
 
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 
 
 def test_interleaved_latency_times_only_the_hot_calls():

@@ -5,7 +5,7 @@ import torch
 
 import graphopt
 from graphopt import ConfigError, PassContext, PassFailed, PassManager
-from graphopt.distill import DistillConfig, distill
+from graphopt.training.distill import DistillConfig, distill
 from graphopt.passes import InsertQDQ, PruneMagnitude, QuantizeWeights, ShareWeights
 from graphopt.tools.digits import DigitsCNN
 
@@ -70,7 +70,7 @@ def test_nan_weights_are_named_not_compressed(graph, make):
 
 
 def test_evaluation_refuses_labels_of_the_wrong_length_and_nan_inputs(graph):
-    from graphopt.evaluate import top1_accuracy
+    from graphopt.app.evaluate import top1_accuracy
 
     x = torch.rand(4, 1, 8, 8)
     assert 0 <= top1_accuracy(graph, [(x, torch.randint(0, 10, (4,)))]) <= 1

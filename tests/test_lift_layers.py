@@ -10,7 +10,7 @@ from torch.export import Dim
 import graphopt
 from graphopt import PassManager
 from graphopt.backends import onnx as onnx_backend
-from graphopt.calibration import MinMaxObserver, calibrate
+from graphopt.quant.calibration import MinMaxObserver, calibrate
 from graphopt.errors import DataError
 from graphopt.passes import SplitLowRank
 

@@ -8,9 +8,9 @@ import graphopt
 from graphopt import ConfigError, PassContext, PassFailed, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.passes import Distill, SplitLowRank
-from graphopt.pipeline import load_pipeline, run_pipeline
+from graphopt.app.pipeline import load_pipeline, run_pipeline
 from graphopt.tools import digits
 from graphopt.tools.digits import train_batches, trained_digits_cnn
 

@@ -54,7 +54,7 @@ WORD_SIMILARITY_TOLERANCE = {"x86-vnni": 0.01, "x86-avx2": 0.02}
 def test_int8_onnx_artifact_keeps_word_similarity(encoder_graph, tmp_path, target):
     from graphopt.backends import onnx_int8
     from graphopt.passes import FoldQDQ, InsertQDQ
-    from graphopt.targets import TARGETS, host_target
+    from graphopt.quant.targets import TARGETS, host_target
 
     if not host_target().runs_exactly(TARGETS[target]):   # scores need this CPU to run the file as built
         pytest.skip(f"onnxruntime on this CPU ({host_target().name}) saturates {target}'s weights")

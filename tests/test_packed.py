@@ -248,7 +248,7 @@ def test_well_sealed_but_inconsistent_manifest_is_a_clear_error(digits_graph, tm
 
 
 def test_pipeline_file_prunes_shares_and_exports_packed(tmp_path):
-    from graphopt.pipeline import load_pipeline, run_pipeline
+    from graphopt.app.pipeline import load_pipeline, run_pipeline
     path = digits_pipeline(tmp_path, """
 
 [[passes]]

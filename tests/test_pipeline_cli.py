@@ -7,7 +7,7 @@ import torch
 import graphopt
 
 from graphopt import ConfigError
-from graphopt.pipeline import load_pipeline, run_pipeline
+from graphopt.app.pipeline import load_pipeline, run_pipeline
 from graphopt.tools.cli import main as cli_main
 from graphopt.tools.digits import CHECKPOINT, EXAMPLES
 

@@ -9,7 +9,7 @@ import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
-from graphopt.channels import channel_groups
+from graphopt.pruning.channels import channel_groups
 from graphopt.passes import PruneChannels
 from graphopt.passes.pruning_importance import L1
 from graphopt.tools import minilm

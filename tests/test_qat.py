@@ -7,9 +7,9 @@ import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
 from graphopt.errors import PassFailed, RequirementError
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.passes import QAT, FoldBatchNorm, FoldQDQ, InsertQDQ
-from graphopt.quant import is_weight_fq
+from graphopt.quant.qparams import is_weight_fq
 from graphopt.tools import digits, fashion_mnist
 
 

@@ -7,11 +7,11 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import ConfigError, PassContext, PassManager, RequirementError
-from graphopt.calibration import ChannelMeanObserver, make_observer
+from graphopt.quant.calibration import ChannelMeanObserver, make_observer
 from graphopt.passes import BiasCorrection, CrossLayerEqualization, FoldBatchNorm, FoldQDQ, InsertQDQ
 from graphopt.passes.insert_qdq import sqnr_db
-from graphopt.quant import (FUSED_KEY, affine_qparams, dequantize_per_channel, is_activation_fq, is_weight_dq,
-                            is_weight_fq, qparams, weight_scales)
+from graphopt.quant.qparams import (FUSED_KEY, affine_qparams, dequantize_per_channel, is_activation_fq, is_weight_dq,
+                                    is_weight_fq, qparams, weight_scales)
 from graphopt.tools.fashion_cnn import FashionCNN
 
 from conftest import randomize_bn

@@ -8,7 +8,7 @@ import pytest
 import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
 from graphopt.tools import fashion_mnist
 from graphopt.tools.fashion_cnn import calibration_batches, parse_targets, trained_fashion_cnn

@@ -9,7 +9,8 @@ import graphopt
 from graphopt import ConfigError, ExportError, PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
-from graphopt.quant import is_activation_fq, output_steps, within_one_step
+from graphopt.quant.qparams import is_activation_fq
+from graphopt.backends._int8_checks import output_steps, within_one_step
 from graphopt.tools.fashion_cnn import FashionCNN
 
 from conftest import randomize_bn

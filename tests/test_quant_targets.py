@@ -19,8 +19,8 @@ import graphopt
 from graphopt import ConfigError, ExportError, PassContext, PassManager
 from graphopt.backends import onnx as onnx_fp32, onnx_int8, torchscript_int8
 from graphopt.passes import InsertQDQ
-from graphopt.quant import output_steps, within_one_step
-from graphopt.targets import TARGETS, get_target, host_target
+from graphopt.backends._int8_checks import output_steps, within_one_step
+from graphopt.quant.targets import TARGETS, get_target, host_target
 from graphopt.tools.fashion_cnn import FashionCNN
 
 from conftest import randomize_bn

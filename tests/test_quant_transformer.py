@@ -13,7 +13,7 @@ import graphopt
 from graphopt import ConfigError, PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldQDQ, InsertQDQ
-from graphopt.quant import is_activation_fq
+from graphopt.quant.qparams import is_activation_fq
 
 
 class TinyEncoder(nn.Module):

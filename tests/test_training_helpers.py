@@ -1,7 +1,7 @@
 """The shared training helpers that the benchmarks build their baselines with."""
 import torch
 
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.tools import digits, fashion_mnist
 from graphopt.trace import trace
 

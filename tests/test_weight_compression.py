@@ -3,13 +3,13 @@ import torch
 
 import graphopt
 from graphopt import ConfigError, PassContext, PassFailed, PassManager, RequirementError
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, ShareWeights
 from graphopt.passes.prune_magnitude import schedule
 from graphopt.passes.share_weights import kmeans_1d
 from graphopt.tools import digits
 from graphopt.tools.digits import train_batches, trained_digits_cnn
-from graphopt.weights import ANNOTATIONS_KEY
+from graphopt.quant.weights import ANNOTATIONS_KEY
 
 LAYERS = ("features.0", "features.3", "classifier.2")
 

@@ -31,10 +31,10 @@ from graphopt.backends import binary as binary_backend
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
 from graphopt.backends import xnor_cpu
-from graphopt.binary import BinaryConv2d, BinaryLinear, freeze
+from graphopt.quant.binary import BinaryConv2d, BinaryLinear, freeze
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
-from graphopt.evaluate import top1_accuracy
-from graphopt.latency import interleaved_latency
+from graphopt.app.evaluate import top1_accuracy
+from graphopt.app.latency import interleaved_latency
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist
 

@@ -32,8 +32,8 @@ import torchvision
 import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
-from graphopt.evaluate import top1_accuracy
-from graphopt.latency import interleaved_latency
+from graphopt.app.evaluate import top1_accuracy
+from graphopt.app.latency import interleaved_latency
 from graphopt.passes import Distill, FoldBatchNorm, SplitLowRank
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist

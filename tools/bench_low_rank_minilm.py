@@ -29,7 +29,7 @@ import torch
 
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.passes import Distill, SplitLowRank
 from graphopt.report import table, write_json
 from graphopt.tools import minilm

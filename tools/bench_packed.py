@@ -38,8 +38,8 @@ import graphopt.passes  # noqa: F401  (registers passes)
 from graphopt import PassContext, PassManager
 from graphopt.backends import packed
 from graphopt.backends.packed_tensors import Reader
-from graphopt.evaluate import top1_accuracy
-from graphopt.latency import interleaved_latency
+from graphopt.app.evaluate import top1_accuracy
+from graphopt.app.latency import interleaved_latency
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, RemoveIdentity, ShareWeights
 from graphopt.report import markdown_table, pass_table, table, write_json
 from graphopt.tools import bench_packed_coders, fashion_mnist

@@ -23,7 +23,7 @@ from graphopt.backends import packed
 from graphopt.backends.packed_codec import pack_bits, unpack_bits, width_for, zstd_decode, zstd_encode
 from graphopt.backends.packed_huffman import huffman_decode_many, huffman_encode, stored_size
 from graphopt.backends.packed_tensors import Reader
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.report import table
 
 FORMAT_ZSTD = "zstd, format v2 parameters"

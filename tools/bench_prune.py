@@ -36,9 +36,9 @@ import torchvision
 
 import graphopt
 from graphopt.backends import onnx as onnx_backend
-from graphopt.distill import DistillConfig, distill
-from graphopt.evaluate import top1_accuracy
-from graphopt.latency import interleaved_latency
+from graphopt.training.distill import DistillConfig, distill
+from graphopt.app.evaluate import top1_accuracy
+from graphopt.app.latency import interleaved_latency
 from graphopt.passes import PruneChannels
 from graphopt.report import table, write_json
 from graphopt.tools import fashion_mnist

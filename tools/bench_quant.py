@@ -18,7 +18,7 @@ U8 activations, S8 weights, per-channel); the same with ``reduce_range=True`` (7
 onnxruntime's own answer for CPUs without VNNI, whose u8 x s8 pairs add in a saturating int16);
 torch.ao FX int8 (x86); graphopt TorchScript int8 and graphopt ONNX int8, one column each per
 ``--targets`` entry (``insert_qdq(target=...)``: x86-vnni full-range weights, x86-avx2 weights in
-[-64, 64]; graphopt.targets). Compounding (image models; ``--prune-macs 0`` leaves it out):
+[-64, 64]; graphopt.quant.targets). Compounding (image models; ``--prune-macs 0`` leaves it out):
 graphopt fp32 (graphopt's fp32 ONNX backend on the dense folded graph: the export alone, a
 control), graphopt pruned fp32 (prune_channels to ``--prune-macs`` x the MACs, round_to 32, as
 bench_prune), and pruned + int8 ONNX per target; the compounding ratio is
@@ -50,10 +50,10 @@ from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.errors import GraphoptError
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.search.baselines import ort_quantized
 from graphopt.report import table, write_json
-from graphopt.targets import TARGETS
+from graphopt.quant.targets import TARGETS
 from graphopt.tools.bench_prune import ROUND_TO, prune_to_macs
 
 SPEEDUP_GOALS = {"resnet50": 3.3, "mobilenet_v2": 2.1}   # graphopt ONNX int8 at the first batch size

@@ -24,7 +24,7 @@ import torchvision
 import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
 from graphopt.report import table, write_json
 from graphopt.tools.bench_quant import fp32_onnx, ort_quantized, ort_runner

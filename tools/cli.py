@@ -13,7 +13,7 @@ import sys
 from graphopt.backend import registered_backends
 from graphopt.errors import ConfigError, GraphoptError, PassFailed
 from graphopt.pass_base import registered_passes
-from graphopt.pipeline import ModelSpec, check_outputs, load_pipeline, resolve_callable, run_pipeline
+from graphopt.app.pipeline import ModelSpec, check_outputs, load_pipeline, resolve_callable, run_pipeline
 from graphopt.report import human, pass_table, table, write_json
 from graphopt.trace import trace
 

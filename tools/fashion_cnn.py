@@ -3,7 +3,7 @@
     python -m graphopt.tools.fashion_cnn train     # 2 epochs, writes tools/examples/fashion_cnn.pt
     python -m graphopt.tools.fashion_cnn ptq [observer] [--targets x86-vnni,x86-avx2] [--out FILE.json]
         # fp32 vs int8 (simulated, ONNX, TorchScript) test accuracy, one column per int8 target
-        # (graphopt.targets: x86-vnni full-range weights, x86-avx2 7-bit weights, arm64, auto)
+        # (graphopt.quant.targets: x86-vnni full-range weights, x86-avx2 7-bit weights, arm64, auto)
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _int8_run(graph, observer: str, target: str) -> tuple[dict[str, float], dict
     """``int8_accuracy`` and insert_qdq's stats."""
     from graphopt import PassContext, PassManager
     from graphopt.backends import onnx_int8, torchscript_int8
-    from graphopt.evaluate import top1_accuracy
+    from graphopt.app.evaluate import top1_accuracy
     from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
 
     result = PassManager([FoldBatchNorm(), InsertQDQ(observer=observer, progress=False, target=target), FoldQDQ()],
@@ -90,7 +90,7 @@ def _int8_run(graph, observer: str, target: str) -> tuple[dict[str, float], dict
 
 def ptq_report(observer: str = "mse", target: str = "auto") -> dict[str, float]:
     """Test accuracy of fp32, the simulated-int8 graph and both int8 artifacts (one target)."""
-    from graphopt.evaluate import top1_accuracy
+    from graphopt.app.evaluate import top1_accuracy
 
     graph = _fp32_graph()
     return {"fp32": top1_accuracy(graph, fashion_mnist.test_batches()), **int8_accuracy(graph, observer, target)}
@@ -99,7 +99,7 @@ def ptq_report(observer: str = "mse", target: str = "auto") -> dict[str, float]:
 def ptq_targets_report(observer: str = "mse", targets=("x86-vnni", "x86-avx2")) -> dict:
     """fp32 test accuracy once; for each target the int8 rows of ``ptq_report`` and the simulated
     graph's SQNR (dB, on one held calibration batch)."""
-    from graphopt.evaluate import top1_accuracy
+    from graphopt.app.evaluate import top1_accuracy
 
     graph = _fp32_graph()
     runs = {target: _int8_run(graph, observer, target) for target in targets}
@@ -109,8 +109,8 @@ def ptq_targets_report(observer: str = "mse", targets=("x86-vnni", "x86-avx2")) 
 
 
 def parse_targets(text: str) -> list[str]:
-    """``--targets``: comma-separated names of graphopt.targets (or ``auto``), each once."""
-    from graphopt.targets import TARGET_NAMES
+    """``--targets``: comma-separated names of graphopt.quant.targets (or ``auto``), each once."""
+    from graphopt.quant.targets import TARGET_NAMES
 
     names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
     unknown = [t for t in names if t not in TARGET_NAMES]
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     if args.command is None:
         args = parser.parse_args(["ptq", *(argv or [])])
     from graphopt.report import table, write_json
-    from graphopt.targets import get_target
+    from graphopt.quant.targets import get_target
 
     warnings.simplefilter("ignore", FutureWarning)   # torch.jit.load's deprecation notice
     torch.set_num_threads(2)

@@ -181,7 +181,7 @@ def scores(fn: Embedder, tokenizer) -> dict[str, float]:
 
 
 def distill_batches(tokenizer, batch_size: int = 32, limit: int = 2000, max_length: int = 128):
-    """((input_ids, attention_mask), None) batches of background sentences for ``graphopt.distill``."""
+    """((input_ids, attention_mask), None) batches of background sentences for ``graphopt.training.distill``."""
     sentences = background_sentences()[:limit]
     return [(tokenize(tokenizer, sentences[i:i + batch_size], max_length), None)
             for i in range(0, len(sentences), batch_size)]

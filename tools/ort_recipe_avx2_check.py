@@ -38,7 +38,7 @@ import numpy as np
 
 EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_avx2.sh")   # needs Debian's qemu-user
 PASS_SHARE = 0.99
-STEP_SLACK = 1.001          # as graphopt.quant.within_one_step
+STEP_SLACK = 1.001          # as graphopt.backends._int8_checks.within_one_step
 FLOAT_RELATIVE = 1e-3       # float outputs: agree within this x max |reference|
 RULE = (f"an output element agrees when |emulated - native| <= {STEP_SLACK} x the output's quantization step "
         f"(scale of the DequantizeLinear producing the graph output), or <= {FLOAT_RELATIVE:g} x max |native| for "

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torchvision
 
 import graphopt
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.passes import PruneChannels
 from graphopt.report import table, write_json
 from graphopt.tools.bench_prune import eager_runner

@@ -5,7 +5,7 @@
 
 Four variants: all int8 or the two layers that per-layer sensitivity analysis finds most
 sensitive kept float (mixed precision), each with and without CLE + bias correction; each
-variant once per int8 target (``--targets``, graphopt.targets: x86-vnni full-range weights,
+variant once per int8 target (``--targets``, graphopt.quant.targets: x86-vnni full-range weights,
 x86-avx2 7-bit weights, arm64, auto), side by side.
 Two measures, both on the int8 ONNX artifact run in onnxruntime:
 - top-1 agreement with fp32 on natural photos (scikit-image and scikit-learn samples, five crops
@@ -36,7 +36,7 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
 from graphopt.passes import BiasCorrection, CrossLayerEqualization, FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
 from graphopt.report import table, write_json
-from graphopt.targets import get_target
+from graphopt.quant.targets import get_target
 from graphopt.tools import fashion_mnist
 from graphopt.tools.fashion_cnn import parse_targets
 

@@ -4,7 +4,7 @@
     python -m graphopt.tools.quant_accuracy_minilm [--observer mse] [--targets x86-vnni,x86-avx2]
         [--out bench-results/quant_minilm_accuracy.json]
 
-Rows: fp32; for each int8 target (``--targets``, graphopt.targets: x86-vnni full-range weights,
+Rows: fp32; for each int8 target (``--targets``, graphopt.quant.targets: x86-vnni full-range weights,
 x86-avx2 7-bit weights, arm64, auto) graphopt's simulated-int8 graph (the IR every backend must
 match), the ONNX int8 artifact run in onnxruntime and the TorchScript int8 artifact; and torch's
 dynamic int8 (``quantize_dynamic`` on the Linears, per-tensor weights) for reference. graphopt
@@ -27,7 +27,7 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldQDQ, InsertQDQ
 from graphopt.report import table, write_json
-from graphopt.targets import get_target
+from graphopt.quant.targets import get_target
 from graphopt.tools import minilm
 from graphopt.tools.fashion_cnn import parse_targets
 

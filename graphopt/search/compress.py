@@ -23,12 +23,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from graphopt.backend import get_backend
-from graphopt.calibration import split_batch
+from graphopt.data import split_batch
 from graphopt.errors import ConfigError, GraphoptError
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.pass_base import get_pass
 from graphopt.pass_manager import PassManager
 from graphopt.report import write_json

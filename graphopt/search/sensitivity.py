@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from graphopt.channels import OUT, channel_groups
+from graphopt.pruning.channels import OUT, channel_groups
 from graphopt.errors import GraphoptError
 from graphopt.ir import Graph
 from graphopt.pass_base import PassContext, get_pass

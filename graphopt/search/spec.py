@@ -29,7 +29,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from graphopt.errors import ConfigError
-from graphopt.pipeline import ModelSpec, check_keys, data_factory, read_config, resolve_callable
+from graphopt.app.pipeline import ModelSpec, check_keys, data_factory, read_config, resolve_callable
 
 from graphopt.search.goal import Goal, make_goal, validated
 

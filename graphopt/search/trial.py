@@ -15,7 +15,7 @@ import torch
 from graphopt.backend import get_backend
 from graphopt.errors import EvaluationError, GraphoptError
 from graphopt.ir import Graph
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.pass_base import PassContext
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.report import pass_table

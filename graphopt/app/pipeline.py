@@ -38,10 +38,10 @@ import torch.nn as nn
 
 from graphopt.backend import ExportReport, check_backend_options, get_backend
 from graphopt.errors import ConfigError
-from graphopt.evaluate import top1_accuracy
+from graphopt.app.evaluate import top1_accuracy
 from graphopt.files import check_output_path
 from graphopt.ir import Graph
-from graphopt.latency import interleaved_latency
+from graphopt.app.latency import interleaved_latency
 from graphopt.memory import check_fits, tensor_bytes
 from graphopt.pass_base import Pass, PassContext, get_pass
 from graphopt.pass_manager import PassManager, PassRecord

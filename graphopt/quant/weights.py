@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from graphopt.distill import DistillConfig, distill
+from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 from graphopt.ops import OpKind

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from graphopt.calibration import check_batch, check_finite, check_labels, split_batch
+from graphopt.data import check_batch, check_finite, check_labels, split_batch
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 

@@ -2,7 +2,7 @@
 
 The analysis walks the graph once in topological order and tracks, for each tensor, which
 *channel spaces* lie along one of its axes (``Layout``; the algebra is in
-``graphopt.channel_spaces``). Conv/linear/embedding outputs create spaces; elementwise ops,
+``graphopt.pruning.spaces``). Conv/linear/embedding outputs create spaces; elementwise ops,
 norms and pooling carry them; concat lays them side by side and split/chunk cut them into
 index ranges; flatten spreads each channel over a block of features; residual adds,
 depthwise convs and GLU halves unite spaces. A grouped conv unites its input groups
@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.analysis import register_analysis
-from graphopt.channel_spaces import Layout, Seg, Spaces, Unaligned
+from graphopt.pruning.spaces import Layout, Seg, Spaces, Unaligned
 from graphopt.ops import OpKind, op_name
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from graphopt.calibration import check_finite, split_batch
+from graphopt.data import check_finite, split_batch
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
