@@ -4,7 +4,7 @@ from graphopt.backend import ExportReport, get_backend, register_backend, regist
 from graphopt.errors import (ConfigError, ContractViolation, DataError, EvaluationError, ExportError, GraphLintError,
                              GraphoptError, PassFailed, RequirementError, TraceError)
 from graphopt.ir import Graph
-from graphopt.ops import OpKind
+from graphopt.ops import OpKind, register_op_kind
 from graphopt.pass_base import (Contract, Pass, PassContext, PassResult, get_pass, register_pass,
                                 registered_passes)
 from graphopt.pass_manager import PassManager, PassRecord, PipelineResult
@@ -13,7 +13,7 @@ from graphopt.trace import trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "Graph", "OpKind", "Pass", "PassContext", "PassResult", "Contract", "register_pass",
+    "trace", "Graph", "OpKind", "register_op_kind", "Pass", "PassContext", "PassResult", "Contract", "register_pass",
     "get_pass", "registered_passes", "PassManager", "PassRecord", "PipelineResult", "register_analysis",
     "register_backend", "get_backend", "registered_backends", "ExportReport", "GraphoptError",
     "TraceError", "GraphLintError", "RequirementError", "ContractViolation", "PassFailed", "ConfigError",

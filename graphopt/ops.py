@@ -145,8 +145,56 @@ _ATEN_KINDS: dict[str, OpKind] = {
 }
 
 
+# Kinds users registered (register_op_kind); their module types are also traced as leaves.
+_USER_MODULE_KINDS: dict[type, OpKind] = {}
+_USER_FUNCTIONS: list[Callable] = []
+
+
+def register_op_kind(kind: OpKind | str, *, module: type | tuple[type, ...] = (), function: Callable | tuple = (),
+                     method: str | tuple[str, ...] = (), aten: str | tuple[str, ...] = ()) -> None:
+    """Teach graphopt what kind of op a user's layer, function, tensor method or aten op is.
+    A module type registered here is also kept whole when torch.fx traces a model (a leaf, as
+    torch.nn's layers are), so a layer fx cannot trace through still traces, and so is a call
+    to a registered module-level Python function; a channel rule
+    (``graphopt.pruning.channel_rule``) then says how it moves channels. Giving a key a second,
+    different kind is refused."""
+    from graphopt.errors import GraphoptError
+
+    kind = OpKind(kind)
+    as_tuple = lambda v: v if isinstance(v, tuple) else (v,)  # noqa: E731
+    tables = [(_USER_MODULE_KINDS, m, f"module {getattr(m, '__qualname__', m)}") for m in as_tuple(module)]
+    tables += [(_FUNCTION_KINDS, f, f"function {getattr(f, '__qualname__', f)}") for f in as_tuple(function)]
+    tables += [(_METHOD_KINDS, m, f"method {m!r}") for m in as_tuple(method)]
+    tables += [(_ATEN_KINDS, a, f"aten op {a!r}") for a in as_tuple(aten)]
+    if not tables:
+        raise GraphoptError("register_op_kind needs module=, function=, method= or aten=")
+    for table, key, what in tables:
+        if table is _USER_MODULE_KINDS and not (isinstance(key, type) and issubclass(key, nn.Module)):
+            raise GraphoptError(f"register_op_kind(module=...) takes nn.Module classes, got {key!r}")
+        if table.get(key, kind) != kind:
+            raise GraphoptError(f"{what} is already of kind {table[key].value!r}, not {kind.value!r}")
+    for table, key, _ in tables:
+        table[key] = kind
+        if table is _FUNCTION_KINDS and not isinstance(key, torch._ops.OpOverload) and hasattr(key, "__code__"):
+            _USER_FUNCTIONS.append(key)
+
+
+def registered_functions() -> tuple[Callable, ...]:
+    """Plain Python functions users registered: torch.fx keeps calls to them whole (autowrap)."""
+    return tuple(f for f in _USER_FUNCTIONS)
+
+
+def is_registered_layer(module: nn.Module) -> bool:
+    """Whether a user registered ``module``'s type (or a base of it) with ``register_op_kind``."""
+    return any(cls in _USER_MODULE_KINDS for cls in type(module).__mro__)
+
+
 def module_kind(module: nn.Module) -> OpKind:
-    """Kind of a leaf module, by type (subclasses of a listed type count)."""
+    """Kind of a leaf module, by type (subclasses of a listed type count; a user's registration
+    first, the most derived type winning)."""
+    for cls in type(module).__mro__:
+        if cls in _USER_MODULE_KINDS:
+            return _USER_MODULE_KINDS[cls]
     for types, kind in _MODULE_KINDS:
         if isinstance(module, types):
             return kind

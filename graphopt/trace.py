@@ -21,6 +21,7 @@ from torch import fx
 from graphopt.errors import ConfigError, TraceError
 from graphopt.ir import Graph
 from graphopt.lift_layers import lift_functional_layers
+from graphopt.ops import is_registered_layer, registered_functions
 from graphopt.torch_logs import quiet
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -30,8 +31,11 @@ class _PathTracer(fx.Tracer):
     """fx tracer that remembers which module it was inside when tracing failed."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=registered_functions())
         self.failed_in: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_registered_layer(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         try:

@@ -305,6 +305,8 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
     """(tensor qualname, axis) pairs a member cuts."""
     if m.role == PARAM:
         return [(m.target, m.axis)]
+    if m.tensors:   # named by the rule (a user's layer)
+        return [(f"{m.target}.{n}", m.axis) for n in m.tensors]
     module = graph.gm.get_submodule(m.target)
     names = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
     if m.role == IN:

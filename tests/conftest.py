@@ -6,7 +6,10 @@ import graphopt
 import graphopt.backends  # noqa: F401  (registers built-in backends)
 import graphopt.passes  # noqa: F401  (registers built-in passes)
 from graphopt.tools.digits import CHECKPOINT, trained_digits_cnn
+from graphopt.pruning.rules import set_strict
 from graphopt.tools.random_init import informative_init
+
+set_strict(True)   # a channel rule that raises fails its test instead of quietly blocking channels
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,211 @@
+"""Channel rules of ops that carry channels through unchanged or side by side: elementwise
+ops and broadcasting constants, concat and split, reductions, softmax and pooling."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from graphopt.ops import OpKind, op_name
+from graphopt.pruning.groups import PARAM, SPLIT, Member, ParamRef, _positions
+from graphopt.pruning.rules import channel_rule
+from graphopt.pruning.spaces import Layout, Seg, Unaligned
+
+
+class ElementwiseRules:
+    """Rules for elementwise, concat/split, reduce, softmax and pool ops (a mixin of ``ChannelAnalysis``)."""
+
+    def elementwise(self, node: fx.Node, operands: list) -> Any:
+        out_shape = self.graph.shape(node)
+        if not isinstance(out_shape, tuple):
+            for a in operands:
+                self.block(self.get(a), f"{node.name}: non-tensor result")
+            return None
+        rank = len(out_shape)
+        result: Layout | None = None
+        others = []
+        for a in operands:
+            if not isinstance(a, fx.Node):
+                continue
+            v = self.get(a)
+            if isinstance(v, Layout):
+                v = v.shifted(rank - len(self.graph.shape(a)))
+                result = v if result is None else self.unify(node, result, v)
+            else:
+                others.append((a, v))
+        if result is None:
+            return None
+        for a, v in others:
+            a_shape = v.shape if isinstance(v, ParamRef) else self.graph.shape(a)
+            if not isinstance(a_shape, tuple):
+                continue
+            lead = rank - len(a_shape)
+            along = [ax - lead >= 0 and a_shape[ax - lead] != 1 for ax in result.axes()]
+            if result.sub is not None:
+                if along[0]:
+                    self.block(result, f"{node.name}: combined with {a.name} along the rows of a grid of channels")
+                elif along[1]:  # the same row of constants for every row: rows must stay whole
+                    result = self.as_rows(result)
+                continue
+            if not along[0]:
+                continue  # broadcast along the channels: nothing to cut
+            if isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
+                self.add_members(result, PARAM, v.target, node, v.axes[result.axis - lead])
+            elif isinstance(v, ParamRef):
+                self.block(result, f"{node.name}: combined with {a.name}, a constant whose slices along "
+                                   "the channels the analysis does not follow")
+            else:
+                self.block(result, f"{node.name}: combined with {a.name}, whose channels are not tracked")
+        return result
+
+    def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
+        if (a.axis, a.sub, a.width) != (b.axis, b.sub, b.width):
+            self.block(a, f"{node.name}: operands' channel layouts differ")
+            self.block(b, f"{node.name}: operands' channel layouts differ")
+            return a
+        self.spaces.align(a.segs, b.segs)
+        return self.spaces.layout(a)
+
+    def concat(self, node: fx.Node) -> Any:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = len(self.graph.shape(node))
+        dim = dim % rank
+        values = [self.get(t) for t in tensors]
+        layouts = [v for v in values if isinstance(v, Layout)]
+        if not layouts:
+            return None
+        axis = layouts[0].axis
+        if any(l.axis != axis for l in layouts):
+            for l in layouts:
+                self.block(l, f"{node.name}: concatenated tensors track different axes")
+            return None
+        if all(dim not in l.axes() for l in layouts):  # along another axis: the inputs share their channels
+            return self.elementwise(node, list(tensors))
+        if any(l.sub is not None for l in layouts):
+            raise Unaligned("concatenates grids of channels")
+        segs = []
+        for t, v in zip(tensors, values):
+            if isinstance(v, Layout):
+                segs += v.segs
+            else:
+                size = self.graph.shape(t)[axis]
+                sid = self.new_space(size, f"{node.name}:untracked")
+                self.block_space(sid, f"{node.name}: concatenated with {t.name}, whose channels are not tracked")
+                segs.append(Seg(sid, size))
+        return Layout(axis, segs)
+
+    def split(self, node: fx.Node, name: str) -> Any:
+        """split/chunk: each output takes an index range of the channels (the inverse of concat)."""
+        x = self.get(node.args[0])
+        if not isinstance(x, Layout):
+            return None
+        shapes = self.graph.shape(node)
+        rank = len(self.graph.shape(node.args[0]))
+        at = 1 if name == "unbind" else 2
+        dim = (node.args[at] if len(node.args) > at else node.kwargs.get("dim", 0)) % rank
+        if name == "unbind":
+            if dim in x.axes():
+                raise Unaligned("unbind along the channels (one output per channel)")
+            return tuple(x.mapped(lambda a: a - (a > dim)) for _ in shapes)
+        if dim not in x.axes():
+            return tuple(x for _ in shapes)
+        if x.sub is not None:
+            raise Unaligned("splits a grid of channels")
+        sizes = [s[dim] for s in shapes]
+        if 0 in sizes:
+            raise Unaligned("split with an empty output")
+        bounds = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        outs: list[list[Seg]] = [[] for _ in sizes]
+        at_pos = 0
+        for seg in self.spaces.cut(x.segs, set(bounds[:-1])):
+            outs[next(i for i, b in enumerate(bounds) if at_pos < b)].append(seg)
+            at_pos += seg.positions
+        layouts = tuple(Layout(x.axis, segs) for segs in outs)
+        for i, layout in enumerate(layouts):
+            for seg, offset in zip(layout.segs, layout.offsets()):
+                self.spaces.add_member(seg, Member(SPLIT, "", node.name, i, offset, arg=dim))
+        return layouts
+
+    def reduce(self, node: fx.Node) -> Any:
+        x = self.get(node.args[0])
+        if not isinstance(x, Layout):
+            return None
+        rank = len(self.graph.shape(node.args[0]))
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None or dims == []:
+            self.block(x, f"{node.name}: reduces over every axis")
+            return None
+        dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        if x.axis in dims:
+            self.block(x, f"{node.name}: reduces over the channels")
+            return None
+        if x.sub is not None and x.sub in dims:  # within each row: rows stay whole, the columns are gone
+            x = _positions(self.as_rows(x))
+        if not keepdim:
+            x = x.mapped(lambda a: a - sum(d < a for d in dims))
+        out = self.graph.shape(node)
+        return (x, x) if out and isinstance(out[0], tuple) else x  # max/min(dim): values and indices
+
+    def softmax(self, node: fx.Node, x: Any, dim: Any) -> Any:
+        if not isinstance(x, Layout):
+            return None
+        rank = len(self.graph.shape(node))
+        if dim is None or dim % rank == x.axis:
+            self.block(x, f"{node.name}: softmax over the channels")
+            return None
+        return self.as_rows(x) if x.sub is not None and dim % rank == x.sub else x
+
+    def pool(self, node: fx.Node, x: Any, name: str) -> Any:
+        if not isinstance(x, Layout):
+            return None
+        spatial = next((int(c) for c in ("1", "2", "3") if f"{c}d" in name.lower()), 2)
+        rank = len(self.graph.shape(node.args[0]))
+        if any(a >= rank - spatial for a in x.axes()):
+            raise Unaligned(f"{name} pools over the channels")
+        return x
+
+
+# -- registrations ------------------------------------------------------------------------
+@channel_rule(kind=(OpKind.ACTIVATION, OpKind.ELEMENTWISE))
+def _elementwise(a, node: fx.Node) -> Any:
+    if node.op == "call_method" and op_name(node) == "masked_fill":
+        return a.elementwise(node, [node.args[0], node.args[1]])
+    return a.elementwise(node, list(node.args) + list(node.kwargs.values()))
+
+
+@channel_rule(kind=OpKind.IDENTITY)
+def _identity(a, node: fx.Node) -> Any:
+    return a.get(node.args[0])
+
+
+@channel_rule(kind=OpKind.SHAPE)
+def _shape(a, node: fx.Node) -> Any:
+    return None
+
+
+@channel_rule(kind=OpKind.POOL)
+def _pool(a, node: fx.Node) -> Any:
+    return a.pool(node, a.get(node.args[0]), op_name(node))
+
+
+@channel_rule(op=("cat", "concat"))
+def _concat(a, node: fx.Node) -> Any:
+    return a.concat(node)
+
+
+@channel_rule(op=("split", "split_with_sizes", "chunk", "unbind"))
+def _split(a, node: fx.Node) -> Any:
+    return a.split(node, op_name(node))
+
+
+@channel_rule(kind=OpKind.REDUCE)
+def _reduce(a, node: fx.Node) -> Any:
+    return a.reduce(node)
+
+
+@channel_rule(kind=OpKind.SOFTMAX)
+def _softmax(a, node: fx.Node) -> Any:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return a.softmax(node, a.get(node.args[0]), dim)

@@ -1,0 +1,132 @@
+"""Users teach graphopt their own layers and ops without editing it: op kinds, channel rules."""
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.passes import PruneChannels
+from graphopt.pruning import NORM, ChannelRuleError, channel_groups, channel_rule, strict_rules
+from graphopt.pruning.rules import set_strict
+from test_readme import python_blocks
+
+
+def _readme_layer_scope():
+    scope = {}
+    exec(next(b for b in python_blocks() if "channel_rule" in b), scope)
+    return scope
+
+
+def test_readme_custom_layer_rule_prunes_through_the_users_layer():
+    scope = _readme_layer_scope()
+    pruned = scope["result"].graph
+    assert tuple(pruned.gm.get_submodule("1").scale.shape) == (8,)
+    assert pruned.gm.get_submodule("0").out_channels == 8
+    assert pruned.gm.get_submodule("3").in_channels == 8
+    assert [n.op for n in pruned.nodes].count("call_module") == 4        # the layer stayed one node
+    # the kept channels' scales are the original ones, in order
+    original = scope["model"][1].scale.detach()
+    kept = pruned.gm.get_submodule("1").scale.detach()
+    assert all(bool((original == v).any()) for v in kept)
+    assert scope["result"].records[-1].contract_error <= 1e-5
+
+
+def test_the_users_layer_does_not_trace_without_its_registration():
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(graphopt.TraceError, match="Gate"):
+        graphopt.trace(nn.Sequential(nn.Conv2d(3, 4, 1), Gate()), torch.randn(1, 3, 4, 4))
+
+
+def test_a_registered_layer_without_a_rule_blocks_its_groups_by_name():
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    graphopt.register_op_kind("elementwise", module=Opaque)
+    graph = graphopt.trace(nn.Sequential(nn.Conv2d(3, 4, 1), Opaque(), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 4, 4))
+    conv0 = next(g for g in channel_groups(graph).groups if "0" in g.targets("out"))
+    assert not conv0.prunable
+    assert any(re.search(r"Opaque is not understood by the channel analysis", r) for r in conv0.blocked)
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+graphopt.register_op_kind("elementwise", module=_Doubler)
+
+
+@channel_rule(module=_Doubler)
+def _broken_rule(analysis, node, module, x):
+    raise KeyError("no such axis")
+
+
+def _doubler_graph():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Doubler(), nn.Conv2d(4, 2, 1))
+    return graphopt.trace(model, torch.randn(1, 3, 4, 4))
+
+
+def test_a_failing_rule_blocks_with_its_error_when_not_strict():
+    set_strict(False)
+    try:
+        plan = channel_groups(_doubler_graph())
+    finally:
+        set_strict(True)
+    conv0 = next(g for g in plan.groups if "0" in g.targets("out"))
+    assert any("analysis failed (KeyError" in r for r in conv0.blocked)
+
+
+def test_a_failing_rule_raises_naming_node_and_rule_in_strict_mode():
+    with strict_rules(), pytest.raises(ChannelRuleError, match=r"_broken_rule failed on node '_1'.*KeyError"):
+        channel_groups(_doubler_graph())
+
+
+def test_a_second_rule_for_the_same_key_is_refused():
+    with pytest.raises(graphopt.GraphoptError, match="already registered.*_broken_rule"):
+        @channel_rule(module=_Doubler)
+        def another(analysis, node, module, x):
+            return x
+    with pytest.raises(graphopt.GraphoptError, match="one of module=, op= or kind="):
+        channel_rule(module=_Doubler, op="add")
+
+
+def test_an_op_kind_cannot_change_once_registered():
+    with pytest.raises(graphopt.GraphoptError, match="already of kind 'elementwise', not 'conv'"):
+        graphopt.register_op_kind("conv", module=_Doubler)
+    with pytest.raises(graphopt.GraphoptError, match="nn.Module classes"):
+        graphopt.register_op_kind("conv", module=int)
+
+
+def channel_shuffle_free(x):          # a user's own op (module level, as torch.fx wraps it): keeps channels
+    return torch.tanh(x)
+
+
+def test_an_op_rule_by_name_serves_a_users_function():
+    calls = []
+    graphopt.register_op_kind("unknown", function=channel_shuffle_free)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.b(channel_shuffle_free(self.a(x)))
+
+    graph = graphopt.trace(Net(), torch.randn(1, 3, 4, 4))
+    assert not next(g for g in channel_groups(graph).groups if "a" in g.targets("out")).prunable
+
+    @channel_rule(op="channel_shuffle_free")
+    def keeps_channels(analysis, node):
+        calls.append(node.name)
+        return analysis.get(node.args[0])
+
+    graph = graphopt.trace(Net(), torch.randn(1, 3, 4, 4))
+    assert next(g for g in channel_groups(graph).groups if "a" in g.targets("out")).prunable
+    result = graphopt.PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.gm.a.out_channels == 3 and calls
