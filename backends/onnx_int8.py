@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -58,6 +59,42 @@ class LoweringError(ExportError):
     def __init__(self, message: str, node: str | None = None, op: str | None = None):
         super().__init__(message)
         self.node, self.op = node, op
+
+
+# Lowering rules users registered for their own layers and functions (see ``int8_lowering``).
+_USER_RULES: dict[Any, Callable] = {}
+
+
+def int8_lowering(*, module: type | None = None, function: Callable | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: lower a user's layer type (or a registered function) in an int8 ONNX export.
+    ``rule(lowering, node, module)`` (``module`` is None for a function) emits float ONNX nodes
+    through ``lowering.as_float(arg)``, ``lowering.const(stem, array)`` and
+    ``lowering.emit(op, inputs, stem, **attrs)``, and returns the name of the output it computed;
+    the artifact is then checked against the graph as every export is. A second rule for the
+    same key is refused."""
+    if (module is None) == (function is None):
+        raise ConfigError("int8_lowering takes one of module= or function=")
+    key = module if module is not None else function
+
+    def decorate(rule: Callable) -> Callable:
+        existing = _USER_RULES.get(key)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (rule.__module__,
+                                                                                    rule.__qualname__):
+            raise ConfigError(f"an int8 lowering for {getattr(key, '__qualname__', key)} is already registered: "
+                              f"{existing.__module__}.{existing.__qualname__}")
+        _USER_RULES[key] = rule
+        return rule
+
+    return decorate
+
+
+def _user_rule(m: nn.Module | None, node: fx.Node) -> Callable | None:
+    if m is not None:
+        return next((_USER_RULES[c] for c in type(m).__mro__ if c in _USER_RULES), None)
+    try:
+        return _USER_RULES.get(node.target) if node.op == "call_function" else None
+    except TypeError:   # an unhashable target
+        return None
 
 
 def _op(node: fx.Node) -> str:
@@ -419,6 +456,10 @@ class _Lowering:
                 return
             out = self.emit("Concat", [self.as_float(t) for t in tensors], "concat", axis=dim)
             self.env[node.name] = _Value(out)
+            return
+        rule = _user_rule(m, node)
+        if rule is not None:
+            self.env[node.name] = _Value(rule(self, node, m))
             return
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             return self.float_layer(node, m)

@@ -130,3 +130,36 @@ def test_an_op_rule_by_name_serves_a_users_function():
     assert next(g for g in channel_groups(graph).groups if "a" in g.targets("out")).prunable
     result = graphopt.PassManager([PruneChannels(ratio=0.5)]).run(graph)
     assert result.graph.gm.a.out_channels == 3 and calls
+
+
+def test_a_users_layer_exports_to_int8_onnx_through_its_lowering_rule(tmp_path):
+    import numpy as np
+
+    from graphopt.backends import onnx_int8
+    from graphopt.passes import FoldQDQ, InsertQDQ
+
+    scope = _readme_layer_scope()
+    SoftClip = scope["SoftClip"]
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), SoftClip(16), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    data = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    graph = graphopt.trace(model, data[0])
+    ctx = graphopt.PassContext({"calibration_data": data})
+    quantized = graphopt.PassManager([InsertQDQ(), FoldQDQ()], context=ctx).run(graph).graph
+    with pytest.raises(graphopt.ExportError, match=r"no ONNX lowering for node '_1'"):
+        onnx_int8.export(quantized, str(tmp_path / "refused.onnx"), lowering="direct")
+
+    @onnx_int8.int8_lowering(module=SoftClip)
+    def soft_clip_onnx(lowering, node, module):
+        scale = lowering.const("scale", module.scale.detach().reshape(1, -1, 1, 1).numpy())
+        y = lowering.emit("Mul", [lowering.as_float(node.args[0]), scale], "soft_clip")
+        bounds = [lowering.const(s, np.array(v, np.float32)) for s, v in (("lo", -6.0), ("hi", 6.0))]
+        return lowering.emit("Clip", [y, *bounds], "clip")
+
+    report = onnx_int8.export(quantized, str(tmp_path / "m.onnx"), lowering="direct")
+    assert report.max_abs_error < 0.05 * float(quantized.run(data[0]).abs().max())
+    assert report.details["int8_layers"]
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "Mul" in ops and "Clip" in ops and "QLinearConv" in ops, ops
+    with pytest.raises(graphopt.ConfigError, match="already registered"):
+        onnx_int8.int8_lowering(module=SoftClip)(lambda lowering, node, module: "")
