@@ -2,8 +2,8 @@
 
 Results must be plain data keyed by node or module names (never the graph's own node or
 module objects): a cloned Graph keeps its original's cache. ``Graph.commit()`` drops every
-result after a structural edit; a pass that only changes values names the analyses it
-invalidates and the PassManager drops those.
+result after a structural edit; after a pass that changed the graph, the PassManager keeps
+only the analyses the pass ``preserves``.
 """
 from __future__ import annotations
 

@@ -130,6 +130,12 @@ class Graph:
             for name in names:
                 self._cache.pop(name, None)
 
+    def retain_analyses(self, names: Iterable[str]) -> None:
+        """Drop every cached analysis except ``names`` (what a pass preserves)."""
+        keep = set(names)
+        for name in [n for n in self._cache if n not in keep]:
+            del self._cache[name]
+
     def classify(self) -> None:
         modules = self.modules()
         for node in self.gm.graph.nodes:

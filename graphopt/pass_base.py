@@ -2,7 +2,9 @@
 
 A pass declares its registered ``name``, its numerical ``contract``, what it
 ``requires`` (an analysis, a named input such as ``calibration_data``, or a property an
-earlier pass ``ensures``), what it ``ensures``, and which analyses it ``invalidates``.
+earlier pass ``ensures``), what it ``ensures``, and which cached analyses it ``preserves``
+when it changes the graph (none by default: an analysis added later, by anyone, is never
+kept stale by a pass that did not know it).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, TypeVar
 
+from graphopt.analysis import analysis_names
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
 from graphopt.options import check_options
@@ -57,7 +60,16 @@ class Pass:
     bound: float | None = None
     requires: frozenset[str] = frozenset()
     ensures: ClassVar[frozenset[str]] = frozenset()
-    invalidates: ClassVar[frozenset[str] | None] = None  # None: every cached analysis
+    preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after a change
+    invalidates: ClassVar[frozenset[str] | None] = None  # the older spelling: what a change makes stale
+
+    @classmethod
+    def preserved_analyses(cls) -> frozenset[str]:
+        """What survives this pass's change: ``preserves``; for a pass written against the older
+        ``invalidates``, every registered analysis it does not name (None: none)."""
+        if cls.preserves or cls.invalidates is None:
+            return cls.preserves
+        return frozenset(analysis_names()) - cls.invalidates
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError

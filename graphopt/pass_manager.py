@@ -14,10 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from tqdm.auto import tqdm
-
 from graphopt.analysis import analysis_names
 from graphopt.errors import ConfigError, ContractViolation, GraphLintError, PassFailed, RequirementError
+from graphopt.instruments import Instrument, ProgressBar
 from graphopt.ir import Graph
 from graphopt.pass_base import EXACT_TOLERANCE, Contract, Pass, PassContext
 from graphopt.verify import compare_outputs, first_divergence, flatten_outputs, within_reassociation
@@ -64,11 +63,14 @@ class PassManager:
     """``PassManager([FoldBatchNorm(), ...]).run(graph)`` -> PipelineResult(graph, records).
 
     ``check_inputs`` is the held batch the contracts are checked on (default: the graph's
-    example inputs); ``verify=False`` skips output checks (lint still runs).
+    example inputs); ``verify=False`` skips output checks (lint still runs). ``instruments``
+    are called around the run and each pass (``graphopt.instruments``: IR dumps, record logs,
+    your own); ``progress=True`` adds a progress bar.
     """
 
     def __init__(self, passes: Iterable[Pass], *, context: PassContext | None = None,
-                 check_inputs: tuple | None = None, verify: bool = True, progress: bool = False):
+                 check_inputs: tuple | None = None, verify: bool = True, progress: bool = False,
+                 instruments: Iterable[Instrument] = ()):
         self.passes = list(passes)
         for p in self.passes:
             if not isinstance(p, Pass):
@@ -76,7 +78,10 @@ class PassManager:
         self.context = context or PassContext()
         self.check_inputs = check_inputs
         self.verify = verify
-        self.progress = progress
+        self.instruments = list(instruments) + ([ProgressBar()] if progress else [])
+        for instrument in self.instruments:
+            if not isinstance(instrument, Instrument):
+                raise TypeError(f"PassManager instruments must be Instrument instances, got {instrument!r}")
 
     def check_requirements(self, graph: Graph) -> None:
         """Fail before running anything if some pass needs what nothing before it provides."""
@@ -101,16 +106,25 @@ class PassManager:
                               "verified; return the model's tensors, or run with verify=False")
         records = [_record("input", "-", graph, 0.0, False, 0.0, 0.0, {})]
         current = graph
-        bar = tqdm(self.passes, desc="passes", disable=not self.progress, leave=False, delay=2)
-        for p in bar:
-            bar.set_postfix_str(p.name)
+        for instrument in self.instruments:
+            instrument.run_begin(graph, self.passes)
+        for index, p in enumerate(self.passes):
+            for instrument in self.instruments:
+                instrument.before_pass(index, p, current)
             try:
                 current, reference, record = self._run_one(p, context, current, inputs, reference, original)
             except PassFailed as failure:
                 failure.records = records
+                for instrument in self.instruments:
+                    instrument.pass_failed(index, p, failure)
                 raise
             records.append(record)
-        return PipelineResult(current, records)
+            for instrument in self.instruments:
+                instrument.after_pass(index, p, current, record)
+        result = PipelineResult(current, records)
+        for instrument in self.instruments:
+            instrument.run_end(result)
+        return result
 
     def _run_one(self, p: Pass, context: PassContext, current: Graph, inputs: tuple, reference: Any,
                  original: Any):
@@ -124,8 +138,8 @@ class PassManager:
                              f"{type(exc).__name__}: {exc}", p.name, node, current, [], exc) from exc
         seconds = time.perf_counter() - start
         graph = result.graph
-        if result.changed:
-            graph.invalidate(p.invalidates)
+        if result.changed:   # analyses the pass does not say it preserves are stale
+            graph.retain_analyses(p.preserved_analyses())
         try:
             graph.lint()
         except GraphLintError as exc:

@@ -28,7 +28,7 @@ class BiasCorrection(Pass):
 
     contract = Contract.BOUNDED
     requires = frozenset({"qdq", "calibration_data"})
-    invalidates = frozenset()
+    preserves = frozenset({"shapes", "cost", "channel_groups"})
 
     def __init__(self, max_batches: Count = 16, bound: Tolerance = 0.5, progress: bool = True):
         self.max_batches, self.bound, self.progress = max_batches, bound, progress

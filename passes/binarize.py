@@ -54,7 +54,6 @@ class Binarize(Pass):
     """Binary weights sign(W)*alpha (alpha = mean|W| per channel), optional binary activations, STE + distillation."""
 
     contract = Contract.NONE  # accuracy comes back through training, not by construction
-    invalidates = frozenset({"cost"})
 
     def __init__(self, activations: bool = False, include: list[str] | None = None,
                  exclude: list[str] | None = None, keep_first: bool = True, keep_last: bool = True,
@@ -159,7 +158,7 @@ class FreezeBinary(Pass):
 
     contract = Contract.BOUNDED
     bound = 0.05  # alpha rounded to fp16; a binary input right at a threshold may flip
-    invalidates = frozenset()
+    preserves = frozenset({"shapes", "cost", "channel_groups"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         frozen = freeze_all(graph)

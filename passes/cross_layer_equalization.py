@@ -59,7 +59,6 @@ class CrossLayerEqualization(Pass):
     """Rescale channels between consecutive conv/linear layers so their weight ranges match (exact for ReLU)."""
 
     contract = Contract.EXACT
-    invalidates = frozenset({"cost"})
 
     def __init__(self, iterations: int = 4, through_relu6: bool = False, bound: Tolerance = 0.05):
         if not isinstance(iterations, int) or iterations < 1:

@@ -13,7 +13,7 @@ class Distill(Pass):
 
     contract = Contract.NONE
     requires = frozenset({"train_data"})
-    invalidates = frozenset()  # weights change, structure does not
+    preserves = frozenset({"shapes", "cost", "channel_groups"})  # weights change, structure does not
 
     def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
                  alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,

@@ -33,7 +33,6 @@ class FoldBatchNorm(Pass):
 
     contract = Contract.EXACT
     ensures = frozenset({"folded_norms"})
-    invalidates = frozenset({"cost"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         folded, skipped = 0, {}

@@ -110,7 +110,6 @@ class FoldQDQ(Pass):
     contract = Contract.BOUNDED
     requires = frozenset({"qdq"})
     ensures = frozenset({"folded_qdq"})
-    invalidates = None
 
     def __init__(self, bound: Tolerance = 0.05):
         self.bound = bound

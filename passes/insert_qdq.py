@@ -252,7 +252,6 @@ class InsertQDQ(Pass):
     contract = Contract.BOUNDED
     requires = frozenset({"calibration_data"})
     ensures = frozenset({"qdq"})
-    invalidates = None
 
     def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: Percentile = 99.99,
                  max_batches: int = 16, keep_float: list[str] | None = None, first_layer: str = "int8",

@@ -44,7 +44,7 @@ class PruneMagnitude(Pass):
     """Zero the smallest-magnitude conv/linear weights (unstructured), per layer or globally."""
 
     contract = Contract.BOUNDED
-    invalidates = frozenset()  # values change, shapes and counts do not
+    preserves = frozenset({"shapes", "cost", "channel_groups"})  # values change, shapes and counts do not
 
     def __init__(self, sparsity: float = 0.5, scope: str = "layer", steps: int = 1, finetune_epochs: NonNegative = 0.0,
                  lr: Positive = 1e-3, max_batches: Count | None = None, layers: list[str] | None = None,

@@ -73,7 +73,7 @@ class QAT(Pass):
 
     contract = Contract.NONE
     requires = frozenset({"train_data"})
-    invalidates = frozenset()  # weights (and scales) change, structure does not
+    preserves = frozenset({"shapes", "cost", "channel_groups"})  # weights (and scales) change, structure does not
 
     def __init__(self, epochs: float = 1.0, lr: float = 1e-4, temperature: float = 4.0, alpha: float = 0.7,
                  max_batches: int | None = None, learn_scales: bool = False, progress: bool = True,

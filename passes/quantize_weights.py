@@ -32,7 +32,7 @@ class QuantizeWeights(Pass):
     """Round conv/linear weights to int8/int4/int2 codes times per-channel or per-group scales."""
 
     contract = Contract.BOUNDED
-    invalidates = frozenset()
+    preserves = frozenset({"shapes", "cost", "channel_groups"})
 
     def __init__(self, bits: int = 4, granularity: str = "channel", group_size: int = 64,
                  layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None):

@@ -11,7 +11,6 @@ class RemoveIdentity(Pass):
     """Drop dropout and identity nodes, which do nothing at inference."""
 
     contract = Contract.EXACT
-    invalidates = frozenset({"cost"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed = 0

@@ -42,7 +42,7 @@ class ShareWeights(Pass):
     """Cluster each conv/linear layer's weights into 2**bits shared values (k-means, fp16 codebook)."""
 
     contract = Contract.BOUNDED
-    invalidates = frozenset()
+    preserves = frozenset({"shapes", "cost", "channel_groups"})
 
     def __init__(self, bits: int = 4, iterations: int = 30, finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-4,
                  max_batches: Count | None = None, layers: list[str] | None = None,

@@ -99,7 +99,6 @@ class SplitLowRank(Pass):
     """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2)."""
 
     contract = Contract.BOUNDED
-    invalidates = None  # new nodes and modules: every analysis is stale
 
     def __init__(self, ratio: float | None = None, energy: float | None = None, target_macs: float | None = None,
                  target_params: float | None = None, conv_method: str = "auto", rank_multiple: int = 1,

@@ -1,4 +1,5 @@
 import json
+import os
 from collections import OrderedDict
 
 import pytest
@@ -282,3 +283,89 @@ def test_exactness_allows_float32_rounding_the_graph_already_had_and_nothing_mor
                            torch.randn(2, 3, 8, 8))
     with pytest.raises(PassFailed, match="broke its exact contract"):
         PassManager([_ScaleHead(1 + 3e-5)]).run(plain)
+
+
+# -- instruments and preserved analyses ---------------------------------------------------
+def _two_layer_graph():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return graphopt.trace(model, torch.randn(2, 4))
+
+
+def test_instruments_see_every_pass_in_order_and_the_ir_dump_shows_each_graph(tmp_path):
+    from graphopt.instruments import Instrument, IRDump, RecordLog
+    from graphopt.passes import EliminateDeadCode, RemoveIdentity
+
+    seen = []
+
+    class Spy(Instrument):
+        def run_begin(self, graph, passes):
+            seen.append(("begin", len(passes)))
+
+        def before_pass(self, index, p, graph):
+            seen.append(("before", index, p.name))
+
+        def after_pass(self, index, p, graph, record):
+            seen.append(("after", index, record.name))
+
+        def run_end(self, result):
+            seen.append(("end", len(result.records)))
+
+    dump, log = tmp_path / "ir", tmp_path / "records.jsonl"
+    PassManager([RemoveIdentity(), EliminateDeadCode()],
+                instruments=[Spy(), IRDump(dump), RecordLog(log)]).run(_two_layer_graph())
+    assert seen == [("begin", 2), ("before", 0, "remove_identity"), ("after", 0, "remove_identity"),
+                    ("before", 1, "eliminate_dead_code"), ("after", 1, "eliminate_dead_code"), ("end", 3)]
+    assert sorted(os.listdir(dump)) == ["00_input.py", "01_remove_identity.py", "02_eliminate_dead_code.py"]
+    assert "kind=linear shape=(2, 8)" in (dump / "00_input.py").read_text()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["remove_identity", "eliminate_dead_code"]
+    with pytest.raises(graphopt.ConfigError, match="not empty"):
+        IRDump(dump)
+
+
+def test_a_failing_pass_is_logged_by_the_record_log(tmp_path):
+    from graphopt.instruments import RecordLog
+
+    log = tmp_path / "records.jsonl"
+    with pytest.raises(graphopt.PassFailed):
+        PassManager([Breaks()], instruments=[RecordLog(log)]).run(_two_layer_graph())
+    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert row["name"] == "test_breaks" and "contract" in row["failed"]
+
+
+@graphopt.register_pass("test_breaks")
+class Breaks(graphopt.Pass):
+    """Doubles the output while claiming to be exact."""
+
+    def run(self, graph, ctx):
+        out = next(n for n in graph.nodes if n.op == "output")
+        with graph.gm.graph.inserting_before(out):
+            doubled = graph.gm.graph.call_function(torch.mul, (out.args[0], 2.0))
+        out.args = (doubled,)
+        graph.commit()
+        return graphopt.PassResult(graph, changed=True)
+
+
+def test_only_the_analyses_a_pass_preserves_survive_its_change():
+    calls = []
+
+    @graphopt.register_analysis("test_counted")
+    def counted(graph):
+        calls.append(1)
+        return len(calls)
+
+    @graphopt.register_pass("test_value_edit")
+    class ValueEdit(graphopt.Pass):
+        """Reads an analysis and reports a change (a value-only edit that changes nothing numerically)."""
+        preserves = frozenset({"shapes"})
+
+        def run(self, graph, ctx):
+            graph.analysis("test_counted")
+            return graphopt.PassResult(graph, changed=True)
+
+    graph = _two_layer_graph()
+    graph.analysis("test_counted")
+    shapes = graph.analysis("shapes")
+    result = PassManager([ValueEdit(), ValueEdit()]).run(graph)
+    assert result.graph.analysis("shapes") is shapes           # preserved through both passes
+    assert result.graph.analysis("test_counted") == 3          # dropped after each change, recomputed after
