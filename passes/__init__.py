@@ -14,7 +14,8 @@ from graphopt.passes.qat import QAT
 from graphopt.passes.quantize_weights import QuantizeWeights
 from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.share_weights import ShareWeights
+from graphopt.passes.sparsify_channels import SparsifyChannels
 
 __all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
            "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank", "InsertQDQ",
-           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection", "QAT"]
+           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection", "QAT", "SparsifyChannels"]

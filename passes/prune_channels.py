@@ -10,7 +10,7 @@ columns zeroed) as its reference, and promises exact equality with it.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from graphopt.pruning.groups import blocking_summary  # noqa: F401  (re-exported)
 from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
                                ChannelGroup, ChannelPlan, channel_groups)
 from graphopt.modules import PrunedMultiheadAttention
@@ -30,23 +31,6 @@ from graphopt.pruning.slicing import apply_cuts, resize_group_norm, split_sizes
 
 class NothingToPrune(GraphoptError):
     """Every channel group of the model is blocked (the reasons are in the message)."""
-
-
-def blocking_summary(groups, top: int = 5) -> str:
-    """The reasons groups are blocked, most frequent first, with how many groups each blocks and
-    an example node: 'cummax (unknown) is not understood ... (3 groups, e.g. at cummax_2)'."""
-    counts: Counter = Counter()
-    example: dict[str, str] = {}
-    for group in groups:
-        for reason in dict.fromkeys(group.blocked):
-            node, sep, what = reason.partition(": ")
-            what = what if sep and " " not in node else reason
-            counts[what] += 1
-            example.setdefault(what, node if sep and " " not in node else "")
-    parts = [f"{what} ({n} group{'s' if n > 1 else ''}{f', e.g. at {example[what]}' if example[what] else ''})"
-             for what, n in counts.most_common(top)]
-    more = len(counts) - top
-    return "blocking: " + "; ".join(parts) + (f"; and {more} other reason{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 @dataclass

@@ -4,7 +4,7 @@ rule modules share."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -180,3 +180,20 @@ def _layouts(value: Any) -> list[Layout]:
     if isinstance(value, (list, tuple)):
         return [l for v in value for l in _layouts(v)]
     return []
+
+
+def blocking_summary(groups, top: int = 5) -> str:
+    """The reasons groups are blocked, most frequent first, with how many groups each blocks and
+    an example node: 'cummax (unknown) is not understood ... (3 groups, e.g. at cummax_2)'."""
+    counts: Counter = Counter()
+    example: dict[str, str] = {}
+    for group in groups:
+        for reason in dict.fromkeys(group.blocked):
+            node, sep, what = reason.partition(": ")
+            what = what if sep and " " not in node else reason
+            counts[what] += 1
+            example.setdefault(what, node if sep and " " not in node else "")
+    parts = [f"{what} ({n} group{'s' if n > 1 else ''}{f', e.g. at {example[what]}' if example[what] else ''})"
+             for what, n in counts.most_common(top)]
+    more = len(counts) - top
+    return "blocking: " + "; ".join(parts) + (f"; and {more} other reason{'s' if more > 1 else ''}" if more > 0 else "")

@@ -158,10 +158,13 @@ class _EpochPlan:
 
 
 def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Iterable, config: DistillConfig,
-            progress: bool = True, loss_fn: Callable | None = None) -> dict[str, float]:
+            progress: bool = True, loss_fn: Callable | None = None,
+            penalty: Callable[[float], torch.Tensor] | None = None) -> dict[str, float]:
     """Fine-tune ``student.gm`` in place against ``teacher``; returns the mean loss of the
     first and last tenth of the steps. ``data`` yields (inputs, labels) or inputs;
-    a callable is called once per epoch (so generators restart)."""
+    a callable is called once per epoch (so generators restart). ``penalty(progress)``, where
+    progress runs from 0 to 1 over the steps, is added to every step's loss (a regulariser on the
+    student's weights, such as the group lasso of ``sparsify_channels``)."""
     config.check()
     names = set(config.feature_nodes)
     missing = sorted(names - {n.name for n in student.nodes})
@@ -175,9 +178,10 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     teacher.gm.eval()
     losses: list[float] = []
     plan = _EpochPlan(data, config)
+    total = plan.total_steps() if penalty is not None or config.schedule == "cosine" else None
     scheduler = None
     if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, plan.total_steps()))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
     student.gm.train()
     try:
         for epoch in range(plan.epochs):
@@ -196,6 +200,8 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                 for name in names:
                     if name in s_feats and name in t_feats and s_feats[name].shape == t_feats[name].shape:
                         loss = loss + config.feature_weight * F.mse_loss(s_feats[name], t_feats[name])
+                if penalty is not None:
+                    loss = loss + penalty(len(losses) / max(1, total))
                 if not torch.isfinite(loss):
                     raise DataError(f"{where}: the loss is {loss.item()} (weights left as before this step)")
                 optimizer.zero_grad()
