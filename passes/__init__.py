@@ -1,4 +1,5 @@
 """Built-in passes. Importing this package registers them (it is graphopt's own plugin)."""
+from graphopt.passes.adaround import AdaRound
 from graphopt.passes.bias_correction import BiasCorrection
 from graphopt.passes.binarize import Binarize, FreezeBinary
 from graphopt.passes.eliminate_dead_code import EliminateDeadCode
@@ -18,4 +19,4 @@ from graphopt.passes.sparsify_channels import SparsifyChannels
 
 __all__ = ["FoldBatchNorm", "RemoveIdentity", "EliminateDeadCode", "Distill", "PruneChannels", "Binarize",
            "FreezeBinary", "PruneMagnitude", "ShareWeights", "QuantizeWeights", "SplitLowRank", "InsertQDQ",
-           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection", "QAT", "SparsifyChannels"]
+           "FoldQDQ", "CrossLayerEqualization", "BiasCorrection", "QAT", "SparsifyChannels", "AdaRound"]

@@ -13,18 +13,10 @@ from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.options import Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant.weights import annotate, configure_weight_pass, forget, weight_layers
+from graphopt.quant.weights import annotate, configure_weight_pass, forget, group_scales, weight_layers
 
 BITS = (2, 4, 8)
 GRANULARITIES = ("channel", "group")
-
-
-def group_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
-    """One scale per row of ``rows``: max|w| / qmax, as an fp16 number when fp16 can hold it."""
-    scale = rows.abs().amax(dim=1) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    half = scale.half().float()
-    return torch.where((half > 0) & torch.isfinite(half), half, scale)
 
 
 @register_pass("quantize_weights")

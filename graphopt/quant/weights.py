@@ -170,3 +170,11 @@ def finetune_constrained(graph: Graph, ctx_data: dict, config: DistillConfig,
         for param, mask in masks.items():
             param.masked_fill_(mask, 0.0)
     return result
+
+
+def group_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
+    """One scale per row of ``rows``: max|w| / qmax, as an fp16 number when fp16 can hold it."""
+    scale = rows.abs().amax(dim=1) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    half = scale.half().float()
+    return torch.where((half > 0) & torch.isfinite(half), half, scale)
