@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.tools import bench_packed, bench_quant
-from graphopt.tools.ort_recipe_avx2_check import agreement, output_steps
+from benchmarks import bench_packed, bench_quant
+from benchmarks.ort_recipe_avx2_check import agreement, output_steps
 
 
 def test_compounding_ratio_and_missing_columns():
