@@ -12,8 +12,8 @@ lists on the command line, and results written as JSON with their Markdown table
     ...
     <!-- /render -->
 
-by the tables of ``--results``/NAME.json where that file exists (blocks without a JSON file are
-left as recorded).
+by the tables of ``--results``/NAME.json where that file exists and names its renderer (other
+blocks are left as recorded).
 
 Benchmarks run from the repository root (``python -m benchmarks.bench_prune speed``); nothing here
 is installed with graphopt. No benchmark changes the process at import: thread counts and
@@ -178,9 +178,11 @@ def render_docs(results_dir: str, docs_dir: str) -> list[str]:
             source = os.path.join(results_dir, match["name"])
             if not os.path.exists(source):
                 return match[0]
-            replaced.append(f"{doc}: {match['name']}")
             with open(source) as f:
                 results = json.load(f)
+            if "rendered_by" not in results:   # written before the harness: left as recorded
+                return match[0]
+            replaced.append(f"{doc}: {match['name']}")
             return match[1] + _renderer(results["rendered_by"])(results).rstrip() + "\n" + match[4]
 
         new = _BLOCK.sub(fill, text)

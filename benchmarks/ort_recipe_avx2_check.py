@@ -264,7 +264,7 @@ def markdown(results: dict) -> str:
     def share(r: dict | None) -> str:
         return "-" if r is None else ("100%" if r["share"] == 1 else f"{r['share']:.2%}")
     return (markdown_table(["model"] + [header(c) for c in columns],
-                           [[f"{harness.model_name(name)} ({m['samples']} inputs)"]
+                           [[f"{harness.model_name(name)} ({m['samples']} input{'s' if m['samples'] != 1 else ''})"]
                             + [share(m["artifacts"].get(c)) for c in columns] for name, m in results["models"].items()])
             + f"\n\nRule: {results['rule']}.")
 
