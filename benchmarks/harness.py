@@ -67,6 +67,12 @@ def parse_targets(text: str) -> list[str]:
     return names
 
 
+def add_targets_option(parser: argparse.ArgumentParser, what: str = "each run once per target") -> None:
+    """The accuracy benchmarks' ``--targets``: int8 targets, ``x86-vnni,x86-avx2`` by default."""
+    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2",
+                        help=f"comma-separated int8 targets, {what} (default: x86-vnni,x86-avx2)")
+
+
 # -- what is measured -------------------------------------------------------------------------------
 def accuracy(model, data: Iterable | None = None, batch_size: int = 256) -> float:
     """Top-1 accuracy, a share in [0, 1], of a Graph, a module or an artifact's runner over

@@ -48,7 +48,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
-    parser.add_argument("--targets", type=harness.parse_targets, default="x86-vnni,x86-avx2")
+    harness.add_targets_option(parser, "each model exported once per target")
     parser.add_argument("--size", type=int, default=112, help="input height and width")
     parser.add_argument("--prune", type=float, default=0.0, help="prune to this share of the MACs first (0: no)")
     parser.add_argument("--out", default="bench-results/int8_target_zoo.json")

@@ -116,9 +116,7 @@ VARIANTS = [("int8", False, 0), ("int8 + CLE + bias correction", True, 0),
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=harness.parse_targets, default="x86-vnni,x86-avx2",
-                        help="comma-separated int8 targets, each variant run once per target "
-                             "(default: x86-vnni,x86-avx2)")
+    harness.add_targets_option(parser, "each variant run once per target")
     parser.add_argument("--out", default="bench-results/quant_accuracy.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -64,8 +64,7 @@ def ptq_targets_report(observer: str = "mse", targets=("x86-vnni", "x86-avx2")) 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("observer", nargs="?", default="mse")
-    parser.add_argument("--targets", type=harness.parse_targets, default="x86-vnni,x86-avx2",
-                        help="comma-separated int8 targets (default: x86-vnni,x86-avx2)")
+    harness.add_targets_option(parser, "one column each")
     parser.add_argument("--out", default="bench-results/quant_accuracy_fashion.json")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", FutureWarning)   # torch.jit.load's deprecation notice

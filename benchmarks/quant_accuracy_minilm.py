@@ -38,9 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observer", default="mse")
     parser.add_argument("--calib-batches", type=int, default=8)
-    parser.add_argument("--targets", type=harness.parse_targets, default="x86-vnni,x86-avx2",
-                        help="comma-separated int8 targets, each quantized and scored "
-                             "(default: x86-vnni,x86-avx2)")
+    harness.add_targets_option(parser, "each quantized and scored")
     parser.add_argument("--out", default="bench-results/quant_minilm_accuracy.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
