@@ -47,8 +47,9 @@ def model_name(name: str) -> str:
 # -- process set-up ---------------------------------------------------------------------------------
 def run_with_env(**values: str) -> None:
     """Start this program again with the environment variables among ``values`` that are not set
-    yet (``os.execv``): OpenMP reads them once, when torch loads, so a benchmark that needs them
-    calls this first in ``main()``. A variable the caller set already is kept as it is."""
+    yet (``os.execv``, same interpreter and arguments): OpenMP reads them once, when torch loads,
+    so a benchmark that needs them calls this in ``main()`` before any work. A variable the caller
+    set already is kept as it is."""
     missing = {name: value for name, value in values.items() if name not in os.environ}
     if missing:
         os.environ.update(missing)
