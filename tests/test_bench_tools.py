@@ -1,11 +1,19 @@
-"""Pure helpers of the int8 benchmark tools: how bench_quant composes its compounding ratio, and
-the rule ort_recipe_avx2_check compares emulated and native outputs by."""
+"""Pure helpers of the benchmarks: how bench_quant composes its compounding ratio, the rule
+ort_recipe_avx2_check compares emulated and native outputs by, how bench_packed decides its targets,
+and the shared harness (results written and rendered; no process state changed at import)."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.tools import bench_packed, bench_quant
-from graphopt.tools.ort_recipe_avx2_check import agreement, output_steps
+from benchmarks import bench_packed, bench_quant, bench_quant_ab, harness
+from benchmarks.ort_recipe_avx2_check import agreement, output_steps
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
 def test_compounding_ratio_and_missing_columns():
@@ -64,3 +72,38 @@ def test_packed_targets_are_decided_on_the_mean_over_seeds():
     assert not bench_packed.summarise("net", runs, target_ratio=40)["meets_target"]  # mean loss 1.07
     per_seed, summary = bench_packed.fashion_tables([got])
     assert len(per_seed[1]) == 3 and summary[1][0][2] == "0.73 ± 0.55 [0.20, 1.30]"
+
+
+def test_results_are_rendered_beside_their_json_and_into_the_documents(tmp_path):
+    def batch(speedup):
+        return {"ms": {k: 10 / speedup[k] for k in speedup}, "speedup_over_ort_fp32": speedup}
+    results = {"threads": 2, "rounds": 3, "models": {"resnet18": {
+        1: batch(dict(zip(bench_quant_ab.RUNNERS, (1.0, 2.0, 2.5, 2.25)))),
+        16: batch(dict(zip(bench_quant_ab.RUNNERS, (1.0, 3.0, 3.125, 3.5))))}}}
+    path = str(tmp_path / "quant_ab.json")
+    text = harness.write_results(path, results, bench_quant_ab.markdown)
+    assert json.load(open(path))["rendered_by"] == "benchmarks.bench_quant_ab:markdown"
+    assert (tmp_path / "quant_ab.md").read_text() == text
+    assert "| ResNet-18 | 1 / 16 | 2.00x / 3.00x | 2.50x / 3.12x | 2.25x / 3.50x |" in text
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "quant.md").write_text("notes\n<!-- render: quant_ab.json -->\nthe recorded table\n<!-- /render -->\n"
+                                   "<!-- render: never_run.json -->\nkept as recorded\n<!-- /render -->\n")
+    assert harness.render_docs(str(tmp_path), str(docs)) == ["quant.md: quant_ab.json"]
+    assert (docs / "quant.md").read_text() == ("notes\n<!-- render: quant_ab.json -->\n" + text
+                                               + "<!-- /render -->\n<!-- render: never_run.json -->\n"
+                                               "kept as recorded\n<!-- /render -->\n")
+
+
+def test_importing_the_benchmarks_changes_no_process_state():
+    """Thread counts and environment variables are set in main(), never at import."""
+    script = ("import os, importlib, pkgutil, torch, benchmarks\n"
+              "env, threads = dict(os.environ), torch.get_num_threads()\n"
+              "names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__)]\n"
+              "for name in names:\n"
+              "    importlib.import_module('benchmarks.' + name)\n"
+              "assert len(names) >= 20, names\n"
+              "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())\n"
+              "assert torch.get_num_threads() == threads\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=300)

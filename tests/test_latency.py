@@ -28,7 +28,7 @@ def test_eager_breakdown_sees_which_convs_torch_keeps_from_onednn():
     import torch
     import torch.nn as nn
 
-    from graphopt.tools.prune_eager_breakdown import im2col_convs, onednn_ms
+    from benchmarks.prune_eager_breakdown import im2col_convs, onednn_ms
 
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1).eval()

@@ -20,7 +20,7 @@ from graphopt.backends.packed_codec import zstd_decode, zstd_encode
 from graphopt.backends.packed_huffman import MAX_CODE_LEN, huffman_decode_many, huffman_encode, stored_size
 from graphopt.backends.packed_tensors import BlobWriter, Reader, _Draft, encode_tensor, place
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, ShareWeights
-from graphopt.tools.packed_v1 import write_version_1
+from benchmarks.packed_v1 import write_version_1
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 V1_FILE = os.path.join(DATA, "digits_pruned_shared_v1.gpk")

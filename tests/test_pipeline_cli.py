@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -43,6 +44,21 @@ def test_bundled_example_runs_end_to_end(tmp_path, capsys):
     before, after = report["metrics"]["before"]["top1"], report["metrics"]["after"]["top1"]
     assert before >= 0.97  # the committed checkpoint is trained
     assert after == pytest.approx(before, abs=1e-9)
+
+
+def test_digits_data_without_scikit_learn_names_the_extra(tmp_path, monkeypatch, capsys):
+    """scikit-learn is the `examples` extra, not a dependency: without it the digits model still
+    loads, and its data is a ConfigError saying what to install (the CLI prints it, exit 2)."""
+    from graphopt.tools import digits
+
+    for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert digits.trained_digits_cnn()(torch.rand(1, 1, 8, 8)).shape == (1, 10)
+    with pytest.raises(ConfigError, match=r"needs scikit-learn .*pip install 'graphopt\[examples\]'"):
+        digits.test_batches()
+    path = write(tmp_path, MODEL + '[evaluate]\ndata = "graphopt.tools.digits:test_batches"\n')
+    assert cli_main(["run", path, "--quiet"]) == 2
+    assert "pip install 'graphopt[examples]'" in capsys.readouterr().err
 
 
 def test_pipeline_with_torchvision_model(tmp_path):

@@ -2,7 +2,7 @@
 residual adds, concat (DenseNet, Inception), depthwise + squeeze-excite (MobileNetV3,
 EfficientNet), channels-last MLP with LayerNorm and layer scale (ConvNeXt), grouped conv
 (ResNeXt), channel shuffle (ShuffleNet), attention heads + FFN (ViT).
-The full 80-model sweep is `python -m graphopt.tools.prune_zoo`."""
+The full 80-model sweep is `python -m benchmarks.prune_zoo`."""
 import pytest
 import torch
 import torchvision

@@ -5,13 +5,14 @@ import os
 
 import pytest
 
+from benchmarks.harness import parse_targets
 import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
 from graphopt.app.evaluate import top1_accuracy
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ
 from graphopt.tools import fashion_mnist
-from graphopt.tools.fashion_cnn import calibration_batches, parse_targets, trained_fashion_cnn
+from graphopt.tools.fashion_cnn import calibration_batches, trained_fashion_cnn
 
 needs_data = pytest.mark.skipif(not fashion_mnist.available(), reason="apt-get install -y dataset-fashion-mnist")
 

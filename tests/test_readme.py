@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.report import markdown_table
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
@@ -63,3 +64,33 @@ def test_readme_setup_runs_the_bundled_compress_spec():
     spec = re.search(r"graphopt compress (\S+)", setup).group(1)
     loaded = load_spec(os.path.join(os.path.dirname(README), spec))
     assert loaded.goal.max_minutes <= 2.5 and loaded.goal.max_drop == 1.0   # the README's promise: < 3 min
+
+
+def _cell(text: str) -> str:
+    """A docstring sentence as a Markdown table cell: ``code`` as `code`, pipes escaped."""
+    return re.sub(r"``([^`]+)``", r"`\1`", " ".join(text.split())).replace("|", "\\|")
+
+
+def passes_table() -> str:
+    """The README's table of built-in passes, made from the registry (so none goes unlisted):
+    name, numerical contract, the first line of the class docstring."""
+    return markdown_table(["pass", "contract", "what it does"],
+                          [(f"`{name}`", cls.contract.value, _cell(cls.summary()))
+                           for name, cls in graphopt.registered_passes().items()
+                           if cls.__module__.startswith("graphopt.passes.")])
+
+
+def backends_table() -> str:
+    """The README's table of built-in backends: name and the first sentence of its docstring."""
+    rows = []
+    for name, export in graphopt.registered_backends().items():
+        if export.__module__.startswith("graphopt.backends."):
+            first = " ".join((export.__doc__ or "").strip().split("\n\n")[0].split())
+            rows.append((f"`{name}`", _cell(re.split(r"(?<=\.)\s", first, maxsplit=1)[0])))
+    return markdown_table(["backend", "what it writes and checks"], rows)
+
+
+def test_readme_lists_every_registered_pass_and_backend():
+    text = open(README).read()
+    for expected in (passes_table(), backends_table()):
+        assert expected in text, f"the README's table is out of date; it should read:\n{expected}"

@@ -1,7 +1,9 @@
 """The bundled example: a small CNN for scikit-learn's 8x8 digits, and its data splits.
 
 The split is fixed (stratified, seed 0, 20% held out) so the committed checkpoint's
-held-out accuracy is reproducible anywhere.
+held-out accuracy is reproducible anywhere. The model and its checkpoint need only torch; the
+data needs scikit-learn, graphopt's ``examples`` extra (``pip install 'graphopt[examples]'``;
+``requirements.txt`` pins it).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from graphopt.errors import ConfigError
+
+EXTRA_HINT = "pip install 'graphopt[examples]' (or pip install -r requirements.txt)"
 EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
 CHECKPOINT = os.path.join(EXAMPLES, "digits_cnn.pt")
 
@@ -40,8 +45,12 @@ def trained_digits_cnn() -> DigitsCNN:
 
 def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train images, train labels, test images, test labels); images N x 1 x 8 x 8 in [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise ConfigError(f"the digits example's data needs scikit-learn ({exc}): "
+                          f"{EXTRA_HINT}") from exc
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

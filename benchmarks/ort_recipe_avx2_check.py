@@ -1,8 +1,8 @@
 """Do int8 ONNX artifacts compute on an AVX2-only CPU what they compute on a VNNI one?
 
-    python -m graphopt.tools.ort_recipe_avx2_check [--models resnet18,mobilenet_v2] [--samples 4]
+    python -m benchmarks.ort_recipe_avx2_check [--models resnet18,mobilenet_v2] [--samples 4]
                                                    [--targets x86-vnni,x86-avx2] [--plain] [--fp32]
-                                                   [--emulator tools/run_avx2.sh]
+                                                   [--emulator benchmarks/run_avx2.sh]
                                                    [--out bench-results/avx2_check.json]
 
 Per model (random weights, as bench_quant), the int8 artifacts bench_quant times are built here:
@@ -145,7 +145,7 @@ def build_artifacts(model_name: str, folder: str, targets: list[str], threads: i
     from graphopt import PassManager
     from graphopt.backends import onnx_int8
     from graphopt.passes import FoldBatchNorm, RemoveIdentity
-    from graphopt.tools import bench_quant as bq
+    from benchmarks import bench_quant as bq
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, weights=None).eval()
@@ -218,7 +218,8 @@ def main() -> None:
 
     import torch
 
-    from graphopt.report import table, write_json
+    from benchmarks import harness
+    from graphopt.report import table
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
@@ -242,8 +243,30 @@ def main() -> None:
           f"pass: >= {PASS_SHARE:.0%} within one output step\n")
     print(table(["model", "artifact", "within one step", "passes", "max diff (steps)", "max diff / max |y|",
                  "top-1 same", "rule"], rows))
-    write_json(args.out, results)
+    harness.write_results(args.out, results, markdown)
     print(f"wrote {args.out}")
+
+
+def markdown(results: dict) -> str:
+    """Per model and artifact: the share of output elements that agree, emulated AVX2 against native."""
+    from benchmarks import harness
+    from benchmarks.bench_quant import INT8_FORMS, ORT_BEST, ORT_REDUCED
+    from graphopt.report import markdown_table
+
+    names = {"ORT fp32": "fp32 (control)", "ORT quantize_static plain": "ORT `quantize_static` plain",
+             ORT_BEST: "ORT best", ORT_REDUCED: "ORT best + `reduce_range`"}
+    columns = list(dict.fromkeys(c for m in results["models"].values() for c in m["artifacts"]))
+
+    def header(column: str) -> str:
+        prefix = INT8_FORMS["ONNX"] + " ("
+        return f"graphopt `{column[len(prefix):-1]}`" if column.startswith(prefix) else names.get(column, column)
+
+    def share(r: dict | None) -> str:
+        return "-" if r is None else ("100%" if r["share"] == 1 else f"{r['share']:.2%}")
+    return (markdown_table(["model"] + [header(c) for c in columns],
+                           [[f"{harness.model_name(name)} ({m['samples']} input{'s' if m['samples'] != 1 else ''})"]
+                            + [share(m["artifacts"].get(c)) for c in columns] for name, m in results["models"].items()])
+            + f"\n\nRule: {results['rule']}.")
 
 
 if __name__ == "__main__":

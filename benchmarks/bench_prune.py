@@ -1,7 +1,7 @@
 """Structured pruning benchmarks: real speed at half the MACs, and accuracy after distillation.
 
-    python -m graphopt.tools.bench_prune speed    [--models resnet50,mobilenet_v2,convnext_tiny,vit_b_16]
-    python -m graphopt.tools.bench_prune accuracy [--epochs 3]
+    python -m benchmarks.bench_prune speed    [--models resnet50,mobilenet_v2,convnext_tiny,vit_b_16]
+    python -m benchmarks.bench_prune accuracy [--epochs 3]
 
 speed: each model pruned to 50% of its MACs by graphopt (prune_channels, L2, round_to 32 unless
 --round-to says otherwise) and, as a column, by Torch-Pruning 1.6 (MetaPruner, L2 magnitude, same
@@ -18,7 +18,7 @@ and onnxruntime calls alternate, adds a thread wake-up to every torch op: about 
 accuracy: a residual CNN trained on Fashion-MNIST (cached after the first run), pruned to
 50% of its MACs (graphopt: Taylor importance, global ranking by default), then one epoch of
 distillation from the unpruned model (AdamW, lr 3e-3 annealed to 0 by a cosine schedule);
-Torch-Pruning (L2) at the same budget, no rounding, gets the same fine-tuning. Results print as a table and go to bench-results/prune_*.json.
+Torch-Pruning (L2) at the same budget, no rounding, gets the same fine-tuning. Results print as a table and go to bench-results/prune_*.json (and .md).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import copy
 import os
 import tempfile
 import time
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -35,12 +34,10 @@ import torch.nn.functional as F
 import torchvision
 
 import graphopt
-from graphopt.backends import onnx as onnx_backend
+from benchmarks import harness
 from graphopt.training.distill import DistillConfig, distill
-from graphopt.app.evaluate import top1_accuracy
-from graphopt.app.latency import interleaved_latency
 from graphopt.passes import PruneChannels
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.tools import fashion_mnist
 
 THREADS = 2
@@ -88,24 +85,6 @@ def output_layer(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def ort_runner(graph: graphopt.Graph, path: str, x: torch.Tensor) -> Callable[[], object]:
-    onnx_backend.export(graph, path, tolerance=1e-3)
-    session = onnx_backend.ort_session(path, threads=THREADS)
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
-
-
-def eager_runner(module: nn.Module, x: torch.Tensor, channels_last: bool = False) -> Callable[[], object]:
-    if channels_last:
-        module = copy.deepcopy(module).to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def run():
-        with torch.no_grad():
-            return module(x)
-    return run
-
-
 ROUND_TO = 32   # channel counts in multiples of 32: oneDNN's channels-last AVX-512 kernels block output
                 # channels by 32-64 (ONEDNN_VERBOSE: Acdb32a/Acdb64a weights) and pad a 16-multiple
 RUNTIMES = ("eager", "eager-cl", "ort")
@@ -142,19 +121,20 @@ def speed(models: list[str], rounds: int, out: str, round_to: int = ROUND_TO) ->
             n = rounds if batch == 1 else max(3, rounds // 3)
             times = {}
             for runtime in RUNTIMES:  # one interleaved block per runtime (see the module docstring)
+                inputs = (x.contiguous(memory_format=torch.channels_last),) if runtime == "eager-cl" else (x,)
                 with tempfile.TemporaryDirectory() as folder:
                     runners = {}
                     for variant, (module, _) in variants.items():
                         if runtime == "ort":
-                            runners[f"ort/{variant}"] = ort_runner(graphopt.trace(module, x),
-                                                                   os.path.join(folder, f"{variant}.onnx"), x)
+                            path = harness.onnx_file(graphopt.trace(module, x), os.path.join(folder, f"{variant}.onnx"))
+                            runners[f"ort/{variant}"] = harness.ort_runner(path, THREADS)
                         else:
-                            runners[f"{runtime}/{variant}"] = eager_runner(module, x, runtime == "eager-cl")
-                    times.update(interleaved_latency(runners, n, hot=HOT))
+                            runners[f"{runtime}/{variant}"] = harness.eager_runner(module, runtime == "eager-cl")
+                    times.update(harness.latency(runners, inputs, n, hot=HOT))
                     del runners
             for runtime in RUNTIMES:
                 dense_t = times[f"{runtime}/dense"]
-                row = {"model": name, "batch": batch, "runtime": runtime, "dense_ms": dense_t * 1e3,
+                row = {"model": name, "batch": batch, "runtime": runtime, "dense_ms": dense_t,
                        "graphopt_macs": variants["graphopt"][1] / variants["dense"][1],
                        "graphopt_speedup": dense_t / times[f"{runtime}/graphopt"]}
                 if "torch-pruning" in variants:
@@ -174,8 +154,21 @@ def speed(models: list[str], rounds: int, out: str, round_to: int = ROUND_TO) ->
                   f"{r['graphopt_speedup']:.2f}", f"{r['tp_macs']:.2f}" if "tp_macs" in r else "-",
                   r.get("tp_round_to", "-"),
                   f"{r['tp_speedup']:.2f}" if "tp_speedup" in r else r.get("tp_error", "-")[:30]) for r in rows]))
-    write_json(out, {"threads": THREADS, "rounds": rounds, "round_to": round_to, "rows": rows})
+    harness.write_results(out, {"threads": THREADS, "rounds": rounds, "round_to": round_to, "rows": rows},
+                          speed_markdown)
     print(f"wrote {out}")
+
+
+def speed_markdown(results: dict) -> str:
+    """Speed-up of each pruned model over the dense one, graphopt / Torch-Pruning, per runtime."""
+    cells = {}
+    for r in results["rows"]:
+        tp = f"{r['tp_speedup']:.2f}x" if "tp_speedup" in r else "fails"
+        cells.setdefault((r["model"], r["batch"]), {})[r["runtime"]] = f"{r['graphopt_speedup']:.2f}x / {tp}"
+    return markdown_table(["model", "batch", "eager graphopt / TP", "eager-cl graphopt / TP",
+                           "onnxruntime graphopt / TP"],
+                          [(harness.model_name(model), batch, *(runs.get(k, "-") for k in RUNTIMES))
+                           for (model, batch), runs in cells.items()])
 
 
 class ResidualCNN(nn.Module):
@@ -213,14 +206,14 @@ def trained_residual_cnn(epochs: int) -> nn.Module:
         lambda m: fashion_mnist.train_classifier(m, epochs, lr=2e-3, weight_decay=1e-4, one_cycle=True))
 
 
-def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, lr: float, out: str,
-             schedule: str = "cosine") -> None:
+def distilled_accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, lr: float, out: str,
+                       schedule: str = "cosine") -> None:
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     model = trained_residual_cnn(epochs)
     x = torch.randn(1, 1, 28, 28)
     dense = graphopt.trace(model, x)
-    results = {"dense": top1_accuracy(dense, fashion_mnist.test_batches())}
+    results = {"dense": harness.accuracy(dense)}
     print(f"dense: {results['dense']:.4f} ({time.perf_counter() - start:.0f} s to train)", flush=True)
     data = lambda: fashion_mnist.batches("train", 128, shuffle=True)  # noqa: E731
     config = DistillConfig(epochs=finetune_epochs, lr=lr, temperature=4.0, alpha=0.7, schedule=schedule)
@@ -228,27 +221,40 @@ def accuracy(epochs: int, finetune_epochs: float, importance: str, scope: str, l
     pruned = graphopt.PassManager([PruneChannels(target_macs=0.5, importance=importance, scope=scope)],
                                   context=graphopt.PassContext({"train_data": data})).run(dense)
     macs["graphopt"] = pruned.records[-1].macs / pruned.records[0].macs
-    results["graphopt pruned"] = top1_accuracy(pruned.graph, fashion_mnist.test_batches())
+    results["graphopt pruned"] = harness.accuracy(pruned.graph)
     distill(pruned.graph, dense, data, config)
-    results["graphopt pruned + distill"] = top1_accuracy(pruned.graph, fashion_mnist.test_batches())
+    results["graphopt pruned + distill"] = harness.accuracy(pruned.graph)
     try:
         tp_model = torch_pruning_to(model, x, 0.5, [model.head], round_to=None)
         tp_graph = graphopt.trace(tp_model, x)
         macs["torch-pruning"] = tp_graph.analysis("cost").macs / dense.analysis("cost").macs
-        results["torch-pruning pruned"] = top1_accuracy(tp_graph, fashion_mnist.test_batches())
+        results["torch-pruning pruned"] = harness.accuracy(tp_graph)
         distill(tp_graph, dense, data, config)
-        results["torch-pruning pruned + distill"] = top1_accuracy(tp_graph, fashion_mnist.test_batches())
+        results["torch-pruning pruned + distill"] = harness.accuracy(tp_graph)
     except ImportError:
         results["torch-pruning"] = "not installed"
-    print(table(["model", "top-1", "vs dense (points)"],
-                [(k, f"{v:.4f}" if isinstance(v, float) else v,
-                  f"{100 * (v - results['dense']):+.2f}" if isinstance(v, float) else "-") for k, v in results.items()]))
+    payload = {"epochs": epochs, "finetune_epochs": finetune_epochs, "importance": importance, "scope": scope,
+               "lr": lr, "schedule": schedule, "results": results, "macs": macs,
+               "seconds": time.perf_counter() - start}
+    print(table(*_accuracy_rows(payload)))
     print(f"MACs kept: {', '.join(f'{k} {v:.3f}' for k, v in macs.items())}")
-    write_json(out, {"epochs": epochs, "finetune_epochs": finetune_epochs, "importance": importance,
-                     "scope": scope, "lr": lr, "schedule": schedule,
-                     "results": results, "macs": macs,
-                     "seconds": time.perf_counter() - start})
+    harness.write_results(out, payload, accuracy_markdown)
     print(f"wrote {out}")
+
+
+def _accuracy_rows(payload: dict) -> tuple[list[str], list[tuple]]:
+    results = payload["results"]
+    return (["model", "top-1", "vs dense (points)"],
+            [(k, f"{v:.4f}" if isinstance(v, float) else v,
+              f"{100 * (v - results['dense']):+.2f}" if isinstance(v, float) else "-") for k, v in results.items()])
+
+
+def accuracy_markdown(results: dict) -> str:
+    """Top-1 of the dense model, each pruned one and each after distillation; MACs kept."""
+    return (markdown_table(*_accuracy_rows(results)) + "\n\nMACs kept: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results["macs"].items())
+            + f" ({results['importance']} importance, {results['scope']} scope; distillation "
+              f"{results['finetune_epochs']:g} epoch at lr {results['lr']:g}, {results['schedule']} schedule)")
 
 
 def main() -> None:
@@ -271,7 +277,8 @@ def main() -> None:
     if args.what == "speed":
         speed(args.models.split(","), args.rounds, args.out, args.round_to)
     else:
-        accuracy(args.epochs, args.finetune_epochs, args.importance, args.scope, args.lr, args.out, args.schedule)
+        distilled_accuracy(args.epochs, args.finetune_epochs, args.importance, args.scope, args.lr, args.out,
+                           args.schedule)
 
 
 if __name__ == "__main__":

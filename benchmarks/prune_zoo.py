@@ -1,6 +1,6 @@
 """Prune every torchvision classification model at a channel ratio and check the oracle.
 
-    python -m graphopt.tools.prune_zoo [--ratio 0.3] [--models a,b] [--out bench-results/prune_zoo.json]
+    python -m benchmarks.prune_zoo [--ratio 0.3] [--models a,b] [--out bench-results/prune_zoo.json]
 
 Per model: trace, prune_channels (uniform ratio) under the PassManager (which checks the
 pruned graph against the original with the removed channels masked), then report
@@ -17,9 +17,10 @@ import torchvision
 from tqdm.auto import tqdm
 
 import graphopt
+from benchmarks import harness
 from graphopt.passes import PruneChannels
 from graphopt.passes.prune_channels import NothingToPrune
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table, write_json
 from graphopt.tools.random_init import informative_init
 
 # models whose default input is larger than 224 or needs a specific size
@@ -66,16 +67,34 @@ def main() -> None:
     for name in tqdm(names, desc="zoo"):
         rows.append(sweep_one(name, args.ratio))
         write_json(args.out, {"ratio": args.ratio, "rows": rows})  # partial results survive a crash
-    print(table(["model", "status", "groups", "prunable", "MACs kept", "params kept", "oracle err", "s", "reason"],
-                [(r["model"], r["status"], r.get("groups", "-"), r.get("prunable", "-"),
-                  f"{r['macs_ratio']:.2f}" if "macs_ratio" in r else "-",
-                  f"{r['params_ratio']:.2f}" if "params_ratio" in r else "-",
-                  f"{r['oracle_error']:.1e}" if "oracle_error" in r else "-", r["seconds"],
-                  r.get("reason", "")[:70]) for r in rows]))
+    print(table(*_rows(rows)))
     pruned = sum(r["status"] == "pruned" for r in rows)
     print(f"\npruned with the oracle passing: {pruned}/{len(rows)} ({pruned / len(rows):.1%})")
-    write_json(args.out, {"ratio": args.ratio, "pruned": pruned, "total": len(rows), "rows": rows})
+    harness.write_results(args.out, {"ratio": args.ratio, "pruned": pruned, "total": len(rows), "rows": rows},
+                          markdown)
     print(f"wrote {args.out}")
+
+
+def _rows(rows: list[dict]) -> tuple[list[str], list[tuple]]:
+    return (["model", "status", "groups", "prunable", "MACs kept", "params kept", "oracle err", "s", "reason"],
+            [(r["model"], r["status"], r.get("groups", "-"), r.get("prunable", "-"),
+              f"{r['macs_ratio']:.2f}" if "macs_ratio" in r else "-",
+              f"{r['params_ratio']:.2f}" if "params_ratio" in r else "-",
+              f"{r['oracle_error']:.1e}" if "oracle_error" in r else "-", r["seconds"],
+              r.get("reason", "")[:70]) for r in rows])
+
+
+def markdown(results: dict) -> str:
+    """The sweep's totals (models pruned with the oracle passing, groups prunable, oracle error
+    range), then every model."""
+    rows = results["rows"]
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    errors = [r["oracle_error"] for r in pruned]
+    summary = (f"{len(pruned)}/{len(rows)} models pruned at a {results['ratio']:g} channel ratio with the oracle "
+               f"passing; {sum(r['prunable'] for r in pruned)} of {sum(r['groups'] for r in pruned)} channel groups "
+               "prunable" + (f"; masked-original error {min(errors):.1e} to {max(errors):.1e}" if errors else "")
+               + ".")
+    return summary + "\n\n" + markdown_table(*_rows(rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """onnxruntime-only int8 A/B: onnxruntime's best recipe against graphopt's two ONNX int8 forms.
 
-    python -m graphopt.tools.bench_quant_ab [--models resnet18,resnet50,mobilenet_v2] [--rounds 20]
+    python -m benchmarks.bench_quant_ab [--models resnet18,resnet50,mobilenet_v2] [--rounds 20]
                                             [--out bench-results/quant_ab.json]
 
 ``bench_quant`` times seven runtimes in one loop; on a shared 2-core machine the torch runs between
@@ -10,11 +10,8 @@ QOperator, graphopt QDQ), interleaved, 2 threads, spinning off, and reports spee
 """
 from __future__ import annotations
 
+import argparse
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep (see bench_quant)
-
-import argparse  # noqa: E402
 import tempfile
 import warnings
 
@@ -22,12 +19,12 @@ import torch
 import torchvision
 
 import graphopt
+from benchmarks import harness
+from benchmarks.bench_quant import fp32_onnx, ort_quantized
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
-from graphopt.app.latency import interleaved_latency
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
-from graphopt.report import table, write_json
-from graphopt.tools.bench_quant import fp32_onnx, ort_quantized, ort_runner
+from graphopt.report import markdown_table, table
 
 RUNNERS = ("ORT fp32", "ORT best recipe", "graphopt QOperator", "graphopt QDQ")
 
@@ -46,10 +43,11 @@ def runners(name: str, folder: str, threads: int) -> dict:
         paths[f"graphopt {'QOperator' if form == 'qoperator' else 'QDQ'}"] = path = \
             os.path.join(folder, f"graphopt.{form}.onnx")
         onnx_int8.export(int8, path, form=form, threads=threads)
-    return {k: ort_runner(paths[k], threads) for k in RUNNERS}
+    return {k: harness.ort_runner(paths[k], threads) for k in RUNNERS}
 
 
 def main() -> None:
+    harness.run_with_env(OMP_WAIT_POLICY="PASSIVE")   # idle torch threads sleep (see bench_quant)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds at batch 1 (8 at batch 16)")
@@ -63,17 +61,25 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             run = runners(name, folder, args.threads)
             for batch, rounds in ((1, args.rounds), (16, max(3, args.rounds * 2 // 5))):
-                x = torch.randn(batch, 3, 224, 224)
-                times = interleaved_latency({k: (lambda f=f: f(x)) for k, f in run.items()}, rounds=rounds)
-                speedup = {k: times["ORT fp32"] / v for k, v in times.items()}
-                results.setdefault(name, {})[batch] = {"ms": {k: 1e3 * v for k, v in times.items()},
-                                                       "speedup_over_ort_fp32": speedup}
-                rows.append([name, batch, *(f"{speedup[k]:.2f}x" for k in RUNNERS[1:]),
-                             f"{1e3 * times['ORT fp32']:.1f}"])
+                ms = harness.latency(run, (torch.randn(batch, 3, 224, 224),), rounds)
+                speedup = {k: ms["ORT fp32"] / v for k, v in ms.items()}
+                results.setdefault(name, {})[batch] = {"ms": ms, "speedup_over_ort_fp32": speedup}
+                rows.append([name, batch, *(f"{speedup[k]:.2f}x" for k in RUNNERS[1:]), f"{ms['ORT fp32']:.1f}"])
     print(f"speed-up over onnxruntime fp32, onnxruntime sessions only, {args.threads} threads, interleaved\n")
     print(table(["model", "batch", *RUNNERS[1:], "ORT fp32 ms"], rows))
-    write_json(args.out, {"threads": args.threads, "rounds": args.rounds, "models": results})
+    harness.write_results(args.out, {"threads": args.threads, "rounds": args.rounds, "models": results}, markdown)
     print(f"wrote {args.out}")
+
+
+def markdown(results: dict) -> str:
+    """Speed-up over onnxruntime fp32 per model, the batch sizes side by side (``1 / 16``)."""
+    rows = []
+    for name, batches in results["models"].items():
+        rows.append([harness.model_name(name), " / ".join(batches)]
+                    + [" / ".join(f"{b['speedup_over_ort_fp32'][k]:.2f}x" for b in batches.values())
+                       for k in RUNNERS[1:]])
+    return markdown_table(["model", "batch", "ORT `quant_pre_process` + `quantize_static`", "graphopt QOperator",
+                           "graphopt QDQ"], rows)
 
 
 if __name__ == "__main__":

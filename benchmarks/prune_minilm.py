@@ -1,6 +1,6 @@
 """Prune attention heads and FFN channels of all-MiniLM-L6-v2 (real weights) and report.
 
-    python -m graphopt.tools.prune_minilm [--heads 0.25] [--ffn 0.3] [--lengths 16,128]
+    python -m benchmarks.prune_minilm [--heads 0.25] [--ffn 0.3] [--lengths 16,128]
                                           [--no-scores] [--out bench-results/prune_minilm.json]
 
 The encoder is captured by torch.export with symbolic batch and length (graphopt.tools.minilm);
@@ -18,8 +18,9 @@ import time
 import torch
 
 import graphopt
+from benchmarks import harness
 from graphopt.passes import PruneChannels
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.tools import minilm
 
 LAYERS = 6
@@ -54,16 +55,27 @@ def main() -> None:
     report = {"heads_removed": args.heads, "ffn_removed": args.ffn, "heads_kept": kept_heads, "ffn_kept": ffn,
               "oracle_error": record.contract_error, "macs_kept": macs,
               "params_kept": record.params / result.records[0].params, "prune_seconds": round(seconds, 1)}
-    rows = [("heads kept per layer", f"{kept_heads}/12"), ("FFN width kept", f"{ffn}/1536"),
-            ("params kept", f"{report['params_kept']:.3f}"), ("oracle error (max rel)", f"{record.contract_error:.1e}")]
-    rows += [(f"MACs kept at length {n}", f"{r:.3f}") for n, r in macs.items()]
     if not args.no_scores:
-        dense, pruned = minilm.scores(graph.gm, tokenizer), minilm.scores(gm, tokenizer)
-        report["scores"] = {"dense": dense, "pruned": pruned}
-        rows += [(f"{k} (dense -> pruned)", f"{dense[k]:.3f} -> {pruned[k]:.3f}") for k in dense]
-    print(table(["all-MiniLM-L6-v2, no fine-tuning", "value"], rows))
-    write_json(args.out, report)
+        report["scores"] = {"dense": minilm.scores(graph.gm, tokenizer), "pruned": minilm.scores(gm, tokenizer)}
+    print(table(*_rows(report)))
+    harness.write_results(args.out, report, markdown)
     print(f"wrote {args.out}")
+
+
+def _rows(report: dict) -> tuple[list[str], list[tuple]]:
+    rows = [("heads kept per layer", f"{report['heads_kept']}/12"), ("FFN width kept", f"{report['ffn_kept']}/1536"),
+            ("params kept", f"{report['params_kept']:.3f}"),
+            ("oracle error (max rel)", f"{report['oracle_error']:.1e}")]
+    rows += [(f"MACs kept at length {n}", f"{r:.3f}") for n, r in report["macs_kept"].items()]
+    if "scores" in report:
+        dense, pruned = report["scores"]["dense"], report["scores"]["pruned"]
+        rows += [(f"{k} (dense -> pruned)", f"{dense[k]:.3f} -> {pruned[k]:.3f}") for k in dense]
+    return ["all-MiniLM-L6-v2, no fine-tuning", "value"], rows
+
+
+def markdown(results: dict) -> str:
+    """Heads and FFN width kept, MACs kept per sequence length, the oracle error, the scores."""
+    return markdown_table(*_rows(results))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of the packed format: Deep Compression on Fashion-MNIST over seeds, ResNet-50 load
 time, and the entropy coders compared on the files' streams.
 
-    python -m graphopt.tools.bench_packed [--seeds 3] [--threads 2] [--repeats 5]
+    python -m benchmarks.bench_packed [--seeds 3] [--threads 2] [--repeats 5]
 
 1. A small CNN and a VGG-style net (conv blocks + large fully connected layers) are
    trained on Fashion-MNIST (a 20 000-image subset, cached under bench-results/cache), then
@@ -35,15 +35,15 @@ import torch.nn as nn
 import graphopt
 import graphopt.backends  # noqa: F401  (registers backends)
 import graphopt.passes  # noqa: F401  (registers passes)
+from benchmarks import bench_packed_coders, harness
+from benchmarks.packed_v1 import write_version_1
 from graphopt import PassContext, PassManager
 from graphopt.backends import packed
 from graphopt.backends.packed_tensors import Reader
-from graphopt.app.evaluate import top1_accuracy
 from graphopt.app.latency import interleaved_latency
 from graphopt.passes import FoldBatchNorm, PruneMagnitude, QuantizeWeights, RemoveIdentity, ShareWeights
-from graphopt.report import markdown_table, pass_table, table, write_json
-from graphopt.tools import bench_packed_coders, fashion_mnist
-from graphopt.tools.packed_v1 import write_version_1
+from graphopt.report import markdown_table, pass_table, table
+from graphopt.tools import fashion_mnist
 
 OUT = "bench-results"
 TRAIN_LIMIT = 20_000
@@ -87,6 +87,9 @@ RECIPES = {
         PruneMagnitude(sparsity=0.95, layers=["19", "22"], steps=3, **finetune(0.5)),
         ShareWeights(bits=4, **finetune(0.5))], 40),
 }
+#: name -> (what the table calls the model, what its recipe does)
+LABELS = {"fashion_cnn": ("CNN", "prune 50% / FC 80%, 5-bit sharing"),
+          "fashion_vgg": ("VGG-style", "FC 95% (convs dense), 4-bit sharing")}
 
 
 def train_data(limit: int = TRAIN_LIMIT, seed: int = 0):
@@ -103,13 +106,9 @@ def trained(name: str, factory, epochs: int, limit: int, seed: int) -> nn.Module
                                                                                data=lambda _: data()))
 
 
-def accuracy(model) -> float:
-    return 100 * top1_accuracy(model, fashion_mnist.test_batches(1000))
-
-
 def compress(name: str, model: nn.Module, passes: list, seed: int) -> dict:
     graph = graphopt.trace(model, torch.randn(1, 1, 28, 28))
-    base = accuracy(graph)
+    base = 100 * harness.accuracy(graph, batch_size=1000)
     torch.manual_seed(seed)
     started = time.perf_counter()
     result = PassManager(passes, context=PassContext({"train_data": train_data(seed=seed)})).run(graph)
@@ -120,10 +119,10 @@ def compress(name: str, model: nn.Module, passes: list, seed: int) -> dict:
     size = report.details["size"]
     print(packed.size_table({"layers": report.details["layers"], "totals": size}, min_params=1000))
     loaded = packed.load(path)
-    after = accuracy(result.graph)
+    after = 100 * harness.accuracy(result.graph, batch_size=1000)
     x = next(fashion_mnist.batches("test", 256))[0]
     return {"seed": seed, "path": path, "accuracy_fp32": round(base, 2), "accuracy_packed": round(after, 2),
-            "accuracy_loaded": round(accuracy(loaded), 2), "loss_points": round(base - after, 2),
+            "accuracy_loaded": round(100 * harness.accuracy(loaded, batch_size=1000), 2), "loss_points": round(base - after, 2),
             "bit_exact_reload": bool(torch.equal(loaded.run(x), result.graph.run(x))),
             "file_bytes": size["file_bytes"], "fp32_state_dict_bytes": size["fp32_state_dict_bytes"],
             "ratio_vs_fp32": size["ratio_vs_fp32"], "ratio_vs_fp32_zip": size["ratio_vs_fp32_zip"],
@@ -258,7 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(OUT, exist_ok=True)
     started = time.perf_counter()
     results: dict = {"threads": args.threads, "train_images": TRAIN_LIMIT, "epochs": args.epochs, "models": []}
-    markdown = []
     if not args.skip_fashion:
         for name, (factory, recipe, target) in RECIPES.items():
             runs = [compress(name, trained(name, factory, args.epochs, TRAIN_LIMIT, seed), recipe(), seed)
@@ -266,31 +264,80 @@ def main(argv: list[str] | None = None) -> None:
             results["models"].append(summarise(name, runs, target))
         per_seed, summary = fashion_tables(results["models"])
         print("\n" + table(*per_seed) + "\n\n" + table(*summary))
-        markdown += ["## Fashion-MNIST, per seed", markdown_table(*per_seed),
-                     "## Fashion-MNIST, over seeds (targets on the means)", markdown_table(*summary)]
     coder_files = []
     if not args.skip_resnet:
         load = results["resnet50_load"] = resnet50_load_times(args.repeats)
         print(f"\nResNet-50 load ({args.threads} threads, median of {args.repeats}, interleaved); bytes: "
               f"{load['bytes']}; target {'met' if load['target']['met'] else 'MISSED'}: {load['target']}\n")
         print(table(*load_table(load)))
-        markdown += [f"## ResNet-50 pruned 50% + int8: load ({args.threads} threads, median of {args.repeats})",
-                     f"Bytes: {load['bytes']}. Decoded: {load['decoded_fp32_mb']} MB of fp32 weights.",
-                     markdown_table(*load_table(load))]
         coder_files.append(("resnet50 int8", load["paths"]["v2"]))
     coder_files += [(m["model"], m["runs"][0]["path"]) for m in results["models"]]
     results["coders"] = [bench_packed_coders.compare(label, path) for label, path in coder_files]
     if results["coders"]:
         print()
         bench_packed_coders.print_table(results["coders"])
-        markdown += ["## Coders on the files' integer streams", markdown_table(*bench_packed_coders.coder_table(
-            results["coders"]))]
     results["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(os.path.join(OUT, "packed.json"), results)
-    with open(os.path.join(OUT, "packed.md"), "w") as f:
-        f.write(f"# bench_packed ({args.threads} threads, {results['seconds']:.0f} s)\n\n" + "\n\n".join(markdown)
-                + "\n")
+    harness.write_results(os.path.join(OUT, "packed.json"), results, markdown)
     print(f"wrote {os.path.join(OUT, 'packed.json')} and packed.md ({results['seconds']:.0f} s)")
+
+
+def _bytes(n: int | None) -> str:
+    return "" if n is None else f"{n:,}".replace(",", " ")
+
+
+#: load case -> (row label, which file's size the row reads)
+LOAD_ROWS = {
+    "torch.load(fp32 state_dict)": ("`torch.load` of the fp32 state_dict", "fp32_state_dict"),
+    "torch.load + resnet50() + load_state_dict": ("`torch.load` + `resnet50()` + `load_state_dict`",
+                                                  "fp32_state_dict"),
+    "packed fp32 -> GraphModule": ("packed fp32", "packed_fp32"),
+    "packed int8 v1 (Huffman) -> GraphModule": ("packed int8, version 1 (Huffman, numpy decoder)",
+                                                "packed_int8_v1_huffman"),
+    "packed int8 v2 (zstd) -> GraphModule, all decoded": ("packed int8, version 2 (zstandard), all weights decoded",
+                                                          "packed_int8_v2_zstd"),
+    "packed int8 v2 -> open_module returns (decoding)": (
+        "packed int8, version 2, `open_module` returns (weights still decoding)", None),
+    "packed int8 v2 decode only, 1 thread, no module": ("packed int8, version 2, decoding only (one thread, no module)",
+                                                        None),
+    "packed int8 v1 decode only, 1 thread, no module": ("packed int8, version 1, decoding only (one thread, no module)",
+                                                        None),
+    "first output: torch.load + build + load_state_dict": (
+        "first output, 1x3x224x224: `torch.load` + build + `load_state_dict`", None),
+    "first output: packed int8 v2 load_module": ("first output: `load_module`, then run", None),
+    "first output: packed int8 v2 open_module": ("first output: `open_module`, run while decoding", None),
+}
+
+
+def markdown(results: dict) -> str:
+    """Fashion-MNIST compression over seeds, ResNet-50 load times and the coders, as Markdown tables."""
+    out = []
+    if results["models"]:
+        per_seed, _ = fashion_tables(results["models"])
+        out.append("Compression over seeds (seed: initialisation, data order, fine-tuning), Fashion-MNIST test set, "
+                   "targets decided on the means:\n\n" + markdown_table(
+                       ["model", "recipe", "loss (points) mean ± std [min, max]", "x fp32 state_dict mean [min, max]",
+                        "target"],
+                       [(f"{LABELS.get(m['model'], (m['model'],))[0]} ({m['params'] / 1e3:.0f}k params)",
+                         LABELS.get(m["model"], ("", "-"))[1],
+                         f"{m['loss_points']['mean']:.2f} ± {m['loss_points']['std']:.2f} "
+                         f"[{m['loss_points']['min']:.2f}, {m['loss_points']['max']:.2f}]",
+                         f"{m['ratio_vs_fp32']['mean']:.1f} [{m['ratio_vs_fp32']['min']:.1f}, "
+                         f"{m['ratio_vs_fp32']['max']:.1f}]",
+                         f">= {m['target_ratio']}x, <= {m['max_loss_points']:g} pt: "
+                         + ("met" if m["meets_target"] else "missed")) for m in results["models"]])
+                   + "\n\nPer seed:\n\n" + markdown_table(*per_seed))
+    load = results.get("resnet50_load")
+    if load:
+        rows = []
+        for r in load["rows"]:
+            label, size = LOAD_ROWS.get(r["case"], (r["case"], None))
+            rows.append((label, f"{r['median_s']:.3f}", _bytes(load["bytes"].get(size)),
+                         f"{r['decoded_mb_per_s']:.0f}" if "decoded_mb_per_s" in r else "-"))
+        out.append(f"ResNet-50 (random weights) pruned 50% and int8, to a runnable module ({load['decoded_fp32_mb']:.0f} "
+                   f"MB of fp32 weights decoded; {results['threads']} threads, median of {load['repeats']} interleaved "
+                   "rounds):\n\n" + markdown_table(["case", "median s", "file bytes", "decoded MB/s"], rows))
+    out += [bench_packed_coders.coder_markdown(r) for r in results.get("coders", [])]
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # u8 x s8 int8 dot products in fbgemm/oneDNN/MLAS then take the AVX2 path
 # (vpmaddubsw, whose pairwise int16 sums saturate).
 #
-#   tools/run_avx2.sh .venv/bin/python -m pytest -q tests/test_quant_targets.py   (an AVX2-only CI run, emulated)
+#   benchmarks/run_avx2.sh .venv/bin/python -m pytest -q tests/test_quant_targets.py   (an AVX2-only CI run, emulated)
 #
 # Env:  AVX2_QEMU_CPU  override the CPU model (default below)
 #       AVX2_QEMU      qemu binary (default qemu-x86_64; apt-get install -y qemu-user)

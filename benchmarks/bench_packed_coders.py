@@ -24,7 +24,7 @@ from graphopt.backends.packed_codec import pack_bits, unpack_bits, width_for, zs
 from graphopt.backends.packed_huffman import huffman_decode_many, huffman_encode, stored_size
 from graphopt.backends.packed_tensors import Reader
 from graphopt.app.latency import interleaved_latency
-from graphopt.report import table
+from graphopt.report import markdown_table, table
 
 FORMAT_ZSTD = "zstd, format v2 parameters"
 HUFFMAN = "canonical Huffman, numpy (format v1)"
@@ -140,3 +140,21 @@ def coder_table(results: list[dict]) -> tuple[list[str], list[tuple]]:
 
 def print_table(results: list[dict]) -> None:
     print(table(*coder_table(results)))
+
+
+CODER_NAMES = {"fixed-width bits": "fixed-width bits (no entropy coding)",
+               HUFFMAN: "canonical Huffman, vectorised numpy decoder (version 1)",
+               FORMAT_ZSTD: "zstandard, the format's parameters (version 2)", "zstd level 3": "zstandard level 3",
+               "zstd level 19": "zstandard level 19",
+               "constriction ANS (categorical)": "constriction ANS, one categorical model a stream"}
+
+
+def coder_markdown(result: dict) -> str:
+    """One file's coders: bytes, against Huffman, decode time and speed."""
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+    return markdown_table(
+        [f"coder ({result['model']}: {result['symbols'] / 1e6:.1f} M symbols)", "bytes", "vs Huffman", "decode s",
+         "M symbols/s"],
+        [(CODER_NAMES.get(r["coder"], r["coder"]), f"{r['bytes']:,}".replace(",", " "), f"{r['vs_huffman']:.3f}",
+          cell(r["decode_s"], ".3f"), cell(r["msymbols_per_s"], ".0f")) for r in result["rows"]])

@@ -1,6 +1,6 @@
 """Foundation benchmark: time per stage for ResNet-50 (trace, passes, ONNX, TorchScript).
 
-    python -m graphopt.tools.bench_foundation [--model resnet50] [--repeats 3] [--out bench-results/foundation.json]
+    python -m benchmarks.bench_foundation [--model resnet50] [--repeats 3] [--out bench-results/foundation.json]
 
 Each stage is repeated and the median printed; torch runs on a fixed thread count.
 Target (issue #2): trace + passes, with per-pass verification, <= 15 s on 2 cores.
@@ -18,10 +18,11 @@ import torch
 import torchvision
 
 import graphopt
+from benchmarks import harness
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
 from graphopt.passes import EliminateDeadCode, FoldBatchNorm, RemoveIdentity
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 
 TARGET_SECONDS = 15.0
 
@@ -66,11 +67,24 @@ def main() -> None:
     ok = medians["trace + passes"] <= TARGET_SECONDS
     print(f"\ntrace + passes {medians['trace + passes']:.2f} s: {'meets' if ok else 'MISSES'} the "
           f"{TARGET_SECONDS:.0f} s target")
-    write_json(args.out, {"model": args.model, "threads": args.threads, "repeats": args.repeats,
-                          "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-                          "median_seconds": medians, "runs": runs, "target_seconds": TARGET_SECONDS,
-                          "meets_target": ok})
+    harness.write_results(args.out, {"model": args.model, "threads": args.threads, "repeats": args.repeats,
+                                     "torch": torch.__version__, "machine": platform.machine(),
+                                     "cpus": os.cpu_count(), "median_seconds": medians, "runs": runs,
+                                     "target_seconds": TARGET_SECONDS, "meets_target": ok}, markdown)
     print(f"wrote {args.out}")
+
+
+STAGES = {"trace": "trace", "passes (verified)": "passes (BN fold, identity removal, DCE, each verified)",
+          "trace + passes": "trace + passes (target ≤ {target:g} s)",
+          "onnx export (+simplify, ort check)": "ONNX export + simplify + onnxruntime check",
+          "torchscript export (+reload check)": "TorchScript export + reload check"}
+
+
+def markdown(results: dict) -> str:
+    """Median seconds per stage."""
+    return markdown_table(["stage", "median s"],
+                          [(STAGES.get(stage, stage).format(target=results["target_seconds"]), f"{seconds:.2f}")
+                           for stage, seconds in results["median_seconds"].items()])
 
 
 if __name__ == "__main__":

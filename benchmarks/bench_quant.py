@@ -1,6 +1,6 @@
 """Int8 speed benchmark: graphopt's int8 backends against fp32 and the usual int8 recipes.
 
-    python -m graphopt.tools.bench_quant [--models resnet18,resnet50,mobilenet_v2] [--batches 1,16]
+    python -m benchmarks.bench_quant [--models resnet18,resnet50,mobilenet_v2] [--batches 1,16]
                                          [--threads 2] [--targets x86-vnni,x86-avx2] [--prune-macs 0.5]
                                          [--out bench-results/quant.json]
 
@@ -35,7 +35,6 @@ import contextlib
 import copy
 import os
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -45,16 +44,15 @@ import torch
 import torchvision
 
 import graphopt
+from benchmarks import harness
+from benchmarks.bench_prune import ROUND_TO, prune_to_macs
 from graphopt import PassContext, PassManager
-from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import onnx_int8, torchscript_int8
 from graphopt.errors import GraphoptError
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, RemoveIdentity
-from graphopt.app.latency import interleaved_latency
 from graphopt.search.baselines import ort_quantized
-from graphopt.report import table, write_json
+from graphopt.report import markdown_table, table
 from graphopt.quant.targets import TARGETS
-from graphopt.tools.bench_prune import ROUND_TO, prune_to_macs
 
 SPEEDUP_GOALS = {"resnet50": 3.3, "mobilenet_v2": 2.1}   # graphopt ONNX int8 at the first batch size
 COMPOUNDING_GOAL = 0.95                                  # pruned+int8 >= this x (pruned fp32 x int8)
@@ -97,18 +95,6 @@ def compounding(speedups: dict[str, float], target: str) -> dict[str, float] | N
     if speedups.get(GRAPHOPT_FP32):
         out["ratio_same_export"] = (both / int8) / (pruned / speedups[GRAPHOPT_FP32])
     return out
-
-
-def ort_runner(path: str, threads: int):
-    sess = onnx_backend.ort_session(path, threads)
-    return lambda *inputs: onnx_backend.run_onnx(sess, inputs)
-
-
-def torch_runner(module):
-    def run(*inputs):
-        with torch.no_grad():
-            return module(*inputs)
-    return run
 
 
 def torch_ao_fx(model, x, batches):
@@ -183,7 +169,7 @@ def int8_columns(graph, fp32_path: str, folder: str, batches, threads: int, eage
              ORT_BEST: ort_quantized(fp32_path, folder, batches, True),
              ORT_REDUCED: ort_quantized(fp32_path, folder, batches, True, reduce_range=True)}
     info: dict = {}
-    runners = {"eager fp32": torch_runner(eager), "torch.ao FX int8": torch_runner(torch_int8)}
+    runners = {"eager fp32": harness.eager_runner(eager), "torch.ao FX int8": harness.eager_runner(torch_int8)}
     for target in targets:
         int8 = graphopt_int8(graph, batches, target)
         onnx_col, ts_col = int8_column("ONNX", target), int8_column("TorchScript", target)
@@ -193,10 +179,10 @@ def int8_columns(graph, fp32_path: str, folder: str, batches, threads: int, eage
         path = os.path.join(folder, f"graphopt.{target}.int8.pt")
         if _export_or_refusal(torchscript_int8.export, int8, path, info, ts_col):
             paths[ts_col] = path
-            runners[ts_col] = torch_runner(torch.jit.load(path))
+            runners[ts_col] = harness.eager_runner(torch.jit.load(path))
     for column, path in paths.items():
         if path.endswith(".onnx"):
-            runners[column] = ort_runner(path, threads)
+            runners[column] = harness.ort_runner(path, threads)
     sizes = {c: os.path.getsize(p) for c, p in paths.items()}
     return runners, sizes, info
 
@@ -210,15 +196,14 @@ def pruned_columns(raw, folded, folder: str, batches, threads: int, targets: lis
     paths = {}
     for column, graph, name in ((GRAPHOPT_FP32, folded, "graphopt.fp32.onnx"),
                                 (PRUNED_FP32, pruned, "graphopt.pruned.fp32.onnx")):
-        paths[column] = os.path.join(folder, name)
-        onnx_backend.export(graph, paths[column], tolerance=1e-3)
+        paths[column] = harness.onnx_file(graph, os.path.join(folder, name))
     for target in targets:
         column = int8_column("pruned", target)
         path = os.path.join(folder, f"graphopt.pruned.{target}.onnx")
         if _export_or_refusal(onnx_int8.export, graphopt_int8(pruned, batches, target), path, info, column,
                               threads=threads):
             paths[column] = path
-    return ({c: ort_runner(p, threads) for c, p in paths.items()}, {c: os.path.getsize(p) for c, p in paths.items()},
+    return ({c: harness.ort_runner(p, threads) for c, p in paths.items()}, {c: os.path.getsize(p) for c, p in paths.items()},
             info)
 
 
@@ -232,7 +217,7 @@ def build_minilm(folder: str, threads: int, calib_batches: int, targets: list[st
     graph = minilm.encoder_graph()
     batches = [tuple(b[0]) for b in minilm.distill_batches(tokenizer, batch_size=16)[:calib_batches]]
     fp32_path = os.path.join(folder, "fp32.onnx")
-    onnx_backend.export(graph, fp32_path, simplify=False, tolerance=1e-3)
+    harness.onnx_file(graph, fp32_path, simplify=False)
     dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8)
     runners, sizes, info = int8_columns(graph, fp32_path, folder, batches, threads, encoder, dynamic, targets)
     info["torch.ao column"] = "torch.ao quantize_dynamic (eager): torch.fx cannot trace BERT"
@@ -244,22 +229,6 @@ def build_minilm(folder: str, threads: int, calib_batches: int, targets: list[st
 
 def _image(batch: int) -> tuple:
     return (torch.randn(batch, 3, 224, 224),)
-
-
-def measure(runners: dict, inputs: tuple, rounds: int) -> dict[str, float]:
-    """Median ms per run of each column, interleaved, each timed run right after an untimed one
-    of the same column (see the module docstring)."""
-    times = interleaved_latency({c: (lambda run=run: run(*inputs)) for c, run in runners.items()}, rounds,
-                                warmup=1, hot=1)
-    return {c: 1e3 * v for c, v in times.items()}
-
-
-def _short_openmp_spin() -> None:
-    """Re-run this process with torch's OpenMP spin-wait cut to about a millisecond (see the
-    module docstring); it must be set before torch loads."""
-    if os.environ.get("GOMP_SPINCOUNT") is None:
-        os.environ["GOMP_SPINCOUNT"] = "20000"
-        os.execv(sys.executable, [sys.executable, "-m", "graphopt.tools.bench_quant", *sys.argv[1:]])
 
 
 def _x(value: float | None) -> str:
@@ -285,7 +254,7 @@ def goals(ratios: dict[str, float], targets: list[str]) -> dict:
 
 
 def main() -> None:
-    _short_openmp_spin()
+    harness.run_with_env(GOMP_SPINCOUNT="20000")   # torch's OpenMP spin-wait cut to ~1 ms (module docstring)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,minilm")
     parser.add_argument("--batches", default="1,16")
@@ -335,7 +304,8 @@ def main() -> None:
             runners = {c: r for c, r in runners.items() if c in wanted}
             for batch in (int(b) for b in args.batches.split(",")):
                 rounds = args.rounds if batch <= 4 else (args.rounds_large or max(3, args.rounds // (batch // 4)))
-                ms = measure(runners, make_inputs(batch), rounds)
+                # each timed run right after an untimed one of the same column (module docstring)
+                ms = harness.latency(runners, make_inputs(batch), rounds, warmup=1, hot=1)
                 base = ms["ORT fp32"]
                 ratios = {c: base / v for c, v in ms.items()}
                 entry["batches"][batch] = {"median_ms": ms, "speedup_over_ort_fp32": ratios, "rounds": rounds,
@@ -388,8 +358,45 @@ def main() -> None:
                  "compounds"], goal_rows))
     print("\nfile sizes (MB)\n")
     print(table(["model"] + [c for c in all_columns if c != "eager fp32"], size_rows))
-    write_json(args.out, results)
+    harness.write_results(args.out, results, markdown)
     print(f"wrote {args.out}")
+
+
+def markdown(results: dict) -> str:
+    """Speed-up over onnxruntime fp32 per model, batch and column; with pruning, how pruning and
+    int8 compound per target; file sizes."""
+    targets, out = results["targets"], []
+    timed = [c for c in columns(targets, bool(results["prune_macs"]))
+             if c != "ORT fp32" and any(c in b["speedup_over_ort_fp32"] for m in results["models"].values()
+                                        for b in m["batches"].values())]
+    rows, comp_rows = [], []
+    for name, entry in results["models"].items():
+        refused = entry["export"].get("refused", {})
+        for batch, b in entry["batches"].items():
+            ratios = b["speedup_over_ort_fp32"]
+            rows.append([harness.model_name(name), batch] + ["refused" if c in refused else _x(ratios.get(c))
+                                                             for c in timed] + [f"{b['median_ms']['ORT fp32']:.1f}"])
+            comp = {t: b["goals"][t].get("compounding") for t in targets}
+            if results["prune_macs"] and name != "minilm":
+                comp_rows.append([harness.model_name(name), batch, _x(ratios.get(ORT_BEST)), _x(ratios.get(ORT_REDUCED)),
+                                  " / ".join(_x(ratios.get(int8_column("ONNX", t))) for t in targets),
+                                  _x(ratios.get(PRUNED_FP32)),
+                                  " / ".join(_x(ratios.get(int8_column("pruned", t))) for t in targets),
+                                  " / ".join(f"{comp[t]['ratio']:.2f}" if comp[t] else "-" for t in targets)])
+    out.append(f"Speed-up over onnxruntime fp32 ({results['threads']} threads, interleaved medians; higher is "
+               "faster):\n\n" + markdown_table(["model", "batch", *timed, "ORT fp32 ms"], rows))
+    if comp_rows:
+        ts = " / ".join(f"`{t}`" for t in targets)
+        out.append(f"Pruned to {results['prune_macs']:g} of the MACs (round_to {results['round_to']}) and int8; "
+                   "compounding = pruned + int8 / (pruned fp32 x int8), 1.0 where the two speed-ups multiply:\n\n"
+                   + markdown_table(["model", "batch", "ORT best", "ORT best + `reduce_range`", f"graphopt int8 {ts}",
+                                     "pruned fp32", f"pruned + int8 {ts}", f"compounding {ts}"], comp_rows))
+    sized = [c for c in columns(targets, bool(results["prune_macs"])) if c != "eager fp32"
+             and any(c in m["sizes"] for m in results["models"].values())]
+    out.append("File sizes (MB):\n\n" + markdown_table(
+        ["model", *sized], [[harness.model_name(name)] + [f"{m['sizes'][c] / 1e6:.1f}" if c in m["sizes"] else "-"
+                                                          for c in sized] for name, m in results["models"].items()]))
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 size goal, against onnxruntime fp32, onnxruntime's int8 recipes and NNCF-style accuracy control,
 all measured in the same run.
 
-    python -m graphopt.tools.bench_compress [--models fashion_cnn,mobilenet_v2] [--objectives latency,size]
+    python -m benchmarks.bench_compress [--models fashion_cnn,mobilenet_v2] [--objectives latency,size]
                                             [--minutes 15] [--trials 40] [--out bench-results/compress.json]
 
 Models (Debian's dataset-fashion-mnist; MobileNetV2's weights from requirements-bench.txt):
@@ -31,7 +31,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from graphopt.report import table, write_json
+from benchmarks import harness
+from graphopt.report import markdown_table, table
 from graphopt.search import compress
 from graphopt.tools import fashion_mnist
 
@@ -51,7 +52,7 @@ def fashion_cnn_task() -> dict:
 def mobilenet_task() -> dict:
     from sklearn.linear_model import LogisticRegression
 
-    from graphopt.tools.quant_accuracy import fashion_rgb, mobilenet_v2
+    from benchmarks.quant_accuracy import fashion_rgb, mobilenet_v2
 
     model = mobilenet_v2()
     backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
@@ -118,21 +119,26 @@ def _f(value, fmt=".2f", suffix="") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
-def markdown(rows: list[dict]) -> str:
-    out = ["| model | objective | chosen | top-1 change | x ORT fp32 | x ORT best int8 | x smaller (fp32 file) | "
-           "accuracy control: change / x ORT fp32 / x smaller | ORT best int8: change / ms | trials | min | target |",
-           "|" + "---|" * 12]
-    for r in rows:
+def markdown(results: dict) -> str:
+    """What the search chose per model and goal against the original and onnxruntime's recipes;
+    then accuracy control and onnxruntime's best int8 recipe beside it."""
+    chosen, others = [], []
+    for r in results["rows"]:
         c, a, b = r["chosen"] or {}, r["accuracy_control"] or {}, r["ort_best"] or {}
-        out.append(f"| {r['model']} | {r['objective']} | {c.get('recipe', 'none within the drop')} | "
-                   f"{_f(-c['drop'] if c else None, '+.2f')} | {_f(c.get('speedup_vs_ort_fp32'), '.2f', 'x')} | "
-                   f"{_f(c.get('speedup_vs_ort_best_int8'), '.2f', 'x')} | "
-                   f"{_f(c.get('smaller_than_fp32_file'), '.1f', 'x')} | "
-                   f"{_f(-a['drop'] if a else None, '+.2f')} / {_f(a.get('speedup_vs_ort_fp32'), '.2f', 'x')} / "
-                   f"{_f(a.get('smaller_than_fp32_file'), '.1f', 'x')} | "
-                   f"{_f(-b['drop'] if b else None, '+.2f')} / {_f(b.get('ms'), '.3f')} | {r['trials']} | "
-                   f"{r['search_minutes']:.1f} | {'met' if r['met'] else 'MISSED'}: {r['target']} |")
-    return "\n".join(out)
+        chosen.append((harness.model_name(r["model"]), r["objective"], c.get("recipe", "none within the drop"),
+                       _f(-c["drop"] if c else None, "+.2f"), _f(c.get("speedup_vs_ort_fp32"), ".2f", "x"),
+                       _f(c.get("speedup_vs_ort_best_int8"), ".2f", "x"),
+                       _f(c.get("smaller_than_fp32_file"), ".1f", "x"), r["trials"], f"{r['search_minutes']:.1f}",
+                       "met" if r["met"] else "missed"))
+        others.append((harness.model_name(r["model"]), r["objective"],
+                       f"{_f(-a['drop'] if a else None, '+.2f')} / {_f(a.get('speedup_vs_ort_fp32'), '.2f', 'x')} / "
+                       f"{_f(a.get('smaller_than_fp32_file'), '.1f', 'x')}",
+                       f"{b.get('name', '-')}: {_f(-b['drop'] if b else None, '+.2f')} / {_f(b.get('ms'), '.3f')}",
+                       r["target"]))
+    return (markdown_table(["model", "goal", "chosen", "top-1 change", "vs ORT fp32", "vs ORT best int8",
+                            "smaller than fp32 file", "trials", "min", "target"], chosen)
+            + "\n\n" + markdown_table(["model", "goal", "accuracy control: change / vs ORT fp32 / smaller",
+                                         "ORT best int8: change / ms", "target"], others))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,10 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                               finetune_batches=args.finetune_batches, resume=False)
             rows.append(summarise(name, objective, result, (time.perf_counter() - started) / 60))
             print(result.summary(), flush=True)
-            write_json(args.out, {"threads": 2, "batch_size": 1, "max_drop": 1.0, "rows": rows})
-    text = markdown(rows)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text + "\n")
+            text = harness.write_results(args.out, {"threads": 2, "batch_size": 1, "max_drop": 1.0, "rows": rows},
+                                         markdown)
     print(text)
     print(table(["model", "objective", "target", "met"], [(r["model"], r["objective"], r["target"], r["met"])
                                                          for r in rows]))

@@ -1,7 +1,7 @@
 """int8 exports of torchvision models per target, checked as a VNNI CPU and as a non-VNNI x86 CPU
 would check them, on any machine.
 
-    python -m graphopt.tools.int8_target_zoo [--models squeezenet1_0,alexnet,...] [--targets x86-vnni,x86-avx2]
+    python -m benchmarks.int8_target_zoo [--models squeezenet1_0,alexnet,...] [--targets x86-vnni,x86-avx2]
                                              [--size 112] [--prune 0] [--out bench-results/int8_target_zoo.json]
 
 Per model and target: fold BatchNorm, (optionally) prune channels to ``--prune`` of the MACs,
@@ -42,13 +42,13 @@ def int8_graph(name: str, target: str, size: int, prune: float):
 
 
 def main() -> None:
+    from benchmarks import harness
     from graphopt.backends import onnx_int8
-    from graphopt.report import table, write_json
-    from graphopt.tools.fashion_cnn import parse_targets
+    from graphopt.report import table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
-    parser.add_argument("--targets", type=parse_targets, default="x86-vnni,x86-avx2")
+    harness.add_targets_option(parser, "each model exported once per target")
     parser.add_argument("--size", type=int, default=112, help="input height and width")
     parser.add_argument("--prune", type=float, default=0.0, help="prune to this share of the MACs first (0: no)")
     parser.add_argument("--out", default="bench-results/int8_target_zoo.json")
@@ -72,7 +72,34 @@ def main() -> None:
             print(row, flush=True)
     headers = ["model", "target", "exact", "non-VNNI x86", "passes on non-VNNI x86", "error", "s"]
     print(table(headers, [[row.get(h, "") for h in headers] for row in rows]))
-    write_json(args.out, {"size": args.size, "prune": args.prune, "rows": rows})
+    harness.write_results(args.out, {"size": args.size, "prune": args.prune, "rows": rows}, markdown)
+    print(f"wrote {args.out}")
+
+
+def _share(value: float) -> str:
+    text = "100%" if value == 1 else f"{value:.2%}"
+    return text if value >= 0.99 else f"{text} (refused)"
+
+
+def markdown(results: dict) -> str:
+    """Per model and target: share of quantized values within one step, in exact int32 arithmetic
+    and as a non-VNNI x86 CPU computes; the models the sweep could not check, with why."""
+    from benchmarks import harness
+    from graphopt.report import markdown_table
+
+    targets = list(dict.fromkeys(r["target"] for r in results["rows"]))
+    cells, failed = {}, {}
+    for r in results["rows"]:
+        if "error" in r:
+            failed.setdefault(r["model"], r["error"])
+        else:
+            cells.setdefault(r["model"], {})[r["target"]] = (_share(r["exact"]), _share(r["non-VNNI x86"]))
+    text = markdown_table(["model"] + [f"`{t}` {how}" for t in targets for how in ("exact", "on non-VNNI x86")],
+                          [[harness.model_name(m)] + [c for t in targets for c in got.get(t, ("-", "-"))]
+                           for m, got in cells.items() if m not in failed])
+    if failed:
+        text += "\n\nNot checked: " + "; ".join(f"{harness.model_name(m)} ({e})" for m, e in failed.items()) + "."
+    return text
 
 
 if __name__ == "__main__":
