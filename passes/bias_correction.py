@@ -24,7 +24,13 @@ def _corrected_layers(graph: Graph) -> list[fx.Node]:
 
 @register_pass("bias_correction")
 class BiasCorrection(Pass):
-    """Subtract the expected output shift that weight quantization causes from each layer's bias."""
+    """Subtract the expected output shift that weight quantization causes from each layer's bias.
+
+    Options:
+        max_batches: calibration batches read to estimate each layer's mean input
+        bound: largest relative output error accepted (the pass's contract)
+        progress: show a progress bar while calibrating
+    """
 
     contract = Contract.BOUNDED
     requires = frozenset({"qdq", "calibration_data"})

@@ -51,7 +51,23 @@ def boundary_layers(graph: Graph) -> tuple[set[str], set[str]]:
 
 @register_pass("binarize")
 class Binarize(Pass):
-    """Binary weights sign(W)*alpha (alpha = mean|W| per channel), optional binary activations, STE + distillation."""
+    """Binary weights sign(W)*alpha (alpha = mean|W| per channel), optional binary activations, STE + distillation.
+
+    Options:
+        activations: binarize each chosen layer's input too (XNOR-Net), not only its weights
+        include: layers to binarize (module name patterns; default: every conv/linear layer)
+        exclude: layers to leave full precision (module name patterns)
+        keep_first: keep the model's input layers full precision
+        keep_last: keep the model's output layers full precision
+        distill_epochs: fine-tune the latent weights by distillation for this many epochs (0: none)
+        lr: fine-tuning learning rate
+        temperature: distillation temperature
+        distill_alpha: weight of the distillation term; 1 - alpha goes to the hard labels
+        weight_decay: fine-tuning weight decay
+        max_batches: fine-tuning batches per epoch (default: the whole loader)
+        freeze: replace the latent weights by their final +-alpha values afterwards
+        progress: show a progress bar
+    """
 
     contract = Contract.NONE  # accuracy comes back through training, not by construction
     invalidates = frozenset({"cost"})
@@ -65,8 +81,6 @@ class Binarize(Pass):
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
         self.keep_first, self.keep_last = keep_first, keep_last
-        if distill_epochs < 0:
-            raise ConfigError(f"pass 'binarize': distill_epochs must be >= 0, got {distill_epochs}")
         self.distill_epochs = float(distill_epochs)
         self.config = DistillConfig(epochs=self.distill_epochs or 1.0, lr=lr, temperature=temperature,  # 1.0: unused
                                     alpha=distill_alpha, weight_decay=weight_decay, max_batches=max_batches)

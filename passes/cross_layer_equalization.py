@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.ir import Graph
-from graphopt.options import Tolerance
+from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.qparams import is_plain_relu
 
@@ -56,16 +56,18 @@ def _scale_out(m: nn.Module, s: torch.Tensor) -> None:
 
 @register_pass("cross_layer_equalization")
 class CrossLayerEqualization(Pass):
-    """Rescale channels between consecutive conv/linear layers so their weight ranges match (exact for ReLU)."""
+    """Rescale channels between consecutive conv/linear layers so their weight ranges match (exact for ReLU).
+
+    Options:
+        iterations: rounds of equalization over every pair
+        through_relu6: equalize across ReLU6 too, which becomes a ReLU (no longer exact: held to bound)
+        bound: with through_relu6: largest relative output error accepted
+    """
 
     contract = Contract.EXACT
     invalidates = frozenset({"cost"})
 
-    def __init__(self, iterations: int = 4, through_relu6: bool = False, bound: Tolerance = 0.05):
-        if not isinstance(iterations, int) or iterations < 1:
-            from graphopt.errors import ConfigError
-            raise ConfigError(f"pass 'cross_layer_equalization': iterations must be a positive integer, "
-                              f"got {iterations!r}")
+    def __init__(self, iterations: Count = 4, through_relu6: bool = False, bound: Tolerance = 0.05):
         self.iterations, self.through_relu6 = iterations, through_relu6
         if through_relu6:  # no longer function-preserving: measured and held to ``bound``
             self.contract, self.bound = Contract.BOUNDED, bound

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import model_validator
 from torch import fx
 
 from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
@@ -23,8 +24,9 @@ from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, P
 from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
+from graphopt.options import Count, Options, Share, Sparsity
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.passes.pruning_importance import Importance, make_importance
+from graphopt.passes.pruning_importance import Importance, ImportanceSpec, make_importance
 from graphopt.pruning.slicing import apply_cuts, resize_group_norm, split_sizes
 
 
@@ -64,45 +66,42 @@ class PruneChoice:
                 "removed": sum(len(v) for v in self.removed.values())}
 
 
-def _ratio(value: Any, name: str, upper_open: bool = True) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"prune_channels: {name} must be a number, got {value!r}")
-    if not (0 <= value < 1 if upper_open else 0 < value <= 1):
-        bounds = "[0, 1)" if upper_open else "(0, 1]"
-        raise ConfigError(f"prune_channels: {name} must be in {bounds}, got {value}")
-    return float(value)
-
-
 @register_pass("prune_channels")
 class PruneChannels(Pass):
-    """Remove whole channels (conv filters, linear features) across dependency groups; weights shrink."""
+    """Remove whole channels (conv filters, linear features) across dependency groups; weights shrink.
+
+    Options:
+        ratio: share of each group's channels removed (scope = "global": of all channels, ranked together)
+        target_macs: prune until the estimated MACs are this share of the original's (searched)
+        target_params: prune until the estimated parameters are this share of the original's (searched)
+        importance: how channels are ranked: a registered criterion (l1, l2, bn_scale, fpgm, taylor) or an Importance object
+        scope: uniform: each group loses the same share; global: channels ranked across groups
+        max_ratio: no group loses more than this share of its channels
+        round_to: keep a multiple of this many channels per group (hardware-friendly widths)
+        layers: per-layer ratio, module name -> share removed from that layer's group
+        protected: layers whose channels are never removed
+        steps: prune in this many rounds (importance recomputed between rounds)
+    """
 
     contract = Contract.EXACT  # against the masked original (see PassResult.reference)
 
-    def __init__(self, ratio: float | None = None, target_macs: float | None = None,
-                 target_params: float | None = None, importance: str | Importance = "l2", scope: str = "uniform",
-                 max_ratio: float = 0.9, round_to: int = 1, layers: dict | None = None,
-                 protected: list[str] | None = None, steps: int = 1):
-        chosen = [n for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
-                  if v is not None]
-        if len(chosen) != 1:
-            raise ConfigError("prune_channels: give exactly one of ratio, target_macs, target_params"
-                              + (f" (got {', '.join(chosen)})" if chosen else ""))
-        self.ratio = None if ratio is None else _ratio(ratio, "ratio")
-        self.target_macs = None if target_macs is None else _ratio(target_macs, "target_macs", upper_open=False)
-        self.target_params = None if target_params is None else _ratio(target_params, "target_params",
-                                                                        upper_open=False)
-        if scope not in ("uniform", "global"):
-            raise ConfigError(f"prune_channels: scope must be 'uniform' or 'global', got {scope!r}")
-        self.scope = scope
-        self.max_ratio = _ratio(max_ratio, "max_ratio")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ConfigError(f"prune_channels: round_to must be a positive integer, got {round_to!r}")
-        self.round_to = round_to
-        self.layers = {str(k): _ratio(v, f"layers[{k!r}]") for k, v in (layers or {}).items()}
+    class Rules(Options):
+        @model_validator(mode="after")
+        def _one_budget(self):
+            chosen = [n for n in ("ratio", "target_macs", "target_params") if getattr(self, n) is not None]
+            if len(chosen) != 1:
+                raise ValueError("give exactly one of ratio, target_macs, target_params"
+                                 + (f" (got {', '.join(chosen)})" if chosen else ""))
+            return self
+
+    def __init__(self, ratio: Sparsity | None = None, target_macs: Share | None = None,
+                 target_params: Share | None = None, importance: ImportanceSpec = "l2",
+                 scope: Literal["uniform", "global"] = "uniform", max_ratio: Sparsity = 0.9, round_to: Count = 1,
+                 layers: dict[str, Sparsity] | None = None, protected: list[str] | None = None, steps: Count = 1):
+        self.ratio, self.target_macs, self.target_params = ratio, target_macs, target_params
+        self.scope, self.max_ratio, self.round_to = scope, max_ratio, round_to
+        self.layers = dict(layers or {})
         self.protected = list(protected or [])
-        if not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"prune_channels: steps must be a positive integer, got {steps!r}")
         self.steps = steps
         self.importance: Importance = make_importance(importance)
         self.requires = frozenset({"train_data"}) if self.importance.needs_data else frozenset()

@@ -20,14 +20,17 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import annotated_types as at
 import torch.nn as nn
+from pydantic import model_validator
 from torch import fx
 
 from graphopt.quant.calibration import InputMomentObserver, calibrate
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import Count, Index, Options, Share
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.passes.low_rank_factors import Candidate, MatrixSVD, Tucker2, reconstruction_error
 
@@ -96,43 +99,49 @@ def _check_override(name: Any, spec: Any) -> dict[str, Any]:
 
 @register_pass("split_low_rank")
 class SplitLowRank(Pass):
-    """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2)."""
+    """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2).
+
+    Options:
+        ratio: share of each layer's full rank kept
+        energy: share of each layer's sum(sigma^2) kept (the default rule, 0.95)
+        target_macs: split until the graph's MACs are this share of the original's (least error per MAC saved)
+        target_params: split until the graph's parameters are this share of the original's
+        conv_method: how k x k convs split: spatial (kx1 then 1xk), tucker2 (1x1, kxk, 1x1) or auto (the cheaper)
+        rank_multiple: ranks are rounded up to a multiple of this
+        hooi_iters: HOOI refinement iterations of Tucker-2
+        layers: per-layer setting, module name -> rank (int), ratio (float) or a table of rank, ratio, energy, method
+        protected: layers never split
+        only_if_cheaper: split a layer only where that lowers its MACs
+        max_error: largest relative output error accepted (default: no limit, the error is reported)
+        data_aware: truncate to minimise the error of each layer's outputs on calibration data, not of its weights
+        calibration_batches: batches read with data_aware
+        progress: show a progress bar while reading calibration data
+    """
 
     contract = Contract.BOUNDED
     invalidates = None  # new nodes and modules: every analysis is stale
 
-    def __init__(self, ratio: float | None = None, energy: float | None = None, target_macs: float | None = None,
-                 target_params: float | None = None, conv_method: str = "auto", rank_multiple: int = 1,
-                 hooi_iters: int = 2, layers: dict | None = None, protected: list[str] | None = None,
-                 only_if_cheaper: bool = True, max_error: float | None = None, data_aware: bool = False,
-                 calibration_batches: int = 8, progress: bool = True):
+    class Rules(Options):
+        @model_validator(mode="after")
+        def _one_budget(self):
+            given = [k for k in _BUDGETS if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give one of {', '.join(_BUDGETS)}, not {' and '.join(given)}")
+            both = sorted(set(self.layers or {}) & set(self.protected or ()))
+            if both:
+                raise ValueError(f"layer {both[0]!r} is both protected and given an override")
+            return self
+
+    def __init__(self, ratio: Share | None = None, energy: Share | None = None, target_macs: Share | None = None,
+                 target_params: Share | None = None, conv_method: Literal["auto", "spatial", "tucker2"] = "auto",
+                 rank_multiple: Count = 1, hooi_iters: Index = 2, layers: dict[str, Any] | None = None,
+                 protected: list[str] | None = None, only_if_cheaper: bool = True,
+                 max_error: Annotated[float, at.Gt(0)] | None = None, data_aware: bool = False,
+                 calibration_batches: Count = 8, progress: bool = True):
         given = {k: v for k, v in zip(_BUDGETS, (ratio, energy, target_macs, target_params)) if v is not None}
-        if len(given) > 1:
-            raise ConfigError(f"split_low_rank: give one of {', '.join(_BUDGETS)}, not {' and '.join(given)}")
-        self.rule, value = next(iter(given.items())) if given else ("energy", DEFAULT_ENERGY)
-        self.value = _unit(f"split_low_rank: {self.rule}", value)
-        if conv_method not in CONV_METHODS:
-            raise ConfigError(f"split_low_rank: conv_method must be one of {', '.join(CONV_METHODS)}, "
-                              f"got {conv_method!r}")
-        for key, number, low in (("rank_multiple", rank_multiple, 1), ("hooi_iters", hooi_iters, 0),
-                                 ("calibration_batches", calibration_batches, 1)):
-            if isinstance(number, bool) or not isinstance(number, int) or number < low:
-                raise ConfigError(f"split_low_rank: {key} must be an integer >= {low}, got {number!r}")
-        if layers is not None and not isinstance(layers, dict):
-            raise ConfigError(f"split_low_rank: layers must be a table of module name -> override, got "
-                              f"{type(layers).__name__}")
-        if protected is not None and (not isinstance(protected, (list, tuple))
-                                      or not all(isinstance(p, str) for p in protected)):
-            raise ConfigError(f"split_low_rank: protected must be a list of module names, got {protected!r}")
+        self.rule, self.value = next(iter(given.items())) if given else ("energy", DEFAULT_ENERGY)
         self.layers = {name: _check_override(name, spec) for name, spec in (layers or {}).items()}
         self.protected = tuple(protected or ())
-        both = sorted(set(self.layers) & set(self.protected))
-        if both:
-            raise ConfigError(f"split_low_rank: layer {both[0]!r} is both protected and given an override")
-        if max_error is not None and (isinstance(max_error, bool) or not max_error > 0):
-            raise ConfigError(f"split_low_rank: max_error must be > 0, got {max_error!r}")
-        if not isinstance(data_aware, bool):
-            raise ConfigError(f"split_low_rank: data_aware must be true or false, got {data_aware!r}")
         self.data_aware, self.calibration_batches, self.progress = data_aware, calibration_batches, progress
         self.moments: dict[str, Any] = {}
         self.conv_method = conv_method

@@ -251,20 +251,20 @@ def test_split_model_exports_to_onnx_and_torchscript(tmp_path):
 
 # -- bad input --------------------------------------------------------------------------
 @pytest.mark.parametrize("options, message", [
-    ({"energy": 0.0}, r"split_low_rank: energy must be a number in \(0, 1\], got 0.0"),
-    ({"energy": 1.2}, r"energy must be a number in \(0, 1\], got 1.2"),
-    ({"ratio": -0.5}, r"ratio must be a number in \(0, 1\]"),
-    ({"target_macs": 2.0}, r"target_macs must be a number in \(0, 1\]"),
+    ({"energy": 0.0}, r"pass 'split_low_rank': option 'energy' must be a finite float > 0 and <= 1 or None, got float 0.0"),
+    ({"energy": 1.2}, r"option 'energy' must be a finite float > 0 and <= 1 or None, got float 1.2"),
+    ({"ratio": -0.5}, r"option 'ratio' must be a finite float > 0 and <= 1"),
+    ({"target_macs": 2.0}, r"option 'target_macs' must be a finite float > 0 and <= 1"),
     ({"ratio": 0.5, "energy": 0.9}, "give one of ratio, energy, target_macs, target_params, not ratio and energy"),
-    ({"conv_method": "cp"}, "conv_method must be one of auto, spatial, tucker2, got 'cp'"),
-    ({"rank_multiple": 0}, "rank_multiple must be an integer >= 1"),
+    ({"conv_method": "cp"}, "option 'conv_method' must be one of auto, spatial, tucker2, got str 'cp'"),
+    ({"rank_multiple": 0}, "option 'rank_multiple' must be an int >= 1"),
     ({"layers": {"fc1": 0}}, r"layers\['fc1'\]: rank must be a positive integer"),
     ({"layers": {"fc1": {"energy": 1.5}}}, r"layers\['fc1'\].energy must be a number in \(0, 1\]"),
     ({"layers": {"fc1": {"rnak": 3}}}, r"layers\['fc1'\]: unknown key 'rnak'; valid keys: rank, ratio"),
     ({"layers": {"fc1": 3}, "protected": ["fc1"]}, "'fc1' is both protected and given an override"),
     ({"protected": "fc1"}, r"option 'protected' must be list\[str\] or None, got str 'fc1'"),
     ({"data_aware": "yes"}, "option 'data_aware' must be bool, got str 'yes'"),
-    ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
+    ({"calibration_batches": 0}, "option 'calibration_batches' must be an int >= 1"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ConfigError, match=message):

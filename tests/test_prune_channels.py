@@ -163,14 +163,15 @@ def test_custom_importance_object():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"ratio": 1.0}, "ratio must be in [0, 1)"),
-    ({"ratio": -0.1}, "ratio must be in [0, 1)"),
+    ({"ratio": 1.0}, "option 'ratio' must be a finite float >= 0 and < 1 or None, got float 1.0"),
+    ({"ratio": -0.1}, "option 'ratio' must be a finite float >= 0 and < 1"),
     ({}, "give exactly one of ratio, target_macs, target_params"),
     ({"ratio": 0.3, "target_macs": 0.5}, "got ratio, target_macs"),
-    ({"target_macs": 0.0}, "target_macs must be in (0, 1]"),
-    ({"ratio": 0.3, "importance": "random"}, "unknown importance 'random'"),
-    ({"ratio": 0.3, "scope": "local"}, "scope must be 'uniform' or 'global'"),
-    ({"ratio": 0.3, "round_to": 0}, "round_to must be a positive integer"),
+    ({"target_macs": 0.0}, "option 'target_macs' must be a finite float > 0 and <= 1"),
+    ({"ratio": 0.3, "importance": "random"}, "option 'importance' must be one of bn_scale, fpgm, l1, l2, taylor or an "
+                                             "Importance object, got str 'random'"),
+    ({"ratio": 0.3, "scope": "local"}, "option 'scope' must be one of uniform, global"),
+    ({"ratio": 0.3, "round_to": 0}, "option 'round_to' must be an int >= 1"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ConfigError) as info:

@@ -218,9 +218,9 @@ def test_a_one_shot_generator_is_read_once(cnn_graph):
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match="unknown observer 'kl'"):
+    with pytest.raises(ConfigError, match="option 'observer' must be one of minmax, moving_average, mse, percentile, got str 'kl'"):
         InsertQDQ(observer="kl")
-    with pytest.raises(ConfigError, match="first_layer must be 'int8' or 'float'"):
+    with pytest.raises(ConfigError, match="option 'first_layer' must be one of int8, float, got str 'fp16'"):
         InsertQDQ(first_layer="fp16")
     with pytest.raises(ConfigError, match="option .percentile. must be a finite float > 50 and <= 100, got float 20.0"):
         InsertQDQ(observer="percentile", percentile=20.0)
