@@ -284,7 +284,8 @@ def explain(model: type[Options], exc: ValidationError, options: dict[str, Any])
     if first["type"] == "missing":
         return f"{model.owner}: option {key!r} is required"
     mine = [e for e in errors if e["loc"] and e["loc"][0] == key]
-    value = options[key] if key in options else _given(model, key, options, first)
+    old = _old_name(model, key, options)
+    value = options[key] if key in options else options[old] if old else first.get("input")
     annotation = model.declared.get(key, Any)
     custom = [e for e in mine if e["type"] == "value_error"]
     if isinstance(value, float) and math.isnan(value) and _accepts(_loose(annotation), 0.0):
@@ -294,15 +295,16 @@ def explain(model: type[Options], exc: ValidationError, options: dict[str, Any])
     else:
         expected = describe(annotation, constraints=any(e["type"] in _RANGE_ERRORS for e in mine))
     hint = f" (write [{value!r}])" if isinstance(value, str) and _accepts(annotation, [value]) else ""
-    return f"{model.owner}: option {key!r} must be {expected}, got {type(value).__name__} {value!r}{hint}"
+    given = f" (given as {old!r})" if old and key not in options else ""
+    return f"{model.owner}: option {key!r}{given} must be {expected}, got {type(value).__name__} {value!r}{hint}"
 
 
-def _given(model: type[Options], key: str, options: dict[str, Any], error: dict) -> Any:
-    """The value the caller gave for ``key`` under a deprecated name (or what pydantic saw)."""
+def _old_name(model: type[Options], key: str, options: dict[str, Any]) -> str | None:
+    """The deprecated name under which the caller gave ``key``, if any."""
     for old, rule in model.renamed.items():
-        if (rule if isinstance(rule, str) else rule.new) == key and old in options:
-            return options[old]
-    return error.get("input")
+        if (rule if isinstance(rule, str) else rule.new) == key and old in options and old != key:
+            return old
+    return None
 
 
 def _reason(error: dict) -> str:

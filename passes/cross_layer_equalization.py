@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection
 from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.qparams import is_plain_relu
@@ -62,18 +63,24 @@ class CrossLayerEqualization(Pass):
         iterations: rounds of equalization over every pair
         through_relu6: equalize across ReLU6 too, which becomes a ReLU (no longer exact: held to bound)
         bound: with through_relu6: largest relative output error accepted
+        layers: layers that may be rescaled (module name patterns; a pair needs both its layers chosen)
+        exclude: layers never rescaled (module name patterns)
     """
 
     contract = Contract.EXACT
     invalidates = frozenset({"cost"})
 
-    def __init__(self, iterations: Count = 4, through_relu6: bool = False, bound: Tolerance = 0.05):
+    def __init__(self, iterations: Count = 4, through_relu6: bool = False, bound: Tolerance = 0.05,
+                 layers: LayerPatterns | None = None, exclude: LayerPatterns | None = None):
         self.iterations, self.through_relu6 = iterations, through_relu6
+        self.selection = LayerSelection.of(layers, exclude)
         if through_relu6:  # no longer function-preserving: measured and held to ``bound``
             self.contract, self.bound = Contract.BOUNDED, bound
 
     def pairs(self, graph: Graph) -> list[tuple[fx.Node, fx.Node | None, fx.Node]]:
-        """(A, activation or None, B) chains with no other users in between."""
+        """(A, activation or None, B) chains with no other users in between, both layers chosen."""
+        self.selection.check([str(n.target) for n in graph.nodes if _layer(graph, n) is not None],
+                             "pass 'cross_layer_equalization'")
         found = []
         for node in graph.nodes:
             a = _layer(graph, node)
@@ -95,7 +102,8 @@ class CrossLayerEqualization(Pass):
             out_channels = a.out_features if isinstance(a, nn.Linear) else a.out_channels
             in_channels = _in_weights(b).shape[0]
             grouped = isinstance(b, (nn.Conv1d, nn.Conv2d)) and b.groups > 1 and not _depthwise(b)
-            if out_channels != in_channels or grouped:
+            if out_channels != in_channels or grouped or not (self.selection.selects(str(node.target))
+                                                              and self.selection.selects(str(nxt.target))):
                 continue
             found.append((node, act, nxt))
         return found

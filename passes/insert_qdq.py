@@ -12,8 +12,8 @@ Placement follows what integer runtimes execute (onnxruntime QOperator / torch.a
 - everything else runs in float on dequantized values.
 Embedding tables (``embeddings=True``) get int8 weights with one scale per embedding column, so
 a backend can gather int8 rows and dequantize only those (weight-only: their outputs stay float).
-Layers listed in ``keep_float`` (or chosen by the first/last-layer policy or by sensitivity
-analysis) and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
+Layers ``exclude`` names or ``layers`` does not (graphopt.layer_selection), those chosen by the
+first/last-layer policy or by sensitivity analysis, and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from torch import fx
 from graphopt.data import reiterable
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection
 from graphopt.ops import OpKind
-from graphopt.options import FINITE, Count, Index, Tolerance, choice
+from graphopt.options import FINITE, Count, Index, Options, Tolerance, choice
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.calibration import calibrate, iter_calibration, make_observer, observer_names
 from graphopt.quant.qparams import (ADD_FUNCS, FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams,
@@ -258,7 +259,8 @@ class InsertQDQ(Pass):
         activation_dtype: uint8 (asymmetric, what integer kernels run fastest) or int8 activations
         percentile: with observer = "percentile": the share of values kept inside the range, in percent
         max_batches: calibration batches read
-        keep_float: layers that stay float
+        layers: layers (and embedding tables) to quantize (module name patterns; default: all)
+        exclude: layers (and embedding tables) that stay float (module name patterns)
         first_layer: "float" keeps the model's first conv/linear layer float
         last_layer: "float" keeps the model's last conv/linear layer float
         sensitive_float: keep this many layers float, those whose quantization alone costs the most accuracy
@@ -274,9 +276,12 @@ class InsertQDQ(Pass):
     ensures = frozenset({"qdq"})
     invalidates = None
 
+    class Rules(Options):
+        renamed = {"keep_float": "exclude"}
+
     def __init__(self, observer: ObserverName = "mse", activation_dtype: Literal["uint8", "int8"] = "uint8",
-                 percentile: Percentile = 99.99, max_batches: Count = 16, keep_float: list[str] | None = None,
-                 first_layer: Policy = "int8", last_layer: Policy = "int8", sensitive_float: Index = 0,
+                 percentile: Percentile = 99.99, max_batches: Count = 16, layers: LayerPatterns | None = None,
+                 exclude: LayerPatterns | None = None, first_layer: Policy = "int8", last_layer: Policy = "int8", sensitive_float: Index = 0,
                  bound: Tolerance = 0.5, progress: bool = True, layer_outputs: Literal["auto", "int8", "float"] = "auto",
                  embeddings: bool = True, target: TargetName = "auto"):
         self.target = get_target(target)   # "auto": this CPU, resolved once
@@ -284,19 +289,17 @@ class InsertQDQ(Pass):
         self.observer_options = {"percentile": {"percentile": percentile}}.get(observer, {})
         make_observer(observer, **self.observer_options)  # validates its options now
         self.observer, self.activation_dtype = observer, activation_dtype
-        self.max_batches, self.keep_float = max_batches, list(keep_float or [])
+        self.max_batches, self.selection = max_batches, LayerSelection.of(layers, exclude)
         self.first_layer, self.last_layer = first_layer, last_layer
         self.sensitive_float, self.bound, self.progress = sensitive_float, bound, progress
 
     def _policy(self, graph: Graph) -> dict[str, str]:
-        known = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes if n.op == "call_module"}
-        unknown = [name for name in self.keep_float if name not in known]
-        if unknown:
-            layers = [str(n.target) for n in Planner(graph, {}, set()).layer_candidates()][:6]
-            raise ConfigError(f"pass 'insert_qdq': keep_float names {unknown[0]!r}, which is not a layer of the model; "
-                              f"e.g. {', '.join(layers)}")
-        keep = {name: "kept float (keep_float)" for name in self.keep_float}
         layers = Planner(graph, {}, set()).layer_candidates()
+        tables = [n for n in graph.nodes if isinstance(_module(graph, n), nn.Embedding)]
+        self.selection.check([name for n in layers + tables for name in (str(n.target), n.name)], "pass 'insert_qdq'",
+                             "conv/linear layer or embedding")
+        keep = {n.name: f"kept float ({reason})" for n in layers
+                if (reason := self.selection.reason(str(n.target), n.name))}
         if layers and self.first_layer == "float":
             keep[layers[0].name] = "first layer kept float (first_layer='float')"
         if layers and self.last_layer == "float":
@@ -349,7 +352,7 @@ class InsertQDQ(Pass):
         graph.meta[TARGET_KEY] = self.target.name
         tables = [quantize_embedding(graph, n) for n in list(graph.nodes) if self.embeddings
                   and isinstance(_module(graph, n), nn.Embedding) and n.args and not n.kwargs
-                  and n.name not in self.keep_float and str(n.target) not in self.keep_float]
+                  and self.selection.selects(str(n.target), n.name)]
         if tables:
             graph.commit()
         output = graph.run(*held)
