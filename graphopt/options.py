@@ -67,7 +67,9 @@ class Expect:
 def choice(names: Callable[[], Any], also: str = "") -> Any:
     """The type of an option naming one of a list that may grow (registered observers, targets):
     ``Annotated[str, ...]`` checked against ``names()`` when a value is checked; ``also`` adds to
-    the description what else the option takes ("or an Importance object")."""
+    the description what else the option takes ("or an Importance object"). Give it a name at
+    module level (``ObserverName = choice(observer_names)``) and annotate with that name: a lambda
+    written inside a string annotation is evaluated where it cannot see the module's names."""
     def listing() -> str:
         return "one of " + ", ".join(names()) + (f" {also}" if also else "")
 
@@ -244,7 +246,8 @@ def _description(annotation: Any) -> str | None:
 # -- checking values ------------------------------------------------------------------------------------
 def validate_options(model: type[Options], options: dict[str, Any], stacklevel: int = 2) -> dict[str, Any]:
     """The options a caller gave, checked (ConfigError otherwise) and with deprecated names
-    replaced (a DeprecationWarning each, attributed ``stacklevel`` frames up)."""
+    replaced (a DeprecationWarning each, attributed as ``warnings.warn(stacklevel=...)`` would
+    from here: 2 is this function's caller)."""
     pending: list[str] = []
     token = _renames.set(pending)
     try:
@@ -254,7 +257,7 @@ def validate_options(model: type[Options], options: dict[str, Any], stacklevel: 
     finally:
         _renames.reset(token)
     for message in pending:
-        warnings.warn(message, DeprecationWarning, stacklevel=stacklevel + 1)
+        warnings.warn(message, DeprecationWarning, stacklevel=stacklevel)
     return {key: getattr(checked, key) for key in model.model_fields if key in checked.model_fields_set}
 
 
@@ -401,7 +404,10 @@ def describe(annotation: Any, constraints: bool = True) -> str:
         return "None"
     if annotation is Any or annotation is inspect.Parameter.empty:
         return "any value"
-    if origin in (list, tuple, dict, set):
+    if origin is dict:
+        values = describe(args[1], False) if args and args[1] is not Any else ""
+        return "a table" + (f" of {values} values" if values else "")
+    if origin in (list, tuple, set):
         return f"{origin.__name__}[{', '.join(describe(a, False) if a is not Ellipsis else '...' for a in args)}]"
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 

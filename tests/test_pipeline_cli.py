@@ -80,7 +80,7 @@ path = "r18.onnx"
     (MODEL + '[[backends]]\nname = "onnx"\n', "backends[0].path must be an output path"),
     (MODEL + '[[passes]]\nname = "insert_qdq"\ntarget = "x86-sse2"\n',
      "option 'target' must be one of auto, x86-vnni, x86-avx2, arm64, got str 'x86-sse2'"),
-    (MODEL + '[evaluate]\ndata = "graphopt.tools.digits:test_batches"\nmetric = "f1"\n', "unknown metric 'f1'"),
+    (MODEL + '[evaluate]\ndata = "graphopt.tools.digits:test_batches"\nmetric = "f1"\n', "evaluate.metric must be one of top1, got str 'f1'"),
     ("[model\n", "not valid TOML"),
     ("[[passes]]\nname = 'fold_batchnorm'\n", "missing [model] table"),
 ])
