@@ -83,12 +83,16 @@ def choice(names: Callable[[], Any], also: str = "") -> Any:
 
 @dataclass(frozen=True)
 class Renamed:
-    """An old option name (or an old spelling: ``when`` says which values) that still works:
-    the value moves to ``new`` and a DeprecationWarning says so."""
+    """An old option name (or an old spelling of one: ``when`` says which values, ``spelling``
+    names them, "as a table") that still works: the value moves to ``new`` and a
+    DeprecationWarning says so."""
 
     new: str
     when: Callable[[Any], bool] | None = None
-    note: str = ""
+    spelling: str = ""
+
+    def describe(self, old: str) -> str:
+        return f"{old!r}{f' {self.spelling}' if self.spelling else ''}"
 
 
 _renames: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("graphopt_option_renames", default=None)
@@ -117,7 +121,7 @@ class Options(BaseModel):
                 continue
             if rule.new in data and rule.new != old:
                 raise ValueError(f"give {rule.new}, not both {rule.new} and {old} (its deprecated name)")
-            message = f"{cls.owner}: option {old!r} is deprecated; write {rule.new!r}{rule.note}"
+            message = f"{cls.owner}: option {rule.describe(old)} is deprecated; write {rule.new!r}"
             pending = _renames.get()
             if pending is None:
                 warnings.warn(message, DeprecationWarning, stacklevel=2)
@@ -412,6 +416,44 @@ def describe(annotation: Any, constraints: bool = True) -> str:
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
+def type_name(annotation: Any) -> str:
+    """The type of an option, without its range: "float or None", "list[str]", "str"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin is Literal:
+        return " or ".join(dict.fromkeys(type(a).__name__ for a in args))
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(names + (["None"] if type(None) in args else [])))
+    if origin is dict or annotation is dict:
+        return "table"
+    if origin in (list, tuple, set):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args if a is not Ellipsis)}]"
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return "any"
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def allowed(annotation: Any) -> str:
+    """What values of its type an option takes: "> 0 and <= 1", "one of uniform, global" ("" for any)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        expect = [m for m in args[1:] if isinstance(m, Expect)]
+        if expect:
+            return str(expect[0])
+        bounds, _ = _bounds(list(args[1:]))
+        return " and ".join(bounds) or allowed(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return "; ".join(part for part in (allowed(a) for a in args if a is not type(None)) if part)
+    if origin is dict and args:
+        inner = allowed(args[1])
+        return f"values {inner}" if inner else ""
+    return ""
+
+
 @dataclass(frozen=True)
 class OptionDoc:
     """One row of an option reference."""
@@ -419,29 +461,29 @@ class OptionDoc:
     name: str
     type: str
     default: str
-    constraint: str
+    allowed: str
     description: str
 
 
 def option_reference(model: type[Options]) -> list[OptionDoc]:
-    """Each option of ``model``: its type, default, range (or choices) and description."""
+    """Each option of ``model``: its type, default, allowed values and description."""
     rows = []
     for name, field in model.model_fields.items():
         annotation = model.declared.get(name, field.annotation)
-        kind, full = describe(annotation, False), describe(annotation)
         default = "(required)" if field.is_required() else _toml(field.default)
-        rows.append(OptionDoc(name, kind, default, full if full != kind else "", field.description or ""))
+        rows.append(OptionDoc(name, type_name(annotation), default, allowed(annotation), field.description or ""))
     return rows
 
 
 def renamed_options(model: type[Options]) -> dict[str, str]:
-    """Deprecated option names and the names that replace them."""
-    return {old: (rule if isinstance(rule, str) else rule.new) for old, rule in model.renamed.items()}
+    """Deprecated option names (and spellings) and the names that replace them."""
+    rules = {old: Renamed(rule) if isinstance(rule, str) else rule for old, rule in model.renamed.items()}
+    return {rule.describe(old).strip("'").replace("' ", " "): rule.new for old, rule in rules.items()}
 
 
 def _toml(value: Any) -> str:
     if value is None:
-        return "-"
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -76,7 +76,7 @@ class PruneChannels(Pass):
         ratio: share of each group's channels removed (scope = "global": of all channels, ranked together)
         target_macs: prune until the estimated MACs are this share of the original's (searched)
         target_params: prune until the estimated parameters are this share of the original's (searched)
-        importance: how channels are ranked: a registered criterion (l1, l2, bn_scale, fpgm, taylor) or an Importance object
+        importance: how channels are ranked (taylor needs train_data; an Importance object: your own criterion)
         scope: uniform: each group loses the same share; global: channels ranked across groups
         max_ratio: no group loses more than this share of its channels
         round_to: keep a multiple of this many channels per group (hardware-friendly widths)
@@ -89,7 +89,9 @@ class PruneChannels(Pass):
     contract = Contract.EXACT  # against the masked original (see PassResult.reference)
 
     class Rules(Options):
-        renamed = {"protected": "exclude", "layers": Renamed("overrides", when=is_table)}
+        """Exactly one of ratio, target_macs and target_params."""
+
+        renamed = {"protected": "exclude", "layers": Renamed("overrides", when=is_table, spelling="as a table")}
 
         @model_validator(mode="after")
         def _one_budget(self):

@@ -124,7 +124,10 @@ class SplitLowRank(Pass):
     invalidates = None  # new nodes and modules: every analysis is stale
 
     class Rules(Options):
-        renamed = {"protected": "exclude", "layers": Renamed("overrides", when=is_table)}
+        """At most one of ratio, energy, target_macs and target_params (none given: energy = 0.95); no
+        layer both excluded and given an override."""
+
+        renamed = {"protected": "exclude", "layers": Renamed("overrides", when=is_table, spelling="as a table")}
 
         @model_validator(mode="after")
         def _one_budget(self):

@@ -135,11 +135,13 @@ def test_inspect_prints_layers_and_totals(capsys):
     assert "params 9.98k, MACs 309.25k" in out
 
 
-def test_passes_lists_registered_passes(capsys):
+def test_passes_and_backends_list_what_is_registered(capsys):
     assert cli_main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "fold_batchnorm" in out and "exact" in out and "folded_norms" in out
-    assert "torchscript" in out
+    assert len([line for line in out.splitlines() if line.startswith("fold_")]) == 2   # one line each
+    assert cli_main(["backends"]) == 0
+    assert "torchscript_int8  Rebuild graph on torch's int8 kernels" in capsys.readouterr().out
 
 
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, capsys):
