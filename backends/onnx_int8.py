@@ -608,7 +608,8 @@ def export(graph: Graph, path: str, *, form: Form = "auto", lowering: Lowering =
     onnx's reference evaluator (exact integer arithmetic); the report says which.
 
     Options:
-        form: auto, qoperator (integer ops), qdq (QuantizeLinear/DequantizeLinear pairs) or tune (the faster, timed here)
+        form: auto, qoperator (integer ops), qdq (QuantizeLinear/DequantizeLinear pairs) or tune (the faster
+            of both, timed here)
         lowering: direct (graphopt's op-by-op lowering), torch_onnx (any graph torch.onnx exports, QDQ form) or auto
         simplify: simplify the model with onnx-simplifier, keeping the Q/DQ structure
         threads: onnxruntime threads for form = "tune" timings

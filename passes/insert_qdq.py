@@ -13,7 +13,8 @@ Placement follows what integer runtimes execute (onnxruntime QOperator / torch.a
 Embedding tables (``embeddings=True``) get int8 weights with one scale per embedding column, so
 a backend can gather int8 rows and dequantize only those (weight-only: their outputs stay float).
 Layers ``exclude`` names or ``layers`` does not (graphopt.layer_selection), those chosen by the
-first/last-layer policy or by sensitivity analysis, and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
+first/last-layer policy or by sensitivity analysis, and layers without an int8 kernel stay float;
+``stats["float_layers"]`` names them.
 """
 from __future__ import annotations
 
@@ -266,7 +267,8 @@ class InsertQDQ(Pass):
         sensitive_float: keep this many layers float, those whose quantization alone costs the most accuracy
         bound: largest relative output error accepted (the pass's contract)
         progress: show a progress bar while calibrating
-        layer_outputs: int8 requantizes each layer's output; float leaves it float; auto: float for Linears on token sequences
+        layer_outputs: int8 requantizes each layer's output; float leaves it float; auto: float for Linears on
+            token sequences
         embeddings: quantize embedding tables to int8 (one scale per column)
         target: the deployment target whose int8 arithmetic the graph models (auto: this CPU)
     """
@@ -281,8 +283,9 @@ class InsertQDQ(Pass):
 
     def __init__(self, observer: ObserverName = "mse", activation_dtype: Literal["uint8", "int8"] = "uint8",
                  percentile: Percentile = 99.99, max_batches: Count = 16, layers: LayerPatterns | None = None,
-                 exclude: LayerPatterns | None = None, first_layer: Policy = "int8", last_layer: Policy = "int8", sensitive_float: Index = 0,
-                 bound: Tolerance = 0.5, progress: bool = True, layer_outputs: Literal["auto", "int8", "float"] = "auto",
+                 exclude: LayerPatterns | None = None, first_layer: Policy = "int8", last_layer: Policy = "int8",
+                 sensitive_float: Index = 0, bound: Tolerance = 0.5, progress: bool = True,
+                 layer_outputs: Literal["auto", "int8", "float"] = "auto",
                  embeddings: bool = True, target: TargetName = "auto"):
         self.target = get_target(target)   # "auto": this CPU, resolved once
         self.layer_outputs, self.embeddings = layer_outputs, embeddings

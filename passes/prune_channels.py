@@ -80,7 +80,8 @@ class PruneChannels(Pass):
         scope: uniform: each group loses the same share; global: channels ranked across groups
         max_ratio: no group loses more than this share of its channels
         round_to: keep a multiple of this many channels per group (hardware-friendly widths)
-        layers: layers whose channels may be removed (module name patterns; default: all); a group is pruned only if every layer producing its channels is chosen
+        layers: layers whose channels may be removed (module name patterns; default: all); a group is pruned
+            only if every layer producing its channels is chosen
         exclude: layers whose channels are never removed (module name patterns)
         overrides: per-layer ratio, module name -> share removed from that layer's group
         steps: prune in this many rounds (importance recomputed between rounds)

@@ -59,9 +59,10 @@ class PruneMagnitude(Pass):
     contract = Contract.BOUNDED
     invalidates = frozenset()  # values change, shapes and counts do not
 
-    def __init__(self, sparsity: Sparsity = 0.5, scope: Literal["layer", "global"] = "layer", steps: Count = 1, finetune_epochs: NonNegative = 0.0,
-                 lr: Positive = 1e-3, max_batches: Count | None = None, layers: list[str] | None = None,
-                 exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False):
+    def __init__(self, sparsity: Sparsity = 0.5, scope: Literal["layer", "global"] = "layer", steps: Count = 1,
+                 finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-3, max_batches: Count | None = None,
+                 layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None,
+                 progress: bool = False):
         owner = "pass 'prune_magnitude'"
         self.owner = owner
         self.sparsity, self.scope, self.steps = float(sparsity), scope, steps

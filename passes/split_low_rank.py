@@ -24,14 +24,14 @@ from typing import Annotated, Any, Literal
 
 import annotated_types as at
 import torch.nn as nn
-from pydantic import model_validator
+from pydantic import AfterValidator, model_validator
 from torch import fx
 
 from graphopt.quant.calibration import InputMomentObserver, calibrate
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.layer_selection import LayerPatterns, LayerSelection, is_table
-from graphopt.options import Count, Index, Options, Renamed, Share
+from graphopt.options import Count, Expect, Index, Options, Renamed, Share
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.passes.low_rank_factors import Candidate, MatrixSVD, Tucker2, reconstruction_error
 
@@ -62,11 +62,9 @@ def _unit(where: str, value: Any) -> float:
     return float(value)
 
 
-def _check_override(name: Any, spec: Any) -> dict[str, Any]:
+def _check_override(name: str, spec: Any) -> dict[str, Any]:
     """An ``overrides`` entry: an int (rank), a float (ratio) or a table of OVERRIDE_KEYS."""
-    where = f"split_low_rank: overrides[{name!r}]"
-    if not isinstance(name, str):
-        raise ConfigError(f"split_low_rank: overrides keys must be module names, got {name!r}")
+    where = f"pass 'split_low_rank': overrides[{name!r}]"
     if isinstance(spec, bool):
         raise ConfigError(f"{where} must be a rank (int), a ratio (float) or a table, got {spec!r}")
     if isinstance(spec, int):
@@ -98,6 +96,15 @@ def _check_override(name: Any, spec: Any) -> dict[str, Any]:
     return spec
 
 
+def _check_overrides(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``overrides`` option, each entry checked and spelt out as a table (ConfigError naming it)."""
+    return {name: _check_override(name, spec) for name, spec in table.items()}
+
+
+Overrides = Annotated[dict[str, Any], Expect("a table of module name -> rank (int), ratio (float) or a table of "
+                                             f"{', '.join(OVERRIDE_KEYS)}"), AfterValidator(_check_overrides)]
+
+
 @register_pass("split_low_rank")
 class SplitLowRank(Pass):
     """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2).
@@ -112,7 +119,7 @@ class SplitLowRank(Pass):
         hooi_iters: HOOI refinement iterations of Tucker-2
         layers: layers that may be split (module name patterns; default: every Linear and Conv2d)
         exclude: layers never split (module name patterns)
-        overrides: per-layer setting, module name -> rank (int), ratio (float) or a table of rank, ratio, energy, method
+        overrides: per-layer settings that replace the rule for those layers (see allowed)
         only_if_cheaper: split a layer only where that lowers its MACs
         max_error: largest relative output error accepted (default: no limit, the error is reported)
         data_aware: truncate to minimise the error of each layer's outputs on calibration data, not of its weights
@@ -142,13 +149,13 @@ class SplitLowRank(Pass):
     def __init__(self, ratio: Share | None = None, energy: Share | None = None, target_macs: Share | None = None,
                  target_params: Share | None = None, conv_method: Literal["auto", "spatial", "tucker2"] = "auto",
                  rank_multiple: Count = 1, hooi_iters: Index = 2, layers: LayerPatterns | None = None,
-                 exclude: LayerPatterns | None = None, overrides: dict[str, Any] | None = None,
+                 exclude: LayerPatterns | None = None, overrides: Overrides | None = None,
                  only_if_cheaper: bool = True,
                  max_error: Annotated[float, at.Gt(0)] | None = None, data_aware: bool = False,
                  calibration_batches: Count = 8, progress: bool = True):
         given = {k: v for k, v in zip(_BUDGETS, (ratio, energy, target_macs, target_params)) if v is not None}
         self.rule, self.value = next(iter(given.items())) if given else ("energy", DEFAULT_ENERGY)
-        self.overrides = {name: _check_override(name, spec) for name, spec in (overrides or {}).items()}
+        self.overrides = dict(overrides or {})
         self.selection = LayerSelection.of(layers, exclude)
         self.data_aware, self.calibration_batches, self.progress = data_aware, calibration_batches, progress
         self.moments: dict[str, Any] = {}

@@ -201,7 +201,8 @@ def _explain(model: type[BaseModel], error: dict, table: Any, where: str, root: 
             node = typing.get_type_hints(inner, include_extras=True)[table_keys(inner)[part]]
             names.append(str(part))
             value = value.get(part) if isinstance(value, dict) else None
-        elif typing.get_origin(inner) is list and isinstance(part, int) and _is_table(_unwrap(typing.get_args(inner)[0])):
+        elif typing.get_origin(inner) is list and isinstance(part, int) \
+                and _is_table(_unwrap(typing.get_args(inner)[0])):
             node = typing.get_args(inner)[0]
             names[-1] += f"[{part}]"
             value = value[part] if isinstance(value, list) and part < len(value) else None
