@@ -265,12 +265,6 @@ def validate_options(model: type[Options], options: dict[str, Any], stacklevel: 
     return {key: getattr(checked, key) for key in model.model_fields if key in checked.model_fields_set}
 
 
-def check_options(owner: str, fn: Callable, options: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
-    """Raise ConfigError if ``options`` has a key ``fn`` does not take, or a value of the wrong
-    type or outside its declared range."""
-    validate_options(options_model(owner, fn, skip=skip), options, stacklevel=3)
-
-
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
                  "multiple_of", "too_short", "too_long"}
 

@@ -121,14 +121,16 @@ def _checked_init(cls: type[Pass], init: Callable) -> Callable:
 
     @functools.wraps(init)
     def checked(self, *args, **kwargs):
-        owner = f"pass {cls.name!r}"
+        # a registered subclass that inherits this __init__ is checked by its own model (its Rules)
+        owner_cls = type(self) if type(self).__init__ is checked else cls
+        owner = f"pass {owner_cls.name!r}"
         if len(args) > len(positional):
             raise ConfigError(f"{owner}: takes {len(positional)} options by position, got {len(args)}")
         for key, value in zip(positional, args):
             if key in kwargs:
                 raise ConfigError(f"{owner}: option {key!r} given twice (by position and by name)")
             kwargs[key] = value
-        model = cls.options_model()
+        model = owner_cls.options_model()
         passed = {k: kwargs.pop(k) for k in list(kwargs) if extra and k not in model.model_fields
                   and k not in model.renamed}
         init(self, **validate_options(model, kwargs, stacklevel=3), **passed)
