@@ -7,7 +7,8 @@ no bool as an int; NaN refused; unknown keys refused), which checks a Python cal
 and a pipeline file's table the same way. What is wrong is a ConfigError naming the owner, the
 option and what would have been valid::
 
-    pass 'fold_qdq': option 'bound' must be a float >= 0, got str 'x'
+    pass 'fold_qdq': option 'bound' must be float, got str 'x'
+    pass 'prune_channels': option 'ratio' must be a finite float >= 0 and < 1 or None, got float 1.5
     pass 'insert_qdq': unknown option 'observr'; valid options: observer, activation_dtype, ...
 
 Ranges are declared in the signature with the aliases below (``annotated_types`` constraints)::
@@ -91,8 +92,9 @@ class Renamed:
     when: Callable[[Any], bool] | None = None
     spelling: str = ""
 
-    def describe(self, old: str) -> str:
-        return f"{old!r}{f' {self.spelling}' if self.spelling else ''}"
+    def describe(self, old: str, quote: bool = True) -> str:
+        """The old name (and spelling): "'layers' as a table"."""
+        return (repr(old) if quote else old) + (f" {self.spelling}" if self.spelling else "")
 
 
 _renames: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("graphopt_option_renames", default=None)
@@ -314,12 +316,11 @@ def _reason(error: dict) -> str:
 
 
 def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is a valid ``annotation`` (for hints in messages: never raises)."""
     try:
         _adapter(annotation).validate_python(value, strict=True)
         return True
-    except (ValidationError, TypeError, ValueError):
-        return False
-    except Exception:   # a field validator that needs more than the value (registries not loaded)
+    except Exception:   # ValidationError, or a type pydantic cannot adapt
         return False
 
 
@@ -472,7 +473,7 @@ def option_reference(model: type[Options]) -> list[OptionDoc]:
 def renamed_options(model: type[Options]) -> dict[str, str]:
     """Deprecated option names (and spellings) and the names that replace them."""
     rules = {old: Renamed(rule) if isinstance(rule, str) else rule for old, rule in model.renamed.items()}
-    return {rule.describe(old).strip("'").replace("' ", " "): rule.new for old, rule in rules.items()}
+    return {rule.describe(old, quote=False): rule.new for old, rule in rules.items()}
 
 
 def _toml(value: Any) -> str:
