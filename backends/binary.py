@@ -210,7 +210,11 @@ def save_binary(graph: Graph, path: str | os.PathLike) -> dict:
 
 @register_backend("binary")
 def export(graph: Graph, path: str, *, tolerance: Tolerance = 0.0) -> ExportReport:
-    """Write the 1-bit weights file, reload it into the graph and check the outputs."""
+    """Write the 1-bit weights file, reload it into the graph and check the outputs.
+
+    Options:
+        tolerance: largest relative difference from the graph's outputs accepted after reloading (0: bit for bit)
+    """
     started = time.perf_counter()
     path = os.fspath(path)
     data, stats = encode(graph)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Annotated
+
+import annotated_types as at
 
 import onnx as onnx_lib
 import onnxruntime as ort
 import torch
 
 from graphopt.backend import ExportReport, register_backend
-from graphopt.errors import ConfigError, ExportError
+from graphopt.errors import ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.backends._onnx_runtime import (OTHER_BATCH, at_batch, ort_session, run_onnx,  # noqa: F401
@@ -18,16 +21,22 @@ from graphopt.backends.parity import parity_report
 from graphopt.options import Tolerance
 
 MIN_OPSET = 17
+Opset = Annotated[int, at.Ge(MIN_OPSET)]
 
 
 @register_backend("onnx")
-def export(graph: Graph, path: str, *, opset: int = 18, simplify: bool = True,
+def export(graph: Graph, path: str, *, opset: Opset = 18, simplify: bool = True,
            tolerance: Tolerance = 1e-4, dynamic_batch: bool = True) -> ExportReport:
     """Write ``graph`` as an ONNX model at ``path``; fail (writing nothing) if onnxruntime's
     outputs differ from the graph's by more than ``tolerance`` (relative). The batch axis is
-    symbolic unless ``dynamic_batch=False`` (checked by a second run at another batch size)."""
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ConfigError(f"backend 'onnx': opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+    symbolic unless ``dynamic_batch=False`` (checked by a second run at another batch size).
+
+    Options:
+        opset: ONNX opset version written
+        simplify: simplify the model with onnx-simplifier (checked against the unsimplified one)
+        tolerance: largest relative difference from the graph's outputs accepted in onnxruntime
+        dynamic_batch: make the batch axis symbolic (checked by a second run at another batch size)
+    """
     started = time.perf_counter()
     path = os.fspath(path)
     with atomic_path(path, ".onnx") as tmp:

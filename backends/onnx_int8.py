@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Literal
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.app.latency import interleaved_latency
 from graphopt.ops import OpKind, op_name
-from graphopt.options import Count, Fraction
+from graphopt.options import Count, Share
 from graphopt.backends._int8_checks import (flatten_args, int8_mac_share, layerwise_within_one_step, output_steps,
                                             within_one_step)
 from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, is_activation_fq, is_plain_relu,
@@ -46,6 +47,7 @@ from graphopt.quant.targets import Target, host_target
 from graphopt.verify import compare_outputs
 
 FORMS = ("auto", "qoperator", "qdq", "tune")
+Form = Literal[FORMS]
 MS = "com.microsoft"
 _NP = {"uint8": np.uint8, "int8": np.int8}
 _ONNX_INT = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
@@ -544,6 +546,7 @@ def build(graph: Graph, form: str, dynamic_batch: bool = True) -> tuple[onnx.Mod
 
 
 LOWERINGS = ("auto", "direct", "torch_onnx")
+Lowering = Literal[LOWERINGS]
 
 
 @dataclass
@@ -633,8 +636,8 @@ def _target_metadata(model: onnx.ModelProto, target: Target) -> None:
 
 
 @register_backend("onnx_int8")
-def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto", simplify: bool = True,
-           threads: Count = 2, min_within_step: Fraction = 0.99, dynamic_batch: bool = True) -> ExportReport:
+def export(graph: Graph, path: str, *, form: Form = "auto", lowering: Lowering = "auto", simplify: bool = True,
+           threads: Count = 2, min_within_step: Share = 0.99, dynamic_batch: bool = True) -> ExportReport:
     """Write the folded int8 graph at ``path`` and check it against the simulated-quant IR.
 
     ``form``: ``auto`` (QOperator where the direct lowering covers the graph: explicit integer
@@ -643,13 +646,17 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
     ``lowering``: ``direct`` (this module's op-by-op lowering), ``torch_onnx``
     (onnx_int8_decomposed: any graph torch.onnx exports, QDQ form) or ``auto``.
     The check runs in onnxruntime where this CPU computes the graph's target exactly, else in
-    onnx's reference evaluator (exact integer arithmetic); the report says which."""
-    if form not in FORMS:
-        raise ConfigError(f"backend 'onnx_int8': form must be one of {', '.join(FORMS)}, got {form!r}")
-    if lowering not in LOWERINGS:
-        raise ConfigError(f"backend 'onnx_int8': lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
-    if not 0 < min_within_step <= 1:
-        raise ConfigError(f"backend 'onnx_int8': min_within_step must be in (0, 1], got {min_within_step!r}")
+    onnx's reference evaluator (exact integer arithmetic); the report says which.
+
+    Options:
+        form: auto, qoperator (integer ops), qdq (QuantizeLinear/DequantizeLinear pairs) or tune (the faster
+            of both, timed here)
+        lowering: direct (graphopt's op-by-op lowering), torch_onnx (any graph torch.onnx exports, QDQ form) or auto
+        simplify: simplify the model with onnx-simplifier, keeping the Q/DQ structure
+        threads: onnxruntime threads for form = "tune" timings
+        min_within_step: share of outputs that must lie within one quantization step of the graph's
+        dynamic_batch: make the batch axis symbolic (checked by a second run at another batch size)
+    """
     if not any(is_weight_dq(n) for n in graph.nodes):
         raise ConfigError("backend 'onnx_int8': the graph has no int8 weights; "
                           "run insert_qdq and fold_qdq first")

@@ -296,7 +296,12 @@ def _example_inputs(specs: list[dict]) -> tuple[torch.Tensor, ...]:
 @register_backend("packed")
 def export(graph: Graph, path: str, *, tolerance: Tolerance = 0.0, table: bool = False) -> ExportReport:
     """Write ``graph`` in the packed format, reload it and check its outputs (``tolerance``
-    relative; 0 means bit for bit). ``table`` prints the per-layer size table."""
+    relative; 0 means bit for bit). ``table`` prints the per-layer size table.
+
+    Options:
+        tolerance: largest relative difference from the graph's outputs accepted after reloading (0: bit for bit)
+        table: print the per-layer size table
+    """
     started = time.perf_counter()
     path = os.fspath(path)
     data, report = _encode(graph, None)

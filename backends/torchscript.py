@@ -5,17 +5,19 @@ import copy
 import os
 import time
 import warnings
+from typing import Literal
 
 import torch
 
 from graphopt.backend import ExportReport, register_backend
-from graphopt.errors import ConfigError, ExportError
+from graphopt.errors import ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.backends.parity import module_runner, parity_report
 from graphopt.options import Tolerance
 
 METHODS = ("auto", "script", "trace")
+Method = Literal[METHODS]
 
 
 def _scriptable(graph: Graph) -> torch.fx.GraphModule:
@@ -49,10 +51,13 @@ def _compile(graph: Graph, method: str):
 
 
 @register_backend("torchscript")
-def export(graph: Graph, path: str, *, method: str = "auto", tolerance: Tolerance = 1e-4) -> ExportReport:
-    """Write ``graph`` as TorchScript at ``path``, reload it and check its outputs."""
-    if method not in METHODS:
-        raise ConfigError(f"backend 'torchscript': method must be one of {', '.join(METHODS)}, got {method!r}")
+def export(graph: Graph, path: str, *, method: Method = "auto", tolerance: Tolerance = 1e-4) -> ExportReport:
+    """Write ``graph`` as TorchScript at ``path``, reload it and check its outputs.
+
+    Options:
+        method: script (torch.jit.script), trace (torch.jit.trace) or auto (script, else trace)
+        tolerance: largest relative difference from the graph's outputs accepted after reloading
+    """
     started = time.perf_counter()
     path = os.fspath(path)
     module, how = _compile(graph, method)

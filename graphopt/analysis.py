@@ -9,31 +9,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from graphopt.errors import GraphoptError
+from graphopt.registry import Registry
 
 if TYPE_CHECKING:
     from graphopt.ir import Graph
 
 AnalysisFn = Callable[["Graph"], Any]
-_ANALYSES: dict[str, AnalysisFn] = {}
+ANALYSES: Registry[AnalysisFn] = Registry("analysis", "analyses")
 
 
 def register_analysis(name: str) -> Callable[[AnalysisFn], AnalysisFn]:
     """Decorator: make ``fn(graph)`` available as ``graph.analysis(name)``."""
-
-    def decorate(fn: AnalysisFn) -> AnalysisFn:
-        _ANALYSES[name] = fn
-        return fn
-
-    return decorate
+    return ANALYSES.register(name)
 
 
 def analysis_names() -> list[str]:
-    return sorted(_ANALYSES)
+    return ANALYSES.names()
 
 
 def get_analysis(name: str) -> AnalysisFn:
-    try:
-        return _ANALYSES[name]
-    except KeyError:
-        raise GraphoptError(f"unknown analysis {name!r}; known: {', '.join(analysis_names())}") from None
+    return ANALYSES.get(name)

@@ -9,10 +9,9 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from graphopt.errors import ConfigError
 from graphopt.files import check_output_path
-from graphopt.options import check_options
-from graphopt.plugins import load_plugins
+from graphopt.options import Options, options_model as build_options_model, validate_options
+from graphopt.registry import Registry
 
 
 @dataclass
@@ -33,35 +32,42 @@ class ExportReport:
 
 
 ExportFn = Callable[..., ExportReport]
-_BACKENDS: dict[str, ExportFn] = {}
+BACKENDS: Registry[ExportFn] = Registry("backend")
 
 
-def register_backend(name: str) -> Callable[[ExportFn], ExportFn]:
+def register_backend(name: str, rules: type[Options] = Options) -> Callable[[ExportFn], ExportFn]:
     """Function decorator: make ``fn`` the backend ``name``. Every call, from Python or a pipeline
-    file, has its output path and options checked first, so a bad one costs no export work."""
+    file, has its output path and options checked first (by the option model built from ``fn``'s
+    keyword parameters and ``rules``), so a bad one costs no export work."""
     def decorate(fn: ExportFn) -> ExportFn:
+        model = functools.cache(lambda: build_options_model(f"backend {name!r}", fn, skip=("graph", "path"),
+                                                            base=rules))
+
         @functools.wraps(fn)
         def checked(graph: Any, path: Any, **options: Any) -> ExportReport:
-            check_options(f"backend {name!r}", fn, options, skip=("graph", "path"))
+            options = validate_options(model(), options, stacklevel=3)
             return fn(graph, check_output_path(path, f"backend {name!r}: path"), **options)
 
-        _BACKENDS[name] = checked
+        checked.options_model = model   # type: ignore[attr-defined]
+        BACKENDS.add(name, checked)
         return checked
 
     return decorate
 
 
 def registered_backends() -> dict[str, ExportFn]:
-    load_plugins()
-    return dict(sorted(_BACKENDS.items()))
+    return BACKENDS.entries()
 
 
 def get_backend(name: str) -> ExportFn:
-    backends = registered_backends()
-    if name not in backends:
-        raise ConfigError(f"unknown backend {name!r}; registered backends: {', '.join(backends) or '(none)'}")
-    return backends[name]
+    return BACKENDS.get(name)
 
 
-def check_backend_options(name: str, options: dict[str, Any]) -> None:
-    check_options(f"backend {name!r}", get_backend(name), options, skip=("graph", "path"))
+def options_model(name: str) -> type[Options]:
+    """The pydantic model of backend ``name``'s options."""
+    return get_backend(name).options_model()   # type: ignore[attr-defined]
+
+
+def check_backend_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked for backend ``name`` (deprecated names replaced)."""
+    return validate_options(options_model(name), options)

@@ -17,8 +17,8 @@ from typing import Any, Callable, ClassVar, TypeVar
 from graphopt.analysis import analysis_names
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
-from graphopt.options import check_options
-from graphopt.plugins import load_plugins
+from graphopt.options import Options, options_model, validate_options
+from graphopt.registry import Registry
 
 
 class Contract(str, enum.Enum):
@@ -71,15 +71,30 @@ class Pass:
             return cls.preserves
         return frozenset(analysis_names()) - cls.invalidates
 
+    # rules across options (pydantic validators) and deprecated option names; the options
+    # themselves are __init__'s keyword parameters (see graphopt.options)
+    Rules: ClassVar[type[Options]] = Options
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    @classmethod
+    def options_model(cls) -> type[Options]:
+        """The pydantic model of this pass's options (built once from ``__init__``'s signature,
+        ``Rules`` and the ``Options:`` section of the class docstring)."""
+        model = cls.__dict__.get("_options_model")
+        if model is None:
+            model = options_model(f"pass {cls.name or cls.__name__!r}", inspect.unwrap(cls.__init__), base=cls.Rules,
+                                  doc=cls.__doc__)
+            cls._options_model = model
+        return model
 
     @classmethod
     def from_config(cls, options: dict[str, Any]) -> "Pass":
         """Build from a pipeline file's options, rejecting unknown keys and wrong types (a registered
         pass's constructor checks them; see register_pass)."""
         if not getattr(cls.__init__, "_checks_options", False):
-            check_options(f"pass {cls.name!r}", cls.__init__, options)
+            options = validate_options(cls.options_model(), options)
         return cls(**options)
 
     @classmethod
@@ -90,7 +105,7 @@ class Pass:
         return f"<pass {self.name}>"
 
 
-_PASSES: dict[str, type[Pass]] = {}
+PASSES: Registry[type[Pass]] = Registry("pass", "passes")
 P = TypeVar("P", bound=type[Pass])
 
 
@@ -100,46 +115,46 @@ def register_pass(name: str) -> Callable[[P], P]:
     def decorate(cls: P) -> P:
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             raise GraphoptError(f"@register_pass({name!r}) must decorate a subclass of Pass")
-        existing = _PASSES.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise GraphoptError(f"pass name {name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+        PASSES.add(name, cls)
         cls.name = name
         if "__init__" in cls.__dict__ and not getattr(cls.__init__, "_checks_options", False):
-            cls.__init__ = _checked_init(cls.__init__, name)
-        _PASSES[name] = cls
+            cls.__init__ = _checked_init(cls, cls.__init__)
         return cls
 
     return decorate
 
 
-def _checked_init(init: Callable, name: str) -> Callable:
-    """``init`` with its arguments type-checked as a pipeline file's are, so a Python caller's
-    ``FoldQDQ(bound="x")`` is a ConfigError naming the option, not a TypeError deep in a pass."""
-    signature = inspect.signature(init)
+def _checked_init(cls: type[Pass], init: Callable) -> Callable:
+    """``init`` with its arguments checked by the pass's option model, as a pipeline file's are,
+    so a Python caller's ``FoldQDQ(bound="x")`` is a ConfigError naming the option, not a
+    TypeError deep in a pass; ``init`` receives the checked values (deprecated names replaced)."""
+    params = [p for p in inspect.signature(init).parameters.values()][1:]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    extra = any(p.kind == p.VAR_KEYWORD for p in params)
 
     @functools.wraps(init)
     def checked(self, *args, **kwargs):
-        check_options(f"pass {name!r}", init, kwargs)   # unknown keys listed with the valid ones
-        if args:   # positional arguments: bound to their names, then checked the same way
-            try:
-                bound = signature.bind(self, *args, **kwargs)
-            except TypeError as exc:
-                raise ConfigError(f"pass {name!r}: {exc}") from None
-            check_options(f"pass {name!r}", init, {k: v for k, v in bound.arguments.items()
-                                                    if k != "self" and k not in kwargs})
-        init(self, *args, **kwargs)
+        # a registered subclass that inherits this __init__ is checked by its own model (its Rules)
+        owner_cls = type(self) if type(self).__init__ is checked else cls
+        owner = f"pass {owner_cls.name!r}"
+        if len(args) > len(positional):
+            raise ConfigError(f"{owner}: takes {len(positional)} options by position, got {len(args)}")
+        for key, value in zip(positional, args):
+            if key in kwargs:
+                raise ConfigError(f"{owner}: option {key!r} given twice (by position and by name)")
+            kwargs[key] = value
+        model = owner_cls.options_model()
+        passed = {k: kwargs.pop(k) for k in list(kwargs) if extra and k not in model.model_fields
+                  and k not in model.renamed}
+        init(self, **validate_options(model, kwargs, stacklevel=3), **passed)
 
     checked._checks_options = True   # type: ignore[attr-defined]
     return checked
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    load_plugins()
-    return dict(sorted(_PASSES.items()))
+    return PASSES.entries()
 
 
 def get_pass(name: str) -> type[Pass]:
-    passes = registered_passes()
-    if name not in passes:
-        raise ConfigError(f"unknown pass {name!r}; registered passes: {', '.join(passes) or '(none)'}")
-    return passes[name]
+    return PASSES.get(name)

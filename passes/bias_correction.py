@@ -11,6 +11,7 @@ from torch import fx
 
 from graphopt.quant.calibration import ChannelMeanObserver, calibrate
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection
 from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.qparams import CONV_FUNCS, is_weight_fq
@@ -24,17 +25,30 @@ def _corrected_layers(graph: Graph) -> list[fx.Node]:
 
 @register_pass("bias_correction")
 class BiasCorrection(Pass):
-    """Subtract the expected output shift that weight quantization causes from each layer's bias."""
+    """Subtract the expected output shift that weight quantization causes from each layer's bias.
+
+    Options:
+        max_batches: calibration batches read to estimate each layer's mean input
+        bound: largest relative output error accepted (the pass's contract)
+        progress: show a progress bar while calibrating
+        layers: layers whose bias is corrected (module name patterns; default: every int8 conv/linear layer)
+        exclude: layers left as they are (module name patterns)
+    """
 
     contract = Contract.BOUNDED
     requires = frozenset({"qdq", "calibration_data"})
     preserves = frozenset({"shapes", "cost", "channel_groups"})
 
-    def __init__(self, max_batches: Count = 16, bound: Tolerance = 0.5, progress: bool = True):
+    def __init__(self, max_batches: Count = 16, bound: Tolerance = 0.5, progress: bool = True,
+                 layers: LayerPatterns | None = None, exclude: LayerPatterns | None = None):
         self.max_batches, self.bound, self.progress = max_batches, bound, progress
+        self.selection = LayerSelection.of(layers, exclude)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers = _corrected_layers(graph)
+        names = {n.name: n.meta.get("graphopt.layer", n.name) for n in layers}   # module paths before insert_qdq
+        self.selection.check(list(names.values()), "pass 'bias_correction'", "int8 conv/linear layer")
+        layers = [n for n in layers if self.selection.selects(names[n.name], n.name)]
         no_bias = [n.name for n in layers if n.args[2] is None]
         layers = [n for n in layers if n.args[2] is not None and n.args[2].op == "get_attr"]
         observers = {n.args[0].name: ChannelMeanObserver(-1 if n.target is F.linear else 1) for n in layers}

@@ -1,15 +1,14 @@
 """Binarize conv/linear layers (XNOR-Net): weights to sign(W) * alpha, optionally inputs too.
 
 The model's input and output layers stay full precision by default (they hold most of
-the accuracy and little of the size); ``include``/``exclude`` choose layers by module name
-(fnmatch patterns). With ``distill_epochs`` > 0 the latent weights are fine-tuned through
-a straight-through estimator by distillation from the pipeline's input graph; with
-``freeze`` the latent weights are then replaced by their final ±alpha values. Training can
-also be left to a later ``distill`` pass followed by ``freeze_binary``.
+the accuracy and little of the size); ``layers``/``exclude`` choose layers by module name
+(fnmatch patterns, see graphopt.layer_selection). With ``distill_epochs`` > 0 the latent
+weights are fine-tuned through a straight-through estimator by distillation from the
+pipeline's input graph; with ``freeze`` the latent weights are then replaced by their final
+±alpha values. Training can also be left to a later ``distill`` pass followed by
+``freeze_binary``.
 """
 from __future__ import annotations
-
-import fnmatch
 
 import networkx as nx
 import torch
@@ -20,19 +19,12 @@ from graphopt.data import batch_inputs, check_batch, check_finite
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection
 from graphopt.ops import OpKind
-from graphopt.options import Count, Fraction, NonNegative, Positive
+from graphopt.options import Count, Fraction, NonNegative, Options, Positive
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 
 _LAYER_KINDS = (OpKind.CONV, OpKind.LINEAR)
-
-
-def _patterns(name: str, value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"pass 'binarize': {name} must be a list of module names or patterns, got {value!r}")
-    return tuple(value)
 
 
 def _is_pattern(text: str) -> bool:
@@ -51,21 +43,37 @@ def boundary_layers(graph: Graph) -> tuple[set[str], set[str]]:
 
 @register_pass("binarize")
 class Binarize(Pass):
-    """Binary weights sign(W)*alpha (alpha = mean|W| per channel), optional binary activations, STE + distillation."""
+    """Binary weights sign(W)*alpha (alpha = mean|W| per channel), optional binary activations, STE + distillation.
+
+    Options:
+        activations: binarize each chosen layer's input too (XNOR-Net), not only its weights
+        layers: layers to binarize (module name patterns; default: every conv/linear layer but the boundary ones)
+        exclude: layers to leave full precision (module name patterns)
+        keep_first: keep the model's input layers full precision
+        keep_last: keep the model's output layers full precision
+        distill_epochs: fine-tune the latent weights by distillation for this many epochs (0: none)
+        lr: fine-tuning learning rate
+        temperature: distillation temperature
+        distill_alpha: weight of the distillation term; 1 - alpha goes to the hard labels
+        weight_decay: fine-tuning weight decay
+        max_batches: fine-tuning batches per epoch (default: the whole loader)
+        freeze: replace the latent weights by their final +-alpha values afterwards
+        progress: show a progress bar
+    """
 
     contract = Contract.NONE  # accuracy comes back through training, not by construction
 
-    def __init__(self, activations: bool = False, include: list[str] | None = None,
-                 exclude: list[str] | None = None, keep_first: bool = True, keep_last: bool = True,
+    class Rules(Options):
+        renamed = {"include": "layers"}
+
+    def __init__(self, activations: bool = False, layers: LayerPatterns | None = None,
+                 exclude: LayerPatterns | None = None, keep_first: bool = True, keep_last: bool = True,
                  distill_epochs: NonNegative = 0.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
                  distill_alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
                  freeze: bool = True, progress: bool = True):
         self.activations = bool(activations)
-        self.include = _patterns("include", include)
-        self.exclude = _patterns("exclude", exclude)
+        self.selection = LayerSelection.of(layers, exclude)
         self.keep_first, self.keep_last = keep_first, keep_last
-        if distill_epochs < 0:
-            raise ConfigError(f"pass 'binarize': distill_epochs must be >= 0, got {distill_epochs}")
         self.distill_epochs = float(distill_epochs)
         self.config = DistillConfig(epochs=self.distill_epochs or 1.0, lr=lr, temperature=temperature,  # 1.0: unused
                                     alpha=distill_alpha, weight_decay=weight_decay, max_batches=max_batches)
@@ -83,24 +91,13 @@ class Binarize(Pass):
         layers = list(dict.fromkeys(str(n.target) for n in graph.nodes
                                     if n.op == "call_module" and graph.kind(n) in _LAYER_KINDS))
         first, last = boundary_layers(graph)
-        for pattern in self.exclude:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
-                raise ConfigError(f"pass 'binarize': exclude {pattern!r} matches no module")
-        if self.include:
-            chosen = []
-            for pattern in self.include:
-                if not _is_pattern(pattern) and pattern in modules and pattern not in layers:
-                    raise ConfigError(f"pass 'binarize': cannot binarize layer {pattern!r} "
-                                      f"({type(modules[pattern]).__name__}): only Conv2d and Linear layers can be")
-                matched = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
-                if not matched:
-                    raise ConfigError(f"pass 'binarize': include {pattern!r} matches no conv/linear layer; "
-                                      f"layers: {', '.join(layers) or '(none)'}")
-                chosen += matched
-            explicit = True
-        else:
-            chosen, explicit = layers, False
-        chosen = [n for n in dict.fromkeys(chosen) if not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)]
+        for pattern in self.selection.layers or ():
+            if not _is_pattern(pattern) and pattern in modules and pattern not in layers:
+                raise ConfigError(f"pass 'binarize': cannot binarize layer {pattern!r} "
+                                  f"({type(modules[pattern]).__name__}): only Conv2d and Linear layers can be")
+        self.selection.check(layers, "pass 'binarize'")
+        explicit = self.selection.layers is not None
+        chosen = [name for name in layers if self.selection.selects(name)]
         selected = []
         for name in chosen:
             module = modules[name]

@@ -15,7 +15,8 @@ import torch.nn as nn
 from torch import fx
 
 from graphopt.ir import Graph
-from graphopt.options import Tolerance
+from graphopt.layer_selection import LayerPatterns, LayerSelection
+from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.qparams import is_plain_relu
 
@@ -56,21 +57,29 @@ def _scale_out(m: nn.Module, s: torch.Tensor) -> None:
 
 @register_pass("cross_layer_equalization")
 class CrossLayerEqualization(Pass):
-    """Rescale channels between consecutive conv/linear layers so their weight ranges match (exact for ReLU)."""
+    """Rescale channels between consecutive conv/linear layers so their weight ranges match (exact for ReLU).
+
+    Options:
+        iterations: rounds of equalization over every pair
+        through_relu6: equalize across ReLU6 too, which becomes a ReLU (no longer exact: held to bound)
+        bound: with through_relu6: largest relative output error accepted
+        layers: layers that may be rescaled (module name patterns; a pair needs both its layers chosen)
+        exclude: layers never rescaled (module name patterns)
+    """
 
     contract = Contract.EXACT
 
-    def __init__(self, iterations: int = 4, through_relu6: bool = False, bound: Tolerance = 0.05):
-        if not isinstance(iterations, int) or iterations < 1:
-            from graphopt.errors import ConfigError
-            raise ConfigError(f"pass 'cross_layer_equalization': iterations must be a positive integer, "
-                              f"got {iterations!r}")
+    def __init__(self, iterations: Count = 4, through_relu6: bool = False, bound: Tolerance = 0.05,
+                 layers: LayerPatterns | None = None, exclude: LayerPatterns | None = None):
         self.iterations, self.through_relu6 = iterations, through_relu6
+        self.selection = LayerSelection.of(layers, exclude)
         if through_relu6:  # no longer function-preserving: measured and held to ``bound``
             self.contract, self.bound = Contract.BOUNDED, bound
 
     def pairs(self, graph: Graph) -> list[tuple[fx.Node, fx.Node | None, fx.Node]]:
-        """(A, activation or None, B) chains with no other users in between."""
+        """(A, activation or None, B) chains with no other users in between, both layers chosen."""
+        self.selection.check([str(n.target) for n in graph.nodes if _layer(graph, n) is not None],
+                             "pass 'cross_layer_equalization'")
         found = []
         for node in graph.nodes:
             a = _layer(graph, node)
@@ -92,7 +101,8 @@ class CrossLayerEqualization(Pass):
             out_channels = a.out_features if isinstance(a, nn.Linear) else a.out_channels
             in_channels = _in_weights(b).shape[0]
             grouped = isinstance(b, (nn.Conv1d, nn.Conv2d)) and b.groups > 1 and not _depthwise(b)
-            if out_channels != in_channels or grouped:
+            if out_channels != in_channels or grouped or not (self.selection.selects(str(node.target))
+                                                              and self.selection.selects(str(nxt.target))):
                 continue
             found.append((node, act, nxt))
         return found

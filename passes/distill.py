@@ -1,6 +1,8 @@
 """Recovery pass: fine-tune the graph against the pipeline's input model by distillation."""
 from __future__ import annotations
 
+from typing import Literal
+
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.ir import Graph
 from graphopt.options import Count, Fraction, NonNegative, Positive
@@ -9,7 +11,21 @@ from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register
 
 @register_pass("distill")
 class Distill(Pass):
-    """Fine-tune with knowledge distillation from the unpruned/uncompressed input model."""
+    """Fine-tune with knowledge distillation from the unpruned/uncompressed input model.
+
+    Options:
+        epochs: passes over the training data (may be fractional: 0.5 is half the batches)
+        lr: learning rate (AdamW)
+        temperature: softening of both models' logits in the distillation loss
+        alpha: weight of the distillation term; 1 - alpha goes to the hard labels
+        weight_decay: AdamW weight decay
+        max_batches: batches per epoch (default: the whole loader)
+        feature_nodes: nodes whose outputs the student also matches to the teacher's (MSE)
+        feature_weight: weight of the feature-matching term
+        progress: show a progress bar
+        loss: kd (classifiers), or cosine / mse for models whose output is an embedding
+        schedule: cosine anneals the learning rate to 0 over the run; constant keeps it
+    """
 
     contract = Contract.NONE
     requires = frozenset({"train_data"})
@@ -18,7 +34,7 @@ class Distill(Pass):
     def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
                  alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
                  feature_nodes: list[str] | None = None, feature_weight: NonNegative = 1.0, progress: bool = True,
-                 loss: str = "kd", schedule: str = "cosine"):
+                 loss: Literal["kd", "cosine", "mse"] = "kd", schedule: Literal["constant", "cosine"] = "cosine"):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,

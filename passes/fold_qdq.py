@@ -105,7 +105,11 @@ def _remove_redundant(graph: Graph) -> tuple[int, int]:
 
 @register_pass("fold_qdq")
 class FoldQDQ(Pass):
-    """Fold weight fake-quant into int8 constants, fuse clamping activations, drop redundant Q/DQ."""
+    """Fold weight fake-quant into int8 constants, fuse clamping activations, drop redundant Q/DQ.
+
+    Options:
+        bound: largest relative output error accepted (the pass's contract)
+    """
 
     contract = Contract.BOUNDED
     requires = frozenset({"qdq"})

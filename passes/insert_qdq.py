@@ -12,13 +12,16 @@ Placement follows what integer runtimes execute (onnxruntime QOperator / torch.a
 - everything else runs in float on dequantized values.
 Embedding tables (``embeddings=True``) get int8 weights with one scale per embedding column, so
 a backend can gather int8 rows and dequantize only those (weight-only: their outputs stay float).
-Layers listed in ``keep_float`` (or chosen by the first/last-layer policy or by sensitivity
-analysis) and layers without an int8 kernel stay float; ``stats["float_layers"]`` names them.
+Layers ``exclude`` names or ``layers`` does not (graphopt.layer_selection), those chosen by the
+first/last-layer policy or by sensitivity analysis, and layers without an int8 kernel stay float;
+``stats["float_layers"]`` names them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
+
+import annotated_types as at
 
 import torch
 import torch.nn as nn
@@ -28,8 +31,9 @@ from torch import fx
 from graphopt.data import reiterable
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection
 from graphopt.ops import OpKind
-from graphopt.options import Range, Tolerance
+from graphopt.options import FINITE, Count, Index, Options, Tolerance, choice
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.calibration import calibrate, iter_calibration, make_observer, observer_names
 from graphopt.quant.qparams import (ADD_FUNCS, FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams,
@@ -37,11 +41,13 @@ from graphopt.quant.qparams import (ADD_FUNCS, FLOAT_REASON_KEY, QPARAMS_KEY, WE
 from graphopt.quant.targets import TARGET_KEY, TARGET_NAMES, Target, get_target
 from graphopt.verify import compare_outputs
 
-Percentile = Annotated[float, Range(50, 100, low_open=True)]   # the percentile observer's share kept
+Percentile = Annotated[float, at.Gt(50), at.Le(100), FINITE]   # the percentile observer's share kept
+Policy = Literal["int8", "float"]
+ObserverName = choice(observer_names)
+TargetName = choice(lambda: TARGET_NAMES)
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _SHAPE_OPS = {OpKind.RESHAPE, OpKind.IDENTITY, OpKind.PERMUTE}   # extra args are sizes, not tensors
-_POLICIES = ("int8", "float")
 
 
 def _module(graph: Graph, node: fx.Node):
@@ -247,56 +253,55 @@ def sqnr_db(reference, output) -> float:
 
 @register_pass("insert_qdq")
 class InsertQDQ(Pass):
-    """Calibrate activations and insert fake-quant nodes (int8 weights, uint8/int8 activations)."""
+    """Calibrate activations and insert fake-quant nodes (int8 weights, uint8/int8 activations).
+
+    Options:
+        observer: how each activation's range is chosen from the calibration data (a registered observer)
+        activation_dtype: uint8 (asymmetric, what integer kernels run fastest) or int8 activations
+        percentile: with observer = "percentile": the share of values kept inside the range, in percent
+        max_batches: calibration batches read
+        layers: layers (and embedding tables) to quantize (module name patterns; default: all)
+        exclude: layers (and embedding tables) that stay float (module name patterns)
+        first_layer: "float" keeps the model's first conv/linear layer float
+        last_layer: "float" keeps the model's last conv/linear layer float
+        sensitive_float: keep this many layers float, those whose quantization alone costs the most accuracy
+        bound: largest relative output error accepted (the pass's contract)
+        progress: show a progress bar while calibrating
+        layer_outputs: int8 requantizes each layer's output; float leaves it float; auto: float for Linears on
+            token sequences
+        embeddings: quantize embedding tables to int8 (one scale per column)
+        target: the deployment target whose int8 arithmetic the graph models (auto: this CPU)
+    """
 
     contract = Contract.BOUNDED
     requires = frozenset({"calibration_data"})
     ensures = frozenset({"qdq"})
 
-    def __init__(self, observer: str = "mse", activation_dtype: str = "uint8", percentile: Percentile = 99.99,
-                 max_batches: int = 16, keep_float: list[str] | None = None, first_layer: str = "int8",
-                 last_layer: str = "int8", sensitive_float: int = 0, bound: Tolerance = 0.5, progress: bool = True,
-                 layer_outputs: str = "auto", embeddings: bool = True, target: str = "auto"):
-        if target not in TARGET_NAMES:
-            raise ConfigError(f"pass 'insert_qdq': unknown target {target!r}; known: {', '.join(TARGET_NAMES)}")
+    class Rules(Options):
+        renamed = {"keep_float": "exclude"}
+
+    def __init__(self, observer: ObserverName = "mse", activation_dtype: Literal["uint8", "int8"] = "uint8",
+                 percentile: Percentile = 99.99, max_batches: Count = 16, layers: LayerPatterns | None = None,
+                 exclude: LayerPatterns | None = None, first_layer: Policy = "int8", last_layer: Policy = "int8",
+                 sensitive_float: Index = 0, bound: Tolerance = 0.5, progress: bool = True,
+                 layer_outputs: Literal["auto", "int8", "float"] = "auto",
+                 embeddings: bool = True, target: TargetName = "auto"):
         self.target = get_target(target)   # "auto": this CPU, resolved once
-        if observer not in observer_names():
-            raise ConfigError(f"pass 'insert_qdq': unknown observer {observer!r}; known: {', '.join(observer_names())}")
-        if activation_dtype not in ("uint8", "int8"):
-            raise ConfigError(f"pass 'insert_qdq': activation_dtype must be 'uint8' or 'int8', "
-                              f"got {activation_dtype!r}")
-        for key, value in (("first_layer", first_layer), ("last_layer", last_layer)):
-            if value not in _POLICIES:
-                raise ConfigError(f"pass 'insert_qdq': {key} must be 'int8' or 'float', got {value!r}")
-        if layer_outputs not in ("auto", "int8", "float"):
-            raise ConfigError(f"pass 'insert_qdq': layer_outputs must be 'auto', 'int8' or 'float', got {layer_outputs!r}")
-        if not isinstance(embeddings, bool):
-            raise ConfigError(f"pass 'insert_qdq': embeddings must be true or false, got {embeddings!r}")
         self.layer_outputs, self.embeddings = layer_outputs, embeddings
-        if not isinstance(max_batches, int) or max_batches < 1:
-            raise ConfigError(f"pass 'insert_qdq': max_batches must be a positive integer, got {max_batches!r}")
-        if not isinstance(sensitive_float, int) or sensitive_float < 0:
-            raise ConfigError(f"pass 'insert_qdq': sensitive_float must be an integer >= 0, got {sensitive_float!r}")
         self.observer_options = {"percentile": {"percentile": percentile}}.get(observer, {})
         make_observer(observer, **self.observer_options)  # validates its options now
         self.observer, self.activation_dtype = observer, activation_dtype
-        if keep_float is not None and (not isinstance(keep_float, (list, tuple))
-                                       or not all(isinstance(k, str) for k in keep_float)):
-            raise ConfigError(f"pass 'insert_qdq': keep_float must be a list of layer names, got {keep_float!r}"
-                              + (f" (write [{keep_float!r}])" if isinstance(keep_float, str) else ""))
-        self.max_batches, self.keep_float = max_batches, list(keep_float or [])
+        self.max_batches, self.selection = max_batches, LayerSelection.of(layers, exclude)
         self.first_layer, self.last_layer = first_layer, last_layer
         self.sensitive_float, self.bound, self.progress = sensitive_float, bound, progress
 
     def _policy(self, graph: Graph) -> dict[str, str]:
-        known = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes if n.op == "call_module"}
-        unknown = [name for name in self.keep_float if name not in known]
-        if unknown:
-            layers = [str(n.target) for n in Planner(graph, {}, set()).layer_candidates()][:6]
-            raise ConfigError(f"pass 'insert_qdq': keep_float names {unknown[0]!r}, which is not a layer of the model; "
-                              f"e.g. {', '.join(layers)}")
-        keep = {name: "kept float (keep_float)" for name in self.keep_float}
         layers = Planner(graph, {}, set()).layer_candidates()
+        tables = [n for n in graph.nodes if isinstance(_module(graph, n), nn.Embedding)]
+        self.selection.check([name for n in layers + tables for name in (str(n.target), n.name)], "pass 'insert_qdq'",
+                             "conv/linear layer or embedding")
+        keep = {n.name: f"kept float ({reason})" for n in layers
+                if (reason := self.selection.reason(str(n.target), n.name))}
         if layers and self.first_layer == "float":
             keep[layers[0].name] = "first layer kept float (first_layer='float')"
         if layers and self.last_layer == "float":
@@ -349,7 +354,7 @@ class InsertQDQ(Pass):
         graph.meta[TARGET_KEY] = self.target.name
         tables = [quantize_embedding(graph, n) for n in list(graph.nodes) if self.embeddings
                   and isinstance(_module(graph, n), nn.Embedding) and n.args and not n.kwargs
-                  and n.name not in self.keep_float and str(n.target) not in self.keep_float]
+                  and self.selection.selects(str(n.target), n.name)]
         if tables:
             graph.commit()
         output = graph.run(*held)

@@ -2,7 +2,8 @@
 
 Plan: analyse channel groups (graphopt.pruning.channels), score channels with an importance
 criterion, choose what to remove (uniform ratio, global ranking with a per-group cap,
-per-layer overrides, rounding to a multiple, or a MACs/params budget found by search).
+per-layer overrides, rounding to a multiple, or a MACs/params budget found by search), over
+the groups ``layers``/``exclude`` leave prunable (graphopt.layer_selection).
 Apply: slice every member of each group and rewrite shape literals. Oracle: the pass
 hands the PassManager the original graph with the removed channels masked (consumer
 columns zeroed) as its reference, and promises exact equality with it.
@@ -12,10 +13,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import model_validator
 from torch import fx
 
 from graphopt.pruning.groups import blocking_summary  # noqa: F401  (re-exported)
@@ -24,8 +26,10 @@ from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, P
 from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection, is_table
+from graphopt.options import Count, Options, Renamed, Share, Sparsity
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.passes.pruning_importance import Importance, make_importance
+from graphopt.passes.pruning_importance import Importance, ImportanceSpec, make_importance
 from graphopt.pruning.slicing import apply_cuts, resize_group_norm, split_sizes
 
 
@@ -48,65 +52,73 @@ class PruneChoice:
                 "removed": sum(len(v) for v in self.removed.values())}
 
 
-def _ratio(value: Any, name: str, upper_open: bool = True) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"prune_channels: {name} must be a number, got {value!r}")
-    if not (0 <= value < 1 if upper_open else 0 < value <= 1):
-        bounds = "[0, 1)" if upper_open else "(0, 1]"
-        raise ConfigError(f"prune_channels: {name} must be in {bounds}, got {value}")
-    return float(value)
-
-
 @register_pass("prune_channels")
 class PruneChannels(Pass):
-    """Remove whole channels (conv filters, linear features) across dependency groups; weights shrink."""
+    """Remove whole channels (conv filters, linear features) across dependency groups; weights shrink.
+
+    Options:
+        ratio: share of each group's channels removed (scope = "global": of all channels, ranked together)
+        target_macs: prune until the estimated MACs are this share of the original's (searched)
+        target_params: prune until the estimated parameters are this share of the original's (searched)
+        importance: how channels are ranked (taylor needs train_data; an Importance object: your own criterion)
+        scope: uniform: each group loses the same share; global: channels ranked across groups
+        max_ratio: no group loses more than this share of its channels
+        round_to: keep a multiple of this many channels per group (hardware-friendly widths)
+        layers: layers whose channels may be removed (module name patterns; default: all); a group is pruned
+            only if every layer producing its channels is chosen
+        exclude: layers whose channels are never removed (module name patterns)
+        overrides: per-layer ratio, module name -> share removed from that layer's group
+        steps: prune in this many rounds (importance recomputed between rounds)
+    """
 
     contract = Contract.EXACT  # against the masked original (see PassResult.reference)
 
-    def __init__(self, ratio: float | None = None, target_macs: float | None = None,
-                 target_params: float | None = None, importance: str | Importance = "l2", scope: str = "uniform",
-                 max_ratio: float = 0.9, round_to: int = 1, layers: dict | None = None,
-                 protected: list[str] | None = None, steps: int = 1):
-        chosen = [n for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
-                  if v is not None]
-        if len(chosen) != 1:
-            raise ConfigError("prune_channels: give exactly one of ratio, target_macs, target_params"
-                              + (f" (got {', '.join(chosen)})" if chosen else ""))
-        self.ratio = None if ratio is None else _ratio(ratio, "ratio")
-        self.target_macs = None if target_macs is None else _ratio(target_macs, "target_macs", upper_open=False)
-        self.target_params = None if target_params is None else _ratio(target_params, "target_params",
-                                                                        upper_open=False)
-        if scope not in ("uniform", "global"):
-            raise ConfigError(f"prune_channels: scope must be 'uniform' or 'global', got {scope!r}")
-        self.scope = scope
-        self.max_ratio = _ratio(max_ratio, "max_ratio")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ConfigError(f"prune_channels: round_to must be a positive integer, got {round_to!r}")
-        self.round_to = round_to
-        self.layers = {str(k): _ratio(v, f"layers[{k!r}]") for k, v in (layers or {}).items()}
-        self.protected = list(protected or [])
-        if not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"prune_channels: steps must be a positive integer, got {steps!r}")
+    class Rules(Options):
+        """Exactly one of ratio, target_macs and target_params."""
+
+        renamed = {"protected": "exclude", "layers": Renamed("overrides", when=is_table, spelling="as a table")}
+
+        @model_validator(mode="after")
+        def _one_budget(self):
+            chosen = [n for n in ("ratio", "target_macs", "target_params") if getattr(self, n) is not None]
+            if len(chosen) != 1:
+                raise ValueError("give exactly one of ratio, target_macs, target_params"
+                                 + (f" (got {', '.join(chosen)})" if chosen else ""))
+            return self
+
+    def __init__(self, ratio: Sparsity | None = None, target_macs: Share | None = None,
+                 target_params: Share | None = None, importance: ImportanceSpec = "l2",
+                 scope: Literal["uniform", "global"] = "uniform", max_ratio: Sparsity = 0.9, round_to: Count = 1,
+                 layers: LayerPatterns | None = None, exclude: LayerPatterns | None = None,
+                 overrides: dict[str, Sparsity] | None = None, steps: Count = 1):
+        self.ratio, self.target_macs, self.target_params = ratio, target_macs, target_params
+        self.scope, self.max_ratio, self.round_to = scope, max_ratio, round_to
+        self.selection = LayerSelection.of(layers, exclude)
+        self.overrides = dict(overrides or {})
         self.steps = steps
         self.importance: Importance = make_importance(importance)
         self.requires = frozenset({"train_data"}) if self.importance.needs_data else frozenset()
 
     # -- planning --------------------------------------------------------------------
-    def check_names(self, graph: Graph) -> None:
+    def check_names(self, graph: Graph) -> set[str]:
+        """The modules whose channels stay (excluded, or not in ``layers``); a pattern or an
+        override that names no layer of the model is refused."""
         modules = graph.modules()
-        for name in list(self.protected) + list(self.layers):
+        owners = [n for n, m in modules.items() if n and next(m.parameters(recurse=False), None) is not None]
+        self.selection.check(owners, "pass 'prune_channels'", "layer")
+        for name in self.overrides:
             if name not in modules or name == "":
                 layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))][:6]
                 raise ConfigError(f"prune_channels: layer {name!r} does not exist in the model; "
                                   f"e.g. {', '.join(layers)}")
+        return {n for n in modules if n and not self.selection.selects(n)}
 
     def plan(self, graph: Graph, ctx: PassContext | None = None, ratio: float | None = None,
              goal: float | None = None) -> PruneChoice:
         """Decide what to remove, without changing ``graph``: ``ratio`` of each group's
         channels, or the least pruning whose estimated cost is ``goal`` x the current one
         (default: this pass's own ratio or target)."""
-        self.check_names(graph)
-        plan = channel_groups(graph, set(self.protected))
+        plan = channel_groups(graph, self.check_names(graph))
         if not plan.groups:
             raise NothingToPrune("nothing prunable: the model has no conv, linear or embedding layer "
                                  "called as a module")
@@ -134,8 +146,8 @@ class PruneChannels(Pass):
 
     def group_ratio(self, group: ChannelGroup, ratio: float) -> float:
         for target in group.targets(OUT) + group.targets(EMBED):
-            if target in self.layers:
-                return self.layers[target]
+            if target in self.overrides:
+                return self.overrides[target]
         return ratio
 
     def keep_count(self, size: int, remove: int, unit: int = 1) -> int:

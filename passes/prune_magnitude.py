@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.errors import ConfigError
+from typing import Literal
+
 from graphopt.ir import Graph
-from graphopt.options import Count, NonNegative, Positive, Tolerance
+from graphopt.options import Count, NonNegative, Positive, Sparsity, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.weights import (annotate, configure_weight_pass, finetune_constrained, weight_layers,
                               zero_mask)
 
-SCOPES = ("layer", "global")
 
 
 def schedule(sparsity: float, steps: int) -> list[float]:
@@ -41,22 +41,30 @@ def _zero_smallest(weights: list[torch.Tensor], count: int) -> None:
 
 @register_pass("prune_magnitude")
 class PruneMagnitude(Pass):
-    """Zero the smallest-magnitude conv/linear weights (unstructured), per layer or globally."""
+    """Zero the smallest-magnitude conv/linear weights (unstructured), per layer or globally.
+
+    Options:
+        sparsity: share of the weights set to zero
+        scope: layer: every layer loses that share; global: one magnitude threshold for all layers
+        steps: reach the sparsity in this many steps (a cubic schedule), fine-tuning after each
+        finetune_epochs: fine-tune by distillation for this many epochs after each step (0: none)
+        lr: fine-tuning learning rate
+        max_batches: fine-tuning batches per epoch (default: the whole loader)
+        layers: layers to prune (module name patterns; default: every conv/linear layer)
+        exclude: layers to leave alone (module name patterns)
+        bound: largest relative output error accepted (default: no limit, the error is reported)
+        progress: show a progress bar while fine-tuning
+    """
 
     contract = Contract.BOUNDED
     preserves = frozenset({"shapes", "cost", "channel_groups"})  # values change, shapes and counts do not
 
-    def __init__(self, sparsity: float = 0.5, scope: str = "layer", steps: int = 1, finetune_epochs: NonNegative = 0.0,
-                 lr: Positive = 1e-3, max_batches: Count | None = None, layers: list[str] | None = None,
-                 exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False):
+    def __init__(self, sparsity: Sparsity = 0.5, scope: Literal["layer", "global"] = "layer", steps: Count = 1,
+                 finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-3, max_batches: Count | None = None,
+                 layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None,
+                 progress: bool = False):
         owner = "pass 'prune_magnitude'"
         self.owner = owner
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ConfigError(f"{owner}: sparsity must be a number in [0, 1), got {sparsity!r}")
-        if scope not in SCOPES:
-            raise ConfigError(f"{owner}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"{owner}: steps must be an integer >= 1, got {steps!r}")
         self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
         configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
 

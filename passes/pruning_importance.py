@@ -7,15 +7,18 @@ Users pass their own by subclassing ``Importance`` (or any callable with that si
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 
 from graphopt.data import check_batch, check_finite, check_labels, split_batch
 from graphopt.pruning.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import Expect
+from graphopt.registry import Registry
 
 WEIGHT_ROLES = (OUT, IN, DEPTHWISE, EMBED, HEADS)
 
@@ -45,28 +48,37 @@ class Importance:
         raise NotImplementedError
 
 
+CRITERIA: Registry[type[Importance]] = Registry("importance criterion", "importance criteria")
+
+
+def register_importance(name: str) -> Callable[[type[Importance]], type[Importance]]:
+    """Class decorator: make an Importance subclass available by ``name`` (``importance = "name"``)."""
+    def decorate(cls: type[Importance]) -> type[Importance]:
+        CRITERIA.add(name, cls)
+        cls.name = name
+        return cls
+    return decorate
+
+
+@register_importance("l1")
 class L1(Importance):
     """Sum of |w| over the group's slices."""
-
-    name = "l1"
 
     def scores(self, graph, group):
         return sum(r.abs().sum(1) for r in self.rows(graph, group, WEIGHT_ROLES))
 
 
+@register_importance("l2")
 class L2(Importance):
     """Euclidean norm of the group's slices taken together."""
-
-    name = "l2"
 
     def scores(self, graph, group):
         return sum(r.pow(2).sum(1) for r in self.rows(graph, group, WEIGHT_ROLES)).sqrt()
 
 
+@register_importance("bn_scale")
 class BNScale(Importance):
     """|gamma| of the group's BatchNorms (network slimming); L2 where a group has none."""
-
-    name = "bn_scale"
 
     def scores(self, graph, group):
         gammas = [member_rows(graph.attr(f"{m.target}.weight"), m, group.size).abs().sum(1)
@@ -75,11 +87,10 @@ class BNScale(Importance):
         return sum(gammas) if gammas else L2().scores(graph, group)
 
 
+@register_importance("fpgm")
 class FPGM(Importance):
     """Distance to the other filters of the same layer (He et al. 2019): filters near the
     geometric median are the most replaceable."""
-
-    name = "fpgm"
 
     def scores(self, graph, group):
         rows = self.rows(graph, group, (OUT, EMBED, HEADS))
@@ -88,11 +99,11 @@ class FPGM(Importance):
         return sum(torch.cdist(r.unsqueeze(0).float(), r.unsqueeze(0).float())[0].sum(1) for r in rows)
 
 
+@register_importance("taylor")
 class Taylor(Importance):
     """First-order Taylor |w * dL/dw| summed over the group's slices, on a few batches of
     training data (the gradient criterion; Molchanov et al. 2019)."""
 
-    name = "taylor"
     needs_data = True
 
     def __init__(self, batches: int = 4):
@@ -134,12 +145,21 @@ class Taylor(Importance):
         return sum(r.sum(1) for r in self.rows(graph, group, WEIGHT_ROLES))
 
 
-CRITERIA: dict[str, type[Importance]] = {c.name: c for c in (L1, L2, BNScale, FPGM, Taylor)}
-
-
 def make_importance(spec: str | Importance) -> Importance:
     if isinstance(spec, Importance):
         return spec
-    if not isinstance(spec, str) or spec not in CRITERIA:
-        raise ConfigError(f"unknown importance {spec!r}; valid: {', '.join(CRITERIA)} (or an Importance object)")
-    return CRITERIA[spec]()
+    return CRITERIA.get(spec)()
+
+
+def _known(spec: str | Importance) -> str | Importance:
+    if not isinstance(spec, Importance) and spec not in CRITERIA:
+        raise ValueError(_listing())
+    return spec
+
+
+def _listing() -> str:
+    return f"one of {', '.join(CRITERIA)} or an Importance object"
+
+
+# the type of an ``importance`` option: a registered criterion's name or a criterion object
+ImportanceSpec = Annotated[str | Importance, Expect(_listing), AfterValidator(_known)]

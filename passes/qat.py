@@ -15,9 +15,12 @@ import math
 import torch
 import torch.nn as nn
 
+from typing import Literal
+
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import Count, Fraction, Positive
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.qparams import is_weight_fq
 
@@ -69,17 +72,26 @@ class _LearnableScales:
 
 @register_pass("qat")
 class QAT(Pass):
-    """Fine-tune the simulated-int8 graph (after insert_qdq) by distillation from the float model."""
+    """Fine-tune the simulated-int8 graph (after insert_qdq) by distillation from the float model.
+
+    Options:
+        epochs: passes over the training data (may be fractional)
+        lr: learning rate (AdamW)
+        temperature: softening of both models' logits in the distillation loss
+        alpha: weight of the distillation term; 1 - alpha goes to the hard labels
+        max_batches: batches per epoch (default: the whole loader)
+        learn_scales: also train the per-channel weight scales (LSQ)
+        progress: show a progress bar
+        schedule: cosine anneals the learning rate to 0 over the run; constant keeps it
+    """
 
     contract = Contract.NONE
     requires = frozenset({"train_data"})
     preserves = frozenset({"shapes", "cost", "channel_groups"})  # weights (and scales) change, structure does not
 
-    def __init__(self, epochs: float = 1.0, lr: float = 1e-4, temperature: float = 4.0, alpha: float = 0.7,
-                 max_batches: int | None = None, learn_scales: bool = False, progress: bool = True,
-                 schedule: str = "cosine"):
-        if not isinstance(learn_scales, bool):
-            raise ConfigError(f"pass 'qat': learn_scales must be true or false, got {learn_scales!r}")
+    def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-4, temperature: Positive = 4.0, alpha: Fraction = 0.7,
+                 max_batches: Count | None = None, learn_scales: bool = False, progress: bool = True,
+                 schedule: Literal["constant", "cosine"] = "cosine"):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, temperature=temperature, alpha=alpha,
                                     max_batches=max_batches, schedule=schedule)
         self.config.check()

@@ -9,33 +9,36 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.errors import ConfigError
+from typing import Literal
+
 from graphopt.ir import Graph
-from graphopt.options import Tolerance
+from graphopt.options import Count, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.weights import annotate, configure_weight_pass, forget, group_scales, weight_layers
 
-BITS = (2, 4, 8)
-GRANULARITIES = ("channel", "group")
 
 
 @register_pass("quantize_weights")
 class QuantizeWeights(Pass):
-    """Round conv/linear weights to int8/int4/int2 codes times per-channel or per-group scales."""
+    """Round conv/linear weights to int8/int4/int2 codes times per-channel or per-group scales.
+
+    Options:
+        bits: code width (2 is ternary: codes -1, 0, 1)
+        granularity: one scale per output channel, or per group of group_size weights of a channel
+        group_size: weights per scale with granularity = "group" (a channel that does not divide keeps one scale)
+        layers: layers to quantize (module name patterns; default: every conv/linear layer)
+        exclude: layers to leave alone (module name patterns)
+        bound: largest relative output error accepted (default: no limit, the error is reported)
+    """
 
     contract = Contract.BOUNDED
     preserves = frozenset({"shapes", "cost", "channel_groups"})
 
-    def __init__(self, bits: int = 4, granularity: str = "channel", group_size: int = 64,
+    def __init__(self, bits: Literal[2, 4, 8] = 4, granularity: Literal["channel", "group"] = "channel",
+                 group_size: Count = 64,
                  layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None):
         owner = "pass 'quantize_weights'"
         self.owner = owner
-        if isinstance(bits, bool) or bits not in BITS:
-            raise ConfigError(f"{owner}: bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
-        if granularity not in GRANULARITIES:
-            raise ConfigError(f"{owner}: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ConfigError(f"{owner}: group_size must be an integer >= 1, got {group_size!r}")
         self.bits, self.granularity, self.group_size = bits, granularity, group_size
         configure_weight_pass(self, owner, layers, exclude, bound)
 

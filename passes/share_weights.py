@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.errors import ConfigError
+from typing import Annotated
+
+import annotated_types as at
+
 from graphopt.ir import Graph
 from graphopt.options import Count, NonNegative, Positive, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.weights import (annotate, configure_weight_pass, finetune_constrained, forget,
                               tied_gradient, weight_layers)
 
-BITS = range(2, 9)
+Bits = Annotated[int, at.Ge(2), at.Le(8)]
 
 
 def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,20 +42,28 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 30) -> tupl
 
 @register_pass("share_weights")
 class ShareWeights(Pass):
-    """Cluster each conv/linear layer's weights into 2**bits shared values (k-means, fp16 codebook)."""
+    """Cluster each conv/linear layer's weights into 2**bits shared values (k-means, fp16 codebook).
+
+    Options:
+        bits: each layer keeps 2**bits distinct weight values
+        iterations: k-means (Lloyd) iterations per layer
+        finetune_epochs: fine-tune the shared values by distillation for this many epochs (0: none)
+        lr: fine-tuning learning rate
+        max_batches: fine-tuning batches per epoch (default: the whole loader)
+        layers: layers to compress (module name patterns; default: every conv/linear layer)
+        exclude: layers to leave alone (module name patterns)
+        bound: largest relative output error accepted (default: no limit, the error is reported)
+        progress: show a progress bar while fine-tuning
+    """
 
     contract = Contract.BOUNDED
     preserves = frozenset({"shapes", "cost", "channel_groups"})
 
-    def __init__(self, bits: int = 4, iterations: int = 30, finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-4,
+    def __init__(self, bits: Bits = 4, iterations: Count = 30, finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-4,
                  max_batches: Count | None = None, layers: list[str] | None = None,
                  exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False):
         owner = "pass 'share_weights'"
         self.owner = owner
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-            raise ConfigError(f"{owner}: bits must be an integer from 2 to 8, got {bits!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ConfigError(f"{owner}: iterations must be an integer >= 1, got {iterations!r}")
         self.bits, self.iterations = bits, iterations
         configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
 

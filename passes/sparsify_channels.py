@@ -19,21 +19,21 @@ their work onto the channels that stay. Without a target, every prunable channel
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
-from graphopt.options import Count, Fraction, Positive
+from graphopt.layer_selection import LayerPatterns, LayerSelection
+from graphopt.options import Count, Fraction, Positive, Share, Sparsity
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, get_pass, register_pass
 from graphopt.pruning.channels import NORM, ChannelGroup, channel_groups
 from graphopt.pruning.groups import blocking_summary
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.passes.pruning_importance import WEIGHT_ROLES
 
-PENALTIES = ("group_lasso", "bn_l1")
-SCHEDULES = ("constant", "ramp")
 
 
 def _rows(tensor: torch.Tensor, axis: int, offset: int, inner: int, size: int) -> torch.Tensor:
@@ -78,25 +78,37 @@ class _Slices:
 
 @register_pass("sparsify_channels")
 class SparsifyChannels(Pass):
-    """Train with a group-lasso (or BatchNorm-scale L1) penalty on the prunable channel groups."""
+    """Train with a group-lasso (or BatchNorm-scale L1) penalty on the prunable channel groups.
+
+    Options:
+        penalty: group_lasso (norms of every weight slice a channel owns) or bn_l1 (BatchNorm scales)
+        strength: weight of the penalty against the distillation loss (default 1.0 with a target, else 1e-3)
+        schedule: ramp grows the penalty from 0 over the first half of the run; constant holds it
+        epochs: passes over the training data (may be fractional)
+        lr: learning rate (AdamW)
+        max_batches: batches per epoch (default: the whole loader)
+        alpha: weight of the distillation term; 1 - alpha goes to the hard labels
+        temperature: softening of both models' logits in the distillation loss
+        exclude: layers whose channels are never penalised (module name patterns)
+        ratio: penalise only what prune_channels(ratio=...) would cut
+        target_macs: penalise only what prune_channels(target_macs=...) would cut
+        importance: the criterion prune_channels would rank channels by (with a target)
+        replan: how many times during the run the penalised channels are chosen again
+        progress: show a progress bar
+    """
 
     contract = Contract.NONE
     requires = frozenset({"train_data"})
     preserves = frozenset({"shapes", "cost", "channel_groups"})   # weights change, structure does not
 
-    def __init__(self, penalty: str = "group_lasso", strength: Positive | None = None, schedule: str = "ramp",
+    def __init__(self, penalty: Literal["group_lasso", "bn_l1"] = "group_lasso", strength: Positive | None = None,
+                 schedule: Literal["constant", "ramp"] = "ramp",
                  epochs: Positive = 1.0, lr: Positive = 1e-3, max_batches: Count | None = None,
-                 alpha: Fraction = 0.7, temperature: Positive = 4.0, protected: list[str] | None = None,
-                 ratio: Fraction | None = None, target_macs: Fraction | None = None, importance: str = "l2",
+                 alpha: Fraction = 0.7, temperature: Positive = 4.0, exclude: LayerPatterns | None = None,
+                 ratio: Sparsity | None = None, target_macs: Share | None = None, importance: str = "l2",
                  replan: Count = 4, progress: bool = True):
-        if penalty not in PENALTIES:
-            raise ConfigError(f"pass 'sparsify_channels': penalty must be one of {', '.join(PENALTIES)}, "
-                              f"got {penalty!r}")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"pass 'sparsify_channels': schedule must be one of {', '.join(SCHEDULES)}, "
-                              f"got {schedule!r}")
         self.penalty, self.schedule = penalty, schedule
-        self.protected = set(protected or [])
+        self.exclude = list(exclude or [])
         if ratio is not None and target_macs is not None:
             raise ConfigError("pass 'sparsify_channels': give at most one of ratio, target_macs")
         self.target = {"ratio": ratio} if ratio is not None else {"target_macs": target_macs} \
@@ -111,7 +123,7 @@ class SparsifyChannels(Pass):
         self.progress = progress
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        plan = channel_groups(graph, self.protected)
+        plan = channel_groups(graph, self._excluded(graph))
         if not plan.prunable:
             raise ConfigError(f"sparsify_channels: the model has no prunable channel group to penalise "
                               f"({len(plan.groups)} groups, all blocked: {blocking_summary(plan.blocked)})")
@@ -146,10 +158,17 @@ class SparsifyChannels(Pass):
         return PassResult(graph, changed=True, stats={k: round(v, 4) if isinstance(v, float) else v
                                                       for k, v in stats.items()})
 
+    def _excluded(self, graph: Graph) -> set[str]:
+        """Module paths the ``exclude`` patterns name (each pattern must name a layer)."""
+        selection = LayerSelection.of(exclude=self.exclude)
+        paths = [p for p in graph.modules() if p]
+        selection.check(paths, "pass 'sparsify_channels'", what="layer")
+        return {path for path in paths if not selection.selects(path)}
+
     def _masks(self, graph: Graph, ctx: PassContext) -> dict[int, torch.Tensor]:
         """Per group id, 1 for each channel ``prune_channels`` with this target would cut now."""
         pruner = get_pass("prune_channels")(**self.target, importance=self.importance,
-                                            protected=sorted(self.protected))
+                                            exclude=self.exclude or None)
         choice = pruner.plan(graph, ctx)
         masks = {}
         for g in choice.plan.groups:

@@ -4,8 +4,8 @@ Ranks come from one of four rules (the budget vocabulary the pruning pass shares
 ``ratio`` (share of the full rank kept), ``energy`` (share of sum(sigma^2) kept),
 ``target_macs`` / ``target_params`` (share of the whole graph's MACs / parameters to
 reach; layers are cut greedily where the reconstruction error grows least per MAC or
-parameter saved). ``layers`` overrides the rule per layer, ``protected`` layers are
-never split, and a layer is split only where that lowers its MACs.
+parameter saved). ``overrides`` sets the rule per layer; ``layers``/``exclude`` choose which
+layers may be split (graphopt.layer_selection), and a layer is split only where that lowers its MACs.
 
 With ``data_aware=True`` the Linear and 1x1-conv truncations minimise the error of each
 layer's outputs on calibration data (``calibration_data`` in the context, else the held
@@ -20,14 +20,18 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import annotated_types as at
 import torch.nn as nn
+from pydantic import AfterValidator, model_validator
 from torch import fx
 
 from graphopt.quant.calibration import InputMomentObserver, calibrate
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerPatterns, LayerSelection, is_table
+from graphopt.options import Count, Expect, Index, Options, Renamed, Share
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.passes.low_rank_factors import Candidate, MatrixSVD, Tucker2, reconstruction_error
 
@@ -58,11 +62,9 @@ def _unit(where: str, value: Any) -> float:
     return float(value)
 
 
-def _check_override(name: Any, spec: Any) -> dict[str, Any]:
-    """A ``layers`` entry: an int (rank), a float (ratio) or a table of OVERRIDE_KEYS."""
-    where = f"split_low_rank: layers[{name!r}]"
-    if not isinstance(name, str):
-        raise ConfigError(f"split_low_rank: layers keys must be module names, got {name!r}")
+def _check_override(name: str, spec: Any) -> dict[str, Any]:
+    """An ``overrides`` entry: an int (rank), a float (ratio) or a table of OVERRIDE_KEYS."""
+    where = f"pass 'split_low_rank': overrides[{name!r}]"
     if isinstance(spec, bool):
         raise ConfigError(f"{where} must be a rank (int), a ratio (float) or a table, got {spec!r}")
     if isinstance(spec, int):
@@ -94,44 +96,66 @@ def _check_override(name: Any, spec: Any) -> dict[str, Any]:
     return spec
 
 
+def _check_overrides(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``overrides`` option, each entry checked and spelt out as a table (ConfigError naming it)."""
+    return {name: _check_override(name, spec) for name, spec in table.items()}
+
+
+Overrides = Annotated[dict[str, Any], Expect("a table of module name -> rank (int), ratio (float) or a table of "
+                                             f"{', '.join(OVERRIDE_KEYS)}"), AfterValidator(_check_overrides)]
+
+
 @register_pass("split_low_rank")
 class SplitLowRank(Pass):
-    """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2)."""
+    """Split Linear / Conv2d layers into low-rank chains (truncated SVD, spatial SVD, Tucker-2).
+
+    Options:
+        ratio: share of each layer's full rank kept
+        energy: share of each layer's sum(sigma^2) kept (the default rule, 0.95)
+        target_macs: split until the graph's MACs are this share of the original's (least error per MAC saved)
+        target_params: split until the graph's parameters are this share of the original's
+        conv_method: how k x k convs split: spatial (kx1 then 1xk), tucker2 (1x1, kxk, 1x1) or auto (the cheaper)
+        rank_multiple: ranks are rounded up to a multiple of this
+        hooi_iters: HOOI refinement iterations of Tucker-2
+        layers: layers that may be split (module name patterns; default: every Linear and Conv2d)
+        exclude: layers never split (module name patterns)
+        overrides: per-layer settings that replace the rule for those layers (see allowed)
+        only_if_cheaper: split a layer only where that lowers its MACs
+        max_error: largest relative output error accepted (default: no limit, the error is reported)
+        data_aware: truncate to minimise the error of each layer's outputs on calibration data, not of its weights
+        calibration_batches: batches read with data_aware
+        progress: show a progress bar while reading calibration data
+    """
 
     contract = Contract.BOUNDED
 
-    def __init__(self, ratio: float | None = None, energy: float | None = None, target_macs: float | None = None,
-                 target_params: float | None = None, conv_method: str = "auto", rank_multiple: int = 1,
-                 hooi_iters: int = 2, layers: dict | None = None, protected: list[str] | None = None,
-                 only_if_cheaper: bool = True, max_error: float | None = None, data_aware: bool = False,
-                 calibration_batches: int = 8, progress: bool = True):
+    class Rules(Options):
+        """At most one of ratio, energy, target_macs and target_params (none given: energy = 0.95); no
+        layer both excluded and given an override."""
+
+        renamed = {"protected": "exclude", "layers": Renamed("overrides", when=is_table, spelling="as a table")}
+
+        @model_validator(mode="after")
+        def _one_budget(self):
+            given = [k for k in _BUDGETS if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give one of {', '.join(_BUDGETS)}, not {' and '.join(given)}")
+            both = sorted(n for n in self.overrides or {} if not LayerSelection.of(exclude=self.exclude).selects(n))
+            if both:
+                raise ValueError(f"layer {both[0]!r} is both excluded and given an override")
+            return self
+
+    def __init__(self, ratio: Share | None = None, energy: Share | None = None, target_macs: Share | None = None,
+                 target_params: Share | None = None, conv_method: Literal["auto", "spatial", "tucker2"] = "auto",
+                 rank_multiple: Count = 1, hooi_iters: Index = 2, layers: LayerPatterns | None = None,
+                 exclude: LayerPatterns | None = None, overrides: Overrides | None = None,
+                 only_if_cheaper: bool = True,
+                 max_error: Annotated[float, at.Gt(0)] | None = None, data_aware: bool = False,
+                 calibration_batches: Count = 8, progress: bool = True):
         given = {k: v for k, v in zip(_BUDGETS, (ratio, energy, target_macs, target_params)) if v is not None}
-        if len(given) > 1:
-            raise ConfigError(f"split_low_rank: give one of {', '.join(_BUDGETS)}, not {' and '.join(given)}")
-        self.rule, value = next(iter(given.items())) if given else ("energy", DEFAULT_ENERGY)
-        self.value = _unit(f"split_low_rank: {self.rule}", value)
-        if conv_method not in CONV_METHODS:
-            raise ConfigError(f"split_low_rank: conv_method must be one of {', '.join(CONV_METHODS)}, "
-                              f"got {conv_method!r}")
-        for key, number, low in (("rank_multiple", rank_multiple, 1), ("hooi_iters", hooi_iters, 0),
-                                 ("calibration_batches", calibration_batches, 1)):
-            if isinstance(number, bool) or not isinstance(number, int) or number < low:
-                raise ConfigError(f"split_low_rank: {key} must be an integer >= {low}, got {number!r}")
-        if layers is not None and not isinstance(layers, dict):
-            raise ConfigError(f"split_low_rank: layers must be a table of module name -> override, got "
-                              f"{type(layers).__name__}")
-        if protected is not None and (not isinstance(protected, (list, tuple))
-                                      or not all(isinstance(p, str) for p in protected)):
-            raise ConfigError(f"split_low_rank: protected must be a list of module names, got {protected!r}")
-        self.layers = {name: _check_override(name, spec) for name, spec in (layers or {}).items()}
-        self.protected = tuple(protected or ())
-        both = sorted(set(self.layers) & set(self.protected))
-        if both:
-            raise ConfigError(f"split_low_rank: layer {both[0]!r} is both protected and given an override")
-        if max_error is not None and (isinstance(max_error, bool) or not max_error > 0):
-            raise ConfigError(f"split_low_rank: max_error must be > 0, got {max_error!r}")
-        if not isinstance(data_aware, bool):
-            raise ConfigError(f"split_low_rank: data_aware must be true or false, got {data_aware!r}")
+        self.rule, self.value = next(iter(given.items())) if given else ("energy", DEFAULT_ENERGY)
+        self.overrides = dict(overrides or {})
+        self.selection = LayerSelection.of(layers, exclude)
         self.data_aware, self.calibration_batches, self.progress = data_aware, calibration_batches, progress
         self.moments: dict[str, Any] = {}
         self.conv_method = conv_method
@@ -141,34 +165,34 @@ class SplitLowRank(Pass):
         self.bound = max_error
         full = self.rule in ("ratio", "energy") and self.value == 1.0
         if full and all(spec.get("ratio", 1.0) == 1.0 and spec.get("energy", 1.0) == 1.0 and "rank" not in spec
-                        for spec in self.layers.values()):
+                        for spec in self.overrides.values()):
             self.contract = Contract.EXACT  # every split keeps the full rank
 
     # -- finding layers -----------------------------------------------------------------
     def _collect(self, graph: Graph) -> tuple[list[Layer], dict[str, str]]:
         modules = graph.modules()
-        for name in list(self.layers) + list(self.protected):
+        for name in self.overrides:
             if name not in modules or name == "":
                 close = difflib.get_close_matches(name, [m for m in modules if m], n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                what = "layers" if name in self.layers else "protected"
-                raise ConfigError(f"split_low_rank: {what} names {name!r}, which is not a module of the graph{hint}")
+                raise ConfigError(f"split_low_rank: overrides names {name!r}, which is not a module of the graph{hint}")
         calls: dict[str, list] = {}
         for node in graph.nodes:
             if node.op == "call_module" and isinstance(modules[node.target], (nn.Linear, nn.modules.conv._ConvNd)):
                 calls.setdefault(node.target, []).append(node)
-        for name in self.layers:
+        self.selection.check(list(calls), "pass 'split_low_rank'")
+        for name in self.overrides:
             if name not in calls:
-                raise ConfigError(f"split_low_rank: layers[{name!r}] is a {type(modules[name]).__name__}, "
+                raise ConfigError(f"split_low_rank: overrides[{name!r}] is a {type(modules[name]).__name__}, "
                                   f"not a Linear or Conv2d the graph calls")
         layers, skipped = [], {}
         for name, nodes in calls.items():
-            reason = "protected" if name in self.protected else self._unsplittable(graph, modules[name], nodes)
+            reason = self.selection.reason(name) or self._unsplittable(graph, modules[name], nodes)
             if reason is None:
                 layers.append(self._layer(graph, name, modules[name], nodes))
                 continue
-            if name in self.layers:
-                raise ConfigError(f"split_low_rank: layers[{name!r}] cannot be split: {reason}")
+            if name in self.overrides:
+                raise ConfigError(f"split_low_rank: overrides[{name!r}] cannot be split: {reason}")
             skipped[name] = reason
         return layers, skipped
 
@@ -188,11 +212,11 @@ class SplitLowRank(Pass):
     def _layer(self, graph: Graph, name: str, module: nn.Module, nodes) -> Layer:
         """The layer's cost and its decompositions (one per method it may use)."""
         shapes = [(graph.shape(n.args[0]), graph.shape(n)) for n in nodes]
-        method = self.layers.get(name, {}).get("method")
+        method = self.overrides.get(name, {}).get("method")
         matrix_like = isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1)
         if method is not None and method != "auto" and (method == "svd") != matrix_like:
             valid = "svd" if matrix_like else "spatial, tucker2"
-            raise ConfigError(f"split_low_rank: layers[{name!r}]: method {method!r} does not apply to a "
+            raise ConfigError(f"split_low_rank: overrides[{name!r}]: method {method!r} does not apply to a "
                               f"{_describe(module)}; valid: auto, {valid}")
         moment = self._moment(nodes)
         if isinstance(module, nn.Linear):
@@ -252,7 +276,7 @@ class SplitLowRank(Pass):
                 fits = [c for c in deco.candidates(self.rank_multiple) if c.error <= 1 - value + 1e-12]
                 options.append(min(fits, key=lambda c: (c.macs, c.error)))
         if not options:
-            raise ConfigError(f"split_low_rank: layers[{layer.name!r}]: {'; '.join(problems)}")
+            raise ConfigError(f"split_low_rank: overrides[{layer.name!r}]: {'; '.join(problems)}")
         cheaper = [c for c in options if c.macs < layer.macs]
         if not cheaper:
             if self.only_if_cheaper:
@@ -286,7 +310,7 @@ class SplitLowRank(Pass):
         if need > 0:
             floor = (self.value * total + need) / total
             raise ConfigError(f"split_low_rank: {self.rule}={self.value:g} cannot be reached: splitting every "
-                              f"unprotected layer as far as it lowers {cost_key} leaves {floor:.3f} of the "
+                              f"chosen layer as far as it lowers {cost_key} leaves {floor:.3f} of the "
                               f"original {cost_key}")
         return chosen
 
@@ -294,7 +318,7 @@ class SplitLowRank(Pass):
         plan: dict[str, Candidate] = {}
         free = []
         for layer in layers:
-            spec = self.layers.get(layer.name)
+            spec = self.overrides.get(layer.name)
             if spec is None and self.rule in ("target_macs", "target_params"):
                 free.append(layer)
                 continue

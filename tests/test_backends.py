@@ -56,9 +56,9 @@ def test_unwritable_path_is_a_clear_error(digits_graph, tmp_path, backend):
 
 
 def test_bad_backend_options():
-    with pytest.raises(ConfigError, match="opset must be an integer >= 17"):
+    with pytest.raises(ConfigError, match="option 'opset' must be an int >= 17, got int"):
         onnx_backend.export(None, "x.onnx", opset=11)
-    with pytest.raises(ConfigError, match="method must be one of auto, script, trace"):
+    with pytest.raises(ConfigError, match="option 'method' must be one of auto, script, trace"):
         ts_backend.export(None, "x.pt", method="compile")
 
 

@@ -96,21 +96,21 @@ def test_default_keeps_first_and_last_layers_full_precision(digits_graph):
     assert torch.equal(w.abs(), w.abs().amax(dim=(1, 2, 3), keepdim=True).expand_as(w))  # frozen: ±alpha
 
 
-def test_include_exclude_and_keep_options(digits_graph):
+def test_layers_exclude_and_keep_options(digits_graph):
     graph = binarized(digits_graph, keep_last=False, exclude=["features.*"])
     assert isinstance(graph.gm.get_submodule("classifier.2"), BinaryLinear)
     assert not isinstance(graph.gm.get_submodule("features.3"), BinaryConv2d)
-    graph = binarized(digits_graph, include=["features.*"], keep_first=False)
+    graph = binarized(digits_graph, layers=["features.*"], keep_first=False)
     assert isinstance(graph.gm.get_submodule("features.0"), BinaryConv2d)
     assert isinstance(graph.gm.get_submodule("features.3"), BinaryConv2d)
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"include": ["*"]}, "layer 'features.0' is the model's input layer, which stays full precision by default"),
-    ({"include": ["classifier.2"]}, "layer 'classifier.2' is the model's output layer"),
-    ({"include": ["features.1"]}, r"cannot binarize layer 'features.1' \(BatchNorm2d\)"),
-    ({"include": ["head.*"]}, "include 'head.*' matches no conv/linear layer"),
-    ({"exclude": ["nothing"]}, "exclude 'nothing' matches no module"),
+    ({"layers": ["*"]}, "layer 'features.0' is the model's input layer, which stays full precision by default"),
+    ({"layers": ["classifier.2"]}, "layer 'classifier.2' is the model's output layer"),
+    ({"layers": ["features.1"]}, r"cannot binarize layer 'features.1' \(BatchNorm2d\)"),
+    ({"layers": ["head.*"]}, r"layers pattern 'head.\*' matches no conv/linear layer of the model"),
+    ({"exclude": ["nothing"]}, "exclude pattern 'nothing' matches no conv/linear layer of the model"),
 ])
 def test_bad_layer_choices_name_the_layer(digits_graph, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -131,14 +131,14 @@ def test_unbinarizable_layer_type_is_named():
 
     graph = graphopt.trace(Up().eval(), torch.randn(1, 1, 4, 4))
     with pytest.raises(ConfigError, match=r"cannot binarize layer 'up' \(ConvTranspose2d\)"):
-        Binarize(include=["up"]).select(graph)
+        Binarize(layers=["up"]).select(graph)
     assert Binarize().select(graph)["binarize"] == ["mid"]  # by default the transpose conv is skipped
     with pytest.raises(ConfigError, match="layer 'mid': binary activations need numeric zero padding"):
         Binarize(activations=True).select(graph)
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"include": "features.3"}, r"option 'include' must be list\[str\] or None"),
+    ({"layers": "features.3"}, r"option 'layers' must be list\[str\] or None, got str 'features.3' \(write"),
     ({"distill_epochs": -1.0}, "option 'distill_epochs' must be a finite float >= 0, got float -1.0"),
     ({"distill_alpha": 2.0}, "option 'distill_alpha' must be a finite float >= 0 and <= 1, got float 2.0"),
 ])

@@ -52,8 +52,8 @@ def test_distill_pass_needs_training_data_and_uses_the_input_graph_as_teacher():
                                              ({"max_batches": 0}, "option 'max_batches' must be an int >= 1 or None"),
                                              ({"feature_weight": float("nan")},
                                               "option 'feature_weight' must be a number, not NaN"),
-                                             ({"loss": "hinge"}, "loss must be one of kd, cosine, mse"),
-                                             ({"schedule": "step"}, "schedule must be one of constant, cosine")])
+                                             ({"loss": "hinge"}, "option 'loss' must be one of kd, cosine, mse, got str 'hinge'"),
+                                             ({"schedule": "step"}, "option 'schedule' must be one of constant, cosine")])
 def test_bad_distillation_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         Distill(**kwargs)

@@ -22,8 +22,9 @@ def _run(graph, pass_):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: InsertQDQ(keep_float="conv1"), r"option 'keep_float' must be list\[str\] or None, got str 'conv1' \(write \['conv1'\]\)"),
-    (lambda: InsertQDQ(keep_float=[3]), r"option 'keep_float' must be list\[str\] or None, got list \[3\]"),
+    (lambda: InsertQDQ(exclude="conv1"), r"option 'exclude' must be list\[str\] or None, got str 'conv1' \(write \['conv1'\]\)"),
+    (lambda: InsertQDQ(keep_float=[3]), r"option 'exclude' \(given as 'keep_float'\) must be list\[str\] or None, "
+                                        r"got list \[3\]"),
     (lambda: PruneMagnitude(layers="features.0"), r"option 'layers' must be list\[str\] or None, got str 'features.0' \(write"),
     (lambda: DistillConfig(feature_nodes="relu").check(), r"feature_nodes must be a list of node names, got 'relu'"),
 ])
@@ -33,7 +34,9 @@ def test_a_string_where_a_list_is_due_is_refused(make, message):
 
 
 @pytest.mark.parametrize("pass_, message", [
-    (InsertQDQ(keep_float=["conv9"], progress=False), "keep_float names 'conv9', which is not a layer of the model"),
+    (InsertQDQ(exclude=["conv9"], progress=False), "exclude pattern 'conv9' matches no conv/linear layer or "
+                                                   "embedding of the model"),
+    (InsertQDQ(layers=["fc*"], progress=False), r"layers pattern 'fc\*' matches no conv/linear layer or embedding"),
     (PruneMagnitude(layers=["conv9*"]), "layers pattern 'conv9\\*' matches no conv/linear layer of the model"),
     (QuantizeWeights(exclude=["fc9"]), "exclude pattern 'fc9' matches no conv/linear layer of the model"),
     (ShareWeights(layers=["nope"]), "layers pattern 'nope' matches no conv/linear layer"),
@@ -47,8 +50,12 @@ def test_a_layer_name_the_model_does_not_have_is_refused(graph, pass_, message):
 def test_names_that_exist_are_used(graph):
     first = next(n for n in graph.nodes if n.op == "call_module" and isinstance(graph.module(n), torch.nn.Conv2d))
     for name in (str(first.target), first.name):   # a module path or a node name
-        result = _run(graph, InsertQDQ(keep_float=[name], progress=False))
-        assert result.records[-1].stats["float_layers"] == {first.name: "kept float (keep_float)"}
+        result = _run(graph, InsertQDQ(exclude=[name], progress=False))
+        assert result.records[-1].stats["float_layers"] == {first.name: "kept float (excluded)"}
+    others = {n.name for n in graph.nodes if n.op == "call_module" and isinstance(graph.module(n), (torch.nn.Conv2d,
+                                                                                               torch.nn.Linear))}
+    result = _run(graph, InsertQDQ(layers=[str(first.target)], progress=False))
+    assert result.records[-1].stats["float_layers"] == {n: "kept float (not in layers)" for n in others - {first.name}}
 
 
 def test_distillation_feature_nodes_must_exist(graph):

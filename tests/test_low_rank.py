@@ -112,7 +112,7 @@ def test_data_aware_split_minimises_the_output_error_on_the_calibration_data():
     signal = model(x) - model[0].bias
     errors, reported = {}, {}
     for aware in (False, True):
-        result = PassManager([SplitLowRank(layers={"0": 6}, data_aware=aware, progress=False)],
+        result = PassManager([SplitLowRank(overrides={"0": 6}, data_aware=aware, progress=False)],
                              context=context).run(graphopt.trace(model, batches[0]))
         errors[aware] = ((result.graph.gm(x) - model(x)).norm() / signal.norm()).item()
         reported[aware] = result.records[-1].stats["layers"]["0"].get("output_error")
@@ -124,7 +124,7 @@ def test_data_aware_split_minimises_the_output_error_on_the_calibration_data():
 def test_data_aware_split_is_exact_at_full_rank():
     model = nn.Sequential(nn.Linear(20, 64)).eval()
     x = torch.randn(8, 20)
-    result = PassManager([SplitLowRank(layers={"0": 20}, data_aware=True, only_if_cheaper=False,
+    result = PassManager([SplitLowRank(overrides={"0": 20}, data_aware=True, only_if_cheaper=False,
                                        progress=False)]).run(graphopt.trace(model, x))
     assert result.records[-1].stats["split"] == 1
     torch.testing.assert_close(result.graph.gm(x), model(x), rtol=1e-5, atol=1e-5)
@@ -132,7 +132,7 @@ def test_data_aware_split_is_exact_at_full_rank():
 
 def test_spatial_split_error_is_the_discarded_energy_of_the_reshaped_kernel():
     conv = nn.Conv2d(6, 8, 3, padding=1)
-    result, record = split(nn.Sequential(conv), torch.randn(1, 6, 10, 10), layers={"0": {"rank": 4, "method": "spatial"}})
+    result, record = split(nn.Sequential(conv), torch.randn(1, 6, 10, 10), overrides={"0": {"rank": 4, "method": "spatial"}})
     first, second = factors(result.graph, "0")
     assert (first.kernel_size, first.out_channels, second.kernel_size) == ((3, 1), 4, (1, 3))
     w = conv.weight.detach().double()
@@ -146,7 +146,7 @@ def test_tucker2_error_matches_the_rebuilt_kernel_and_hooi_does_not_hurt():
     errors = []
     for iters in (0, 3):
         result, record = split(nn.Sequential(conv), torch.randn(1, 16, 8, 8),
-                               layers={"0": {"rank": [5, 6], "method": "tucker2"}}, hooi_iters=iters)
+                               overrides={"0": {"rank": [5, 6], "method": "tucker2"}}, hooi_iters=iters)
         a, core, c = factors(result.graph, "0")
         assert (a.out_channels, core.in_channels, core.out_channels, c.in_channels) == (5, 5, 6, 6)
         rebuilt = torch.einsum("ob,bakl,ai->oikl", c.weight.double()[:, :, 0, 0], core.weight.double(),
@@ -167,7 +167,7 @@ def test_macs_after_split_equal_the_formula():
     before = graph.analysis("cost").macs
     layers = {"stem": {"rank": 6, "method": "spatial"}, "body": {"rank": [8, 10], "method": "tucker2"},
               "fc1": 5}
-    result = PassManager([SplitLowRank(layers=layers, protected=["point", "fc2"])]).run(graph)
+    result = PassManager([SplitLowRank(overrides=layers, exclude=["point", "fc2"])]).run(graph)
     n, h0, w0 = 2, 12, 12                    # stem: 3x3, pad 1 -> 12 x 12
     h1 = (12 + 4 - 2 * 2 - 1) // 2 + 1       # body: kernel (3, 5), pad (2, 1), dilation (2, 1), stride 2
     w1 = (12 + 2 - 5) // 2 + 1
@@ -181,7 +181,7 @@ def test_macs_after_split_equal_the_formula():
     assert stats["stem"]["macs"] == [stem_old, stem_new] and stats["body"]["macs"] == [body_old, body_new]
     assert stats["fc1"]["macs"] == [fc1_old, fc1_new]
     assert set(stats) == {"stem", "body", "fc1"}
-    assert result.records[1].stats["skipped_layers"]["point"] == "protected"
+    assert result.records[1].stats["skipped_layers"]["point"] == "excluded"
 
 
 @pytest.mark.parametrize("target", ["target_macs", "target_params"])
@@ -238,7 +238,7 @@ def test_a_layer_is_split_only_where_macs_drop():
 def test_split_model_exports_to_onnx_and_torchscript(tmp_path):
     result, record = split(ConvNet(), target_macs=0.6)
     assert record.stats["split"] >= 1
-    forced, record = split(ConvNet(), layers={"body": {"rank": [8, 8], "method": "tucker2"},
+    forced, record = split(ConvNet(), overrides={"body": {"rank": [8, 8], "method": "tucker2"},
                                               "stem": {"rank": 4, "method": "spatial"}, "fc1": 4})
     assert {d["method"] for d in record.stats["layers"].values()} == {"svd", "spatial", "tucker2"}
     for graph in (result.graph, forced.graph):
@@ -251,20 +251,20 @@ def test_split_model_exports_to_onnx_and_torchscript(tmp_path):
 
 # -- bad input --------------------------------------------------------------------------
 @pytest.mark.parametrize("options, message", [
-    ({"energy": 0.0}, r"split_low_rank: energy must be a number in \(0, 1\], got 0.0"),
-    ({"energy": 1.2}, r"energy must be a number in \(0, 1\], got 1.2"),
-    ({"ratio": -0.5}, r"ratio must be a number in \(0, 1\]"),
-    ({"target_macs": 2.0}, r"target_macs must be a number in \(0, 1\]"),
+    ({"energy": 0.0}, r"pass 'split_low_rank': option 'energy' must be a finite float > 0 and <= 1 or None, got float 0.0"),
+    ({"energy": 1.2}, r"option 'energy' must be a finite float > 0 and <= 1 or None, got float 1.2"),
+    ({"ratio": -0.5}, r"option 'ratio' must be a finite float > 0 and <= 1"),
+    ({"target_macs": 2.0}, r"option 'target_macs' must be a finite float > 0 and <= 1"),
     ({"ratio": 0.5, "energy": 0.9}, "give one of ratio, energy, target_macs, target_params, not ratio and energy"),
-    ({"conv_method": "cp"}, "conv_method must be one of auto, spatial, tucker2, got 'cp'"),
-    ({"rank_multiple": 0}, "rank_multiple must be an integer >= 1"),
-    ({"layers": {"fc1": 0}}, r"layers\['fc1'\]: rank must be a positive integer"),
-    ({"layers": {"fc1": {"energy": 1.5}}}, r"layers\['fc1'\].energy must be a number in \(0, 1\]"),
-    ({"layers": {"fc1": {"rnak": 3}}}, r"layers\['fc1'\]: unknown key 'rnak'; valid keys: rank, ratio"),
-    ({"layers": {"fc1": 3}, "protected": ["fc1"]}, "'fc1' is both protected and given an override"),
-    ({"protected": "fc1"}, r"option 'protected' must be list\[str\] or None, got str 'fc1'"),
+    ({"conv_method": "cp"}, "option 'conv_method' must be one of auto, spatial, tucker2, got str 'cp'"),
+    ({"rank_multiple": 0}, "option 'rank_multiple' must be an int >= 1"),
+    ({"overrides": {"fc1": 0}}, r"overrides\['fc1'\]: rank must be a positive integer"),
+    ({"overrides": {"fc1": {"energy": 1.5}}}, r"overrides\['fc1'\].energy must be a number in \(0, 1\]"),
+    ({"overrides": {"fc1": {"rnak": 3}}}, r"overrides\['fc1'\]: unknown key 'rnak'; valid keys: rank, ratio"),
+    ({"overrides": {"fc1": 3}, "exclude": ["fc1"]}, "'fc1' is both excluded and given an override"),
+    ({"exclude": "fc1"}, r"option 'exclude' must be list\[str\] or None, got str 'fc1'"),
     ({"data_aware": "yes"}, "option 'data_aware' must be bool, got str 'yes'"),
-    ({"calibration_batches": 0}, "calibration_batches must be an integer >= 1"),
+    ({"calibration_batches": 0}, "option 'calibration_batches' must be an int >= 1"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -272,15 +272,15 @@ def test_bad_options_are_named(options, message):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"layers": {"fc1": 40}}, r"layers\['fc1'\]: rank 40 exceeds the largest possible rank 32 for method 'svd'"),
-    ({"layers": {"body": {"rank": [30, 8], "method": "tucker2"}}},
+    ({"overrides": {"fc1": 40}}, r"overrides\['fc1'\]: rank 40 exceeds the largest possible rank 32 for method 'svd'"),
+    ({"overrides": {"body": {"rank": [30, 8], "method": "tucker2"}}},
      r"ranks \[30, 8\] exceed the largest possible ranks \[24, 32\] for method 'tucker2'"),
-    ({"layers": {"body": 500}}, "rank 500 exceeds the largest possible rank 72 for method 'spatial'; method 'tucker2' takes two ranks"),
-    ({"layers": {"fc3": 4}}, "layers names 'fc3', which is not a module of the graph; did you mean 'fc2', 'fc1'"),
-    ({"protected": ["stme"]}, "protected names 'stme', which is not a module of the graph; did you mean 'stem'"),
-    ({"layers": {"depthwise": 4}}, r"layers\['depthwise'\] cannot be split: depthwise conv"),
-    ({"layers": {"fc1": {"method": "tucker2"}}}, "method 'tucker2' does not apply to a Linear; valid: auto, svd"),
-    ({"target_macs": 0.01}, "target_macs=0.01 cannot be reached: splitting every unprotected layer"),
+    ({"overrides": {"body": 500}}, "rank 500 exceeds the largest possible rank 72 for method 'spatial'; method 'tucker2' takes two ranks"),
+    ({"overrides": {"fc3": 4}}, "overrides names 'fc3', which is not a module of the graph; did you mean 'fc2', 'fc1'"),
+    ({"exclude": ["stme"]}, "exclude pattern 'stme' matches no conv/linear layer of the model; did you mean 'stem'"),
+    ({"overrides": {"depthwise": 4}}, r"overrides\['depthwise'\] cannot be split: depthwise conv"),
+    ({"overrides": {"fc1": {"method": "tucker2"}}}, "method 'tucker2' does not apply to a Linear; valid: auto, svd"),
+    ({"target_macs": 0.01}, "target_macs=0.01 cannot be reached: splitting every chosen layer"),
 ])
 def test_bad_layer_settings_fail_naming_the_layer(options, message):
     graph = graphopt.trace(ConvNet().eval(), X)
@@ -301,8 +301,8 @@ name = "fold_batchnorm"
 name = "split_low_rank"
 target_macs = 0.6
 rank_multiple = 2
-protected = ["features.0"]
-layers = { "classifier.2" = 6 }
+exclude = ["features.0"]
+overrides = { "classifier.2" = 6 }
 
 [[backends]]
 name = "onnx"
@@ -320,7 +320,7 @@ data = "graphopt.tools.digits:test_batches"
     assert record.name == "split_low_rank" and record.contract == "bounded"
     assert record.macs <= 0.6 * outcome.records[0].macs
     assert record.stats["layers"]["classifier.2"]["rank"] == 6
-    assert record.stats["skipped_layers"]["features.0"] == "protected"
+    assert record.stats["skipped_layers"]["features.0"] == "excluded"
     assert all(r % 2 == 0 for d in record.stats["layers"].values() if d["method"] != "svd"
                for r in ([d["rank"]] if isinstance(d["rank"], int) else d["rank"]))
     assert all(e.max_rel_error <= 1e-4 for e in outcome.exports)

@@ -95,8 +95,8 @@ path = "r18.onnx"
     (MODEL + '[[backends]]\nname = "onnx"\npath = "x.onnx"\nopset = "18"\n', "option 'opset' must be int"),
     (MODEL + '[[backends]]\nname = "onnx"\n', "backends[0].path must be an output path"),
     (MODEL + '[[passes]]\nname = "insert_qdq"\ntarget = "x86-sse2"\n',
-     "unknown target 'x86-sse2'; known: auto, x86-vnni, x86-avx2, arm64"),
-    (MODEL + '[evaluate]\ndata = "graphopt.tools.digits:test_batches"\nmetric = "f1"\n', "unknown metric 'f1'"),
+     "option 'target' must be one of auto, x86-vnni, x86-avx2, arm64, got str 'x86-sse2'"),
+    (MODEL + '[evaluate]\ndata = "graphopt.tools.digits:test_batches"\nmetric = "f1"\n', "evaluate.metric must be one of top1, got str 'f1'"),
     ("[model\n", "not valid TOML"),
     ("[[passes]]\nname = 'fold_batchnorm'\n", "missing [model] table"),
 ])
@@ -151,11 +151,13 @@ def test_inspect_prints_layers_and_totals(capsys):
     assert "params 9.98k, MACs 309.25k" in out
 
 
-def test_passes_lists_registered_passes(capsys):
+def test_passes_and_backends_list_what_is_registered(capsys):
     assert cli_main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "fold_batchnorm" in out and "exact" in out and "folded_norms" in out
-    assert "torchscript" in out
+    assert len([line for line in out.splitlines() if line.startswith("fold_")]) == 2   # one line each
+    assert cli_main(["backends"]) == 0
+    assert "torchscript_int8  Rebuild graph on torch's int8 kernels" in capsys.readouterr().out
 
 
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path, capsys):

@@ -112,7 +112,7 @@ def test_coarse_rounding_still_fills_the_budget():
 def test_global_scope_caps_and_overrides():
     model = randomize_bn(Residual())
     x = torch.randn(1, 3, 6, 6)
-    result = prune(model, x, ratio=0.5, scope="global", max_ratio=0.5, layers={"c1": 0.0})
+    result = prune(model, x, ratio=0.5, scope="global", max_ratio=0.5, overrides={"c1": 0.0})
     gm = result.graph.gm
     assert gm.get_submodule("c1").out_channels == 4  # override: untouched
     assert gm.get_submodule("stem").out_channels == 4  # the only other group takes the whole cut, capped
@@ -163,14 +163,15 @@ def test_custom_importance_object():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"ratio": 1.0}, "ratio must be in [0, 1)"),
-    ({"ratio": -0.1}, "ratio must be in [0, 1)"),
+    ({"ratio": 1.0}, "option 'ratio' must be a finite float >= 0 and < 1 or None, got float 1.0"),
+    ({"ratio": -0.1}, "option 'ratio' must be a finite float >= 0 and < 1"),
     ({}, "give exactly one of ratio, target_macs, target_params"),
     ({"ratio": 0.3, "target_macs": 0.5}, "got ratio, target_macs"),
-    ({"target_macs": 0.0}, "target_macs must be in (0, 1]"),
-    ({"ratio": 0.3, "importance": "random"}, "unknown importance 'random'"),
-    ({"ratio": 0.3, "scope": "local"}, "scope must be 'uniform' or 'global'"),
-    ({"ratio": 0.3, "round_to": 0}, "round_to must be a positive integer"),
+    ({"target_macs": 0.0}, "option 'target_macs' must be a finite float > 0 and <= 1"),
+    ({"ratio": 0.3, "importance": "random"}, "option 'importance' must be one of bn_scale, fpgm, l1, l2, taylor or an "
+                                             "Importance object, got str 'random'"),
+    ({"ratio": 0.3, "scope": "local"}, "option 'scope' must be one of uniform, global"),
+    ({"ratio": 0.3, "round_to": 0}, "option 'round_to' must be an int >= 1"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ConfigError) as info:
@@ -182,10 +183,12 @@ def test_unreachable_budget_and_missing_layers():
     graph = graphopt.trace(Residual().eval(), torch.randn(1, 3, 6, 6))
     with pytest.raises(PassFailed, match="cannot reach macs <= 1.0% of the original"):
         PassManager([PruneChannels(target_macs=0.01)]).run(graph)
-    with pytest.raises(PassFailed, match="layer 'layer9' does not exist in the model"):
-        PassManager([PruneChannels(ratio=0.3, protected=["layer9"])]).run(graph)
+    with pytest.raises(PassFailed, match="exclude pattern 'layer9' matches no layer of the model; e.g. stem, "):
+        PassManager([PruneChannels(ratio=0.3, exclude=["layer9"])]).run(graph)
+    with pytest.raises(PassFailed, match=r"layers pattern 'c\?9' matches no layer of the model"):
+        PassManager([PruneChannels(ratio=0.3, layers=["c?9"])]).run(graph)
     with pytest.raises(PassFailed, match="layer 'nope' does not exist"):
-        PassManager([PruneChannels(ratio=0.3, layers={"nope": 0.5})]).run(graph)
+        PassManager([PruneChannels(ratio=0.3, overrides={"nope": 0.5})]).run(graph)
 
 
 def test_nothing_prunable_is_said_not_silently_skipped():
@@ -222,10 +225,13 @@ def test_an_all_blocked_model_lists_its_blocking_ops_with_counts():
     assert message.index("cummax (unknown)") < message.index("special_erfinv (unknown)")   # most frequent first
 
 
-def test_protected_layer_keeps_its_channels():
-    result = prune(randomize_bn(Residual()), torch.randn(1, 3, 6, 6), ratio=0.5, protected=["c1"])
+def test_excluded_layer_keeps_its_channels_and_layers_chooses_the_others():
+    result = prune(randomize_bn(Residual()), torch.randn(1, 3, 6, 6), ratio=0.5, exclude=["c1"])
     assert result.graph.gm.get_submodule("c1").out_channels == 4
     assert result.graph.gm.get_submodule("stem").out_channels == 4
+    result = prune(randomize_bn(Residual()), torch.randn(1, 3, 6, 6), ratio=0.5, layers=["c1"])
+    assert result.graph.gm.get_submodule("c1").out_channels == 2
+    assert result.records[1].contract_error <= 1e-5
 
 
 def test_prune_plan_from_the_cli_changes_nothing(capsys):
@@ -256,7 +262,7 @@ name = "fold_batchnorm"
 name = "prune_channels"
 target_macs = 0.5
 importance = "taylor"
-protected = ["features.0"]
+exclude = ["features.0"]
 
 [[passes]]
 name = "distill"

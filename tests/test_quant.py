@@ -178,6 +178,16 @@ def test_cle_preserves_relu_networks_exactly_and_equalizes_ranges():
     assert dw.max() / dw.min() < 100
 
 
+def test_cle_rescales_only_pairs_of_chosen_layers():
+    graph = graphopt.trace(ReluChain().eval(), torch.randn(2, 3, 6, 6))
+    for options, pairs in (({"exclude": ["dw"]}, 0), ({"layers": ["a", "dw"]}, 1), ({"layers": ["*"]}, 2)):
+        result = PassManager([CrossLayerEqualization(**options)]).run(graph)
+        assert result.records[-1].stats["pairs"] == pairs, options
+    with pytest.raises(graphopt.PassFailed, match="exclude pattern 'dv' matches no conv/linear layer of the model; "
+                                                  "e.g. a, dw, b, fc"):
+        PassManager([CrossLayerEqualization(exclude=["dv"])]).run(graph)
+
+
 def test_bias_correction_removes_the_mean_output_shift():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
@@ -194,6 +204,14 @@ def test_bias_correction_removes_the_mean_output_shift():
     plain = mean_shift([InsertQDQ(progress=False, observer="minmax")])
     corrected = mean_shift([InsertQDQ(progress=False, observer="minmax"), BiasCorrection(progress=False)])
     assert corrected < plain / 2
+    quantized = PassManager([InsertQDQ(progress=False, observer="minmax")],
+                            context=PassContext({"calibration_data": data})).run(graph).graph
+    only_first = PassManager([BiasCorrection(progress=False, layers=["0"])],
+                             context=PassContext({"calibration_data": data})).run(quantized)
+    assert only_first.records[-1].stats["corrected"] == 1
+    with pytest.raises(graphopt.PassFailed, match="layers pattern '5' matches no int8 conv/linear layer"):
+        PassManager([BiasCorrection(progress=False, layers=["5"])],
+                    context=PassContext({"calibration_data": data})).run(quantized)
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -218,9 +236,9 @@ def test_a_one_shot_generator_is_read_once(cnn_graph):
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match="unknown observer 'kl'"):
+    with pytest.raises(ConfigError, match="option 'observer' must be one of minmax, moving_average, mse, percentile, got str 'kl'"):
         InsertQDQ(observer="kl")
-    with pytest.raises(ConfigError, match="first_layer must be 'int8' or 'float'"):
+    with pytest.raises(ConfigError, match="option 'first_layer' must be one of int8, float, got str 'fp16'"):
         InsertQDQ(first_layer="fp16")
     with pytest.raises(ConfigError, match="option .percentile. must be a finite float > 50 and <= 100, got float 20.0"):
         InsertQDQ(observer="percentile", percentile=20.0)

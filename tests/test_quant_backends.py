@@ -108,7 +108,7 @@ def test_int8_backends_reject_bad_input(int8_graph, tmp_path):
     for backend in (onnx_int8, torchscript_int8):
         with pytest.raises(ConfigError, match="no int8 weights; run insert_qdq and fold_qdq first"):
             backend.export(float_graph, tmp_path / "x.bin")
-    with pytest.raises(ConfigError, match="form must be one of auto, qoperator, qdq, tune"):
+    with pytest.raises(ConfigError, match="option 'form' must be one of auto, qoperator, qdq, tune"):
         onnx_int8.export(int8_graph, tmp_path / "x.onnx", form="qlinear")
 
 

@@ -68,7 +68,7 @@ def test_insert_qdq_layer_outputs_option(encoder_int8):
     result = PassManager([InsertQDQ(progress=False, layer_outputs="int8")],
                          context=PassContext({"calibration_data": data})).run(graph)
     assert result.records[1].stats["fake_quant_nodes"] == 8         # inputs and outputs
-    with pytest.raises(ConfigError, match="layer_outputs must be 'auto', 'int8' or 'float'"):
+    with pytest.raises(ConfigError, match="option 'layer_outputs' must be one of auto, int8, float"):
         InsertQDQ(layer_outputs="int4")
 
 
@@ -90,7 +90,7 @@ def test_onnx_int8_goes_through_torch_onnx_and_reaches_integer_kernels(encoder_i
     other = torch.randint(0, 100, (3, 23))                               # another batch and length
     out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     np.testing.assert_allclose(out, result.graph.gm(other).detach().numpy(), atol=0.05)
-    with pytest.raises(ConfigError, match="lowering must be one of auto, direct, torch_onnx"):
+    with pytest.raises(ConfigError, match="option 'lowering' must be one of auto, direct, torch_onnx"):
         onnx_int8.export(result.graph, tmp_path / "x.onnx", lowering="tvm")
 
 

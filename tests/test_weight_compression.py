@@ -128,17 +128,17 @@ def test_bound_is_enforced(folded):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: PruneMagnitude(sparsity=1.0), r"sparsity must be a number in \[0, 1\)"),
-    (lambda: PruneMagnitude(sparsity=-0.1), r"sparsity must be a number in \[0, 1\)"),
+    (lambda: PruneMagnitude(sparsity=1.0), "option 'sparsity' must be a finite float >= 0 and < 1, got float 1.0"),
+    (lambda: PruneMagnitude(sparsity=-0.1), "option 'sparsity' must be a finite float >= 0 and < 1"),
     (lambda: PruneMagnitude(sparsity=True), "option .sparsity. must be float, got bool True"),
-    (lambda: PruneMagnitude(scope="model"), "scope must be one of layer, global"),
-    (lambda: PruneMagnitude(steps=0), "steps must be an integer >= 1"),
+    (lambda: PruneMagnitude(scope="model"), "option 'scope' must be one of layer, global, got str 'model'"),
+    (lambda: PruneMagnitude(steps=0), "option 'steps' must be an int >= 1, got int 0"),
     (lambda: PruneMagnitude(layers="features.*"), r"option 'layers' must be list\[str\] or None"),
-    (lambda: ShareWeights(bits=1), "bits must be an integer from 2 to 8"),
-    (lambda: ShareWeights(bits=9), "bits must be an integer from 2 to 8"),
-    (lambda: QuantizeWeights(bits=3), "bits must be one of 2, 4, 8"),
-    (lambda: QuantizeWeights(granularity="tensor"), "granularity must be one of channel, group"),
-    (lambda: QuantizeWeights(group_size=0), "group_size must be an integer >= 1"),
+    (lambda: ShareWeights(bits=1), "option 'bits' must be an int >= 2 and <= 8, got int 1"),
+    (lambda: ShareWeights(bits=9), "option 'bits' must be an int >= 2 and <= 8"),
+    (lambda: QuantizeWeights(bits=3), "option 'bits' must be one of 2, 4, 8, got int 3"),
+    (lambda: QuantizeWeights(granularity="tensor"), "option 'granularity' must be one of channel, group"),
+    (lambda: QuantizeWeights(group_size=0), "option 'group_size' must be an int >= 1"),
 ])
 def test_bad_options_are_named(make, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,5 +1,5 @@
 """The ``graphopt`` command line: compress a model for a goal, run a pipeline file, inspect a model,
-list passes.
+list passes and backends with the reference of their options.
 
 Errors graphopt raises on purpose are printed as one line naming the problem (exit 2);
 a pass that fails mid-pipeline prints the report so far and the failing pass (exit 1); a search
@@ -8,11 +8,15 @@ that finds no candidate within the goal still writes its report and exits 3.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import textwrap
+import warnings
 
-from graphopt.backend import registered_backends
+from graphopt.backend import get_backend, options_model, registered_backends
 from graphopt.errors import ConfigError, GraphoptError, PassFailed
-from graphopt.pass_base import registered_passes
+from graphopt.options import Options, option_reference, renamed_options
+from graphopt.pass_base import get_pass, registered_passes
 from graphopt.app.pipeline import ModelSpec, check_outputs, load_pipeline, resolve_callable, run_pipeline
 from graphopt.report import human, pass_table, table, write_json
 from graphopt.trace import trace
@@ -126,14 +130,63 @@ def _cmd_compress(args) -> int:
     return 0 if result.chosen is not None else 3
 
 
+def _first_sentence(doc: str | None) -> str:
+    """A docstring's first sentence, on one line."""
+    paragraph = inspect.cleandoc(doc or "").split("\n\n")[0]
+    return " ".join(paragraph.split()).replace("``", "").split(". ")[0].rstrip(".")
+
+
+def option_reference_text(model: type[Options], where: str) -> str:
+    """The options of ``model`` as text: name, type, default and allowed values on one line, the
+    description below it; then the rules across options and the deprecated names."""
+    rows = option_reference(model)
+    if not rows:
+        return "no options"
+    headers = ("option", "type", "default", "allowed")
+    cells = [(r.name, r.type, r.default, r.allowed or "-") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = [f"options ({where}):", "  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+             "  " + "  ".join("-" * w for w in widths)]
+    for row, cell in zip(rows, cells):
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(cell, widths)).rstrip())
+        if row.description:
+            lines += textwrap.wrap(row.description, 100, initial_indent="      ", subsequent_indent="      ")
+    base = model.__mro__[1]   # the pass's Rules
+    if base is not Options and base.__doc__ and base.__doc__ != Options.__doc__:
+        lines += ["", f"rules: {' '.join(inspect.cleandoc(base.__doc__).split())}"]
+    renamed = renamed_options(model)
+    if renamed:
+        lines += ["", "deprecated (still taken, with a warning): "
+                  + "; ".join(f"{old} -> {new}" for old, new in renamed.items())]
+    return "\n".join(lines)
+
+
 def _cmd_passes(args) -> int:
+    if args.name:
+        cls = get_pass(args.name)
+        print(f"{cls.name}: {cls.summary()}")
+        print(f"contract {cls.contract.value}; requires {', '.join(sorted(cls.requires)) or '-'}; "
+              f"ensures {', '.join(sorted(cls.ensures)) or '-'}\n")
+        print(option_reference_text(cls.options_model(), "keys of its [[passes]] table, or keyword arguments"))
+        return 0
     print(table(["pass", "contract", "requires", "ensures", "description"],
                 [(name, cls.contract.value, ",".join(sorted(cls.requires)) or "-",
                   ",".join(sorted(cls.ensures)) or "-", cls.summary())
                  for name, cls in registered_passes().items()]))
-    print()
+    print("\ngraphopt passes NAME: the options of a pass; graphopt backends: the backends")
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    if args.name:
+        fn = get_backend(args.name)
+        print(f"{args.name}: {_first_sentence(fn.__doc__)}\n")
+        print(option_reference_text(options_model(args.name), "keys of its [[backends]] table besides name and path, "
+                                                              "or keyword arguments"))
+        return 0
     print(table(["backend", "description"],
-                [(name, (fn.__doc__ or "").strip().splitlines()[0]) for name, fn in registered_backends().items()]))
+                [(name, _first_sentence(fn.__doc__)) for name, fn in registered_backends().items()]))
+    print("\ngraphopt backends NAME: the options of a backend")
     return 0
 
 
@@ -167,13 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--fresh", action="store_true", help="start the study again instead of resuming it")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(fn=_cmd_compress)
-    passes = sub.add_parser("passes", help="list registered passes and backends")
+    passes = sub.add_parser("passes", help="list registered passes, or print one pass's option reference")
+    passes.add_argument("name", nargs="?", help="a pass: print its options (type, default, allowed values)")
     passes.set_defaults(fn=_cmd_passes)
+    backends = sub.add_parser("backends", help="list registered backends, or print one backend's option reference")
+    backends.add_argument("name", nargs="?", help="a backend: print its options")
+    backends.set_defaults(fn=_cmd_backends)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # a deprecated option name in a pipeline file is said on stderr (Python hides DeprecationWarnings
+    # raised outside __main__ by default)
+    warnings.filterwarnings("default", message=r"(pass|backend|observer) '.*': option '.*' .*is deprecated",
+                            category=DeprecationWarning)
     try:
         return args.fn(args)
     except GraphoptError as exc:

@@ -2,7 +2,8 @@
 
 Everything in the file is checked before any work starts (unknown keys, wrong types,
 missing files, unwritable outputs, unknown passes or backends), so a typo costs
-seconds, not a half-finished run.
+seconds, not a half-finished run. The tables are typed (pydantic models below, with a pass's or
+backend's own option model for its further keys); what is wrong is a ConfigError naming the key.
 
     [model]                  # one of: torchvision = "resnet18" | factory = "pkg.mod:fn"
     factory = "graphopt.tools.digits:DigitsCNN"
@@ -10,11 +11,11 @@ seconds, not a half-finished run.
     input_shape = [1, 1, 8, 8]
 
     [[passes]]
-    name = "fold_batchnorm"        # further keys are the pass's options
+    name = "fold_batchnorm"        # further keys are the pass's options (graphopt passes NAME)
 
     [[backends]]
     name = "onnx"
-    path = "out/digits.onnx"       # further keys are the backend's options
+    path = "out/digits.onnx"       # further keys are the backend's options (graphopt backends NAME)
 
     [evaluate]
     data = "graphopt.tools.digits:test_batches"   # callable -> iterable of (inputs, labels)
@@ -30,11 +31,14 @@ import importlib
 import os
 import time
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
 import torch.nn as nn
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from graphopt.backend import ExportReport, check_backend_options, get_backend
 from graphopt.errors import ConfigError
@@ -43,18 +47,183 @@ from graphopt.files import check_output_path
 from graphopt.ir import Graph
 from graphopt.app.latency import interleaved_latency
 from graphopt.memory import check_fits, tensor_bytes
+from graphopt.options import Count, Expect, choice, describe
 from graphopt.pass_base import Pass, PassContext, get_pass
 from graphopt.pass_manager import PassManager, PassRecord
 from graphopt.trace import trace
 
-SECTIONS = {"model", "passes", "backends", "evaluate", "report", "data"}
-MODEL_KEYS = {"torchvision", "factory", "kwargs", "checkpoint", "trusted_checkpoint", "input_shape", "input_dtype"}
-EVALUATE_KEYS = {"data", "metric", "limit"}
-REPORT_KEYS = {"json", "latency", "threads", "rounds"}
 METRICS = {"top1": top1_accuracy}
+Metric = choice(lambda: METRICS)   # an alias: a lambda written in a (string) annotation would not see METRICS
+CALLABLE = Annotated[str, Expect("a 'package.module:attribute' string")]
+
+
+# -- the tables of a pipeline file ---------------------------------------------------------------------
+class Table(BaseModel):
+    """A table of a pipeline file: strict types, unknown keys refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _shapes(shape: list) -> list[list[int]]:
+    """``input_shape``: one shape (a list of positive integers) or a list of them, one per input."""
+    shapes = shape if shape and isinstance(shape[0], list) else [shape]
+    for s in shapes:
+        if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                       for d in s):
+            raise ValueError(INPUT_SHAPE)
+    return shapes
+
+
+INPUT_SHAPE = "a list of positive integers (or one such list per input), e.g. [1, 3, 224, 224]"
+
+
+class ModelTable(Table):
+    """[model]: where the model comes from and the shape of its example input."""
+
+    torchvision: Annotated[str, Expect("a torchvision model name")] | None = None
+    factory: CALLABLE | None = None
+    kwargs: dict[str, Any] = {}
+    checkpoint: Annotated[str, Expect("a file path")] | None = None
+    trusted_checkpoint: bool = False
+    input_shape: Annotated[list, Expect(INPUT_SHAPE), AfterValidator(_shapes)]
+    input_dtype: str = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.torchvision is not None and self.factory is not None:
+            raise ValueError("give one of torchvision or factory, not both")
+        if self.torchvision is None and self.factory is None and self.checkpoint is None:
+            raise ValueError("name a model source: torchvision = \"name\", factory = \"pkg.mod:fn\" or "
+                             "checkpoint = \"path\"")
+        return self
+
+
+class Entry(Table):
+    """A [[passes]] or [[backends]] entry: its name; further keys are the pass's (backend's) options."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PassEntry(Entry):
+    name: Annotated[str, Expect("a pass name")]
+
+
+class BackendEntry(Entry):
+    name: Annotated[str, Expect("a backend name")]
+    path: Annotated[str, Expect("an output path")]
+
+
+class EvaluateTable(Table):
+    """[evaluate]: the data the model is evaluated on before and after, and the metric."""
+
+    data: CALLABLE
+    metric: Metric = "top1"
+    limit: Count = 1
+
+
+class ReportTable(Table):
+    """[report]: a JSON report, and latency measured before and after."""
+
+    json_path: Annotated[str, Expect("a path")] | None = Field(None, alias="json")   # BaseModel has .json
+    latency: bool = False
+    threads: Count = 2
+    rounds: Count = 20
+
+
+class DataTable(Table):
+    """A [data] entry written as a table: the factory and its keyword arguments."""
+
+    factory: CALLABLE
+    kwargs: dict[str, Any] = {}
+
+
+class PipelineFile(Table):
+    """A pipeline file: the model, passes, backends, evaluation, report and named data."""
+
+    model: ModelTable
+    passes: Annotated[list[PassEntry], Expect("an array of tables ([[passes]])")] = []
+    backends: Annotated[list[BackendEntry], Expect("an array of tables ([[backends]])")] = []
+    evaluate: EvaluateTable | None = None
+    report: ReportTable | None = None
+    data: Annotated[dict[str, Any], Expect("a table of name = \"pkg.mod:fn\" entries")] = {}
+
+
+def table_keys(model: type[BaseModel]) -> dict[str, str]:
+    """The keys a table takes (as written in the file) and the fields they fill."""
+    return {field.alias or name: name for name, field in model.model_fields.items()}
+
+
+SECTIONS = set(table_keys(PipelineFile))
+MODEL_KEYS = set(table_keys(ModelTable))
+EVALUATE_KEYS = set(table_keys(EvaluateTable))
+REPORT_KEYS = set(table_keys(ReportTable))
+
+
+def check_table(model: type[BaseModel], table: Any, where: str, root: bool = False) -> Any:
+    """``table`` (a TOML table named ``where``; with ``root``, a whole file named by its path) as
+    ``model``; what is wrong is a ConfigError naming the key: "[model]: unknown key 'x'; valid keys:
+    ...", "model.input_shape must be ..., got list [1, -1]"."""
+    try:
+        return model.model_validate(table)
+    except ValidationError as exc:   # an unknown key first: a misspelt key also leaves one missing
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(_explain(model, errors[0], table, where, root)) from None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``annotation`` without Annotated metadata and without ``| None``."""
+    while True:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is Annotated:
+            annotation = args[0]
+        elif origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+            annotation = next(a for a in args if a is not type(None))
+        else:
+            return annotation
+
+
+def _is_table(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _explain(model: type[BaseModel], error: dict, table: Any, where: str, root: bool) -> str:
+    """One line for pydantic's ``error``: the key's dotted name, what it must be, what it is."""
+    loc, kind = list(error["loc"]), error["type"]
+    names = [] if root else [where]
+    node, value = model, table
+    for part in loc:   # walk down to the table field (or table) the error is about
+        inner = _unwrap(node)
+        if _is_table(inner) and part in table_keys(inner):
+            node = typing.get_type_hints(inner, include_extras=True)[table_keys(inner)[part]]
+            names.append(str(part))
+            value = value.get(part) if isinstance(value, dict) else None
+        elif typing.get_origin(inner) is list and isinstance(part, int) \
+                and _is_table(_unwrap(typing.get_args(inner)[0])):
+            node = typing.get_args(inner)[0]
+            names[-1] += f"[{part}]"
+            value = value[part] if isinstance(value, list) and part < len(value) else None
+        else:
+            break
+    inner, dotted = _unwrap(node), ".".join(names)
+    if kind == "extra_forbidden":
+        valid = ", ".join(sorted(table_keys(inner))) if _is_table(inner) else ""
+        return f"{f'[{dotted}]' if dotted else where}: unknown key {loc[-1]!r}; valid keys: {valid}"
+    if kind == "missing" and root and loc == ["model"]:
+        return f"{where}: missing [model] table"
+    if kind == "value_error" and _is_table(inner):   # a rule across the table's keys
+        return f"[{dotted}]: {error['ctx']['error']}"
+    expected = "a table" if _is_table(inner) else describe(node)
+    if kind == "missing":
+        return f"{dotted} must be {expected} (it is missing)"
+    return f"{dotted} must be {expected}, got {type(value).__name__} {value!r}"
 
 
 def check_keys(where: str, table: Any, valid: set[str]) -> dict:
+    """A table that must have only ``valid`` keys (a compress spec's [data])."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
     unknown = sorted(set(table) - valid)
@@ -63,15 +232,10 @@ def check_keys(where: str, table: Any, valid: set[str]) -> dict:
     return table
 
 
-def _typed(where: str, value: Any, kind: type | tuple, what: str) -> Any:
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
-        raise ConfigError(f"{where} must be {what}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def resolve_callable(spec: str, where: str) -> Callable:
     """'package.module:attribute' -> the attribute, with errors that name ``where``."""
-    _typed(where, spec, str, "a 'package.module:attribute' string")
+    if not isinstance(spec, str):
+        raise ConfigError(f"{where} must be a 'package.module:attribute' string, got {type(spec).__name__} {spec!r}")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{where}: {spec!r} is not of the form 'package.module:attribute'")
@@ -214,16 +378,13 @@ def data_factory(key: str, spec: Any) -> Callable:
     Passes receive the callable and call it each time they need a fresh pass over the data."""
     where = f"data.{key}"
     if isinstance(spec, dict):
-        check_keys(f"[{where}]", spec, {"factory", "kwargs"})
-        fn = resolve_callable(spec.get("factory"), f"{where}.factory")
-        kwargs = _typed(f"{where}.kwargs", spec.get("kwargs", {}), dict, "a table")
-        return functools.partial(fn, **kwargs)
+        table = check_table(DataTable, spec, where)
+        return functools.partial(resolve_callable(table.factory, f"{where}.factory"), **table.kwargs)
     return resolve_callable(spec, where)
 
 
-def read_config(path: str, what: str, sections: set[str]) -> tuple[dict, Callable[[str], str], ModelSpec]:
-    """A TOML file with a [model] table (pipeline or compress spec): its tables, a function making
-    paths relative to the file, and the checked model."""
+def read_toml(path: str, what: str) -> tuple[dict, Callable[[str], str]]:
+    """A TOML file's tables, and a function making paths relative to the file."""
     if not os.path.isfile(path):
         raise ConfigError(f"{what} not found: {path}")
     try:
@@ -238,64 +399,48 @@ def read_config(path: str, what: str, sections: set[str]) -> tuple[dict, Callabl
     def local(p: str) -> str:
         return p if not p or os.path.isabs(p) else os.path.join(base, p)   # "" stays empty: refused as such
 
+    return raw, local
+
+
+def read_config(path: str, what: str, sections: set[str]) -> tuple[dict, Callable[[str], str], ModelSpec]:
+    """A TOML file with a [model] table (pipeline or compress spec): its tables, a function making
+    paths relative to the file, and the checked model."""
+    raw, local = read_toml(path, what)
     check_keys(path, raw, sections)
     if "model" not in raw:
         raise ConfigError(f"{path}: missing [model] table")
-    return raw, local, parse_model(check_keys("[model]", raw["model"], MODEL_KEYS), local)
+    return raw, local, parse_model(check_table(ModelTable, raw["model"], "model"), local)
 
 
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     """Parse and fully check a pipeline file."""
     path = os.fspath(path)
-    raw, local, model = read_config(path, "pipeline file", SECTIONS)
+    raw, local = read_toml(path, "pipeline file")
+    document: PipelineFile = check_table(PipelineFile, raw, path, root=True)
+    model = parse_model(document.model, local)
 
-    passes = []
-    for i, entry in enumerate(_typed("passes", raw.get("passes", []), list, "an array of tables ([[passes]])")):
-        where = f"passes[{i}]"
-        entry = dict(_typed(where, entry, dict, "a table"))
-        name = _typed(f"{where}.name", entry.pop("name", None), str, "a pass name")
-        passes.append(get_pass(name).from_config(entry))
+    passes = [get_pass(entry.name).from_config(entry.options) for entry in document.passes]
 
     backends = []
-    for i, entry in enumerate(_typed("backends", raw.get("backends", []), list, "an array of tables ([[backends]])")):
-        where = f"backends[{i}]"
-        entry = dict(_typed(where, entry, dict, "a table"))
-        name = _typed(f"{where}.name", entry.pop("name", None), str, "a backend name")
-        get_backend(name)
-        out = local(_typed(f"{where}.path", entry.pop("path", None), str, "an output path"))
-        out = check_output_path(out, f"{where}.path")
-        check_backend_options(name, entry)
-        backends.append((name, out, entry))
+    for i, entry in enumerate(document.backends):
+        get_backend(entry.name)
+        out = check_output_path(local(entry.path), f"backends[{i}].path")
+        backends.append((entry.name, out, check_backend_options(entry.name, entry.options)))
 
     evaluate = None
-    if "evaluate" in raw:
-        evaluate = dict(check_keys("[evaluate]", raw["evaluate"], EVALUATE_KEYS))
-        resolve_callable(evaluate.get("data"), "evaluate.data")
-        metric = evaluate.setdefault("metric", "top1")
-        if not isinstance(metric, str) or metric not in METRICS:
-            raise ConfigError(f"evaluate.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-        limit = evaluate.get("limit", 1)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-            raise ConfigError(f"evaluate.limit must be a positive integer, got {limit!r}")
+    if document.evaluate is not None:
+        evaluate = document.evaluate.model_dump()
+        resolve_callable(evaluate["data"], "evaluate.data")
 
     report_json, latency = None, None
-    if "report" in raw:
-        report = check_keys("[report]", raw["report"], REPORT_KEYS)
-        if "json" in report:
-            report_json = check_output_path(local(_typed("report.json", report["json"], str, "a path")),
-                                            "report.json")
-        if _typed("report.latency", report.get("latency", False), bool, "true or false"):
-            latency = {}
-            for key, default in (("threads", 2), ("rounds", 20)):
-                value = report.get(key, default)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ConfigError(f"report.{key} must be a positive integer, got {value!r}")
-                latency[key] = value
+    if document.report is not None:
+        report = document.report
+        if report.json_path is not None:
+            report_json = check_output_path(local(report.json_path), "report.json")
+        if report.latency:
+            latency = {"threads": report.threads, "rounds": report.rounds}
 
-    data = {}
-    table = raw.get("data", {})
-    for key, spec in check_keys("[data]", table, set(table) if isinstance(table, dict) else set()).items():
-        data[key] = data_factory(key, spec)
+    data = {key: data_factory(key, spec) for key, spec in document.data.items()}
     config = PipelineConfig(path, model, passes, backends, evaluate, report_json, data, latency)
     check_outputs(config)
     return config
@@ -320,42 +465,28 @@ def check_outputs(config: PipelineConfig, report_json: str | None = None) -> Non
         claims[real] = where
 
 
-def parse_model(table: dict, local: Callable[[str], str]) -> ModelSpec:
-    sources = [k for k in ("torchvision", "factory") if k in table]
-    if len(sources) > 1:
-        raise ConfigError("[model]: give one of torchvision or factory, not both")
-    if not sources and "checkpoint" not in table:
-        raise ConfigError("[model]: name a model source: torchvision = \"name\", factory = \"pkg.mod:fn\" "
-                          "or checkpoint = \"path\"")
+def parse_model(table: ModelTable, local: Callable[[str], str]) -> ModelSpec:
+    """The model a checked [model] table names, its sources resolved and its inputs sized."""
     spec = ModelSpec()
-    if "torchvision" in table:
+    if table.torchvision is not None:
         import torchvision
 
-        name = _typed("model.torchvision", table["torchvision"], str, "a model name")
         known = torchvision.models.list_models()
-        if name not in known:
-            raise ConfigError(f"model.torchvision: unknown model {name!r}; e.g. {', '.join(sorted(known)[:8])}, ...")
-        spec.torchvision = name
-    if "factory" in table:
-        spec.factory = table["factory"]
+        if table.torchvision not in known:
+            raise ConfigError(f"model.torchvision: unknown model {table.torchvision!r}; "
+                              f"e.g. {', '.join(sorted(known)[:8])}, ...")
+        spec.torchvision = table.torchvision
+    if table.factory is not None:
+        spec.factory = table.factory
         resolve_callable(spec.factory, "model.factory")
-    spec.kwargs = dict(_typed("model.kwargs", table.get("kwargs", {}), dict, "a table"))
-    if "checkpoint" in table:
-        spec.checkpoint = local(_typed("model.checkpoint", table["checkpoint"], str, "a file path"))
+    spec.kwargs = dict(table.kwargs)
+    if table.checkpoint is not None:
+        spec.checkpoint = local(table.checkpoint)
         if not os.path.isfile(spec.checkpoint):
             raise ConfigError(f"model.checkpoint: file not found: {spec.checkpoint}")
-    spec.trusted_checkpoint = _typed("model.trusted_checkpoint", table.get("trusted_checkpoint", False), bool,
-                                     "true or false")
-    shape = table.get("input_shape")
-    if shape is None:
-        raise ConfigError("[model]: input_shape is required, e.g. input_shape = [1, 3, 224, 224]")
-    shapes = shape if isinstance(shape, list) and shape and isinstance(shape[0], list) else [shape]
-    for s in shapes:
-        if not isinstance(s, list) or not s or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                       for d in s):
-            raise ConfigError(f"model.input_shape must be a list of positive integers, got {shape!r}")
-    spec.input_shapes = shapes
-    spec.input_dtype = table.get("input_dtype", "float32")
+    spec.trusted_checkpoint = table.trusted_checkpoint
+    spec.input_shapes = table.input_shape
+    spec.input_dtype = table.input_dtype
     spec.check_inputs()
     return spec
 

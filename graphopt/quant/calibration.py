@@ -7,8 +7,10 @@ outside it (adjacent bins merge, so nothing is re-estimated), never the activati
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+import functools
+from typing import Annotated, Any, Callable, Iterable, Iterator
 
+import annotated_types as at
 import torch
 from torch import fx
 from tqdm.auto import tqdm
@@ -16,6 +18,8 @@ from tqdm.auto import tqdm
 from graphopt.data import batch_inputs, check_batch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.options import FINITE, Count, Options, options_model, validate_options
+from graphopt.registry import Registry
 
 
 class Observer:
@@ -44,25 +48,32 @@ class Observer:
         return self.min, self.max
 
 
-_OBSERVERS: dict[str, Callable[..., Observer]] = {}
+OBSERVERS: Registry[type[Observer]] = Registry("observer")
 
 
-def register_observer(name: str):
-    def decorate(cls):
-        _OBSERVERS[name] = cls
+def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
+    """Class decorator: make an Observer subclass available by ``name`` (``insert_qdq``'s ``observer``);
+    its ``__init__`` keyword parameters are its options, typed as a pass's are."""
+    def decorate(cls: type[Observer]) -> type[Observer]:
+        OBSERVERS.add(name, cls)
         cls.name = name
         return cls
     return decorate
 
 
 def observer_names() -> list[str]:
-    return sorted(_OBSERVERS)
+    return OBSERVERS.names()
+
+
+@functools.cache
+def _observer_options(cls: type[Observer]) -> type[Options]:
+    return options_model(f"observer {cls.name!r}", cls.__init__, doc=cls.__doc__)
 
 
 def make_observer(name: str, **options) -> Observer:
-    if name not in _OBSERVERS:
-        raise ConfigError(f"unknown observer {name!r}; known observers: {', '.join(observer_names())}")
-    return _OBSERVERS[name](**options)
+    """A new observer ``name`` with ``options`` checked (ConfigError naming the option)."""
+    cls = OBSERVERS.get(name)
+    return cls(**validate_options(_observer_options(cls), options))
 
 
 @register_observer("minmax")
@@ -74,10 +85,8 @@ class MinMaxObserver(Observer):
 class MovingAverageObserver(Observer):
     """Exponential moving average of each batch's min and max (``momentum``: weight of the past)."""
 
-    def __init__(self, momentum: float = 0.9):
+    def __init__(self, momentum: Annotated[float, at.Ge(0), at.Lt(1), FINITE] = 0.9):
         super().__init__()
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"moving_average observer: momentum must be in [0, 1), got {momentum!r}")
         self.momentum = momentum
         self.avg_min = self.avg_max = 0.0
 
@@ -95,13 +104,14 @@ class MovingAverageObserver(Observer):
         return self.avg_min, self.avg_max
 
 
+Bins = Annotated[int, at.Ge(16), at.MultipleOf(4)]
+
+
 class HistogramObserver(Observer):
     """A ``bins``-bin histogram over [-R, R]; R doubles (bins merge pairwise) to fit new data."""
 
-    def __init__(self, bins: int = 2048):
+    def __init__(self, bins: Bins = 2048):
         super().__init__()
-        if bins < 16 or bins % 4:
-            raise ConfigError(f"histogram observer: bins must be a multiple of 4 and >= 16, got {bins!r}")
         self.bins = bins
         self.limit = 0.0
         self.hist = torch.zeros(bins, dtype=torch.float64)
@@ -130,10 +140,8 @@ class HistogramObserver(Observer):
 class PercentileObserver(HistogramObserver):
     """Clip the ``(100 - percentile)``% tails of the histogram (e.g. 99.99 keeps all but 0.01% each side)."""
 
-    def __init__(self, percentile: float = 99.99, bins: int = 2048):
+    def __init__(self, percentile: Annotated[float, at.Gt(50), at.Le(100), FINITE] = 99.99, bins: Bins = 2048):
         super().__init__(bins)
-        if not 50 < percentile <= 100:
-            raise ConfigError(f"percentile observer: percentile must be in (50, 100], got {percentile!r}")
         self.percentile = percentile
 
     def range(self) -> tuple[float, float]:
@@ -152,7 +160,7 @@ class PercentileObserver(HistogramObserver):
 class MSEObserver(HistogramObserver):
     """The clipping range whose uint8 quantization has the least squared error over the histogram."""
 
-    def __init__(self, bins: int = 2048, candidates: int = 100, levels: int = 256):
+    def __init__(self, bins: Bins = 2048, candidates: Count = 100, levels: Annotated[int, at.Ge(2)] = 256):
         super().__init__(bins)
         self.candidates, self.levels = candidates, levels
 

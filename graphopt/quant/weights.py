@@ -1,6 +1,6 @@
 """Shared mechanics of the weight-compression passes (pruning, sharing, low-bit quantization).
 
-- ``weight_layers``: the conv/linear weights a pass works on, filtered by glob patterns.
+- ``weight_layers``: the conv/linear weights a pass works on, chosen by ``layers``/``exclude``.
 - Annotations: what a pass did to a weight (sparsity, shared values, quantization scales),
   kept in ``graph.gm.meta[ANNOTATIONS_KEY][param_name]`` so they travel with clones and
   the packed backend can store the weight compactly.
@@ -10,15 +10,15 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from graphopt.training.distill import DistillConfig, distill
-from graphopt.errors import ConfigError, DataError
+from graphopt.errors import DataError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerSelection
 from graphopt.ops import OpKind
 from graphopt.pass_base import Contract
 
@@ -27,16 +27,12 @@ ANNOTATIONS_KEY = "graphopt.compression"
 
 def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[str] | None = None,
                   owner: str = "weight pass") -> list[tuple[str, nn.Module]]:
-    """(module path, module) of every conv/linear call with a weight, in graph order; ``layers``
-    and ``exclude`` are fnmatch patterns over module paths, each of which must match a layer
-    (a misspelt name is an error, not a layer silently left alone)."""
+    """(module path, module) of every conv/linear call with a weight, in graph order, chosen by
+    ``layers`` and ``exclude`` (graphopt.layer_selection: each pattern must match a layer)."""
     candidates = [str(n.target) for n in graph.nodes
                   if n.op == "call_module" and graph.kind(n) in (OpKind.CONV, OpKind.LINEAR)]
-    for key, patterns in (("layers", layers), ("exclude", exclude)):
-        for pattern in patterns or ():
-            if not any(fnmatch.fnmatchcase(path, pattern) for path in candidates):
-                raise ConfigError(f"{owner}: {key} pattern {pattern!r} matches no conv/linear layer of the model; "
-                                  f"e.g. {', '.join(candidates[:6])}")
+    selection = LayerSelection.of(layers, exclude)
+    selection.check(candidates, owner)
     found, seen = [], set()
     for node in graph.nodes:
         if node.op != "call_module" or graph.kind(node) not in (OpKind.CONV, OpKind.LINEAR):
@@ -45,9 +41,7 @@ def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[s
         module = graph.module(node)
         if path in seen or not isinstance(getattr(module, "weight", None), torch.Tensor):
             continue
-        if layers and not any(fnmatch.fnmatchcase(path, p) for p in layers):
-            continue
-        if exclude and any(fnmatch.fnmatchcase(path, p) for p in exclude):
+        if not selection.selects(path):
             continue
         if not torch.isfinite(module.weight).all():
             raise DataError(f"{owner}: the weight of {path!r} holds NaN or Inf values; compressing it would hide that")
@@ -56,19 +50,10 @@ def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[s
     return found
 
 
-def check_patterns(owner: str, name: str, patterns: Any) -> list[str] | None:
-    if patterns is None:
-        return None
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"{owner}: {name} must be a list of module path patterns, got {patterns!r}")
-    return list(patterns)
-
-
 def configure_finetune(pass_: Any, owner: str, finetune_epochs: Any, lr: float, max_batches: int | None) -> None:
     """Set a weight-compression pass's ``finetune`` settings (None: no fine-tuning); a pass
-    that fine-tunes changes the function on purpose (contract NONE) and needs train_data."""
-    if not isinstance(finetune_epochs, (int, float)) or finetune_epochs < 0:
-        raise ConfigError(f"{owner}: finetune_epochs must be >= 0, got {finetune_epochs!r}")
+    that fine-tunes changes the function on purpose (contract NONE) and needs train_data
+    (the pass's option model has checked the values)."""
     pass_.finetune = None
     if finetune_epochs:
         pass_.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches)
@@ -82,8 +67,8 @@ def configure_weight_pass(pass_: Any, owner: str, layers: Any, exclude: Any, bou
                           progress: bool = False) -> None:
     """The settings every weight-compression pass shares: which layers (``layers`` / ``exclude``
     patterns), its error bound, and its optional fine-tuning."""
-    pass_.layers = check_patterns(owner, "layers", layers)
-    pass_.exclude = check_patterns(owner, "exclude", exclude)
+    pass_.layers = None if layers is None else list(layers)
+    pass_.exclude = None if exclude is None else list(exclude)
     pass_.bound, pass_.progress = bound, progress
     configure_finetune(pass_, owner, finetune_epochs, lr, max_batches)
 

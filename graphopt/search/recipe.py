@@ -57,7 +57,7 @@ class Recipe:
         structural = bool(self.prune or self.low_rank)
         if self.prune:
             steps.append(get_pass("prune_channels")(target_macs=round(1 - self.prune, 4), scope=self.scope,
-                                                    protected=protected_layers[:self.protect]))
+                                                    exclude=protected_layers[:self.protect]))
         if self.low_rank:
             steps.append(get_pass("split_low_rank")(energy=self.low_rank, progress=progress))
         if structural and self.finetune:
