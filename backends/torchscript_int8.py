@@ -26,8 +26,8 @@ from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
-from graphopt.backends._int8_checks import (gather_int8_rows, int8_mac_share, layerwise_within_one_step, output_steps,
-                                            within_one_step)
+from graphopt.backends._int8_checks import (check_exportable, gather_int8_rows, int8_mac_share,
+                                            layerwise_within_one_step, output_steps, within_one_step)
 from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, QParams, is_activation_fq, is_weight_dq, keeps_grid, qparams,
                                     quant_target)
 from graphopt.quant.targets import host_target
@@ -228,12 +228,7 @@ def _layerwise_parity(graph: Graph, gm: fx.GraphModule, rebuild: _Rebuild):
 @register_backend("torchscript_int8")
 def export(graph: Graph, path: str, *, min_within_step: float = 0.99) -> ExportReport:
     """Rebuild ``graph`` on torch's int8 kernels, script, save, reload and check it."""
-    if not 0 < min_within_step <= 1:
-        raise ConfigError(f"backend 'torchscript_int8': min_within_step must be in (0, 1], "
-                          f"got {min_within_step!r}")
-    if not any(is_weight_dq(n) for n in graph.nodes):
-        raise ConfigError("backend 'torchscript_int8': the graph has no int8 weights; "
-                          "run insert_qdq and fold_qdq first")
+    check_exportable(graph, "torchscript_int8", min_within_step)
     started = time.perf_counter()
     path = os.fspath(path)
     target, host = quant_target(graph), host_target()
