@@ -1,13 +1,23 @@
-"""Checks the int8 backends share: is an artifact within one quantization step of the
-simulated-quant graph (end to end, and layer by layer), and which share of the MACs runs in
-integer kernels. Private to the backends; no registered backend imports another."""
+"""Checks the int8 backends share: can a graph be exported at all, is an artifact within one
+quantization step of the simulated-quant graph (end to end, and layer by layer), and which share
+of the MACs runs in integer kernels. Private to the backends; no registered backend imports another."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
+from graphopt.errors import ConfigError
 from graphopt.quant.qparams import dequantize_per_channel, is_weight_dq, qparams
+
+
+def check_exportable(graph, backend: str, min_within_step: float) -> None:
+    """What an int8 export needs before it starts: a share in (0, 1] of outputs that must lie
+    within one step, and int8 weights in the graph (insert_qdq, then fold_qdq)."""
+    if not 0 < min_within_step <= 1:
+        raise ConfigError(f"backend '{backend}': min_within_step must be in (0, 1], got {min_within_step!r}")
+    if not any(is_weight_dq(n) for n in graph.nodes):
+        raise ConfigError(f"backend '{backend}': the graph has no int8 weights; run insert_qdq and fold_qdq first")
 
 
 def output_steps(graph) -> list[float | None]:

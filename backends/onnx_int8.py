@@ -39,8 +39,8 @@ from graphopt.ir import Graph
 from graphopt.app.latency import interleaved_latency
 from graphopt.ops import OpKind, op_name
 from graphopt.options import Count, Share
-from graphopt.backends._int8_checks import (flatten_args, int8_mac_share, layerwise_within_one_step, output_steps,
-                                            within_one_step)
+from graphopt.backends._int8_checks import (check_exportable, flatten_args, int8_mac_share,
+                                            layerwise_within_one_step, output_steps, within_one_step)
 from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, FLOAT_REASON_KEY, QParams, is_activation_fq, is_plain_relu,
                                     is_weight_dq, qparams, quant_target)
 from graphopt.quant.targets import Target, host_target
@@ -657,9 +657,7 @@ def export(graph: Graph, path: str, *, form: Form = "auto", lowering: Lowering =
         min_within_step: share of outputs that must lie within one quantization step of the graph's
         dynamic_batch: make the batch axis symbolic (checked by a second run at another batch size)
     """
-    if not any(is_weight_dq(n) for n in graph.nodes):
-        raise ConfigError("backend 'onnx_int8': the graph has no int8 weights; "
-                          "run insert_qdq and fold_qdq first")
+    check_exportable(graph, "onnx_int8", min_within_step)
     started = time.perf_counter()
     path = os.fspath(path)
     target, host = quant_target(graph), host_target()

@@ -27,8 +27,8 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.ops import OpKind
 from graphopt.options import Share
-from graphopt.backends._int8_checks import (gather_int8_rows, int8_mac_share, layerwise_within_one_step, output_steps,
-                                            within_one_step)
+from graphopt.backends._int8_checks import (check_exportable, gather_int8_rows, int8_mac_share,
+                                            layerwise_within_one_step, output_steps, within_one_step)
 from graphopt.quant.qparams import (ADD_FUNCS, CONV_FUNCS, QParams, is_activation_fq, is_weight_dq, keeps_grid, qparams,
                                     quant_target)
 from graphopt.quant.targets import host_target
@@ -233,9 +233,7 @@ def export(graph: Graph, path: str, *, min_within_step: Share = 0.99) -> ExportR
     Options:
         min_within_step: share of outputs that must lie within one quantization step of the graph's
     """
-    if not any(is_weight_dq(n) for n in graph.nodes):
-        raise ConfigError("backend 'torchscript_int8': the graph has no int8 weights; "
-                          "run insert_qdq and fold_qdq first")
+    check_exportable(graph, "torchscript_int8", min_within_step)
     started = time.perf_counter()
     path = os.fspath(path)
     target, host = quant_target(graph), host_target()

@@ -1,15 +1,33 @@
-"""Cost analysis: parameters, multiply-accumulates and bytes, per node and in total.
+"""Cost analysis: parameters, multiply-accumulates and bytes, per node and in total; and the
+one cost model the compressing passes share.
 
 MACs count the work of conv, linear, matmul and attention nodes (the layers that
 dominate inference time); cheaper ops count zero. Parameters and bytes count every
 distinct tensor the GraphModule holds once, however many nodes read it.
+
+``CostModel(graph)`` reads the analysis once and answers, without building anything, what
+the graph would cost after a *proposed change* to some of its layers (modules, by name):
+
+* ``Resize(keep_in, keep_out)``: the layer keeps these shares of its input and output
+  features (channel pruning). The MACs of each of its calls scale by ``keep_in * keep_out``;
+  its ``weight``, where that is a matrix or a kernel, by the same; its other parameters
+  (bias, norm scale, attention's packed projections) by ``keep_out``.
+* ``Replace(cost)``: the layer becomes something whose cost is known, such as low-rank
+  factors, whose cost is ``chain_cost`` of the dense products they run.
+
+A dense product (a Linear, a conv) run at ``positions`` output positions with ``fan_in``
+inputs per output feature (``in_channels / groups * kernel area`` for a conv) and ``fan_out``
+output features costs ``positions * fan_in * fan_out`` MACs and ``fan_in * fan_out``
+weights: the count the analysis makes per node, and ``product_cost`` / ``chain_cost`` make
+for layers that do not exist yet. ``prune_channels`` and ``split_low_rank`` both plan with this
+model; graphopt.budget spreads a budget over what they offer.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -143,3 +161,83 @@ def compute_cost(graph: "Graph") -> CostReport:
     report.bytes_by_dtype = dict(by_dtype)
     report.bytes = sum(by_dtype.values())
     return report
+
+
+# -- the cost model of proposed changes -----------------------------------------------------
+class Cost(NamedTuple):
+    """MACs and parameters (ints; numpy arrays where a whole grid of choices is costed at once)."""
+
+    macs: Any
+    params: Any
+
+
+def product_cost(positions, fan_in, fan_out, bias=0) -> Cost:
+    """One dense product: ``fan_out`` features, each a sum of ``fan_in`` products, at
+    ``positions`` places (rows of a Linear, output pixels of a conv); ``bias`` more parameters."""
+    return Cost(positions * fan_in * fan_out, fan_in * fan_out + bias)
+
+
+def chain_cost(stages: Iterable[tuple], bias=0) -> Cost:
+    """Dense products run one after another, each ``(positions, fan_in, fan_out)``; the last
+    one's bias (``bias`` parameters) added once."""
+    costs = [product_cost(*stage) for stage in stages]
+    return Cost(sum(c.macs for c in costs), sum(c.params for c in costs) + bias)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """A layer keeping these shares of its input and output features."""
+
+    keep_in: float = 1.0
+    keep_out: float = 1.0
+
+
+@dataclass(frozen=True)
+class Replace:
+    """A layer replaced by something that costs ``cost`` (all of its calls together)."""
+
+    cost: Cost
+
+
+class CostModel:
+    """The graph's cost, its layers' costs, and its cost after proposed changes (see the module
+    docstring), all from the ``cost`` analysis."""
+
+    def __init__(self, graph: "Graph"):
+        self.graph = graph
+        self.analysis = graph.analysis("cost")
+        self.total = Cost(self.analysis.macs, self.analysis.params)
+        self.modules = graph.modules()
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target in self.modules:
+                self.calls[node.target].append(node)
+
+    def node_macs(self, node: fx.Node) -> int:
+        return self.analysis.nodes[node.name].macs
+
+    def layer(self, target: str) -> Cost:
+        """A module's MACs over all its calls, and all its parameters (its children's too)."""
+        macs = sum(self.node_macs(n) for n in self.calls.get(target, ()))
+        return Cost(macs, sum(p.numel() for p in self.modules[target].parameters()))
+
+    def estimate(self, changes: Mapping[str, "Resize | Replace"]) -> Cost:
+        """The graph's cost after ``changes`` (module name -> change); MACs and params as ints
+        (a resize's shares make them fractional: the whole is rounded down once)."""
+        macs, params = self.total
+        for node in self.graph.nodes:   # graph order and float arithmetic: the numbers never drift
+            change = changes.get(node.target) if node.op == "call_module" else None
+            if isinstance(change, Resize):
+                node_macs = self.node_macs(node)
+                macs -= node_macs - node_macs * change.keep_in * change.keep_out
+        for target, module in self.modules.items():
+            change = changes.get(target)
+            if isinstance(change, Resize):
+                for name, p in module.named_parameters(recurse=False):
+                    factor = change.keep_out * (change.keep_in if name == "weight" and p.dim() > 1 else 1.0)
+                    params -= p.numel() - p.numel() * factor
+            elif isinstance(change, Replace):
+                before = self.layer(target)
+                macs -= before.macs - change.cost.macs
+                params -= before.params - change.cost.params
+        return Cost(int(macs), int(params))

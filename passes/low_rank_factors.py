@@ -14,8 +14,9 @@ Three ways to write one layer as a chain of thinner ones, all computed in float6
   refined by HOOI), giving 1x1 ``Cin -> r1``, ``kh x kw`` ``r1 -> r2``, 1x1 ``r2 -> Cout``.
 
 Each decomposition answers, for any rank, the relative squared reconstruction error
-(the share of ``||W||^2`` dropped), the MACs and the parameters, without building
-modules; ``build`` makes the modules for the rank finally chosen.
+(the share of ``||W||^2`` dropped), and the MACs and parameters of its factors (the dense
+products they run, priced by the shared cost model: ``graphopt.cost.chain_cost``), without
+building modules; ``build`` makes the modules for the rank finally chosen.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+
+from graphopt.cost import Cost, chain_cost
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,13 @@ class MatrixSVD:
 
     ``calls`` lists, per call site, ``(tokens, in_width)``: for a Linear the rows it
     multiplies; for a conv ``(N*Hout*Wout, N*Hout*Win)``, the positions the second and
-    the first factor run at."""
+    the first factor run at. At rank r the first factor maps ``n_in * kh`` inputs to r
+    features, the second ``r * kw`` to ``n_out``."""
 
     def __init__(self, module: nn.Module, calls: list[tuple[int, int]], input_moment: torch.Tensor | None = None):
         self.module = module
         self.calls = calls
+        self.second, self.first = (sum(c) for c in zip(*calls)) if calls else (0, 0)
         self.data_aware = input_moment is not None
         weight = module.weight.detach().double().cpu()
         if isinstance(module, nn.Linear):
@@ -106,6 +111,7 @@ class MatrixSVD:
             self.method = "svd" if (self.kh, self.kw) == (1, 1) else "spatial"
             self.n_in, self.n_out = module.in_channels, module.out_channels
             matrix = weight.permute(1, 2, 0, 3).reshape(self.n_in * self.kh, self.n_out * self.kw)
+        self.bias = self.n_out if module.bias is not None else 0
         if input_moment is None:
             self.sigma, self.left, self.right = balanced_svd(matrix)
         else:
@@ -118,17 +124,13 @@ class MatrixSVD:
     def error(self, rank: int) -> float:
         return float(max(0.0, 1.0 - self.kept[rank - 1]))
 
-    def macs(self, rank: int) -> int:
-        return sum(rank * (self.n_in * self.kh * first + self.n_out * self.kw * second)
-                   for second, first in self.calls)
-
-    def params(self, rank: int) -> int:
-        bias = self.n_out if self.module.bias is not None else 0
-        return rank * (self.n_in * self.kh + self.n_out * self.kw) + bias
+    def cost(self, rank) -> Cost:
+        return chain_cost([(self.first, self.n_in * self.kh, rank), (self.second, rank * self.kw, self.n_out)],
+                          self.bias)
 
     def candidate(self, ranks: tuple[int, ...]) -> Candidate:
         (r,) = ranks
-        return Candidate(self.method, (r,), self.macs(r), self.params(r), self.error(r))
+        return Candidate(self.method, (r,), *self.cost(r), self.error(r))
 
     def candidates(self, multiple: int) -> list[Candidate]:
         return [self.candidate((int(r),)) for r in rank_grid(self.full_ranks[0], multiple)]
@@ -169,13 +171,16 @@ class Tucker2:
 
     Candidate errors come from the HOSVD core, whose leading sub-blocks are the cores of
     every truncation, so the whole ``(r1, r2)`` grid costs one pass of cumulative sums.
-    ``calls`` lists, per call site, ``(N*Hout*Wout, N*Hin*Win)``."""
+    ``calls`` lists, per call site, ``(N*Hout*Wout, N*Hin*Win)``: the positions of the
+    core and last factor, and of the first."""
 
     method = "tucker2"
 
     def __init__(self, module: nn.Conv2d, calls: list[tuple[int, int]]):
         self.module = module
         self.calls = calls
+        self.second, self.first = (sum(c) for c in zip(*calls)) if calls else (0, 0)
+        self.bias = module.out_channels if module.bias is not None else 0
         self.weight = module.weight.detach().double().cpu()
         self.n_out, self.n_in, self.kh, self.kw = self.weight.shape
         self.u_out = _leading_vectors(self.weight.reshape(self.n_out, -1))
@@ -189,27 +194,22 @@ class Tucker2:
     def error(self, r1: int, r2: int) -> float:
         return float(max(0.0, 1.0 - self.kept[r2 - 1, r1 - 1]))
 
-    def macs(self, r1: int, r2: int) -> int:
+    def cost(self, r1, r2) -> Cost:
+        """1x1 ``n_in -> r1``, ``kh x kw`` ``r1 -> r2``, 1x1 ``r2 -> n_out`` (ints or grids of them)."""
         k = self.kh * self.kw
-        return sum(first * self.n_in * r1 + second * (r1 * r2 * k + r2 * self.n_out) for second, first in self.calls)
-
-    def params(self, r1: int, r2: int) -> int:
-        bias = self.n_out if self.module.bias is not None else 0
-        return self.n_in * r1 + r1 * r2 * self.kh * self.kw + r2 * self.n_out + bias
+        return chain_cost([(self.first, self.n_in, r1), (self.second, r1 * k, r2), (self.second, r2, self.n_out)],
+                          self.bias)
 
     def candidate(self, ranks: tuple[int, ...]) -> Candidate:
         r1, r2 = ranks
-        return Candidate(self.method, (r1, r2), self.macs(r1, r2), self.params(r1, r2), self.error(r1, r2))
+        return Candidate(self.method, (r1, r2), *self.cost(r1, r2), self.error(r1, r2))
 
     def candidates(self, multiple: int) -> list[Candidate]:
         """The Pareto-optimal (MACs, error) points of the whole rank grid."""
         r1 = rank_grid(self.full_ranks[0], multiple)
         r2 = rank_grid(self.full_ranks[1], multiple)
         g1, g2 = np.meshgrid(r1, r2, indexing="xy")                  # (len(r2), len(r1))
-        k = self.kh * self.kw
-        first = sum(f for _, f in self.calls)
-        second = sum(s for s, _ in self.calls)
-        macs = first * self.n_in * g1 + second * (g1 * g2 * k + g2 * self.n_out)
+        macs = self.cost(g1, g2).macs
         errors = np.maximum(0.0, 1.0 - self.kept[np.ix_(r2 - 1, r1 - 1)])
         keep = pareto(macs.ravel(), errors.ravel())
         return [self.candidate((int(g1.ravel()[i]), int(g2.ravel()[i]))) for i in keep]

@@ -2,8 +2,10 @@
 
 Plan: analyse channel groups (graphopt.pruning.channels), score channels with an importance
 criterion, choose what to remove (uniform ratio, global ranking with a per-group cap,
-per-layer overrides, rounding to a multiple, or a MACs/params budget found by search), over
-the groups ``layers``/``exclude`` leave prunable (graphopt.layer_selection).
+per-layer overrides, rounding to a multiple, or a MACs/params budget: the shared cost model,
+graphopt.cost.CostModel, prices a choice and the shared solver, graphopt.budget, finds the
+least pruning that fits it), over the groups ``layers``/``exclude`` leave prunable
+(graphopt.layer_selection).
 Apply: slice every member of each group and rewrite shape literals. Oracle: the pass
 hands the PassManager the original graph with the removed channels masked (consumer
 columns zeroed) as its reference, and promises exact equality with it.
@@ -23,6 +25,8 @@ from torch import fx
 from graphopt.pruning.groups import blocking_summary  # noqa: F401  (re-exported)
 from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
                                ChannelGroup, ChannelPlan, channel_groups)
+from graphopt.budget import Budget, Step, allocate, give_back, least
+from graphopt.cost import Cost, CostModel, Resize
 from graphopt.modules import PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
@@ -166,18 +170,16 @@ class PruneChannels(Pass):
             for g in plan.prunable:
                 if g.id in overridden:
                     counts[g.id] = int(g.size * self.group_ratio(g, ratio))
-            pool = [g for g in plan.prunable if g.id not in overridden]
-            total = sum(g.size for g in pool)
-            ranked = sorted((float(s), g.id, c) for g in pool
-                            for c, s in enumerate(scores[g.id] / scores[g.id].mean().clamp_min(1e-12)))
-            want, caps = int(total * ratio), {g.id: int(g.size * self.max_ratio) for g in pool}
-            taken: dict[int, int] = defaultdict(int)
-            for _, gid, _ in ranked:
-                if sum(taken.values()) >= want:
-                    break
-                if taken[gid] < caps[gid]:
-                    taken[gid] += 1
-            counts.update({g.id: taken[g.id] for g in pool})
+            pool = sorted((g for g in plan.prunable if g.id not in overridden), key=lambda g: g.id)
+            # one step a channel, scored relative to its group's mean; each group's least
+            # important first, at most max_ratio of it; the solver takes the cheapest steps
+            steps = []
+            for g in pool:
+                relative = (scores[g.id] / scores[g.id].mean().clamp_min(1e-12)).tolist()
+                order = sorted(range(g.size), key=relative.__getitem__)[:int(g.size * self.max_ratio)]
+                steps += [Step(g.id, 1, relative[c], c) for c in order]
+            taken, _ = allocate(steps, int(sum(g.size for g in pool) * ratio))
+            counts.update({g.id: len(taken.get(g.id, ())) for g in pool})
         removed = {}
         for g in plan.prunable:
             n = g.size - self.keep_count(g.size, counts.get(g.id, 0), g.unit)
@@ -186,48 +188,41 @@ class PruneChannels(Pass):
         return removed
 
     def search(self, plan, scores, estimator, key: str, goal: float) -> dict[int, list[int]]:
-        """Smallest ratio whose estimated cost is within ``goal`` x the original (bisection)."""
-        base = estimator.base[key]
+        """Smallest ratio whose estimated cost is within ``goal`` x the original (the solver's
+        bisection: a group's MACs fall with both its own and its neighbours' cuts, so savings
+        do not add up), then channels given back while the budget holds (``fill``)."""
+        budget = Budget.of(key, min(goal, 1.0))   # a goal above 1 asks for no cut, as 1 does
+
+        def fits(removed: dict[int, list[int]]) -> bool:
+            return budget.fits(estimator.cost(removed), estimator.total)
+
         best = self.select(plan, scores, self.max_ratio)
-        reachable = estimator.estimate(best)[key] / base
+        reachable = estimator.estimate(best)[key] / estimator.base[key]
         if reachable > goal + 1e-9:
             raise ConfigError(f"prune_channels: cannot reach {key} <= {goal:.1%} of the original: pruning every "
                               f"prunable group by max_ratio={self.max_ratio} gives {reachable:.1%}")
-        lo, hi = 0.0, self.max_ratio
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            candidate = self.select(plan, scores, mid)
-            if estimator.estimate(candidate)[key] / base <= goal:
-                hi, best = mid, candidate
-            else:
-                lo = mid
-        return self.fill(plan, scores, estimator, key, goal, best)
+        best = least(lambda ratio: self.select(plan, scores, ratio), fits, self.max_ratio, best)
+        return self.fill(plan, scores, fits, best)
 
-    def fill(self, plan, scores, estimator, key: str, goal: float,
-             removed: dict[int, list[int]]) -> dict[int, list[int]]:
-        """Give channels back, one rounding step of one group at a time, while the budget holds.
-        With ``round_to`` a group's width moves in coarse steps, so the ratio alone can land well
-        under the goal (MobileNetV2 at round_to 32: 0.45 of the MACs for a 0.5 goal); the most
-        important removed block (scores relative to its group's mean) goes back first. Groups
-        with a per-layer override keep exactly what was asked of them."""
-        base = estimator.base[key]
+    def fill(self, plan, scores, fits, removed: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Give channels back, one rounding step of one group at a time, while the budget holds
+        (``fits``). With ``round_to`` a group's width moves in coarse steps, so the ratio alone can
+        land well under the goal (MobileNetV2 at round_to 32: 0.45 of the MACs for a 0.5 goal);
+        the most important removed block (scores relative to its group's mean) goes back first.
+        Groups with a per-layer override keep exactly what was asked of them."""
         groups = {g.id: g for g in plan.prunable if self.group_ratio(g, -1.0) < 0}
-        removed = dict(removed)
-
         steps = {gid: self.round_to // math.gcd(self.round_to, g.unit) for gid, g in groups.items()}
-        changed = True
-        while changed:
-            changed = False
-            # each group's most important removed channels, one rounding step of them
-            blocks = {gid: sorted(removed[gid], key=lambda c: float(scores[gid][c]))[-steps[gid]:]
-                      for gid in removed if gid in groups and removed[gid]}
-            relative = {gid: float(scores[gid][back].sum() / scores[gid].mean().clamp_min(1e-12))
-                        for gid, back in blocks.items()}
-            for gid in sorted(relative, key=relative.get, reverse=True):
-                back = set(blocks[gid])
-                trial = {**removed, gid: [c for c in removed[gid] if c not in back]}
-                if estimator.estimate(trial)[key] / base <= goal:
-                    removed, changed = trial, True
+
+        def offer(gid: int, channels: list[int]):
+            """The group's most important removed channels, one rounding step of them."""
+            if gid not in groups or not channels:
+                return None
+            back = sorted(channels, key=lambda c: float(scores[gid][c]))[-steps[gid]:]
+            value = float(scores[gid][back].sum() / scores[gid].mean().clamp_min(1e-12))
+            back = set(back)
+            return [c for c in channels if c not in back], value
+
+        removed = give_back(removed, offer, fits)
         return {gid: channels for gid, channels in removed.items() if channels}
 
     # -- applying --------------------------------------------------------------------
@@ -366,17 +361,19 @@ def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Grap
 
 
 class _CostEstimator:
-    """MACs and params after a removal choice, without building the pruned graph."""
+    """MACs and params after a removal choice, without building the pruned graph: each layer's
+    share of input and output features kept, priced by the shared cost model."""
 
     def __init__(self, graph: Graph, plan: ChannelPlan):
         self.graph = graph
         self.plan = plan
-        cost = graph.analysis("cost")
-        self.base = {"macs": cost.macs, "params": cost.params}
-        self.cost = cost
-        self.modules = graph.modules()
+        self.model = CostModel(graph)
+        self.total = self.model.total
+        self.base = self.total._asdict()
+        self.modules = self.model.modules
 
-    def estimate(self, removed: dict[int, list[int]]) -> dict[str, int]:
+    def changes(self, removed: dict[int, list[int]]) -> dict[str, Resize]:
+        """Each layer's shares of features kept under ``removed``."""
         gone: dict[tuple[str, str], int] = defaultdict(int)  # (module, role) -> elements removed on its axis
         for g in self.plan.groups:
             n = len(removed.get(g.id, ()))
@@ -385,24 +382,19 @@ class _CostEstimator:
             for m in g.members:
                 if m.role in (OUT, IN, DEPTHWISE, NORM, EMBED, HEADS):
                     gone[(m.target, m.role)] += n * m.inner * (1 if m.role != HEADS or m.offset == 0 else 0)
-        macs, params = self.base["macs"], self.base["params"]
-        for node in self.graph.nodes:
-            if node.op != "call_module" or node.target not in self.modules:
-                continue
-            module = self.modules[node.target]
-            fin, fout = self._fractions(module, node.target, gone)
-            if fin == fout == 1.0:
-                continue
-            node_macs = self.cost.nodes[node.name].macs
-            macs -= node_macs - node_macs * fin * fout
-        for target, module in self.modules.items():
-            fin, fout = self._fractions(module, target, gone)
-            if fin == fout == 1.0:
-                continue
-            for pname, p in module.named_parameters(recurse=False):
-                factor = fout * (fin if pname == "weight" and p.dim() > 1 else 1.0)
-                params -= p.numel() - p.numel() * factor
-        return {"macs": int(macs), "params": int(params)}
+        changes = {}
+        for target in dict.fromkeys(t for t, _ in gone):
+            module = self.modules.get(target)
+            fin, fout = self._fractions(module, target, gone) if module is not None else (1.0, 1.0)
+            if not fin == fout == 1.0:
+                changes[target] = Resize(fin, fout)
+        return changes
+
+    def cost(self, removed: dict[int, list[int]]) -> Cost:
+        return self.model.estimate(self.changes(removed))
+
+    def estimate(self, removed: dict[int, list[int]]) -> dict[str, int]:
+        return self.cost(removed)._asdict()
 
     @staticmethod
     def _fractions(module: nn.Module, target: str, gone) -> tuple[float, float]:

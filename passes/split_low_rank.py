@@ -4,8 +4,11 @@ Ranks come from one of four rules (the budget vocabulary the pruning pass shares
 ``ratio`` (share of the full rank kept), ``energy`` (share of sum(sigma^2) kept),
 ``target_macs`` / ``target_params`` (share of the whole graph's MACs / parameters to
 reach; layers are cut greedily where the reconstruction error grows least per MAC or
-parameter saved). ``overrides`` sets the rule per layer; ``layers``/``exclude`` choose which
-layers may be split (graphopt.layer_selection), and a layer is split only where that lowers its MACs.
+parameter saved: the shared solver, graphopt.budget, over the lower convex hull of each
+layer's (cost saved, error) candidates, costs from the shared model, graphopt.cost).
+``overrides`` sets the rule per layer; ``layers``/``exclude`` choose which layers may be split
+(graphopt.layer_selection), and a layer is split only where that lowers its MACs. ``plan`` says
+what a run would do, and at what cost, without changing the graph.
 
 With ``data_aware=True`` the Linear and 1x1-conv truncations minimise the error of each
 layer's outputs on calibration data (``calibration_data`` in the context, else the held
@@ -27,6 +30,8 @@ import torch.nn as nn
 from pydantic import AfterValidator, model_validator
 from torch import fx
 
+from graphopt.budget import Budget, Option, allocate, lower_hull
+from graphopt.cost import Cost, CostModel, Replace
 from graphopt.quant.calibration import InputMomentObserver, calibrate
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -53,6 +58,17 @@ class Layer:
 
     def keep(self) -> Candidate:
         return Candidate("keep", (), self.macs, self.params, 0.0)
+
+
+@dataclass
+class SplitChoice:
+    """What planning decided: the splittable layers, the split chosen for some of them, why
+    the others stay whole, and the graph's estimated cost after the splits."""
+
+    layers: list[Layer]
+    chosen: dict[str, Candidate]
+    skipped: dict[str, str]
+    estimate: dict[str, int]
 
 
 def _unit(where: str, value: Any) -> float:
@@ -169,7 +185,7 @@ class SplitLowRank(Pass):
             self.contract = Contract.EXACT  # every split keeps the full rank
 
     # -- finding layers -----------------------------------------------------------------
-    def _collect(self, graph: Graph) -> tuple[list[Layer], dict[str, str]]:
+    def _collect(self, graph: Graph, model: CostModel) -> tuple[list[Layer], dict[str, str]]:
         modules = graph.modules()
         for name in self.overrides:
             if name not in modules or name == "":
@@ -189,7 +205,7 @@ class SplitLowRank(Pass):
         for name, nodes in calls.items():
             reason = self.selection.reason(name) or self._unsplittable(graph, modules[name], nodes)
             if reason is None:
-                layers.append(self._layer(graph, name, modules[name], nodes))
+                layers.append(self._layer(graph, model, name, modules[name], nodes))
                 continue
             if name in self.overrides:
                 raise ConfigError(f"split_low_rank: overrides[{name!r}] cannot be split: {reason}")
@@ -209,8 +225,8 @@ class SplitLowRank(Pass):
             return "no static input/output shape"
         return None
 
-    def _layer(self, graph: Graph, name: str, module: nn.Module, nodes) -> Layer:
-        """The layer's cost and its decompositions (one per method it may use)."""
+    def _layer(self, graph: Graph, model: CostModel, name: str, module: nn.Module, nodes) -> Layer:
+        """The layer's cost (from the cost model) and its decompositions (one per method it may use)."""
         shapes = [(graph.shape(n.args[0]), graph.shape(n)) for n in nodes]
         method = self.overrides.get(name, {}).get("method")
         matrix_like = isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1)
@@ -219,16 +235,13 @@ class SplitLowRank(Pass):
             raise ConfigError(f"split_low_rank: overrides[{name!r}]: method {method!r} does not apply to a "
                               f"{_describe(module)}; valid: auto, {valid}")
         moment = self._moment(nodes)
+        layer = Layer(name, module, *model.layer(name))
         if isinstance(module, nn.Linear):
             rows = [math.prod(out) // module.out_features for _, out in shapes]
-            layer = Layer(name, module, sum(rows) * module.in_features * module.out_features, _params(module))
             layer.methods["svd"] = MatrixSVD(module, [(r, r) for r in rows], moment)
             return layer
-        kh, kw = module.kernel_size
         # per call: output positions, positions of the kh x 1 factor's output, input positions
         sites = [(out[0] * out[2] * out[3], out[0] * out[2] * inp[3], out[0] * inp[2] * inp[3]) for inp, out in shapes]
-        macs = sum(s[0] for s in sites) * module.in_channels * module.out_channels * kh * kw
-        layer = Layer(name, module, macs, _params(module))
         if matrix_like:
             layer.methods["svd"] = MatrixSVD(module, [(s[0], s[1]) for s in sites], moment)
             return layer
@@ -287,35 +300,40 @@ class SplitLowRank(Pass):
         # several methods ("auto"): the one that loses least per MAC it saves
         return min(cheaper, key=lambda c: (c.error / (layer.macs - c.macs), c.macs))
 
-    def _by_budget(self, free: list[Layer], spent: int, total: int) -> dict[str, Candidate]:
-        """Greedy allocation: cut where the error grows least per unit of cost saved, until
-        the graph's cost is at most ``self.value * total``."""
-        cost_key = "macs" if self.rule == "target_macs" else "params"
-        need = spent - self.value * total
+    def _by_budget(self, free: list[Layer], spent: Cost, total: Cost) -> dict[str, Candidate]:
+        """Greedy allocation (the shared solver): cut where the error grows least per unit of
+        cost saved, along each layer's lower convex hull, until the graph's cost (``spent``
+        with the other layers as planned) is at most ``self.value`` of ``total``."""
+        budget = Budget.of("macs" if self.rule == "target_macs" else "params", self.value)
+        cost_key = budget.key
         steps = []
         for layer in free:
             points = [layer.keep()] + [c for m in layer.methods.values() for c in m.candidates(self.rank_multiple)
                                        if c.macs < layer.macs and c.params <= layer.params]
-            hull = _lower_hull(points, cost_key)
-            for before, after in zip(hull, hull[1:]):
-                saved = getattr(before, cost_key) - getattr(after, cost_key)
-                steps.append(((after.error - before.error) / saved, layer.name, after, saved))
-        steps.sort(key=lambda s: (s[0], -s[3]))
-        chosen: dict[str, Candidate] = {}
-        for _, name, candidate, saved in steps:
-            if need <= 0:
-                break
-            chosen[name] = candidate
-            need -= saved
+            start = getattr(layer, cost_key)
+            steps += lower_hull(layer.name, [Option(start - getattr(p, cost_key), p.error, p) for p in points])
+        taken, need = allocate(steps, budget.short(spent, total))
         if need > 0:
+            total = getattr(total, cost_key)
             floor = (self.value * total + need) / total
             raise ConfigError(f"split_low_rank: {self.rule}={self.value:g} cannot be reached: splitting every "
                               f"chosen layer as far as it lowers {cost_key} leaves {floor:.3f} of the "
                               f"original {cost_key}")
-        return chosen
+        return {name: layer_steps[-1].value for name, layer_steps in taken.items()}
 
-    def _plan(self, graph: Graph, layers: list[Layer], skipped: dict[str, str]) -> dict[str, Candidate]:
-        plan: dict[str, Candidate] = {}
+    def plan(self, graph: Graph, ctx: PassContext | None = None) -> SplitChoice:
+        """Decide which layers to split and at which ranks, without changing ``graph``; the
+        estimate is the graph's cost after those splits, from the shared cost model."""
+        if self.data_aware:
+            self._observe_inputs(graph, ctx or PassContext())
+        model = CostModel(graph)
+        layers, skipped = self._collect(graph, model)
+        chosen = self._choose(model, layers, skipped)
+        estimate = model.estimate({name: Replace(Cost(c.macs, c.params)) for name, c in chosen.items()})
+        return SplitChoice(layers, chosen, skipped, estimate._asdict())
+
+    def _choose(self, model: CostModel, layers: list[Layer], skipped: dict[str, str]) -> dict[str, Candidate]:
+        chosen: dict[str, Candidate] = {}
         free = []
         for layer in layers:
             spec = self.overrides.get(layer.name)
@@ -327,27 +345,22 @@ class SplitLowRank(Pass):
             if isinstance(choice, str):
                 skipped[layer.name] = choice
             else:
-                plan[layer.name] = choice
+                chosen[layer.name] = choice
         if free:
-            cost = graph.analysis("cost")
-            total = cost.macs if self.rule == "target_macs" else cost.params
-            key = "macs" if self.rule == "target_macs" else "params"
-            spent = total - sum(getattr(l, key) - getattr(plan[l.name], key) for l in layers if l.name in plan)
-            plan.update(self._by_budget(free, spent, total))
+            spent = model.estimate({name: Replace(Cost(c.macs, c.params)) for name, c in chosen.items()})
+            chosen.update(self._by_budget(free, spent, model.total))
             for layer in free:
-                if layer.name not in plan:
+                if layer.name not in chosen:
                     skipped[layer.name] = "kept whole by the budget allocation"
-        return plan
+        return chosen
 
     # -- rewriting ------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if self.data_aware:
-            self._observe_inputs(graph, ctx)
-        layers, skipped = self._collect(graph)
-        plan = self._plan(graph, layers, skipped)
+        planned = self.plan(graph, ctx)
+        skipped = planned.skipped
         details = {}
-        for layer in layers:
-            choice = plan.get(layer.name)
+        for layer in planned.layers:
+            choice = planned.chosen.get(layer.name)
             if choice is None:
                 continue
             factors = layer.methods[choice.method].build(choice.ranks, self.hooi_iters)
@@ -390,27 +403,6 @@ def _split(graph: Graph, name: str, factors: list[nn.Module]) -> None:
         graph.bypass(node, value)
 
 
-def _lower_hull(points: list[Candidate], key: str) -> list[Candidate]:
-    """The lower convex hull of (cost saved, error) starting at ``points[0]`` (the layer
-    kept whole: nothing saved, no error). Along it the error added per unit of cost saved
-    only grows, so taking its segments in order of that rate is the greedy optimum."""
-    start = getattr(points[0], key)
-    best: dict[int, Candidate] = {}
-    for p in points:   # one point per cost: the one with the least error
-        saved = start - getattr(p, key)
-        if saved >= 0 and (saved not in best or p.error < best[saved].error):
-            best[saved] = p
-    hull: list[tuple[int, Candidate]] = []
-    for saved, p in sorted(best.items()):
-        while len(hull) >= 2:
-            (x0, a), (x1, b) = hull[-2], hull[-1]
-            if (x1 - x0) * (p.error - a.error) - (b.error - a.error) * (saved - x0) > 0:
-                break   # b lies strictly below the chord from a to p
-            hull.pop()
-        hull.append((saved, p))
-    return [p for _, p in hull]
-
-
 def _ranks(ranks: tuple[int, ...]) -> int | list[int]:
     return ranks[0] if len(ranks) == 1 else list(ranks)
 
@@ -419,10 +411,6 @@ def _describe(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "Linear"
     return f"{'x'.join(map(str, module.kernel_size))} {type(module).__name__}"
-
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _static(shape) -> bool:
