@@ -219,9 +219,6 @@ class Sharded:
     def __iter__(self) -> Iterator:
         return iter(self())
 
-    def __len__(self) -> int:
-        return len(self())
-
 
 def sharded(data: Any) -> Sharded:
     """Mark ``data`` as already split per rank, so no pass splits it again."""
@@ -237,8 +234,10 @@ class _Strided:
     def __iter__(self) -> Iterator:
         return itertools.islice(iter(self.batches), self.rank, None, self.size)
 
+
+class _SizedStrided(_Strided):
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.batches), self.size))   # TypeError when unsized, as len() does
+        return len(range(self.rank, len(self.batches), self.size))
 
 
 class _ShardedCall:
@@ -321,7 +320,7 @@ def _shard_iterable(batches: Any, what: str) -> Any:
     _say(f"{what}: a {_kind(batches)} is not sharded across {size} ranks; each rank takes 1 batch in {size} "
          f"(rank r: batches r, r+{size}, r+{2 * size}, ...). Give a DataLoader (graphopt adds a DistributedSampler), or wrap "
          f"data already split per rank in graphopt.distributed.sharded(...)")
-    return _Strided(batches, rank(), size)
+    return (_SizedStrided if hasattr(batches, "__len__") else _Strided)(batches, rank(), size)
 
 
 def shard(data: Any, what: str = "data") -> Any:

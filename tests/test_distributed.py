@@ -258,15 +258,22 @@ progress = false
 
 [[passes]]
 name = "insert_qdq"
+observer = "percentile"
+max_batches = 4
 progress = false
+bound = 5.0                  # the contract is checked on random example inputs, which calibrated ranges clip
 
 [[passes]]
 name = "bias_correction"
+max_batches = 4
 progress = false
 
+[[passes]]
+name = "fold_qdq"
+
 [[backends]]
-name = "onnx"
-path = "out/model.onnx"
+name = "onnx_int8"
+path = "out/model.int8.onnx"
 
 [report]
 json = "out/report.json"
@@ -285,12 +292,12 @@ def test_graphopt_run_under_torchrun_writes_one_set_of_files(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("report written to") == 1                  # rank 0 prints the report, once
-    assert run.stdout.count("| distill") == 1
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.onnx", "report.json"]   # no second copy, no temp file
+    assert run.stdout.count("\ndistill ") == 1 and run.stdout.count("pipeline ") == 1
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.int8.onnx", "report.json"]   # no second copy, no temp file
     import json
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["input", "fold_batchnorm", "distill", "insert_qdq",
-                                                     "bias_correction"]
+                                                     "bias_correction", "fold_qdq"]
     assert report["passes"][2]["stats"]["steps"] == 2                  # 4 batches over 2 ranks
     assert report["distributed"] == {"world_size": 2}
