@@ -118,6 +118,29 @@ def loader(data: list, batch: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False)
 
 
+class _Bench:
+    """Builds a candidate by saying which rank built it (graphopt's own rank reads 0 inside a trial)."""
+
+    def build(self, recipe, number):
+        from graphopt.search.trial import Trial
+
+        return Trial(number, recipe, "onnx", metric=float(torch.distributed.get_rank()))
+
+
+def search_rounds(rank: int) -> list | None:
+    """Two rounds of the search's shared building: rank 0 sends jobs, the other rank serves."""
+    from graphopt.search.compress import _serve, build_shared
+    from graphopt.search.recipe import Recipe
+
+    jobs = [(Recipe(prune=0.1 * i), i) for i in range(3)]
+    if rank:
+        _serve(_Bench())
+        return None
+    built = build_shared(_Bench(), jobs) + build_shared(_Bench(), jobs[:1])
+    distributed.broadcast_object(None)
+    return [(t.number, t.recipe.prune, t.metric) for t in built]
+
+
 def _worker(rank: int, path: str, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
@@ -130,6 +153,7 @@ def _worker(rank: int, path: str, out: str) -> None:
     results["train_loader"] = train(loader(data, 8))                   # DataLoader: a DistributedSampler is added
     results["taylor"] = taylor(lambda: iter(data))                      # a callable returning a one-shot iterator
     results["sensitivity"] = sensitivity.prune_layer_sensitivity(graph())
+    results["search"] = search_rounds(rank)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         distributed.shard(iter(data), "test data")
@@ -162,6 +186,7 @@ def test_spawned_ranks_know_who_they_are(ranks):
 
 def test_calibration_over_halves_equals_one_process_over_all(ranks):
     whole = observe(batches())
+    per_rank = [observe(halves(batches(), r))["moving_average"]["range"] for r in range(WORLD)]
     for result in ranks:
         got = result["observe"]
         for name in ("minmax", "percentile", "mse"):               # bit-identical
@@ -173,7 +198,6 @@ def test_calibration_over_halves_equals_one_process_over_all(ranks):
         torch.testing.assert_close(got["channel_mean"], whole["channel_mean"], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got["moment"], whole["moment"], rtol=1e-12, atol=1e-12)
         # moving averages: each rank's, weighted by its batch count (an EMA depends on the order of the batches)
-        per_rank = [observe(halves(batches(), r))["moving_average"]["range"] for r in range(WORLD)]
         assert got["moving_average"]["range"] == pytest.approx(tuple(sum(v) / 2 for v in zip(*per_rank)), rel=1e-12)
     assert ranks[0]["observe"]["moving_average"] == ranks[1]["observe"]["moving_average"]
 
@@ -228,6 +252,11 @@ def test_taylor_importance_sums_gradients_over_ranks(ranks):
 def test_sensitivity_trials_are_shared_and_gathered(ranks):
     whole = sensitivity.prune_layer_sensitivity(graph())
     assert ranks[0]["sensitivity"] == ranks[1]["sensitivity"] == whole
+
+
+def test_search_rounds_build_one_candidate_per_rank(ranks):
+    assert ranks[0]["search"] == [(0, 0.0, 0.0), (1, 0.1, 1.0), (2, 0.2, 0.0), (0, 0.0, 0.0)]
+    assert ranks[1]["search"] is None
 
 
 def test_a_rank_with_another_graph_is_named_on_every_rank(ranks):
