@@ -318,8 +318,8 @@ def _shard_iterable(batches: Any, what: str) -> Any:
                  f"(each rank reads 1/{size} of the dataset)")
             return rebuilt
     _say(f"{what}: a {_kind(batches)} is not sharded across {size} ranks; each rank takes 1 batch in {size} "
-         f"(rank r: batches r, r+{size}, r+{2 * size}, ...). Give a DataLoader (graphopt adds a DistributedSampler), or wrap "
-         f"data already split per rank in graphopt.distributed.sharded(...)")
+         f"(rank r: batches r, r+{size}, r+{2 * size}, ...). Give a DataLoader (graphopt adds a DistributedSampler), "
+         f"or wrap data already split per rank in graphopt.distributed.sharded(...)")
     return (_SizedStrided if hasattr(batches, "__len__") else _Strided)(batches, rank(), size)
 
 
@@ -414,7 +414,8 @@ def map_shared(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
 def checksum(module: torch.nn.Module) -> int:
     """A 56-bit digest of a module's code (for a GraphModule) and every parameter and buffer, bit for bit."""
     digest = hashlib.sha256(getattr(module, "code", "").encode())
-    named = itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    named = itertools.chain(module.named_parameters(remove_duplicate=False),
+                            module.named_buffers(remove_duplicate=False))
     for name, tensor in sorted(named, key=lambda item: item[0]):
         digest.update(name.encode())
         data = tensor.detach().cpu().contiguous().reshape(-1)

@@ -218,9 +218,9 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     student.gm.train()
     try:
         for epoch in range(plan.epochs):
-            for step, batch in enumerate(tqdm(plan.batches(epoch), desc=f"distill {epoch + 1}/{plan.epochs}",
-                                              total=plan.steps(epoch), disable=not progress or not distributed.is_main(),
-                                              leave=False, delay=2)):
+            bar = tqdm(plan.batches(epoch), desc=f"distill {epoch + 1}/{plan.epochs}", total=plan.steps(epoch),
+                       disable=not progress or not distributed.is_main(), leave=False, delay=2)
+            for step, batch in enumerate(bar):
                 inputs, labels = split_batch(batch)
                 where = f"distillation: batch {step} of epoch {epoch + 1}" + (
                     f" on rank {distributed.rank()}" if distributed.active() else "")
