@@ -7,15 +7,16 @@ across machines) the default process group is initialised on first use with torc
 backend (NCCL for CUDA tensors where present, gloo on CPU), unless the script did it already.
 
 - ``rank``, ``world_size``, ``is_main``; ``main_process_only`` for whatever writes files.
-- ``all_reduce``, ``all_gather_object``, ``broadcast_object``, ``from_main``: collectives that
-  return their result (and return their input unchanged in one process).
+- ``all_reduce``, ``all_gather_object``, ``broadcast_object``: collectives that return their
+  result (and return their input unchanged in one process).
 - ``shard``: a pass's data as this rank reads it. A DataLoader without a DistributedSampler gets
   one; a DataLoader with one, and data wrapped in ``sharded(...)`` (already split per rank by its
   owner), are read as given; any other iterable is shared by batches (rank r takes batches r,
   r+N, ...) and graphopt says so once. ``rank_share`` splits a budget of batches.
 - ``agree``: a batch stream that stops as soon as any rank's stream ends (equal steps for DDP).
 - ``map_shared``: a list of independent trials, each rank computing a share, results gathered.
-- ``local``: a block in which graphopt runs as one process (a trial built on one rank).
+- ``local``: a block in which graphopt runs as one process (a trial built on one rank, or
+  graphopt called by one rank of a job that set up torch.distributed for its own purposes).
 - ``check_same``: a checksum of the graph's code, parameters and buffers, all-reduced; a rank
   whose graph differs from the others' is an error naming the step.
 """
@@ -43,8 +44,7 @@ _said: set[str] = set()
 
 
 class DistributedError(GraphoptError):
-    """Ranks disagree where they must not (a graph that differs after a pass), or data that
-    cannot be split across ranks."""
+    """Ranks disagree where they must not: a graph that differs between ranks after a pass."""
 
 
 class ShardingWarning(UserWarning):
@@ -180,18 +180,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def from_main(fn: Callable[[], T]) -> T:
-    """``fn()`` computed on rank 0 and sent to every rank (a held batch, a measured metric)."""
-    if not active():
-        return fn()
-    return broadcast_object(fn() if is_main() else None)
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
