@@ -87,7 +87,12 @@ def _dynamic_axes(graph: Graph, count: int) -> list[set[int]]:
 
 def reiterable(data: Any, max_batches: int | None = None) -> Any:
     """``data`` as something that can be read more than once: a callable or a container is kept;
-    a one-shot iterator (a generator) is read once, up to ``max_batches`` batches, into a list."""
+    a one-shot iterator (a generator) is read once, up to ``max_batches`` batches, into a list
+    (inside ``graphopt.distributed.sharded``, which stays)."""
+    from graphopt.distributed import Sharded
+
+    if isinstance(data, Sharded):
+        return Sharded(reiterable(data.data, max_batches))
     if data is None or callable(data) or not isinstance(data, Iterable) or iter(data) is not data:
         return data
     return list(itertools.islice(data, max_batches))

@@ -5,7 +5,9 @@ before the pass (exact: relative error <= 1e-5, or, where float32 rounding alone
 on real weights, no further from the float64 outputs than 4x the graph before it was; bounded:
 <= the pass's bound), then
 record time, params, MACs, bytes and error. A failure raises PassFailed naming the pass
-and, where it can be found, the node; the last good graph travels with it.
+and, where it can be found, the node; the last good graph travels with it. Under torchrun, in a
+pipeline given data (calibration or training), each pass is followed by a checksum of the graph
+all-reduced over the ranks: a rank whose graph differs fails the pass on every rank.
 """
 from __future__ import annotations
 
@@ -14,12 +16,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from graphopt import distributed
 from graphopt.analysis import analysis_names
 from graphopt.errors import ConfigError, ContractViolation, GraphLintError, PassFailed, RequirementError
 from graphopt.instruments import Instrument, ProgressBar
 from graphopt.ir import Graph
 from graphopt.pass_base import EXACT_TOLERANCE, Contract, Pass, PassContext
 from graphopt.verify import compare_outputs, first_divergence, flatten_outputs, within_reassociation
+
+
+# data a pipeline's passes read: under torchrun, with any of it, every rank must end each pass with the same graph
+DATA_KEYS = frozenset({"calibration_data", "train_data"})
 
 
 @dataclass
@@ -138,6 +145,11 @@ class PassManager:
                              f"{type(exc).__name__}: {exc}", p.name, node, current, [], exc) from exc
         seconds = time.perf_counter() - start
         graph = result.graph
+        if distributed.active() and set(context.data) & DATA_KEYS:   # a pipeline that reads data
+            try:
+                distributed.check_same(graph.gm, f"pass {p.name!r}")
+            except distributed.DistributedError as exc:
+                raise PassFailed(str(exc), p.name, None, current, [], exc) from exc
         if result.changed:   # analyses the pass does not say it preserves are stale
             graph.retain_analyses(p.preserved_analyses())
         try:

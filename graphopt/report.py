@@ -6,6 +6,7 @@ import math
 import os
 from typing import Any, Iterable, Sequence
 
+from graphopt.distributed import main_process_only
 from graphopt.files import atomic_path
 
 
@@ -64,6 +65,7 @@ def pass_table(records) -> str:
                   "stats"], rows)
 
 
+@main_process_only   # under torchrun, rank 0 writes (every rank holds the same results)
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_path(path, ".json") as tmp:
         with open(tmp, "w") as f:

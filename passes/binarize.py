@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.quant.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
+from graphopt.distributed import broadcast_object
 from graphopt.data import batch_inputs, check_batch, check_finite
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
@@ -136,7 +137,7 @@ class Binarize(Pass):
         for name in choice["binarize"]:
             graph.replace_module(name, to_binary(modules[name], self.activations))
         if self.activations and choice["binarize"]:
-            first = _first_batch(graph, ctx.data.get("train_data"))
+            first = broadcast_object(_first_batch(graph, ctx.data.get("train_data")))   # rank 0's on every rank
             init_shifts(graph, choice["binarize"], first or graph.example_inputs)
         graph.commit()
         stats: dict = {"binarized": len(choice["binarize"]), "layers": choice["binarize"],

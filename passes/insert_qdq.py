@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphopt.data import reiterable
+from graphopt.distributed import map_shared
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.layer_selection import LayerPatterns, LayerSelection
 from graphopt.ops import OpKind
 from graphopt.options import FINITE, Count, Index, Options, Tolerance, choice
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
-from graphopt.quant.calibration import calibrate, iter_calibration, make_observer, observer_names
+from graphopt.quant.calibration import calibrate, held_batch, make_observer, observer_names
 from graphopt.quant.qparams import (ADD_FUNCS, FLOAT_REASON_KEY, QPARAMS_KEY, WEIGHT_QMAX, QParams, affine_qparams,
                                     is_zero_clamp, keeps_grid, make_fq_args, weight_scales)
 from graphopt.quant.targets import TARGET_KEY, TARGET_NAMES, Target, get_target
@@ -227,8 +228,9 @@ def apply_plan(graph: Graph, plan: QuantPlan, params: dict[str, QParams], target
             if out.name in grid:
                 tensors[out.name] = params[grid[out.name]]
     added = 0
-    for name, qp in tensors.items():
-        node = by_name[name]
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    for name, qp in sorted(tensors.items(), key=lambda item: position[item[0]]):   # graph order: the same
+        node = by_name[name]                                                      # node names in every process
         with g.inserting_after(node):
             fq = g.call_function(torch.fake_quantize_per_tensor_affine, make_fq_args(node, qp))
         node.replace_all_uses_with(fq, delete_user_cb=lambda user: user is not fq)
@@ -341,7 +343,7 @@ class InsertQDQ(Pass):
             blocked |= set(zero)
             plan = Planner(graph, keep, blocked, self.layer_outputs).plan()
             params, zero = self._params(graph, plan, data, ranges)
-        held = next(iter(iter_calibration(graph, data, 1, progress=False)))
+        held = held_batch(graph, data)   # rank 0's first batch on every rank
         reference = graph.run(*held)
         sensitivity = {}
         if self.sensitive_float and plan.layers:
@@ -373,10 +375,9 @@ class InsertQDQ(Pass):
 
     @staticmethod
     def _sensitivity(graph, plan, params, target, held, reference) -> dict[str, float]:
-        """Output error (relative) with one layer quantized at a time."""
-        errors = {}
-        for layer in plan.layers:
+        """Output error (relative) with one layer quantized at a time (under torchrun, each rank a share)."""
+        def error(layer) -> float:
             trial = graph.clone()
             apply_plan(trial, plan, params, target, layers=[layer.name])
-            errors[layer.name] = compare_outputs(reference, trial.run(*held))[1]
-        return errors
+            return compare_outputs(reference, trial.run(*held))[1]
+        return dict(zip([layer.name for layer in plan.layers], map_shared(error, plan.layers)))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator
 
+from graphopt import distributed
 from graphopt.data import check_batch, check_finite, check_labels, split_batch
 from graphopt.pruning.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
@@ -111,14 +112,19 @@ class Taylor(Importance):
         self.saliency: dict[str, torch.Tensor] = {}
 
     def prepare(self, graph: Graph, data: Callable | Iterable) -> None:
+        """Average the gradients over ``batches`` training batches; under torchrun each rank reads
+        its share of them and the sums are all-reduced, so every rank scores alike."""
         gm = graph.gm
         grads = {n: torch.zeros_like(p) for n, p in gm.named_parameters()}
         seen = 0
+        data = distributed.shard(data, "taylor importance: train_data")
+        limit = distributed.rank_share(self.batches)
         for batch in (data() if callable(data) else data):
-            if seen >= self.batches:
+            if seen >= limit:
                 break
             inputs, labels = split_batch(batch)
-            where = f"taylor importance: training batch {seen}"
+            where = f"taylor importance: training batch {seen}" + (
+                f" on rank {distributed.rank()}" if distributed.active() else "")
             check_batch(graph, inputs, where)
             check_finite(inputs, where)
             gm.zero_grad()
@@ -132,6 +138,10 @@ class Taylor(Importance):
                     grads[n] += p.grad.detach()
             seen += 1
         gm.zero_grad()
+        if distributed.active():
+            names = list(grads)
+            grads = dict(zip(names, distributed.all_reduce_many([grads[n] for n in names])))
+            seen = int(distributed.all_reduce(torch.tensor([seen], dtype=torch.int64)).item())
         if not seen:
             raise ConfigError("taylor importance: the training data yielded no batches")
         self.saliency = {n: (p.detach() * grads[n] / seen).abs() for n, p in gm.named_parameters()}

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import warnings
 
+from graphopt import distributed
 from graphopt.backend import get_backend, options_model, registered_backends
 from graphopt.errors import ConfigError, GraphoptError, PassFailed
 from graphopt.options import Options, option_reference, renamed_options
@@ -28,10 +29,12 @@ def _cmd_run(args) -> int:
     try:
         outcome = run_pipeline(config, progress=not args.quiet)
     except PassFailed as failure:
-        if failure.records:
+        if failure.records and distributed.is_main():
             print(pass_table(failure.records))
-        print(f"error: {failure}", file=sys.stderr)
+        print(f"error: {_on_rank(failure)}", file=sys.stderr)
         return 1
+    if not distributed.is_main():   # under torchrun rank 0 prints the report and writes the files
+        return 0
     print(f"pipeline {config.path} (captured by {outcome.graph.captured_by})\n")
     print(pass_table(outcome.records))
     if outcome.exports:
@@ -125,8 +128,9 @@ def _cmd_compress(args) -> int:
     overrides = {k: v for k, v in (("max_minutes", args.max_minutes), ("max_trials", args.max_trials),
                                    ("objective", args.objective), ("max_drop", args.max_drop)) if v is not None}
     result = spec.run(progress=not args.quiet, resume=not args.fresh, **overrides)
-    print()
-    print(result.summary())
+    if distributed.is_main():
+        print()
+        print(result.summary())
     return 0 if result.chosen is not None else 3
 
 
@@ -229,16 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_rank(message: object) -> str:
+    """An error's text, naming the rank under torchrun (each rank says its own)."""
+    return f"rank {distributed.rank()}: {message}" if distributed.world_size() > 1 else str(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a deprecated option name in a pipeline file is said on stderr (Python hides DeprecationWarnings
     # raised outside __main__ by default)
     warnings.filterwarnings("default", message=r"(pass|backend|observer) '.*': option '.*' .*is deprecated",
                             category=DeprecationWarning)
+    distributed.init()   # launched by torchrun: join the process group before any work
     try:
         return args.fn(args)
     except GraphoptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_on_rank(exc)}", file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from graphopt import distributed
 from graphopt.backend import ExportReport, check_backend_options, get_backend
 from graphopt.errors import ConfigError
 from graphopt.app.evaluate import top1_accuracy
@@ -503,7 +504,7 @@ class PipelineOutcome:
     latency: dict[str, float] = field(default_factory=dict)  # median ms on the example inputs
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "pipeline": self.config.path,
             "captured_by": self.graph.captured_by,
             "passes": [r.to_dict() for r in self.records],
@@ -512,10 +513,16 @@ class PipelineOutcome:
             "latency_ms": self.latency,
             "seconds": self.seconds,
         }
+        if distributed.world_size() > 1:
+            out["distributed"] = {"world_size": distributed.world_size()}
+        return out
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineOutcome:
-    """Build the model, trace, run the passes, export, evaluate before/after."""
+    """Build the model, trace, run the passes, export, evaluate before/after.
+
+    Under torchrun every rank traces and runs the passes (each reading its share of the data);
+    rank 0 alone exports, evaluates and times: the other ranks return no exports or metrics."""
     seconds = {}
     start = time.perf_counter()
     model = config.model.build()
@@ -527,6 +534,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> PipelineOutco
     result = PassManager(config.passes, context=context, progress=progress).run(graph)
     seconds["passes"] = time.perf_counter() - start
 
+    if not distributed.is_main():   # every rank holds the same graph (checked after each pass); rank 0 writes
+        return PipelineOutcome(config, graph, result.graph, result.records, [], {}, seconds)
     exports = []
     start = time.perf_counter()
     for name, out, options in config.backends:

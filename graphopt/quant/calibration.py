@@ -4,10 +4,18 @@ Observers are named strategies (``minmax``, ``moving_average``, ``percentile``, 
 sees every batch of one tensor and returns the real range [lo, hi] to quantize it over.
 Histogram observers keep a fixed number of bins whose range doubles when data falls
 outside it (adjacent bins merge, so nothing is re-estimated), never the activations.
+
+Under torchrun each rank calibrates on its share of the data and ``calibrate`` merges the
+observers (``reduce_observers``): min/max by all-reduce min/max and histograms on a common
+binning are bit-identical to one process reading all of the data; channel means and input
+moments are sums of float64 statistics (equal up to the order of the additions, ~1e-15
+relative); moving averages are combined weighted by each rank's batch count (an exponential
+moving average depends on the order of the batches, so no split reproduces it exactly).
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Annotated, Any, Callable, Iterable, Iterator
 
 import annotated_types as at
@@ -15,6 +23,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from graphopt import distributed
 from graphopt.data import batch_inputs, check_batch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -41,6 +50,10 @@ class Observer:
 
     def _update(self, x: torch.Tensor) -> None:
         pass
+
+    def _reduce(self) -> None:
+        """Merge what a subclass keeps besides min, max and the batch count with every other
+        rank's (a collective: every rank calls it in the same order); see ``reduce_observers``."""
 
     def range(self) -> tuple[float, float]:
         if not self.batches:
@@ -99,6 +112,12 @@ class MovingAverageObserver(Observer):
             self.avg_min = m * self.avg_min + (1 - m) * lo
             self.avg_max = m * self.avg_max + (1 - m) * hi
 
+    def _reduce(self) -> None:
+        n = float(self.batches)
+        weighted = distributed.all_reduce(torch.tensor([n * self.avg_min, n * self.avg_max, n], dtype=torch.float64))
+        if weighted[2] > 0:
+            self.avg_min, self.avg_max = (weighted[:2] / weighted[2]).tolist()
+
     def range(self) -> tuple[float, float]:
         super().range()
         return self.avg_min, self.avg_max
@@ -108,32 +127,78 @@ Bins = Annotated[int, at.Ge(16), at.MultipleOf(4)]
 
 
 class HistogramObserver(Observer):
-    """A ``bins``-bin histogram over [-R, R]; R doubles (bins merge pairwise) to fit new data."""
+    """A ``bins``-bin histogram over [-R, R]; R doubles (bins merge pairwise) to fit new data.
+
+    The bins lie on one grid for all data: bin ``i`` at level ``k`` holds the values x with
+    ``floor(x / w) = i - bins/2``, where ``w = fl(2 / bins) * 2**k``. Halving a quotient by a power
+    of two is exact in floating point, so merging bins pairwise gives exactly the histogram the
+    values would have had at the wider level, and the level is the smallest that holds every
+    value seen. The final histogram therefore depends on the data only, not on its order or on
+    how it was split (across batches or ranks): merged histograms are bit-identical."""
+
+    LEVEL_FLOOR = -60   # the finest level (R about 2**-60): all-zero data stays here
 
     def __init__(self, bins: Bins = 2048):
         super().__init__()
         self.bins = bins
-        self.limit = 0.0
+        self.unit = 2.0 / bins             # bin width at level 0, rounded once
+        self.level: int | None = None      # None until data arrives
         self.hist = torch.zeros(bins, dtype=torch.float64)
 
-    def _update(self, x: torch.Tensor) -> None:
-        peak = max(abs(self.min), abs(self.max))
-        if self.limit == 0.0:
-            self.limit = peak if peak > 0 else 1.0
-        while peak > self.limit:
-            self._double()
-        self.hist += torch.histc(x.double().flatten(), self.bins, -self.limit, self.limit)
+    def width(self, level: int | None = None) -> float:
+        level = self.level if level is None else level
+        return math.ldexp(self.unit, self.LEVEL_FLOOR if level is None else level)
 
-    def _double(self) -> None:
-        merged = self.hist.view(-1, 2).sum(1)          # bins/2 bins covering [-R, R]
-        self.hist = torch.zeros_like(self.hist)
-        quarter = self.bins // 4
-        self.hist[quarter:quarter + merged.numel()] = merged
-        self.limit *= 2
+    @property
+    def limit(self) -> float:
+        """R: the histogram covers [-R, R)."""
+        return self.bins // 2 * self.width()
+
+    def _fits(self, lo: float, hi: float, level: int) -> bool:
+        w, half = self.width(level), self.bins // 2
+        return math.floor(hi / w) < half and math.floor(lo / w) >= -half
+
+    def _level_for(self, lo: float, hi: float) -> int:
+        """The smallest level (>= LEVEL_FLOOR) whose bins hold every value in [lo, hi]."""
+        peak = max(abs(lo), abs(hi))
+        if peak == 0.0:
+            return self.LEVEL_FLOOR
+        level = max(self.LEVEL_FLOOR, math.frexp(peak / (self.bins // 2 * self.unit))[1] - 1)
+        while level > self.LEVEL_FLOOR and self._fits(lo, hi, level - 1):
+            level -= 1
+        while not self._fits(lo, hi, level):
+            level += 1
+        return level
+
+    def _update(self, x: torch.Tensor) -> None:
+        level = self._level_for(x.min().item(), x.max().item())
+        if self.level is None or level > self.level:
+            self._rebin(level)
+        half = self.bins // 2
+        index = torch.floor(x.double().flatten() / self.width()).long() + half
+        self.hist += torch.bincount(index.clamp_(0, self.bins - 1), minlength=self.bins).double()
+
+    def _rebin(self, level: int) -> None:
+        """Move the counts to ``level`` (>= the current one) by merging bins, exactly."""
+        if self.level is not None and level > self.level:
+            half = self.bins // 2
+            offsets = torch.arange(self.bins) - half
+            target = torch.div(offsets, 2 ** min(level - self.level, 62), rounding_mode="floor") + half
+            self.hist = torch.zeros_like(self.hist).index_add_(0, target, self.hist)
+        self.level = level
+
+    def _reduce(self) -> None:
+        mine = self.LEVEL_FLOOR - 1 if self.level is None else self.level
+        level = int(distributed.all_reduce(torch.tensor([mine], dtype=torch.int64), "max").item())
+        if level >= self.LEVEL_FLOOR:
+            self._rebin(level)
+        self.hist = distributed.all_reduce(self.hist)   # integer counts in float64: sums are exact
+
+    def edges(self) -> torch.Tensor:
+        return (torch.arange(self.bins + 1, dtype=torch.float64) - self.bins // 2) * self.width()
 
     def centers(self) -> torch.Tensor:
-        width = 2 * self.limit / self.bins
-        return -self.limit + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+        return (torch.arange(self.bins, dtype=torch.float64) - self.bins // 2 + 0.5) * self.width()
 
 
 @register_observer("percentile")
@@ -148,7 +213,7 @@ class PercentileObserver(HistogramObserver):
         super().range()
         cdf = torch.cumsum(self.hist, 0) / self.hist.sum()
         tail = 1 - self.percentile / 100
-        edges = torch.linspace(-self.limit, self.limit, self.bins + 1, dtype=torch.float64)
+        edges = self.edges()
         lo_bin = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
         hi_bin = int(torch.searchsorted(cdf, torch.tensor(1 - tail, dtype=torch.float64)))
         lo = max(self.min, edges[lo_bin].item())
@@ -183,25 +248,40 @@ class MSEObserver(HistogramObserver):
 def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, progress: bool = True,
                      desc: str = "calibrate") -> Iterator[tuple]:
     """Yield each batch's inputs, checked against the graph's example inputs (count, rank, and all
-    but the batch dimension). ``data`` is an iterable of batches or a callable returning one."""
+    but the batch dimension). ``data`` is an iterable of batches or a callable returning one.
+
+    Under several ranks each rank reads its share (``graphopt.distributed.shard``) and
+    ``max_batches`` counts the batches of all ranks together; a rank may then read none."""
     if data is None:
         raise ConfigError("no calibration data: pass PassContext(data={'calibration_data': loader}) "
                           "(an iterable of batches or a callable returning one)")
+    data = distributed.shard(data, f"{desc} data")
     batches = data() if callable(data) else data
     if not isinstance(batches, Iterable):
         raise ConfigError(f"calibration data must be iterable (or a callable returning an iterable), "
                           f"got {type(batches).__name__}")
+    limit = distributed.rank_share(max_batches)
+    suffix = f" on rank {distributed.rank()}" if distributed.active() else ""
     count = 0
-    for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, delay=2,
-                                       total=max_batches)):
-        if max_batches is not None and index >= max_batches:
+    for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress or not distributed.is_main(),
+                                       leave=False, delay=2, total=limit)):
+        if limit is not None and index >= limit:
             break
         inputs = batch_inputs(batch)
-        check_batch(graph, inputs, f"calibration batch {index}")
+        check_batch(graph, inputs, f"calibration batch {index}{suffix}")
         count += 1
         yield inputs
-    if not count:
+    if not count and not distributed.active():
         raise ConfigError("calibration data yielded no batches")
+
+
+def held_batch(graph: Graph, data: Any) -> tuple:
+    """The inputs of the first calibration batch: the batch a pass measures its own error on. Under
+    several ranks it is rank 0's first batch of the data as given (not sharded), on every rank, so
+    every rank takes the same decisions from it."""
+    with distributed.local():   # every rank reads it (the data's own state moves alike), rank 0's is kept
+        first = next(iter(iter_calibration(graph, data, 1, progress=False)))
+    return distributed.broadcast_object(first)
 
 
 class _Observe(fx.Interpreter):
@@ -226,7 +306,9 @@ def calibrate(graph: Graph, observers: dict[str, Observer], data: Any, max_batch
               progress: bool = True) -> int:
     """Run ``graph`` over the calibration data, updating ``observers`` (node name -> Observer).
 
-    Returns the number of batches seen."""
+    Returns the number of batches seen (by all ranks together). Under several ranks each rank
+    reads its share and the observers are merged afterwards (``reduce_observers``), so they
+    hold every rank's data: give each call fresh observers."""
     missing = sorted(set(observers) - {n.name for n in graph.nodes})
     if missing:
         raise ConfigError(f"calibration: no nodes named {', '.join(missing)}")
@@ -236,7 +318,27 @@ def calibrate(graph: Graph, observers: dict[str, Observer], data: Any, max_batch
         for inputs in iter_calibration(graph, data, max_batches, progress):
             interpreter.run(*inputs)
             seen += 1
+    if distributed.active():
+        seen = int(distributed.all_reduce(torch.tensor([seen], dtype=torch.int64)).item())
+        if not seen:
+            raise ConfigError("calibration data yielded no batches (on any rank)")
+        reduce_observers(observers)
     return seen
+
+
+def reduce_observers(observers: dict[str, Observer]) -> None:
+    """Merge every rank's observers in place, so each holds the statistics of all ranks' data
+    (identical on every rank). Nothing happens in one process."""
+    if not distributed.active():
+        return
+    ordered = [observers[name] for name in sorted(observers)]
+    for observer in ordered:
+        observer._reduce()
+    low = distributed.all_reduce(torch.tensor([v for o in ordered for v in (o.min, -o.max)], dtype=torch.float64),
+                                 "min").tolist()
+    batches = distributed.all_reduce(torch.tensor([o.batches for o in ordered], dtype=torch.int64)).tolist()
+    for index, observer in enumerate(ordered):
+        observer.min, observer.max, observer.batches = low[2 * index], -low[2 * index + 1], batches[index]
 
 
 class _AveragingObserver(Observer):
@@ -251,6 +353,15 @@ class _AveragingObserver(Observer):
     def _add(self, value: torch.Tensor, samples: int) -> None:
         self.total = value if self.total is None else self.total + value
         self.count += samples
+
+    def _reduce(self) -> None:
+        shapes = [s for s in distributed.all_gather_object(None if self.total is None else tuple(self.total.shape))
+                  if s is not None]
+        if not shapes:
+            return
+        total = torch.zeros(shapes[0], dtype=torch.float64) if self.total is None else self.total
+        self.total = distributed.all_reduce(total)
+        self.count = int(distributed.all_reduce(torch.tensor([self.count], dtype=torch.int64)).item())
 
     def average(self) -> torch.Tensor:
         if self.total is None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from graphopt import distributed
 from graphopt.backend import get_backend
 from graphopt.data import split_batch
 from graphopt.errors import ConfigError, GraphoptError
@@ -90,7 +91,9 @@ class CompressResult:
             return {"speedup": None, "smaller": None, "change": None}
         name = trial.name if isinstance(trial, Point) else f"trial {trial.number}"
         ms = self.latency_of(name, trial.latency_ms)
-        base = self.latency_of("original", self.original.latency_ms)
+        # like with like: the original's final timing when this one was timed with it, else its first
+        base = self.latency_of("original", self.original.latency_ms) if name in self.latency \
+            else self.original.latency_ms
         comparable = not isinstance(trial, Point) or trial.comparable
         return {"speedup": base / ms if ms and base and comparable else None,
                 "smaller": self.fp32_file_bytes / trial.size_bytes if trial.size_bytes else None,
@@ -264,28 +267,42 @@ class _Search:
 
     def step(self, params: dict | None = None) -> Trial:
         """Build one candidate (``params`` fixes its knobs) and tell the study what it measured."""
-        if params is not None:
-            self.study.enqueue_trial(params, skip_if_exists=False)
-        handle = self.study.ask()
-        recipe = self.sample(handle)
-        cached = self.cache.get(recipe.key())
-        if cached is not None:
-            done = cached
-        else:
-            done = self.bench.build(recipe, len(self.trials))
+        return self.round([params])[0]
+
+    def round(self, fixed: list[dict | None]) -> list[Trial]:
+        """Ask the study for one candidate per entry of ``fixed`` (its parameters, or None: the
+        sampler's choice), build those not built before (under torchrun, one per rank at once),
+        tell the study what each measured; the trials in the order asked."""
+        handles, recipes = [], []
+        for params in fixed:
+            if params is not None:
+                self.study.enqueue_trial(params, skip_if_exists=False)
+            handle = self.study.ask()
+            handles.append(handle)
+            recipes.append(self.sample(handle))
+        jobs: dict[str, tuple[Recipe, int]] = {}
+        for recipe in recipes:
+            if recipe.key() not in self.cache and recipe.key() not in jobs:
+                jobs[recipe.key()] = (recipe, len(self.trials) + len(jobs))
+        for key, done in zip(jobs, build_shared(self.bench, list(jobs.values()))):
             self.trials.append(done)
-            self.cache[recipe.key()] = done
-        handle.set_constraint("drop", (done.drop - self.bench.allowed_drop) if done.drop is not None else 1e9)
-        if cached is None:
-            handle.set_user_attr("trial", json.dumps(done.to_dict(), default=str))
-        if done.status == "complete":
-            self.study.tell(handle, [done.metric, done.objective(self.goal)])
-        else:
-            state = self.optuna.trial.TrialState.PRUNED if done.status == "pruned" else \
-                self.optuna.trial.TrialState.FAIL
-            self.study.tell(handle, state=state)
-        self._show(done, cached is not None)
-        return done
+            self.cache[key] = done
+        out, told = [], set()
+        for handle, recipe in zip(handles, recipes):
+            done, fresh = self.cache[recipe.key()], recipe.key() in jobs and recipe.key() not in told
+            told.add(recipe.key())
+            handle.set_constraint("drop", (done.drop - self.bench.allowed_drop) if done.drop is not None else 1e9)
+            if fresh:
+                handle.set_user_attr("trial", json.dumps(done.to_dict(), default=str))
+            if done.status == "complete":
+                self.study.tell(handle, [done.metric, done.objective(self.goal)])
+            else:
+                state = self.optuna.trial.TrialState.PRUNED if done.status == "pruned" else \
+                    self.optuna.trial.TrialState.FAIL
+                self.study.tell(handle, state=state)
+            self._show(done, not fresh)
+            out.append(done)
+        return out
 
     def _show(self, done: Trial, cached: bool) -> None:
         if self.bar is None:
@@ -297,6 +314,29 @@ class _Search:
         self.bar.set_postfix_str(
             f"best {best.objective(self.goal):.4g} {unit} @ {best.metric:.4g} (trial {best.number})" if best
             else "no feasible candidate yet")
+
+
+def build_shared(bench: Workbench, jobs: list[tuple[Recipe, int]]) -> list[Trial]:
+    """Build (recipe, number) candidates; under torchrun rank 0 sends the jobs and each rank builds
+    a share, as one process (``distributed.map_shared``), the trials gathered on every rank. The
+    other ranks wait for jobs in ``_serve``."""
+    if not distributed.active():
+        return [bench.build(recipe, number) for recipe, number in jobs]
+    distributed.broadcast_object(jobs)
+    return _build_jobs(bench, jobs)
+
+
+def _build_jobs(bench: Workbench, jobs: list[tuple[Recipe, int]]) -> list[Trial]:
+    return distributed.map_shared(lambda job: bench.build(*job), jobs)
+
+
+def _serve(bench: Workbench) -> None:
+    """A rank other than 0 during the search: build its share of each round until told to stop."""
+    while True:
+        jobs = distributed.broadcast_object(None)
+        if jobs is None:
+            return
+        _build_jobs(bench, jobs)
 
 
 def compress(model: nn.Module | Graph, example_inputs: Any, *, evaluate: Callable | str = "top1",
@@ -330,7 +370,7 @@ def compress(model: nn.Module | Graph, example_inputs: Any, *, evaluate: Callabl
                                          or finetune_batches < 1):
         raise ConfigError(f"finetune_batches must be a positive integer or None, got {finetune_batches!r}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(goal.threads)
+    torch.set_num_threads(_rank_threads(goal.threads))
     try:
         return _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batches, progress, started,
                     deadline)
@@ -338,15 +378,29 @@ def compress(model: nn.Module | Graph, example_inputs: Any, *, evaluate: Callabl
         torch.set_num_threads(threads)
 
 
+def _rank_threads(wanted: int) -> int:
+    """Threads for this process: ``wanted``, but under torchrun no more than this machine's cores
+    shared among the ranks on it (ranks building trials side by side must not oversubscribe it)."""
+    if not distributed.active():
+        return wanted
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+    cap = max(1, (os.cpu_count() or 1) // max(1, local))
+    if wanted > cap and distributed.is_main():
+        tqdm.write(f"compress: {local} ranks share {os.cpu_count()} cores here: each builds with {cap} thread(s) "
+                   f"(the goal asks {wanted}; the final timing on rank 0 uses the same)")
+    return min(wanted, cap)
+
+
 def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batches, progress, started, deadline):
     from graphopt.search.report import write_report
 
-    say = (lambda text: tqdm.write(text)) if progress else (lambda text: None)
+    say = (lambda text: tqdm.write(text)) if progress and distributed.is_main() else (lambda text: None)
     base = PassManager([get_pass(n)() for n in ("fold_batchnorm", "remove_identity", "eliminate_dead_code")]
                        ).run(graph).graph
     if context:   # contracts and export checks on real inputs: calibrated ranges clip random ones
-        base.example_inputs = _real_example(base.example_inputs, context["calibration_data"])
-    original = _measure_original(base, module, goal, evaluator, out_dir)
+        base.example_inputs = distributed.broadcast_object(_real_example(base.example_inputs,
+                                                                         context["calibration_data"]))
+    original = _shared_original(base, module, goal, evaluator, out_dir)
     allowed = goal.allowed_drop(original.metric)
     say(f"original: metric {original.metric:.4g}, {original.latency_ms:.3g} ms in {goal.timed_in()}; "
         f"allowed drop {allowed:.3g}")
@@ -359,45 +413,15 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
                                              repr(space), len(list(base.nodes)), original.metric],
                                             default=str).encode()).hexdigest()[:12]
     bench.folder = os.path.join(out_dir, fingerprint)
+    if not distributed.is_main():   # under torchrun: build a share of each round, then take rank 0's answer
+        _serve(bench)
+        return distributed.broadcast_object(None)
     search = _Search(bench, space, goal, out_dir, f"compress-{fingerprint}", resume, progress)
-
-    stopped_by = "max_trials"
-    accuracy_control: Trial | None = None
-
-    def out_of_time() -> bool:   # never before one candidate has been measured: an answer, not "nothing"
-        return time.perf_counter() > deadline and any(t.status == "complete" for t in search.trials)
-    search.bar = tqdm(total=goal.max_trials, initial=len(search.trials), desc="compress", disable=not progress,
-                      leave=True)
     try:
-        if "int8" in space.quant:   # NNCF-style accuracy control: quantize all, revert the most sensitive
-            for k in range(space.max_sensitive_float + 1):
-                if len(search.trials) >= goal.max_trials or out_of_time():
-                    break
-                done = search.step(_params(space, Recipe(quant="int8", sensitive_float=k)))
-                if done.feasible or done.status == "failed" and k == 0:
-                    accuracy_control = done if done.feasible else None
-                    break
-        for seed in _seeds(space):
-            if len(search.trials) >= goal.max_trials or out_of_time():
-                break
-            if seed.key() not in search.cache:
-                search.step(_params(space, seed))
-        asked = 0
-        while len(search.trials) < goal.max_trials and asked < 5 * goal.max_trials:
-            if out_of_time():
-                stopped_by = "max_minutes"
-                break
-            search.step()
-            asked += 1
-        else:
-            if asked >= 5 * goal.max_trials:
-                stopped_by = "search space exhausted"
-    except KeyboardInterrupt:
-        stopped_by = "interrupted"
+        stopped_by, accuracy_control = _trials(search, space, goal, deadline)
     finally:
-        search.bar.close()
-    if len(search.trials) < goal.max_trials and stopped_by == "max_trials":
-        stopped_by = "max_minutes"
+        if distributed.active():
+            distributed.broadcast_object(None)   # the other ranks stop serving
 
     complete = [t for t in search.trials if t.status == "complete"]
     front = pareto_front(complete, lambda t: t.metric, lambda t: t.objective(goal))
@@ -407,6 +431,7 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
     baselines = _peer_baselines(base, goal, evaluator, context, out_dir, original, say)
     result = CompressResult(goal, original, _state_dict_bytes(module), allowed, chosen, front, search.trials,
                             baselines, accuracy_control, sensitivity, stopped_by, 0.0, out_dir)
+    _load_runners(search.trials, bench, goal)
     finalists = _finalists(search.trials, goal, bench, chosen)
     result.latency = _remeasure(result, bench, finalists)
     if goal.objective == "latency" and result.latency:   # the choice is the fastest when timed side by side
@@ -421,7 +446,100 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
     result.seconds = time.perf_counter() - started
     write_report(result)
     write_json(os.path.join(out_dir, "compress.json"), result.to_dict())
+    if distributed.active():
+        distributed.broadcast_object(_without_runners(result))
     return result
+
+
+def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple[str, Trial | None]:
+    """Run the search: accuracy control, the seeds, then the sampler, in rounds of one candidate per
+    rank (one at a time in one process); (why it stopped, the accuracy-control trial)."""
+    ranks = distributed.world_size()
+    stopped_by = "max_trials"
+    accuracy_control: Trial | None = None
+
+    def room() -> int:
+        return min(ranks, goal.max_trials - len(search.trials))
+
+    def out_of_time() -> bool:   # never before one candidate has been measured: an answer, not "nothing"
+        return time.perf_counter() > deadline and any(t.status == "complete" for t in search.trials)
+    search.bar = tqdm(total=goal.max_trials, initial=len(search.trials), desc="compress",
+                      disable=not search.progress, leave=True)
+    try:
+        if "int8" in space.quant:   # NNCF-style accuracy control: quantize all, revert the most sensitive
+            floats, found = list(range(space.max_sensitive_float + 1)), False
+            while floats and not found:
+                if len(search.trials) >= goal.max_trials or out_of_time():
+                    break
+                batch, floats = floats[:room()], floats[room():]
+                done = search.round([_params(space, Recipe(quant="int8", sensitive_float=k)) for k in batch])
+                for k, trial in zip(batch, done):
+                    if trial.feasible or trial.status == "failed" and k == 0:
+                        accuracy_control, found = (trial if trial.feasible else None), True
+                        break
+        seeds = list(_seeds(space))
+        while seeds:
+            if len(search.trials) >= goal.max_trials or out_of_time():
+                break
+            batch: list[Recipe] = []
+            while seeds and len(batch) < room():
+                seed = seeds.pop(0)
+                if seed.key() not in search.cache and all(seed.key() != b.key() for b in batch):
+                    batch.append(seed)
+            if batch:
+                search.round([_params(space, seed) for seed in batch])
+        asked = 0
+        while len(search.trials) < goal.max_trials and asked < 5 * goal.max_trials:
+            if out_of_time():
+                stopped_by = "max_minutes"
+                break
+            count = min(room(), 5 * goal.max_trials - asked)
+            search.round([None] * count)
+            asked += count
+        else:
+            if asked >= 5 * goal.max_trials:
+                stopped_by = "search space exhausted"
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+    finally:
+        search.bar.close()
+    if len(search.trials) < goal.max_trials and stopped_by == "max_trials":
+        stopped_by = "max_minutes"
+    return stopped_by, accuracy_control
+
+
+def _shared_original(base: Graph, module: nn.Module, goal: Goal, evaluator: Evaluator, out_dir: str) -> Point:
+    """The original measured (and its artifact written) on rank 0; the other ranks get its numbers."""
+    if not distributed.active():
+        return _measure_original(base, module, goal, evaluator, out_dir)
+    original = _measure_original(base, module, goal, evaluator, out_dir) if distributed.is_main() else None
+    shared = distributed.broadcast_object(replace(original, runner=None) if original else None)
+    return original or shared
+
+
+def _without_runners(result: CompressResult) -> CompressResult:
+    """The result as other ranks receive it: runners (open sessions) stay on rank 0."""
+    return replace(result, original=replace(result.original, runner=None),
+                   baselines=[replace(b, runner=None) for b in result.baselines])
+
+
+def _load_runners(trials: list[Trial], bench: Workbench, goal: Goal, k: int = 4) -> None:
+    """Under torchrun, runners for the fastest feasible candidates other ranks built, from their
+    artifacts (ONNX in onnxruntime, TorchScript in torch), so the final timing sees them too."""
+    if distributed.world_size() == 1 or goal.objective != "latency":
+        return
+    ok = sorted((t for t in trials if t.feasible and t.latency_ms is not None and t.artifact),
+                key=lambda t: t.latency_ms)[:k]
+    for trial in ok:
+        if trial.number in bench.runners or not os.path.exists(trial.artifact):
+            continue
+        try:
+            if trial.backend.startswith("onnx"):
+                bench.runners[trial.number] = peer.ort_runner(trial.artifact, goal.threads)
+            elif trial.backend.startswith("torchscript"):
+                bench.runners[trial.number] = eager_runner(torch.jit.load(trial.artifact))
+        except Exception:   # not loadable here: it keeps the latency its own trial measured
+            continue
 
 
 def _params(space: Space, recipe: Recipe) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from graphopt.distributed import active, map_shared
 from graphopt.pruning.channels import OUT, channel_groups
 from graphopt.errors import GraphoptError
 from graphopt.ir import Graph
@@ -53,16 +54,17 @@ def prune_layer_sensitivity(base: Graph) -> dict[str, float]:
     groups = [g for g in channel_groups(base).prunable if g.targets(OUT)]
     groups.sort(key=lambda g: -sum(layer_macs.get(t, 0) for t in g.targets(OUT)))
     reference = base.run()
-    errors: dict[str, float] = {}
-    for group in groups[:MAX_GROUPS]:
-        layer = group.targets(OUT)[0]
+    layers = [group.targets(OUT)[0] for group in groups[:MAX_GROUPS]]
+
+    def error(layer: str) -> float | None:
         step = get_pass("prune_channels")(ratio=0.0, layers={layer: GROUP_RATIO})
         try:
             graph = PassManager([step], verify=False).run(base).graph
         except GraphoptError:
-            continue
-        errors[layer] = compare_outputs(reference, graph.run())[1]
-    return errors
+            return None
+        return compare_outputs(reference, graph.run())[1]
+    # under torchrun each rank measures a share of the layers; every rank gets them all
+    return {layer: e for layer, e in zip(layers, map_shared(error, layers)) if e is not None}
 
 
 def quant_layer_sensitivity(base: Graph, data: dict) -> dict[str, float]:
@@ -73,13 +75,23 @@ def quant_layer_sensitivity(base: Graph, data: dict) -> dict[str, float]:
 
 
 def prune_sweep(base: Graph, metric: Callable[[Graph], float]) -> dict[float, float]:
-    """The metric at each swept pruning share, without fine-tuning (global importance)."""
-    out = {}
-    for share in SWEEP:
+    """The metric at each swept pruning share, without fine-tuning (global importance); under
+    torchrun each rank measures a share of the points."""
+    def point(share: float) -> float | None:
         step = get_pass("prune_channels")(target_macs=round(1 - share, 4), scope="global")
         try:
             graph = PassManager([step], verify=False).run(base).graph
         except GraphoptError:
-            break   # the budget cannot be reached: larger shares cannot either
-        out[share] = metric(graph)
-    return out
+            return None
+        return metric(graph)
+    if not active():
+        out = {}
+        for share in SWEEP:
+            value = point(share)
+            if value is None:
+                break   # the budget cannot be reached: larger shares cannot either
+            out[share] = value
+        return out
+    values = map_shared(point, SWEEP)
+    reached = next((i for i, v in enumerate(values) if v is None), len(values))
+    return dict(zip(SWEEP[:reached], values[:reached]))

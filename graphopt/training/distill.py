@@ -6,6 +6,13 @@ embedding rather than logits, on ``1 - cos(s, t)`` (``"cosine"``) or ``MSE(s, t)
 (``"mse"``), which need no labels; optional feature matching adds an MSE between named intermediate nodes
 of student and teacher that have the same shape. Shared by every pass that needs
 recovery (pruning, low-rank splitting, binarization, weight sharing).
+
+Under torchrun the student trains as a DistributedDataParallel module (gloo on CPU, NCCL on
+CUDA: torch's choice), the teacher runs on every rank, and each rank reads its share of the
+data (``graphopt.distributed.shard``): N ranks over batches of B train as one process over
+batches of N*B. ``epochs`` counts passes over all of the data, ``max_batches`` the batches of
+all ranks together (each rank takes max_batches/N steps, rounded up); every rank takes the
+same steps, the stream ending for all when it ends for one.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
+from graphopt import distributed
 from graphopt.data import check_batch, check_finite, check_labels, split_batch
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
@@ -107,12 +115,33 @@ def _forward(gm: fx.GraphModule, inputs: tuple, names: set[str]):
     return tap.run(*inputs), tap.taps
 
 
+class _Student(torch.nn.Module):
+    """The student's forward with its feature taps, as one module DistributedDataParallel can wrap."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__()
+        self.gm, self.names = gm, names
+
+    def forward(self, *inputs):
+        return _forward(self.gm, inputs, self.names)
+
+
+def _parallel(student: torch.nn.Module) -> torch.nn.Module:
+    """The student wrapped in DistributedDataParallel under several ranks (gradients averaged
+    over ranks; ``static_graph``: parameters the graph never uses need no extra pass)."""
+    if not distributed.active():
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(student, static_graph=True)
+
+
 class _EpochPlan:
     """Batches of each epoch, streamed: ``max_batches`` and a fractional last epoch cut the
     iterator, never a list of the whole loader (a streaming loader may be endless)."""
 
     def __init__(self, data, config: DistillConfig):
-        self.data, self.limit = data, config.max_batches or None
+        self.data, self.limit = data, distributed.steps_share(config.max_batches or None)
         self.whole = int(config.epochs)
         self.fraction = config.epochs - self.whole
         self.epochs = self.whole + (1 if self.fraction > 0 else 0)
@@ -123,7 +152,11 @@ class _EpochPlan:
 
     def per_epoch(self) -> int | None:
         """Batches in one full epoch: the loader's length, else ``max_batches``, else counted by
-        one pass over a loader that can be read again (nothing kept); None for a one-shot iterator."""
+        one pass over a loader that can be read again (nothing kept); None for a one-shot iterator.
+        Under several ranks, the smallest of the ranks' counts (None if any rank cannot tell)."""
+        return distributed.agree_count(self._per_epoch())
+
+    def _per_epoch(self) -> int | None:
         sized = self._source()
         length = len(sized) if hasattr(sized, "__len__") else self.counted
         if length is None and self.limit is None and (callable(self.data) or iter(sized) is not sized):
@@ -150,7 +183,9 @@ class _EpochPlan:
         if epoch >= self.whole and steps is None:
             raise ConfigError("distillation: a fractional epoch needs the epoch's length: give max_batches, or a "
                               "loader that can be read more than once")
-        return itertools.islice(iter(self._source()), steps) if steps else iter(self._source())
+        source = self._source()
+        distributed.set_epoch(source, epoch)
+        return distributed.agree(itertools.islice(iter(source), steps) if steps else iter(source))
 
     def seen(self, epoch: int, count: int) -> None:
         if epoch < self.whole:
@@ -166,6 +201,7 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     progress runs from 0 to 1 over the steps, is added to every step's loss (a regulariser on the
     student's weights, such as the group lasso of ``sparsify_channels``)."""
     config.check()
+    data = distributed.shard(data, "distillation: train_data")
     names = set(config.feature_nodes)
     missing = sorted(names - {n.name for n in student.nodes})
     if missing:
@@ -182,18 +218,21 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     scheduler = None
     if config.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
+    model = _parallel(_Student(student.gm, names))
     student.gm.train()
     try:
         for epoch in range(plan.epochs):
-            for step, batch in enumerate(tqdm(plan.batches(epoch), desc=f"distill {epoch + 1}/{plan.epochs}",
-                                              total=plan.steps(epoch), disable=not progress, leave=False, delay=2)):
+            bar = tqdm(plan.batches(epoch), desc=f"distill {epoch + 1}/{plan.epochs}", total=plan.steps(epoch),
+                       disable=not progress or not distributed.is_main(), leave=False, delay=2)
+            for step, batch in enumerate(bar):
                 inputs, labels = split_batch(batch)
-                where = f"distillation: batch {step} of epoch {epoch + 1}"
+                where = f"distillation: batch {step} of epoch {epoch + 1}" + (
+                    f" on rank {distributed.rank()}" if distributed.active() else "")
                 check_batch(student, inputs, where)
                 check_finite(inputs, where)
                 with torch.no_grad():
                     t_out, t_feats = _forward(teacher.gm, inputs, names)
-                s_out, s_feats = _forward(student.gm, inputs, names)
+                s_out, s_feats = model(*inputs)
                 if loss_fn is None and config.loss == "kd" and config.alpha < 1:   # the loss reads the labels
                     check_labels(labels, s_out, where)
                 loss = (loss_fn or _loss_fn(config))(s_out, t_out, labels)
@@ -216,4 +255,9 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     if not losses:
         raise ConfigError("distillation: the training data yielded no batches")
     k = max(1, len(losses) // 10)
-    return {"steps": len(losses), "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    if distributed.active():   # every rank took the same steps; the report holds the mean over ranks
+        distributed.broadcast_buffers(student.gm)   # BatchNorm statistics: rank 0's, as DDP keeps them
+        first, last = (distributed.all_reduce(torch.tensor([first, last], dtype=torch.float64))
+                       / distributed.world_size()).tolist()
+    return {"steps": len(losses), "loss_first": first, "loss_last": last}
