@@ -64,7 +64,7 @@ def train_fp32(epochs: int) -> FashionCNN:
 
 
 def binarize_pipeline(graph, activations: bool, epochs: float, lr: float):
-    passes = [Binarize(include=HIDDEN, activations=activations, distill_epochs=epochs, lr=lr, freeze=False),
+    passes = [Binarize(layers=HIDDEN, activations=activations, distill_epochs=epochs, lr=lr, freeze=False),
               FoldBatchNorm(), FreezeBinary()]
     return PassManager(passes, context=PassContext({"train_data": fashion_mnist.shuffled_epochs(seed=100)})).run(graph)
 

@@ -45,7 +45,7 @@ def main() -> None:
     graph = minilm.encoder_graph()
     heads = {f"bert.encoder.layer.{i}.attention.self.query": args.heads for i in range(LAYERS)}
     start = time.perf_counter()
-    result = graphopt.PassManager([PruneChannels(ratio=args.ffn, layers=heads)]).run(graph)
+    result = graphopt.PassManager([PruneChannels(ratio=args.ffn, overrides=heads)]).run(graph)
     seconds = time.perf_counter() - start
     record, gm = result.records[1], result.graph.gm
     kept_heads = gm.get_submodule("bert.encoder.layer.0.attention.self.query").out_features // 32
