@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
+from graphopt.layer_selection import LayerSelection
 from graphopt.options import Count, NonNegative, Positive, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.adaround import learn_rounding
@@ -74,7 +75,20 @@ def _along(values: torch.Tensor, axis: int, dim: int) -> torch.Tensor:
 
 @register_pass("adaround")
 class AdaRound(Pass):
-    """Learn each conv/linear weight's rounding on calibration data (AdaRound), then freeze it."""
+    """Learn each conv/linear weight's rounding on calibration data (AdaRound), then freeze it.
+
+    Options:
+        bits: weight-only grid (2, 4 or 8) for a float graph that quantize_weights will quantize; leave unset
+            after insert_qdq, whose int8 grid is used
+        iterations: optimisation steps per layer
+        lr: learning rate (Adam) of the rounding variables
+        reg_weight: weight of the term that pushes every rounding variable to 0 or 1
+        max_batches: calibration batches whose layer inputs are learned on
+        layers: only these layers (module name patterns)
+        exclude: layers left at nearest rounding (module name patterns)
+        bound: largest relative output error the verification accepts (default: the pass manager's)
+        progress: show a progress bar
+    """
 
     contract = Contract.BOUNDED
     requires = frozenset({"calibration_data"})
@@ -101,6 +115,11 @@ class AdaRound(Pass):
         if not quantized and self.bits is None:
             raise ConfigError("adaround: the graph has no fake-quantized weights (run insert_qdq first for int8) and "
                               "no bits= for weight-only rounding (then quantize_weights with the same bits)")
+        if quantized:
+            selection = LayerSelection.of(self.layers, self.exclude)
+            owner = lambda n: n.args[1].args[0].target.rsplit(".", 1)[0]  # noqa: E731
+            selection.check([owner(n) for n in quantized], "pass 'adaround'")
+            quantized = [n for n in quantized if selection.selects(owner(n))]
         results = []
         steps = quantized if quantized else weight_layers(graph, self.layers, self.exclude, "pass 'adaround'")
         for item in tqdm(steps, desc="adaround", disable=not self.progress, leave=False, delay=2):

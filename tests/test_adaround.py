@@ -66,3 +66,18 @@ def test_bad_inputs_are_named(folded):
     ptq = PassManager([InsertQDQ(progress=False)], context=_ctx()).run(folded).graph
     with pytest.raises(PassFailed, match="already have an int8 grid"):
         PassManager([AdaRound(bits=4, progress=False)], context=_ctx()).run(ptq)
+
+
+def test_layers_and_exclude_choose_the_int8_layers(folded):
+    ptq = PassManager([InsertQDQ(progress=False)], context=_ctx()).run(folded).graph
+    names = sorted({n.args[0].target.rsplit(".", 1)[0] for n in ptq.nodes
+                    if n.op == "call_function" and n.args and getattr(n.args[0], "op", None) == "get_attr"
+                    and str(n.args[0].target).endswith(".weight")})
+    before = {k: v.clone() for k, v in ptq.gm.state_dict().items()}
+    result = PassManager([AdaRound(iterations=20, max_batches=1, exclude=[names[0]], progress=False)],
+                         context=_ctx()).run(ptq)
+    assert result.records[1].stats["layers"] == len(names) - 1
+    after = result.graph.gm.state_dict()
+    assert torch.equal(after[f"{names[0]}.weight"], before[f"{names[0]}.weight"])
+    with pytest.raises(PassFailed, match="nope"):
+        PassManager([AdaRound(layers=["nope"], progress=False)], context=_ctx()).run(ptq)

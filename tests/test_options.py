@@ -118,7 +118,7 @@ def test_cli_prints_the_reference_of_a_pass_and_a_backend(capsys):
     out = capsys.readouterr().out
     assert "form" in out and "one of auto, qoperator, qdq, tune" in out
     assert cli_main(["passes", "fold_batchnrom"]) == 2
-    assert "unknown pass 'fold_batchnrom'; registered passes: bias_correction" in capsys.readouterr().err
+    assert "unknown pass 'fold_batchnrom'; registered passes: adaround, bias_correction" in capsys.readouterr().err
 
 
 # -- one vocabulary for which layers ----------------------------------------------------------------------------
