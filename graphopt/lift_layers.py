@@ -8,13 +8,23 @@ by that call alone becomes a call to an ``nn.Linear``/``nn.Conv2d``/``nn.LayerNo
 ``nn.Embedding`` that holds the very same Parameter objects, at the module path the weight
 came from. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
 ``_assert_tensor_metadata`` checks (nothing uses their result).
+
+Eval-mode batch norm called as a function on a layer's own statistics (``aten.batch_norm`` in an
+export graph; ``F.batch_norm`` in a torch.fx graph, as in timm's norm + activation layers such as
+``BatchNormAct2d``, which fx traces through) becomes an ``nn.BatchNorm1d/2d/3d`` holding the same
+Parameters and running statistics, so BatchNorm folding, pruning and int8 placement see a norm
+layer, at the path of the module that made the call where that module held nothing else (its
+submodules, such as the activation, move into the BatchNorm): names and state-dict keys stay the
+model's.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import fx
 
 from graphopt.ir import owner_and_leaf
@@ -56,6 +66,97 @@ def _embedding(args, kwargs, weight, bias):
     padding_idx = args[2] if len(args) > 2 and args[2] != -1 else None
     layer = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=padding_idx, device="meta")
     return layer, (args[1],)
+
+
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_call(node: fx.Node) -> dict | None:
+    """The arguments of an eval-mode batch norm call (F.batch_norm or aten.batch_norm), by name;
+    None for anything else, or a batch norm in training mode."""
+    if node.op != "call_function":
+        return None
+    if node.target is F.batch_norm:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    elif node.target is aten.batch_norm.default:
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                 "cudnn_enabled")
+        defaults = {}
+    else:
+        return None
+    call = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+    if call.get("training") is not False or not all(k in call for k in names[:5]):
+        return None
+    return call
+
+
+def _tensor_of(gm: fx.GraphModule, node, only_user: fx.Node) -> tuple[str, torch.Tensor] | None:
+    """(qualname, tensor) when ``node`` is a get_attr of a tensor read only by ``only_user``."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or set(node.users) != {only_user}:
+        return None
+    value = getattr(*owner_and_leaf(gm, node.target), None)
+    return (node.target, value) if isinstance(value, torch.Tensor) else None
+
+
+def _rank(node: fx.Node) -> int | None:
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return value.dim()
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _lift_batch_norm(gm: fx.GraphModule, node: fx.Node, call: dict) -> str | None:
+    """Replace one eval-mode batch norm call by an ``nn.BatchNorm*d`` call (see the module
+    docstring); the module path, or None where the call is left as it is."""
+    stats = [_tensor_of(gm, call[k], node) for k in ("running_mean", "running_var")]
+    affine = [_tensor_of(gm, call[k], node) if call[k] is not None else None for k in ("weight", "bias")]
+    rank = _rank(call["input"]) if isinstance(call["input"], fx.Node) else None
+    if None in stats or rank not in _BATCH_NORMS or (call["weight"] is None) != (call["bias"] is None) \
+            or (call["weight"] is not None and (None in affine or not all(isinstance(a[1], nn.Parameter)
+                                                                           for a in affine))):
+        return None
+    read = [t for t in stats + affine if t is not None]
+    owners = {name.rpartition(".")[0] for name, _ in read}
+    if len(owners) != 1:
+        return None
+    owner_path = owners.pop()
+    norm = _BATCH_NORMS[rank](stats[0][1].shape[0], eps=float(call["eps"]), momentum=call["momentum"],
+                              affine=call["weight"] is not None, device="meta")
+    for (_, tensor), key in zip(read, ("running_mean", "running_var", "weight", "bias")):
+        setattr(norm, key, tensor) if isinstance(tensor, nn.Parameter) else norm.register_buffer(key, tensor)
+    norm.num_batches_tracked = torch.zeros((), dtype=torch.long)
+    norm.train(False)
+    for name, _ in read:
+        holder, leaf = owner_and_leaf(gm, name)
+        holder._parameters.pop(leaf, None)
+        holder._buffers.pop(leaf, None)
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    counter = owner._buffers.get("num_batches_tracked")
+    if isinstance(counter, torch.Tensor) and counter.dim() == 0:   # torch.export keeps every buffer
+        norm.num_batches_tracked = owner._buffers.pop("num_batches_tracked")
+    # A GraphModule holds what a call reads in plain holder modules. A holder left with nothing but
+    # submodules (timm's BatchNormAct2d: its drop and act layers) becomes the BatchNorm, holding them.
+    if owner_path and type(owner) is nn.Module and not owner._parameters and not owner._buffers \
+            and not any(n.op == "call_module" and n.target == owner_path for n in gm.graph.nodes):
+        for name, child in owner.named_children():
+            norm.add_module(name, child)
+        path = owner_path
+    else:
+        path = _free_name(gm, owner_path or f"lifted_{node.name}")
+    _install(gm, path, norm)
+    with gm.graph.inserting_before(node):
+        lifted = gm.graph.call_module(path, (call["input"],))
+    lifted.meta.update(node.meta)
+    node.replace_all_uses_with(lifted)
+    gm.graph.erase_node(node)
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        attr = call[key]
+        if isinstance(attr, fx.Node) and not attr.users:
+            gm.graph.erase_node(attr)
+    return path
 
 
 # op -> (index of weight, index of bias or None, module builder)
@@ -112,9 +213,72 @@ def _drop_metadata_asserts(gm: fx.GraphModule) -> int:
     return dropped
 
 
+_RANK_READS = {"ndim", "dim"}
+_CONDITION_OPS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
+                  operator.or_, operator.not_}
+
+
+def _reads_rank_only(node) -> bool:
+    """Whether ``node`` is computed from tensor ranks and constants alone."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _RANK_READS:
+        return True
+    if node.op == "call_method" and node.target == "dim":
+        return True
+    return node.op == "call_function" and node.target in _CONDITION_OPS and all(
+        _reads_rank_only(a) for a in node.args)
+
+
+def drop_rank_asserts(gm: fx.GraphModule) -> int:
+    """Remove ``torch._assert`` checks of tensor ranks (timm's norm layers assert ``x.ndim == 4``),
+    with the reads they alone used. Every graph graphopt runs keeps its example inputs' ranks
+    (batches are checked against them), so the checks hold by construction; left in, they are an
+    extra user of each layer's output that keeps BatchNorm folding and int8 fusion from it."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert and not node.users \
+                and node.args and _reads_rank_only(node.args[0]):
+            inputs = list(node.all_input_nodes)
+            gm.graph.erase_node(node)
+            dropped += 1
+            while inputs:
+                parent = inputs.pop()
+                if parent.op in ("call_function", "call_method") and not parent.users and parent.graph is gm.graph:
+                    inputs += parent.all_input_nodes
+                    gm.graph.erase_node(parent)
+    # a message argument reading ``x.ndim`` leaves an unused read behind
+    for node in list(gm.graph.nodes):
+        if not node.users and _reads_rank_only(node) and node.op in ("call_function", "call_method"):
+            gm.graph.erase_node(node)
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
+def lift_batch_norms(gm: fx.GraphModule, example_inputs: tuple | None = None) -> int:
+    """Lift every eval-mode functional batch norm on a layer's own tensors (see the module
+    docstring); torch.fx graphs get their ranks from one run on ``example_inputs``."""
+    calls = [(node, call) for node in list(gm.graph.nodes) if (call := _bn_call(node)) is not None]
+    if calls and example_inputs is not None and any(isinstance(c["input"], fx.Node) and _rank(c["input"]) is None
+                                                    for _, c in calls):
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    lifted = sum(_lift_batch_norm(gm, node, call) is not None for node, call in calls)
+    if lifted:
+        gm.graph.lint()
+        gm.recompile()
+    return lifted
+
+
 def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
     """Rewrite ``gm`` in place; returns how many of each op became a module."""
     lifted: dict[str, int] = {}
+    norms = lift_batch_norms(gm)
+    if norms:
+        lifted["batch_norm"] = norms
     for node in list(gm.graph.nodes):
         spec = _LIFTERS.get(node.target) if node.op == "call_function" else None
         if spec is None:

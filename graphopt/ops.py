@@ -124,9 +124,11 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "linear": OpKind.LINEAR, "addmm": OpKind.LINEAR,
     "_native_batch_norm_legit_no_training": OpKind.NORM, "batch_norm": OpKind.NORM,
     "layer_norm": OpKind.NORM, "native_layer_norm": OpKind.NORM, "group_norm": OpKind.NORM,
-    "relu": OpKind.ACTIVATION, "relu_": OpKind.ACTIVATION, "gelu": OpKind.ACTIVATION,
-    "silu": OpKind.ACTIVATION, "sigmoid": OpKind.ACTIVATION, "hardtanh": OpKind.ACTIVATION,
-    "hardswish": OpKind.ACTIVATION, "tanh": OpKind.ACTIVATION,
+    # activations, and their in-place forms (torch.export keeps ``inplace=True`` layers as ``silu_`` ...)
+    **{f"{name}{suffix}": OpKind.ACTIVATION
+       for name in ("relu", "relu6", "gelu", "silu", "sigmoid", "hardtanh", "hardswish", "hardsigmoid", "tanh",
+                    "leaky_relu", "elu", "celu", "selu", "mish", "softplus")
+       for suffix in ("", "_")},
     "add": OpKind.ELEMENTWISE, "add_": OpKind.ELEMENTWISE, "sub": OpKind.ELEMENTWISE,
     "mul": OpKind.ELEMENTWISE, "div": OpKind.ELEMENTWISE,
     "cat": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,

@@ -20,7 +20,7 @@ from torch import fx
 
 from graphopt.errors import ConfigError, TraceError
 from graphopt.ir import Graph
-from graphopt.lift_layers import lift_functional_layers
+from graphopt.lift_layers import drop_rank_asserts, lift_batch_norms, lift_functional_layers
 from graphopt.ops import is_registered_layer, registered_functions
 from graphopt.torch_logs import quiet
 
@@ -101,14 +101,17 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
-def _fx_capture(model: nn.Module) -> fx.GraphModule:
+def _fx_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     tracer = _PathTracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:
         exc.graphopt_module = tracer.failed_in  # type: ignore[attr-defined]
         raise
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    drop_rank_asserts(gm)          # timm's `_assert(x.ndim == 4)`: holds for every graph graphopt runs
+    lift_batch_norms(gm, inputs)   # norm + activation layers that call F.batch_norm themselves
+    return gm
 
 
 def _export_capture(model: nn.Module, inputs: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
@@ -144,7 +147,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
     attempts: dict[str, str] = {}
     first_module, first_reason = "", ""
     capturers = [("transformers.fx", _hf_capture)] if is_hf else []
-    capturers += [("torch.fx", lambda m, i: _fx_capture(m)),
+    capturers += [("torch.fx", _fx_capture),
                   ("torch.export", lambda m, i: _export_capture(m, i, dynamic_shapes))]
     for name, capture in capturers:
         try:

@@ -1,5 +1,5 @@
 """Channel rules of ops that carry channels through unchanged or side by side: elementwise
-ops and broadcasting constants, concat and split, reductions, softmax and pooling."""
+ops and broadcasting constants, concat and split, reductions, softmax, pooling and padding."""
 from __future__ import annotations
 
 from typing import Any
@@ -166,6 +166,21 @@ class ElementwiseRules:
             raise Unaligned(f"{name} pools over the channels")
         return x
 
+    def pad(self, node: fx.Node) -> Any:
+        """F.pad / aten.pad / constant_pad_nd: each channel is padded on its own, so channels pass
+        through unless the padding lengthens a channel axis (amounts, in pairs, from the last axis)."""
+        x = self.get(node.args[0])
+        if not isinstance(x, Layout):
+            return None
+        amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        rank = len(self.graph.shape(node.args[0]))
+        if not isinstance(amounts, (list, tuple)) or not all(isinstance(a, int) for a in amounts):
+            raise Unaligned("pads by amounts computed at run time")
+        padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
+        if padded & set(x.axes()):
+            raise Unaligned("pads along the channels")
+        return x
+
 
 # -- registrations ------------------------------------------------------------------------
 @channel_rule(kind=(OpKind.ACTIVATION, OpKind.ELEMENTWISE))
@@ -188,6 +203,11 @@ def _shape(a, node: fx.Node) -> Any:
 @channel_rule(kind=OpKind.POOL)
 def _pool(a, node: fx.Node) -> Any:
     return a.pool(node, a.get(node.args[0]), op_name(node))
+
+
+@channel_rule(op=("pad", "constant_pad_nd"))
+def _pad(a, node: fx.Node) -> Any:
+    return a.pad(node)
 
 
 @channel_rule(op=("cat", "concat"))

@@ -1,0 +1,236 @@
+"""Layers of the models users bring (timm, Hugging Face) that the zoo sweep (benchmarks/zoo_sweep.py)
+found graphopt refusing, each on a small model built here: norm + activation layers that call
+``F.batch_norm`` themselves, in-place activations in torch.export graphs, TF-style 'same' padding,
+in-place ops after quantized tensors in the int8 export's check. timm's own layers are tested where
+timm is installed (it is a benchmark extra)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import PassContext, PassManager
+from graphopt.backends import onnx_int8
+from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, PruneChannels
+from graphopt.pruning.channels import channel_groups
+
+from conftest import randomize_bn
+
+
+class NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BatchNorm2d subclass whose forward calls F.batch_norm
+    on its own statistics, then its activation module (torch.fx traces through it)."""
+
+    def __init__(self, channels: int, inplace: bool = True):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.SiLU(inplace=inplace)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(self.drop(x))
+
+
+class SamePad(nn.Conv2d):
+    """TF 'same' padding as timm's Conv2dSame computes it: pad amounts from the input size at run
+    time (torch.fx cannot trace the arithmetic; torch.export records the amounts)."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class InvertedResidual(nn.Module):
+    """conv -> norm-act -> depthwise -> norm-act -> squeeze-excite -> conv -> norm, with a residual."""
+
+    def __init__(self, c: int = 16, same: bool = False):
+        super().__init__()
+        conv = SamePad if same else nn.Conv2d
+        self.stem = conv(3, c, 3, stride=2, padding=0 if same else 1, bias=False)
+        self.bn0 = NormAct(c)
+        self.pw = nn.Conv2d(c, 2 * c, 1, bias=False)
+        self.bn1 = NormAct(2 * c)
+        self.dw = conv(2 * c, 2 * c, 3, stride=1, padding=0 if same else 1, groups=2 * c, bias=False)
+        self.bn2 = NormAct(2 * c)
+        self.se_reduce, self.se_expand = nn.Conv2d(2 * c, 8, 1), nn.Conv2d(8, 2 * c, 1)
+        self.pwl = nn.Conv2d(2 * c, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x))
+        y = self.bn2(self.dw(self.bn1(self.pw(x))))
+        y = y * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        x = x + self.bn3(self.pwl(y))
+        return self.head(x.mean((2, 3)))
+
+
+def _norm_layers(graph):
+    return {str(n.target): type(graph.module(n)) for n in graph.nodes if n.op == "call_module"
+            and isinstance(graph.module(n), nn.modules.batchnorm._BatchNorm)}
+
+
+def test_functional_batch_norm_of_a_norm_act_layer_becomes_a_batchnorm_at_its_path():
+    model = randomize_bn(InvertedResidual()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = graphopt.trace(model, x)
+    assert graph.captured_by == "torch.fx"
+    assert _norm_layers(graph) == {f"bn{i}": nn.BatchNorm2d for i in range(4)}
+    assert not [n for n in graph.nodes if n.target is F.batch_norm]
+    lifted = graph.gm.get_submodule("bn1")
+    assert lifted.weight is not model.bn1.weight  # trace works on a copy ...
+    torch.testing.assert_close(lifted.running_var, model.bn1.running_var)   # ... of the same statistics
+    assert isinstance(graph.gm.get_submodule("bn1.act"), nn.SiLU)           # the activation moved into it
+    assert set(graph.gm.state_dict()) == set(model.state_dict())            # the model's state-dict keys
+    torch.testing.assert_close(graph.run(x), model(x), rtol=0, atol=0)
+
+
+def test_norm_act_layers_fold_prune_and_export_to_int8(tmp_path):
+    model = randomize_bn(InvertedResidual()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    folded = PassManager([FoldBatchNorm()]).run(graphopt.trace(model, x))
+    assert folded.records[1].stats["folded"] == 4 and not _norm_layers(folded.graph)
+    plan = channel_groups(folded.graph)
+    assert len(plan.prunable) == 3 and len(plan.groups) == 4   # stem/residual, expansion, SE; the head's output
+    pruned = PassManager([PruneChannels(ratio=0.25)]).run(folded.graph)
+    assert pruned.records[1].contract_error < 1e-5
+    assert pruned.graph.gm.get_submodule("dw").out_channels == 24
+    data = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                            context=PassContext({"calibration_data": data})).run(pruned.graph)
+    report = onnx_int8.export(quantized.graph, tmp_path / "m.int8.onnx")
+    assert report.details["within_one_step"] >= 0.99
+
+
+def test_a_module_holding_more_than_batch_norm_state_keeps_the_rest():
+    class Scaled(nn.BatchNorm2d):
+        def __init__(self, c):
+            super().__init__(c)
+            self.gain = nn.Parameter(torch.full((c,), 2.0))
+
+        def forward(self, x):
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+            return x * self.gain.view(1, -1, 1, 1)
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), Scaled(8))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = graphopt.trace(model, x)
+    assert _norm_layers(graph) == {"1_1": nn.BatchNorm2d}
+    assert graph.attr("1.gain").shape == (8,)
+    torch.testing.assert_close(graph.run(x), model(x), rtol=0, atol=0)
+    folded = PassManager([FoldBatchNorm()]).run(graph)
+    assert folded.records[1].stats["folded"] == 1
+
+
+def test_rank_asserts_are_dropped_and_other_asserts_kept():
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.conv(x)
+            torch._assert(y.ndim == 4, "expected 4D input")
+            torch._assert(y.shape[1] == 8, "expected 8 channels")
+            return self.bn(y)
+
+    graph = graphopt.trace(Checked().eval(), torch.randn(2, 3, 8, 8))
+    asserts = [n for n in graph.nodes if n.target is torch._assert]
+    assert len(asserts) == 1 and "channels" in asserts[0].args[1]
+    assert not [n for n in graph.nodes if n.op == "call_function" and n.target is getattr and n.args[1] == "ndim"]
+
+
+def test_training_mode_batch_norm_calls_stay_functional():
+    class Batchwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.register_buffer("mean", torch.zeros(8))
+            self.register_buffer("var", torch.ones(8))
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.mean, self.var, training=True)
+
+    graph = graphopt.trace(Batchwise(), torch.randn(2, 3, 8, 8))
+    assert [n for n in graph.nodes if n.target is F.batch_norm] and not _norm_layers(graph)
+
+
+def test_same_padding_and_in_place_activations_in_an_export_graph(tmp_path):
+    model = randomize_bn(InvertedResidual(same=True)).eval()
+    x = torch.randn(2, 3, 15, 15)
+    graph = graphopt.trace(model, x)
+    assert graph.captured_by == "torch.export"           # the pad arithmetic stops torch.fx
+    assert set(_norm_layers(graph)) == {f"bn{i}" for i in range(4)}
+    names = {graphopt.ops.op_name(n) for n in graph.nodes if n.op == "call_function"}
+    assert {"pad", "silu_"} <= names
+    assert {graph.kind(n) for n in graph.nodes if graphopt.ops.op_name(n) == "silu_"} == {graphopt.OpKind.ACTIVATION}
+    folded = PassManager([FoldBatchNorm()]).run(graph)
+    assert folded.records[1].stats["folded"] == 4
+    assert len(channel_groups(folded.graph).prunable) == 3
+    pruned = PassManager([PruneChannels(ratio=0.25)]).run(folded.graph)
+    assert pruned.records[1].contract_error < 1e-5 and pruned.graph.gm.get_submodule("dw").out_channels == 24
+    torch.testing.assert_close(graph.run(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("amounts, prunable", [([1, 1, 1, 1], True), ([0, 0, 0, 0, 1, 1], False)])
+def test_padding_passes_channels_unless_it_pads_them(amounts, prunable):
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8 + sum(amounts[4:6]), 4, 3)
+
+        def forward(self, x):
+            return self.b(F.pad(self.a(x), amounts))
+
+    graph = graphopt.trace(Padded(), torch.randn(2, 3, 12, 12))
+    group = next(g for g in channel_groups(graph).groups if any(m.target == "a" for m in g.members))
+    assert (not group.blocked) == prunable
+    if not prunable:
+        assert any("pads along the channels" in r for r in group.blocked)
+
+
+def test_in_place_activation_after_a_quantized_tensor_keeps_the_int8_check_exact(tmp_path):
+    """conv -> Identity -> ReLU(inplace=True): the check feeds the artifact's conv output to the
+    graph's ReLU, which must not overwrite it before it is compared (it read 89% within a step)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True)
+            self.out = nn.Conv2d(16, 8, 3)
+
+        def forward(self, x):
+            return self.out(self.act(self.drop(self.conv(x))))
+
+    torch.manual_seed(0)
+    graph = graphopt.trace(Block().eval(), torch.randn(2, 3, 16, 16))
+    data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                            context=PassContext({"calibration_data": data})).run(graph)
+    report = onnx_int8.export(quantized.graph, tmp_path / "m.int8.onnx")
+    assert report.details["within_one_step"] == 1.0
+
+
+# -- timm's own layers (timm is a benchmark extra: requirements-bench.txt) ----------------------------
+def test_timm_norm_act_and_same_padding_models_prune_and_quantize(tmp_path):
+    timm = pytest.importorskip("timm")
+    from graphopt.tools.random_init import informative_init
+
+    for name in ("test_efficientnet", "tf_mobilenetv3_small_minimal_100"):
+        torch.manual_seed(0)
+        model = informative_init(timm.create_model(name, pretrained=False, num_classes=4))
+        x = torch.randn(2, 3, 32, 32)
+        folded = PassManager([FoldBatchNorm()]).run(graphopt.trace(model, x))
+        assert not _norm_layers(folded.graph), name
+        plan = channel_groups(folded.graph)
+        assert len(plan.prunable) >= len(plan.groups) - 1, (name, [g.blocked for g in plan.blocked])
+        pruned = PassManager([PruneChannels(ratio=0.3)]).run(folded.graph)
+        assert pruned.records[1].macs / pruned.records[0].macs < 0.8, name
+        data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                                context=PassContext({"calibration_data": data})).run(pruned.graph)
+        assert onnx_int8.export(quantized.graph, tmp_path / f"{name}.onnx").details["within_one_step"] >= 0.99
