@@ -1,8 +1,9 @@
 """Layers of the models users bring (timm, Hugging Face) that the zoo sweep (benchmarks/zoo_sweep.py)
 found graphopt refusing, each on a small model built here: norm + activation layers that call
 ``F.batch_norm`` themselves, in-place activations in torch.export graphs, TF-style 'same' padding,
-in-place ops after quantized tensors in the int8 export's check. timm's own layers are tested where
-timm is installed (it is a benchmark extra)."""
+in-place ops after quantized tensors in the int8 export's check; decoder attention with rotary
+embeddings, grouped-query attention and per-head norms. timm's own layers are tested where timm is
+installed (it is a benchmark extra); Hugging Face's where transformers is (requirements-minilm.txt)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -68,6 +69,41 @@ class InvertedResidual(nn.Module):
         y = y * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
         x = x + self.bn3(self.pwl(y))
         return self.head(x.mean((2, 3)))
+
+
+class GQA(nn.Module):
+    """Llama/Qwen3-style attention: 4 query heads share 2 key/value heads, rotary embeddings on
+    half of each head (rotate_half), an RMS norm per head, then a SiLU-gated MLP."""
+    def __init__(self, dim=32, heads=4, kv=2, export=False):
+        super().__init__()
+        self.heads, self.kv, self.d, self.export = heads, kv, dim // heads, export
+        self.q, self.k = nn.Linear(dim, dim, bias=False), nn.Linear(dim, kv * self.d, bias=False)
+        self.v, self.o = nn.Linear(dim, kv * self.d, bias=False), nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.Parameter(torch.rand(self.d) + 0.5)
+        self.gate, self.up, self.down = nn.Linear(dim, 48, bias=False), nn.Linear(dim, 48, bias=False), nn.Linear(48, dim)
+
+    def rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        if self.export and t > 1:
+            x = x * 1.0
+        q = self.q(x).view(b, t, self.heads, self.d)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * self.q_norm
+        q = q.transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        pos = torch.arange(t, dtype=x.dtype)[:, None] * torch.arange(1, self.d + 1, dtype=x.dtype) / self.d
+        q, k = self.rope(q, pos.cos(), pos.sin()), self.rope(k, pos.cos(), pos.sin())
+        rep = self.heads // self.kv
+        k = k[:, :, None].expand(b, self.kv, rep, t, self.d).reshape(b, self.kv * rep, t, self.d)
+        v = v[:, :, None].expand(b, self.kv, rep, t, self.d).reshape(b, self.kv * rep, t, self.d)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.o(a)
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def _norm_layers(graph):
@@ -234,3 +270,40 @@ def test_timm_norm_act_and_same_padding_models_prune_and_quantize(tmp_path):
         quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
                                 context=PassContext({"calibration_data": data})).run(pruned.graph)
         assert onnx_int8.export(quantized.graph, tmp_path / f"{name}.onnx").details["within_one_step"] >= 0.99
+
+
+# -- decoder attention: rotary embeddings, grouped-query attention, per-head norms ---------------------
+@pytest.mark.parametrize("export", [False, True])
+def test_grouped_query_attention_with_rotary_embeddings_loses_whole_key_value_groups(export):
+    torch.manual_seed(0)
+    model = GQA(export=export).eval()
+    x = torch.randn(2, 6, 32)
+    graph = graphopt.trace(model, x)
+    assert graph.captured_by == ("torch.export" if export else "torch.fx")
+    heads = next(g for g in channel_groups(graph).groups if any(m.target == "k" for m in g.members))
+    assert heads.size == 2 and not heads.blocked          # a unit: one key/value head and its 2 query heads
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    shapes = {n: tuple(p.shape) for n, p in result.graph.gm.named_parameters()}
+    assert shapes["q.weight"] == (16, 32) and shapes["k.weight"] == shapes["v.weight"] == (8, 32)
+    assert shapes["o.weight"] == (32, 16) and shapes["q_norm"] == (8,)   # per-head weights stay whole
+    record = result.records[1]
+    assert record.contract_error < 1e-5 and record.max_error > 1e-3        # masked original matched; outputs moved
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma"])
+def test_hugging_face_decoders_prune_heads_and_mlp(arch):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model(
+        arch, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=128, max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    graph = graphopt.trace(model, torch.randint(0, 128, (2, 12)))
+    plan = channel_groups(graph)
+    assert sorted(g.size for g in plan.prunable) == [2, 96], [(g.name, g.blocked[:2]) for g in plan.groups]
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    layer = result.graph.gm.get_submodule("layers.0")
+    assert layer.self_attn.q_proj.out_features == 32 and layer.self_attn.k_proj.out_features == 16
+    assert layer.mlp.up_proj.out_features == 48
+    assert result.records[1].contract_error < 1e-5

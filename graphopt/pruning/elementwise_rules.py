@@ -59,6 +59,11 @@ class ElementwiseRules:
         return result
 
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
+        if a.sub is not None and (a.axis, a.sub) == (b.axis, b.sub) and a.width != b.width and 1 in (a.width, b.width):
+            wide, narrow = (a, b) if b.width == 1 else (b, a)   # one value per row, broadcast along the columns
+            rows = self.as_rows(wide)
+            self.spaces.align(_positions(rows).segs, narrow.segs)
+            return self.spaces.layout(rows)
         if (a.axis, a.sub, a.width) != (b.axis, b.sub, b.width):
             self.block(a, f"{node.name}: operands' channel layouts differ")
             self.block(b, f"{node.name}: operands' channel layouts differ")
@@ -83,7 +88,7 @@ class ElementwiseRules:
         if all(dim not in l.axes() for l in layouts):  # along another axis: the inputs share their channels
             return self.elementwise(node, list(tensors))
         if any(l.sub is not None for l in layouts):
-            raise Unaligned("concatenates grids of channels")
+            return self.concat_columns(node, values, dim)
         segs = []
         for t, v in zip(tensors, values):
             if isinstance(v, Layout):
@@ -94,6 +99,19 @@ class ElementwiseRules:
                 self.block_space(sid, f"{node.name}: concatenated with {t.name}, whose channels are not tracked")
                 segs.append(Seg(sid, size))
         return Layout(axis, segs)
+
+    def concat_columns(self, node: fx.Node, values: list, dim: int) -> Layout:
+        """Grids side by side along their columns (rotary embeddings: ``cat((-x2, x1), -1)``): row
+        ``r`` of every input is the same head, so rows are united and stay whole."""
+        if not all(isinstance(v, Layout) and v.sub == dim for v in values) \
+                or len({(v.axis, v.rows) for v in values}) != 1:
+            raise Unaligned("concatenates grids of channels")
+        rows = [_positions(self.as_rows(v)) for v in values]
+        for other in rows[1:]:
+            self.spaces.align(rows[0].segs, other.segs)
+        width = sum(v.width for v in values)
+        return Layout(values[0].axis, [Seg(s.space, s.length, s.inner * width)
+                                       for s in self.spaces.resolve_segs(rows[0].segs)], dim, width)
 
     def split(self, node: fx.Node, name: str) -> Any:
         """split/chunk: each output takes an index range of the channels (the inverse of concat)."""
@@ -110,9 +128,11 @@ class ElementwiseRules:
             return tuple(x.mapped(lambda a: a - (a > dim)) for _ in shapes)
         if dim not in x.axes():
             return tuple(x for _ in shapes)
+        sizes = [s[dim] for s in shapes]
+        if x.sub is not None and dim == x.sub:   # columns of every row (rotary: ``x.chunk(2, -1)``)
+            return tuple(self.grid_columns(x, size) for size in sizes)
         if x.sub is not None:
             raise Unaligned("splits a grid of channels")
-        sizes = [s[dim] for s in shapes]
         if 0 in sizes:
             raise Unaligned("split with an empty output")
         bounds = [sum(sizes[:i + 1]) for i in range(len(sizes))]
@@ -142,7 +162,9 @@ class ElementwiseRules:
             self.block(x, f"{node.name}: reduces over the channels")
             return None
         if x.sub is not None and x.sub in dims:  # within each row: rows stay whole, the columns are gone
-            x = _positions(self.as_rows(x))
+            rows = _positions(self.as_rows(x))
+            # kept as a grid of one column where the axis stays (per-head RMSNorm: x * rsqrt(mean(x^2)))
+            x = Layout(rows.axis, rows.segs, x.sub, 1) if keepdim else rows
         if not keepdim:
             x = x.mapped(lambda a: a - sum(d < a for d in dims))
         out = self.graph.shape(node)
@@ -192,6 +214,12 @@ def _elementwise(a, node: fx.Node) -> Any:
 
 @channel_rule(kind=OpKind.IDENTITY)
 def _identity(a, node: fx.Node) -> Any:
+    return a.get(node.args[0])
+
+
+@channel_rule(op="type_as")
+def _type_as(a, node: fx.Node) -> Any:
+    """``x.type_as(y)``: x's values in y's dtype; y lends nothing but its type."""
     return a.get(node.args[0])
 
 

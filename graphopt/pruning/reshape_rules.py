@@ -64,6 +64,10 @@ class ReshapeRules:
         rows, cols = _landing(ins, outs, x.axis), _landing(ins, outs, x.sub)
         if rows is not None and cols is not None:
             return x.at(rows, cols)
+        if rows is None and cols is not None and x.axis < x.sub:
+            merged = self.merged_rows(x, ins, outs)
+            if merged is not None:
+                return merged.at(merged.axis, cols)
         lo, hi = sorted((x.axis, x.sub))
         if hi != lo + 1:
             return None
@@ -74,6 +78,21 @@ class ReshapeRules:
                 # columns then rows: a channel shuffle. Every row keeps the same columns.
                 first_row = self.spaces.columns(x.segs, x.width)
                 return Layout(j, [Seg(s.space, s.length, s.inner * x.rows) for s in first_row])
+        return None
+
+    def merged_rows(self, x: Layout, ins: tuple, outs: tuple) -> Layout | None:
+        """The rows of a grid merged with the axes after them (grouped-query attention repeats each
+        key/value head: ``x[:, :, None].expand(B, KV, n_rep, T, d).reshape(B, KV * n_rep, T, d)``):
+        each row (head) spans ``n_rep`` rows of the result and stays whole."""
+        prefix = math.prod(ins[:x.axis])
+        for j in range(len(outs)):
+            if math.prod(outs[:j]) != prefix:
+                continue
+            for end in range(x.axis + 2, x.sub + 1):
+                if outs[j] == math.prod(ins[x.axis:end]):
+                    repeat = math.prod(ins[x.axis + 1:end])
+                    rows = self.as_rows(x)
+                    return Layout(j, [Seg(s.space, s.length, s.inner * repeat) for s in rows.segs], x.sub, x.width)
         return None
 
     def stack(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Stack | None:
