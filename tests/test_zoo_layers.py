@@ -251,6 +251,27 @@ def test_in_place_activation_after_a_quantized_tensor_keeps_the_int8_check_exact
     assert report.details["within_one_step"] == 1.0
 
 
+def test_a_layer_called_twice_folds_its_int8_weights_once(tmp_path):
+    """CoaT applies one conv to several tensors: each call gets a fake-quantized weight, and
+    fold_qdq must store the layer's int8 weights once for both (it failed on the second call)."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.shared, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            return self.head(self.shared(x) + self.shared(x * 0.5))
+
+    torch.manual_seed(0)
+    graph = graphopt.trace(Shared().eval(), torch.randn(2, 3, 12, 12))
+    data = [torch.randn(2, 3, 12, 12) for _ in range(3)]
+    result = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    reads = [n for n in result.graph.nodes if n.op == "get_attr" and n.target == "shared.weight_int8"]
+    assert len(reads) == 2 and result.graph.attr("shared.weight_int8").dtype == torch.int8
+    assert onnx_int8.export(result.graph, tmp_path / "m.onnx").details["within_one_step"] >= 0.99
+
+
 # -- timm's own layers (timm is a benchmark extra: requirements-bench.txt) ----------------------------
 def test_timm_norm_act_and_same_padding_models_prune_and_quantize(tmp_path):
     timm = pytest.importorskip("timm")
