@@ -46,7 +46,7 @@ def _short(exc: BaseException, limit: int = 400) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
-def run_model(spec, ratio: float, progress=lambda stage: None) -> dict:
+def run_model(spec, ratio: float, progress=lambda stage, row: None) -> dict:
     """Every stage on one model; the row the sweep records."""
     import torch
 
@@ -62,7 +62,7 @@ def run_model(spec, ratio: float, progress=lambda stage: None) -> dict:
     stages = row["stages"]
 
     def stage(name: str, fn):
-        progress(name)
+        progress(name, row)
         start = time.perf_counter()
         try:
             value = fn()
@@ -146,7 +146,7 @@ def _worker(conn, ratio: float, threads: int) -> None:
         if spec is None:
             return
         try:
-            row = run_model(spec, ratio, lambda stage: conn.send(("stage", stage)))
+            row = run_model(spec, ratio, lambda stage, partial: conn.send(("stage", (stage, partial))))
         except BaseException as exc:   # anything run_model did not catch is still one model's result
             row = {"zoo": spec.zoo, "model": spec.model, "family": spec.family, "stages": {},
                    "error": _short(exc)}
@@ -176,6 +176,7 @@ class Worker:
             self.start()
         self.conn.send(spec)
         deadline, current = time.monotonic() + timeout, "start"
+        partial = {"zoo": spec.zoo, "model": spec.model, "family": spec.family, "stages": {}}
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -184,16 +185,14 @@ class Worker:
                     kind, value = self.conn.recv()
                     if kind == "row":
                         return value
-                    current = value
+                    current, partial = value
                     continue
             except (EOFError, OSError):   # the process died (out of memory, a crash in native code)
                 code = self.process.exitcode if self.process is not None else None
                 self.stop()
-                return {"zoo": spec.zoo, "model": spec.model, "family": spec.family, "stages": {},
-                        "error": f"worker crashed in stage {current} (exit code {code})", "died_in": current}
-            self.stop()
-            return {"zoo": spec.zoo, "model": spec.model, "family": spec.family, "stages": {},
-                    "error": f"timeout after {timeout:.0f} s in stage {current}", "died_in": current}
+                return dict(partial, error=f"worker crashed in stage {current} (exit code {code})", died_in=current)
+            self.stop()   # what the stages before this one found is kept
+            return dict(partial, error=f"timeout after {timeout:.0f} s in stage {current}", died_in=current)
 
 
 # -- reading rows ----------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ matches layers as modules, so both capture paths are brought to one IR here: eac
 ``linear``/``conv2d``/``layer_norm``/``embedding`` whose weight (and bias) are parameters read
 by that call alone becomes a call to an ``nn.Linear``/``nn.Conv2d``/``nn.LayerNorm``/
 ``nn.Embedding`` that holds the very same Parameter objects, at the module path the weight
-came from. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
+came from; a layer applied to several tensors (one weight read by several identical calls, as
+ALBERT shares its layers) becomes one module called several times. ``addmm(bias, x, W)`` on a
+``W`` of shape (in, out) (GPT-2's ``Conv1D``) becomes a Linear holding ``W`` transposed. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
 ``_assert_tensor_metadata`` checks (nothing uses their result).
 
 Eval-mode batch norm called as a function on a layer's own statistics (``aten.batch_norm`` in an
@@ -32,17 +34,34 @@ from graphopt.ir import owner_and_leaf
 aten = torch.ops.aten
 
 
-def _param_of(gm: fx.GraphModule, node, only_user: fx.Node) -> tuple[str, nn.Parameter] | None:
-    """(qualname, Parameter) when ``node`` is a get_attr of a Parameter read only by ``only_user``."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr" or set(node.users) != {only_user}:
+def _param_of(gm: fx.GraphModule, node, users: set[fx.Node]) -> tuple[str, nn.Parameter] | None:
+    """(qualname, Parameter) when ``node`` is a get_attr of a Parameter read by ``users`` alone."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or set(node.users) != users:
         return None
     value = getattr(*owner_and_leaf(gm, node.target), None)
     return (node.target, value) if isinstance(value, nn.Parameter) else None
 
 
+def _with_weights(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
 def _linear(args, kwargs, weight, bias):
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    return layer, (args[0],)
+    return _with_weights(layer, weight, bias), (args[0],)
+
+
+def _addmm(args, kwargs, weight, bias):
+    """``addmm(bias, x, W)`` with ``W`` of shape (in, out) (Hugging Face's GPT-2 ``Conv1D``): a
+    Linear holding ``W`` transposed (a new Parameter; the only lifted layer that is not the
+    model's own tensor)."""
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or bias is None or bias.dim() != 1:
+        return None
+    layer = nn.Linear(weight.shape[0], weight.shape[1], device="meta")
+    return _with_weights(layer, nn.Parameter(weight.detach().t().contiguous(), weight.requires_grad), bias), (args[1],)
 
 
 def _conv2d(args, kwargs, weight, bias):
@@ -51,13 +70,13 @@ def _conv2d(args, kwargs, weight, bias):
         return None
     layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
                       padding=padding, dilation=dilation, groups=groups, bias=bias is not None, device="meta")
-    return layer, (args[0],)
+    return _with_weights(layer, weight, bias), (args[0],)
 
 
 def _layer_norm(args, kwargs, weight, bias):
     eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
     layer = nn.LayerNorm(list(args[1]), eps=eps, elementwise_affine=True, bias=bias is not None, device="meta")
-    return layer, (args[0],)
+    return _with_weights(layer, weight, bias), (args[0],)
 
 
 def _embedding(args, kwargs, weight, bias):
@@ -65,7 +84,7 @@ def _embedding(args, kwargs, weight, bias):
         return None
     padding_idx = args[2] if len(args) > 2 and args[2] != -1 else None
     layer = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=padding_idx, device="meta")
-    return layer, (args[1],)
+    return _with_weights(layer, weight, bias), (args[1],)
 
 
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -159,13 +178,32 @@ def _lift_batch_norm(gm: fx.GraphModule, node: fx.Node, call: dict) -> str | Non
     return path
 
 
-# op -> (index of weight, index of bias or None, module builder)
-_LIFTERS: dict[object, tuple[int, int | None, Callable]] = {
-    aten.linear.default: (1, 2, _linear),
-    aten.conv2d.default: (1, 2, _conv2d),
-    aten.layer_norm.default: (2, 3, _layer_norm),
-    aten.embedding.default: (0, None, _embedding),
+# op -> (index of weight, index of bias or None, index of the layer's input, module builder)
+_LIFTERS: dict[object, tuple[int, int | None, int, Callable]] = {
+    aten.linear.default: (1, 2, 0, _linear),
+    aten.addmm.default: (2, 0, 1, _addmm),
+    aten.conv2d.default: (1, 2, 0, _conv2d),
+    aten.layer_norm.default: (2, 3, 0, _layer_norm),
+    aten.embedding.default: (0, None, 1, _embedding),
 }
+
+
+def _same_layer_calls(node: fx.Node, w_index: int, input_index: int) -> set[fx.Node] | None:
+    """Every call reading ``node``'s weight, when all are the same op with the same arguments but
+    their input (a layer applied to several tensors, as ALBERT shares its layers): they become
+    calls of one module. None when the weight is read any other way (tied embeddings stay functional)."""
+    weight = node.args[w_index] if w_index < len(node.args) else None
+    if not isinstance(weight, fx.Node):
+        return None
+    calls = set(weight.users)
+
+    def rest(n: fx.Node) -> tuple:
+        return tuple(a for i, a in enumerate(n.args) if i != input_index), tuple(sorted(n.kwargs.items()))
+
+    if not all(c.op == "call_function" and c.target is node.target and len(c.args) == len(node.args)
+               and rest(c) == rest(node) for c in calls):
+        return None
+    return calls
 
 
 def _free_name(gm: fx.GraphModule, wanted: str) -> str:
@@ -279,39 +317,42 @@ def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
     norms = lift_batch_norms(gm)
     if norms:
         lifted["batch_norm"] = norms
+    erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        spec = _LIFTERS.get(node.target) if node.op == "call_function" else None
+        spec = _LIFTERS.get(node.target) if node.op == "call_function" and node not in erased else None
         if spec is None:
             continue
-        w_index, b_index, build = spec
+        w_index, b_index, input_index, build = spec
+        calls = _same_layer_calls(node, w_index, input_index)
+        if calls is None:
+            continue
         args = list(node.args)
-        weight = _param_of(gm, args[w_index], node) if w_index < len(args) else None
+        weight = _param_of(gm, args[w_index], calls)
         bias_node = args[b_index] if b_index is not None and b_index < len(args) else None
-        bias = _param_of(gm, bias_node, node) if bias_node is not None else None
+        bias = _param_of(gm, bias_node, calls) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             continue
-        built = build(args, node.kwargs, weight[1], bias)
+        built = build(args, node.kwargs, weight[1], bias[1] if bias is not None else None)
         if built is None:
             continue
-        module, call_args = built
-        module.weight = weight[1]
-        if bias is not None:
-            module.bias = bias[1]
+        module, _ = built
         for qualname, _ in (weight, bias) if bias is not None else (weight,):
             holder, leaf = owner_and_leaf(gm, qualname)
             holder._parameters.pop(leaf, None)
         path = _free_name(gm, weight[0].rpartition(".")[0] or f"lifted_{node.name}")
         _install(gm, path, module)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, tuple(call_args))
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        for use in [n for n in gm.graph.nodes if n in calls]:   # in graph order
+            with gm.graph.inserting_before(use):
+                call = gm.graph.call_module(path, (use.args[input_index],))
+            call.meta.update(use.meta)
+            use.replace_all_uses_with(call)
+            gm.graph.erase_node(use)
+            erased.add(use)
         for attr in (args[w_index], bias_node):
             if isinstance(attr, fx.Node) and not attr.users:
                 gm.graph.erase_node(attr)
         key = str(node.target).split(".")[1]
-        lifted[key] = lifted.get(key, 0) + 1
+        lifted[key] = lifted.get(key, 0) + len(calls)
     dropped = _drop_eval_dropout(gm)
     if dropped:
         lifted["dropout_removed"] = dropped

@@ -328,3 +328,61 @@ def test_hugging_face_decoders_prune_heads_and_mlp(arch):
     assert layer.self_attn.q_proj.out_features == 32 and layer.self_attn.k_proj.out_features == 16
     assert layer.mlp.up_proj.out_features == 48
     assert result.records[1].contract_error < 1e-5
+
+
+# -- layers torch.export hands back as functions: GPT-2's Conv1D (addmm), ALBERT's shared layers --------
+class Conv1DBlock(nn.Module):
+    """GPT-2's MLP: Conv1D layers (``addmm(bias, x.view(-1, n), W)`` with ``W`` of shape (in, out)),
+    and ALBERT's sharing: the same layer applied twice. The size branch makes torch.export capture it."""
+
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        self.w_in, self.b_in = nn.Parameter(torch.randn(dim, hidden) * 0.2), nn.Parameter(torch.randn(hidden) * 0.1)
+        self.w_out, self.b_out = nn.Parameter(torch.randn(hidden, dim) * 0.2), nn.Parameter(torch.randn(dim) * 0.1)
+        self.shared = nn.Linear(dim, dim)
+
+    def conv1d(self, x, w, b):
+        return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            x = x * 1.0
+        x = self.shared(torch.relu(self.shared(x)))
+        return x + self.conv1d(F.gelu(self.conv1d(x, self.w_in, self.b_in)), self.w_out, self.b_out)
+
+
+def test_addmm_and_shared_layers_in_an_export_graph_become_modules():
+    torch.manual_seed(0)
+    model = Conv1DBlock().eval()
+    x = torch.randn(2, 5, 16)
+    graph = graphopt.trace(model, x)
+    assert graph.captured_by == "torch.export"
+    calls = [str(n.target) for n in graph.nodes if n.op == "call_module" and n.target != "_guards_fn"]
+    assert calls.count("shared") == 2                       # one module, called twice
+    linears = {t: graph.gm.get_submodule(t) for t in calls}
+    assert all(type(m) is nn.Linear for m in linears.values())
+    lifted = [m for t, m in linears.items() if t != "shared"]
+    assert sorted(m.out_features for m in lifted) == [16, 32]
+    torch.testing.assert_close(graph.run(x), model(x), rtol=1e-5, atol=1e-6)
+    hidden = next(g for g in channel_groups(graph).groups if g.size == 32)
+    assert not hidden.blocked
+    result = PassManager([PruneChannels(ratio=0.25)]).run(graph)
+    assert sorted(m.out_features for m in result.graph.gm.modules() if isinstance(m, nn.Linear)) == [16, 16, 24]
+    assert result.records[1].contract_error < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "albert"])
+def test_hugging_face_gpt2_and_albert_prune(arch):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    sizes = (dict(n_embd=64, n_layer=2, n_head=4, n_positions=64) if arch == "gpt2" else
+             dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, embedding_size=32))
+    config = transformers.AutoConfig.for_model(arch, vocab_size=128, use_cache=False, **sizes)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    graph = graphopt.trace(model, torch.randint(0, 128, (2, 12)))
+    plan = channel_groups(graph)
+    # GPT-2: heads and MLP of each of 2 layers; ALBERT: its one shared layer's heads and MLP
+    assert len(plan.prunable) == (4 if arch == "gpt2" else 2), [(g.name, g.blocked[:2]) for g in plan.groups]
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.records[1].contract_error < 1e-5 and result.records[1].macs < 0.8 * result.records[0].macs
