@@ -6,7 +6,7 @@ matches layers as modules, so both capture paths are brought to one IR here: eac
 ``linear``/``conv2d``/``layer_norm``/``embedding`` whose weight (and bias) are parameters read
 by that call alone becomes a call to an ``nn.Linear``/``nn.Conv2d``/``nn.LayerNorm``/
 ``nn.Embedding`` that holds the very same Parameter objects, at the module path the weight
-came from; a layer applied to several tensors (one weight read by several identical calls, as
+came from (``group_norm`` too); a layer applied to several tensors (one weight read by several identical calls, as
 ALBERT shares its layers) becomes one module called several times. ``addmm(bias, x, W)`` on a
 ``W`` of shape (in, out) (GPT-2's ``Conv1D``) becomes a Linear holding ``W`` transposed. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
 ``_assert_tensor_metadata`` checks (nothing uses their result).
@@ -76,6 +76,15 @@ def _conv2d(args, kwargs, weight, bias):
 def _layer_norm(args, kwargs, weight, bias):
     eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
     layer = nn.LayerNorm(list(args[1]), eps=eps, elementwise_affine=True, bias=bias is not None, device="meta")
+    return _with_weights(layer, weight, bias), (args[0],)
+
+
+def _group_norm(args, kwargs, weight, bias):
+    groups = args[1] if len(args) > 1 else None
+    eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+    if not isinstance(groups, int) or weight.dim() != 1 or bias is None:
+        return None
+    layer = nn.GroupNorm(groups, weight.shape[0], eps=eps, device="meta")
     return _with_weights(layer, weight, bias), (args[0],)
 
 
@@ -184,8 +193,31 @@ _LIFTERS: dict[object, tuple[int, int | None, int, Callable]] = {
     aten.addmm.default: (2, 0, 1, _addmm),
     aten.conv2d.default: (1, 2, 0, _conv2d),
     aten.layer_norm.default: (2, 3, 0, _layer_norm),
+    aten.group_norm.default: (2, 3, 0, _group_norm),
     aten.embedding.default: (0, None, 1, _embedding),
 }
+
+
+# torch.fx graphs record the functions themselves (timm calls F.layer_norm in LayerNorm2d, F.linear
+# and F.conv2d in some layers): the same lifting, once their keyword arguments are made positional
+_FUNCTIONS = {F.linear: ("input", "weight", "bias"),
+              F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+              F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+              F.group_norm: ("input", "num_groups", "weight", "bias", "eps")}
+_LIFTERS.update({F.linear: _LIFTERS[aten.linear.default], F.conv2d: _LIFTERS[aten.conv2d.default],
+                 F.layer_norm: _LIFTERS[aten.layer_norm.default], F.group_norm: _LIFTERS[aten.group_norm.default]})
+_DEFAULTS = {"bias": None, "weight": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "eps": 1e-5}
+
+
+def _positional(node: fx.Node) -> None:
+    """Rewrite a call of one of ``_FUNCTIONS`` with positional arguments only (same call)."""
+    names = _FUNCTIONS[node.target]
+    if not node.kwargs or not set(node.kwargs) <= set(names):
+        return
+    values = dict(zip(names, node.args)) | dict(node.kwargs)
+    last = max(names.index(k) for k in values)
+    node.args = tuple(values.get(k, _DEFAULTS.get(k)) for k in names[:last + 1])
+    node.kwargs = {}
 
 
 def _same_layer_calls(node: fx.Node, w_index: int, input_index: int) -> set[fx.Node] | None:
@@ -311,10 +343,14 @@ def lift_batch_norms(gm: fx.GraphModule, example_inputs: tuple | None = None) ->
     return lifted
 
 
-def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
-    """Rewrite ``gm`` in place; returns how many of each op became a module."""
+def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> dict[str, int]:
+    """Rewrite ``gm`` in place; returns how many of each op became a module. ``example_inputs``
+    give a torch.fx graph's batch norms their ranks (torch.export graphs carry them)."""
     lifted: dict[str, int] = {}
-    norms = lift_batch_norms(gm)
+    asserts = drop_rank_asserts(gm)
+    if asserts:
+        lifted["rank_asserts_removed"] = asserts
+    norms = lift_batch_norms(gm, example_inputs)
     if norms:
         lifted["batch_norm"] = norms
     erased: set[fx.Node] = set()
@@ -322,6 +358,8 @@ def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
         spec = _LIFTERS.get(node.target) if node.op == "call_function" and node not in erased else None
         if spec is None:
             continue
+        if node.target in _FUNCTIONS:
+            _positional(node)
         w_index, b_index, input_index, build = spec
         calls = _same_layer_calls(node, w_index, input_index)
         if calls is None:
@@ -351,7 +389,7 @@ def lift_functional_layers(gm: fx.GraphModule) -> dict[str, int]:
         for attr in (args[w_index], bias_node):
             if isinstance(attr, fx.Node) and not attr.users:
                 gm.graph.erase_node(attr)
-        key = str(node.target).split(".")[1]
+        key = str(node.target).split(".")[1] if node.target not in _FUNCTIONS else node.target.__name__
         lifted[key] = lifted.get(key, 0) + len(calls)
     dropped = _drop_eval_dropout(gm)
     if dropped:

@@ -144,7 +144,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "matmul": OpKind.MATMUL, "mm": OpKind.MATMUL, "bmm": OpKind.MATMUL,
     "softmax": OpKind.SOFTMAX, "_softmax": OpKind.SOFTMAX,
     "scaled_dot_product_attention": OpKind.ATTENTION,
-    "embedding": OpKind.EMBEDDING, "dropout": OpKind.IDENTITY, "clone": OpKind.IDENTITY,
+    "embedding": OpKind.EMBEDDING, "dropout": OpKind.IDENTITY, "clone": OpKind.IDENTITY, "alias": OpKind.IDENTITY,
     "_to_copy": OpKind.ELEMENTWISE, "to": OpKind.ELEMENTWISE, "type_as": OpKind.ELEMENTWISE,
     "contiguous": OpKind.RESHAPE,
 }

@@ -20,7 +20,7 @@ from torch import fx
 
 from graphopt.errors import ConfigError, TraceError
 from graphopt.ir import Graph
-from graphopt.lift_layers import drop_rank_asserts, lift_batch_norms, lift_functional_layers
+from graphopt.lift_layers import lift_functional_layers
 from graphopt.ops import is_registered_layer, registered_functions
 from graphopt.torch_logs import quiet
 
@@ -109,8 +109,9 @@ def _fx_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         exc.graphopt_module = tracer.failed_in  # type: ignore[attr-defined]
         raise
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    drop_rank_asserts(gm)          # timm's `_assert(x.ndim == 4)`: holds for every graph graphopt runs
-    lift_batch_norms(gm, inputs)   # norm + activation layers that call F.batch_norm themselves
+    # functional layers on a module's own weights (timm's norm + activation layers call F.batch_norm,
+    # its LayerNorm2d F.layer_norm) become modules, as in torch.export graphs
+    lift_functional_layers(gm, inputs)
     return gm
 
 

@@ -181,6 +181,44 @@ def test_rank_asserts_are_dropped_and_other_asserts_kept():
     assert not [n for n in graph.nodes if n.op == "call_function" and n.target is getattr and n.args[1] == "ndim"]
 
 
+class ChannelsLastNorms(nn.Module):
+    """timm's LayerNorm2d (F.layer_norm over channels-last, between permutes) and a GroupNorm called
+    as F.group_norm with keyword arguments, then nearest upsampling: fx traces the functions."""
+
+    def __init__(self, export: bool = False):
+        super().__init__()
+        self.conv, self.mid, self.out = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 4, 1)
+        self.ln_weight, self.ln_bias = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.rand(16))
+        self.gn = nn.GroupNorm(4, 16)
+        self.export = export
+
+    def forward(self, x):
+        if self.export and x.shape[-1] > 1:   # torch.fx cannot branch on a size: torch.export captures
+            x = x * 1.0
+        x = self.conv(x)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (16,), self.ln_weight, self.ln_bias, 1e-6).permute(0, 3, 1, 2)
+        x = F.group_norm(self.mid(x), 4, weight=self.gn.weight, bias=self.gn.bias, eps=self.gn.eps)
+        return self.out(F.interpolate(F.relu(x), scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_functional_layer_and_group_norms_become_modules_and_resizing_passes_channels(export):
+    model = randomize_bn(ChannelsLastNorms(export)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = graphopt.trace(model, x)
+    assert graph.captured_by == ("torch.export" if export else "torch.fx")
+    called = {str(n.target): type(graph.module(n)) for n in graph.nodes if n.op == "call_module"}
+    assert called["gn"] is nn.GroupNorm and nn.LayerNorm in called.values()
+    torch.testing.assert_close(graph.run(x), model(x), rtol=1e-6, atol=1e-6)
+    groups = channel_groups(graph).groups
+    mid = next(g for g in groups if any(m.target == "mid" and m.role == "out" for m in g.members))
+    assert not mid.blocked                                  # whole GroupNorm groups, through the resize
+    first = next(g for g in groups if any(m.target == "conv" and m.role == "out" for m in g.members))
+    assert any("LayerNorm normalises over these channels" in r for r in first.blocked)
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.gm.get_submodule("gn").num_groups == 2 and result.records[1].contract_error < 1e-5
+
+
 def test_training_mode_batch_norm_calls_stay_functional():
     class Batchwise(nn.Module):
         def __init__(self):

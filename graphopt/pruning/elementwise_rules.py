@@ -238,6 +238,20 @@ def _pad(a, node: fx.Node) -> Any:
     return a.pad(node)
 
 
+@channel_rule(op=("interpolate", "upsample", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                  "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "_upsample_nearest_exact2d",
+                  "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"))
+def _resize(a, node: fx.Node) -> Any:
+    """Resizing (F.interpolate, upsampling) scales the spatial axes after batch and channels:
+    each channel is resized on its own."""
+    x = a.get(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    if x.axes() != (1,):
+        raise Unaligned("resizes along the channels")
+    return x
+
+
 @channel_rule(op=("cat", "concat"))
 def _concat(a, node: fx.Node) -> Any:
     return a.concat(node)
