@@ -38,11 +38,31 @@ def to_proto(graph: Graph, opset: int, dynamic_batch: bool = False) -> tuple[onn
 
 
 def _export(gm, inputs, opset: int, shapes) -> onnx_lib.ModelProto:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _contiguous_as_clone(gm):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(gm, tuple(inputs), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     external_data=False, verbose=False)
     return program.model_proto
+
+
+@contextlib.contextmanager
+def _contiguous_as_clone(gm):
+    """A torch.export graph may call ``aten.contiguous`` (Hugging Face's Swin after a transpose);
+    torch.onnx's decomposition of the re-exported graph drops it, and the ``view`` after it then
+    fails on the transposed strides. For the export, the call is the clone it stands for."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
+             and not n.kwargs and len(n.args) == 1]
+    for node in calls:
+        node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    if calls:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for node in calls:
+            node.target, node.kwargs = torch.ops.aten.contiguous.default, {}
+        if calls:
+            gm.recompile()
 
 
 def _batch_axes(inputs: tuple) -> tuple[tuple, tuple]:

@@ -424,3 +424,21 @@ def test_hugging_face_gpt2_and_albert_prune(arch):
     assert len(plan.prunable) == (4 if arch == "gpt2" else 2), [(g.name, g.blocked[:2]) for g in plan.groups]
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
     assert result.records[1].contract_error < 1e-5 and result.records[1].macs < 0.8 * result.records[0].macs
+
+
+def test_hugging_face_swin_exports_to_int8(tmp_path):
+    """Swin's export graph calls aten.contiguous after a transpose; torch.onnx's decomposition of
+    the re-exported graph dropped it and failed on the view after it ('Cannot view a tensor')."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model("swin", image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                               num_heads=[2, 2], window_size=4)
+    torch.manual_seed(0)
+    graph = graphopt.trace(transformers.AutoModel.from_config(config).eval(), torch.randn(2, 3, 32, 32))
+    assert any(n.target is torch.ops.aten.contiguous.default for n in graph.nodes)
+    data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                            context=PassContext({"calibration_data": data})).run(graph)
+    report = onnx_int8.export(quantized.graph, tmp_path / "swin.int8.onnx")
+    assert report.details["within_one_step"] >= 0.99 and report.details["lowering"] == "torch_onnx"
+    assert any(n.target is torch.ops.aten.contiguous.default for n in quantized.graph.nodes)   # the IR is as it was
