@@ -45,23 +45,50 @@ def _export(gm, inputs, opset: int, shapes) -> onnx_lib.ModelProto:
     return program.model_proto
 
 
+_PERMUTES = {"transpose", "permute", "swapaxes", "swapdims", "t"}
+_VIEWS = {"reshape", "view", "flatten"}
+
+
+def _name(node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
 @contextlib.contextmanager
 def _contiguous_as_clone(gm):
-    """A torch.export graph may call ``aten.contiguous`` (Hugging Face's Swin after a transpose);
-    torch.onnx's decomposition of the re-exported graph drops it, and the ``view`` after it then
-    fails on the transposed strides. For the export, the call is the clone it stands for."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
-             and not n.kwargs and len(n.args) == 1]
-    for node in calls:
+    """torch.onnx decomposes the re-exported graph on fake tensors, whose strides after
+    ``scaled_dot_product_attention`` are not the CPU kernel's: a ``reshape`` of the transposed
+    result becomes a ``view`` that then fails ('Cannot view a tensor', timm's and Hugging Face's
+    attention), and an ``aten.contiguous`` there is dropped (Swin). For the export, the tensor
+    such a reshape reads is cloned to a contiguous one (torch.onnx writes an Identity), and
+    ``contiguous`` is the clone it stands for; the graph is restored afterwards."""
+    graph = gm.graph
+    renamed = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
+               and not n.kwargs and len(n.args) == 1]
+    for node in renamed:
         node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
-    if calls:
+    clones = []
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op in ("call_function", "call_method") and node.args else None
+        if _name(node) in _VIEWS and getattr(source, "op", None) in ("call_function", "call_method") \
+                and _name(source) in _PERMUTES:
+            with graph.inserting_before(node):
+                clone = graph.call_function(torch.clone, (source,), {"memory_format": torch.contiguous_format})
+            node.replace_input_with(source, clone)
+            clones.append(clone)
+    if renamed or clones:
         gm.recompile()
     try:
         yield
     finally:
-        for node in calls:
+        for node in renamed:
             node.target, node.kwargs = torch.ops.aten.contiguous.default, {}
-        if calls:
+        for clone in clones:
+            clone.replace_all_uses_with(clone.args[0])
+            graph.erase_node(clone)
+        if renamed or clones:
             gm.recompile()
 
 

@@ -442,3 +442,20 @@ def test_hugging_face_swin_exports_to_int8(tmp_path):
     report = onnx_int8.export(quantized.graph, tmp_path / "swin.int8.onnx")
     assert report.details["within_one_step"] >= 0.99 and report.details["lowering"] == "torch_onnx"
     assert any(n.target is torch.ops.aten.contiguous.default for n in quantized.graph.nodes)   # the IR is as it was
+
+
+def test_timm_beit_attention_exports_to_int8(tmp_path):
+    """BEiT reshapes the transposed output of scaled_dot_product_attention (with its relative
+    position bias); torch.onnx's decomposition turned that reshape into a view, which failed on
+    the CPU kernel's strides ('Cannot view a tensor')."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", num_classes=4, img_size=32, patch_size=8, depth=1,
+                              embed_dim=64, num_heads=2).eval()
+    graph = graphopt.trace(model, torch.randn(2, 3, 32, 32))
+    data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                            context=PassContext({"calibration_data": data})).run(graph)
+    code = quantized.graph.gm.code
+    assert onnx_int8.export(quantized.graph, tmp_path / "beit.onnx").details["within_one_step"] >= 0.99
+    assert quantized.graph.gm.code == code                  # the export's rewrite is undone
