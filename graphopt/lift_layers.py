@@ -326,6 +326,29 @@ def drop_rank_asserts(gm: fx.GraphModule) -> int:
     return dropped
 
 
+def constant_tensor_metadata(gm: fx.GraphModule) -> int:
+    """Replace reads of a parameter's or buffer's ``.dtype`` / ``.device`` (timm's EdgeNeXt reads
+    ``self.token_projection.weight.device``) by their values, as torch.export records them; left in,
+    they keep a layer's weight read outside the layer, and a pass that rebuilds the layer (int8
+    weights, low-rank factors) would leave the read dangling."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+                and node.args[1] in ("dtype", "device") and getattr(node.args[0], "op", None) == "get_attr":
+            tensor = getattr(*owner_and_leaf(gm, node.args[0].target), None)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            source = node.args[0]
+            node.replace_all_uses_with(getattr(tensor, node.args[1]))
+            gm.graph.erase_node(node)
+            if not source.users:
+                gm.graph.erase_node(source)
+            folded += 1
+    if folded:
+        gm.recompile()
+    return folded
+
+
 def lift_batch_norms(gm: fx.GraphModule, example_inputs: tuple | None = None) -> int:
     """Lift every eval-mode functional batch norm on a layer's own tensors (see the module
     docstring); torch.fx graphs get their ranks from one run on ``example_inputs``."""
@@ -350,6 +373,9 @@ def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = No
     asserts = drop_rank_asserts(gm)
     if asserts:
         lifted["rank_asserts_removed"] = asserts
+    metadata = constant_tensor_metadata(gm)
+    if metadata:
+        lifted["metadata_reads_folded"] = metadata
     norms = lift_batch_norms(gm, example_inputs)
     if norms:
         lifted["batch_norm"] = norms

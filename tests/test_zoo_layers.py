@@ -310,6 +310,29 @@ def test_a_layer_called_twice_folds_its_int8_weights_once(tmp_path):
     assert onnx_int8.export(result.graph, tmp_path / "m.onnx").details["within_one_step"] >= 0.99
 
 
+def test_reads_of_a_weight_dtype_and_device_become_constants(tmp_path):
+    """EdgeNeXt's positional encoding reads ``self.proj.weight.device`` / ``.dtype``: the reads become
+    constants, so fold_qdq can replace the layer (it left a dangling read of the weight)."""
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.conv = nn.Conv2d(4, 8, 1), nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            grid = torch.ones(x.shape[0], 4, x.shape[2], x.shape[3]).to(device=self.proj.weight.device)
+            return self.conv(x) + self.proj(grid.cumsum(2).to(self.proj.weight.dtype))
+
+    torch.manual_seed(0)
+    model = Positional().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = graphopt.trace(model, x)
+    assert not [n for n in graph.nodes if n.op == "get_attr"]
+    torch.testing.assert_close(graph.run(x), model(x))
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    assert quantized.graph.attr("proj.weight_int8").dtype == torch.int8
+
+
 # -- timm's own layers (timm is a benchmark extra: requirements-bench.txt) ----------------------------
 def test_timm_norm_act_and_same_padding_models_prune_and_quantize(tmp_path):
     timm = pytest.importorskip("timm")
