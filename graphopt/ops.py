@@ -109,7 +109,7 @@ _METHOD_KINDS: dict[str, OpKind] = {
     **{m: OpKind.ELEMENTWISE for m in ("to", "float", "half", "double", "bfloat16", "type_as")},
     **{m: OpKind.ACTIVATION for m in ("relu", "relu_", "sigmoid", "tanh", "sigmoid_")},
     **{m: OpKind.RESHAPE for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "expand",
-                                     "contiguous", "unflatten")},
+                                     "contiguous", "unflatten", "expand_as", "reshape_as", "view_as")},
     **{m: OpKind.PERMUTE for m in ("permute", "transpose", "swapaxes", "swapdims")},
     **{m: OpKind.SPLIT for m in ("split", "chunk", "unbind", "tensor_split")},
     **{m: OpKind.REDUCE for m in ("mean", "sum", "amax", "max", "min")},
@@ -132,7 +132,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     **{name: OpKind.ELEMENTWISE for name in (
         "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
         "reciprocal", "pow", "square", "erf", "clamp", "clamp_min", "clamp_max", "where", "masked_fill", "maximum",
-        "minimum")},
+        "minimum", "rsub")},
     "cat": OpKind.CONCAT, "stack": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
     "chunk": OpKind.SPLIT, "unbind": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
     "narrow": OpKind.INDEX,

@@ -482,3 +482,66 @@ def test_timm_beit_attention_exports_to_int8(tmp_path):
     code = quantized.graph.gm.code
     assert onnx_int8.export(quantized.graph, tmp_path / "beit.onnx").details["within_one_step"] >= 0.99
     assert quantized.graph.gm.code == code                  # the export's rewrite is undone
+
+
+# -- attention over the channel axis (EfficientViT), selective kernels (SKNet) --------------------------
+class ChannelAttention(nn.Module):
+    """EfficientViT (MSRA)'s attention: q, k, v split from one conv's channels, attention over the
+    pixels (q.T @ k sums over the key channels), v @ attn.T keeps the value channels as rows."""
+
+    def __init__(self, c=16, key=4, val=8):
+        super().__init__()
+        self.key, self.val = key, val
+        self.qkv = nn.Conv2d(c, 2 * key + val, 1)
+        self.proj = nn.Conv2d(val, c, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).split([self.key, self.key, self.val], dim=1)
+        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        return x + self.proj((v @ attn.transpose(-2, -1)).view(b, self.val, h, w))
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet: two conv paths stacked, a squeeze to attention logits per path and channel, a softmax
+    over the paths, the paths weighted and summed; ``expand_as`` for the gate."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.paths = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=2, dilation=2)])
+        self.reduce, self.attn = nn.Conv2d(c, 8, 1), nn.Conv2d(8, 2 * c, 1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        feats = torch.stack([F.relu(p(x)) for p in self.paths], dim=1)          # (B, 2, C, H, W)
+        b, n, c, h, w = feats.shape
+        logits = self.attn(F.relu(self.reduce(feats.sum(1).mean((2, 3), keepdim=True))))
+        weights = logits.view(b, n, c, 1, 1).softmax(dim=1)
+        mixed = (feats * weights).sum(dim=1)
+        gate = torch.sigmoid(mixed.mean((2, 3), keepdim=True))
+        return self.out(mixed * gate.expand_as(mixed))
+
+
+def test_value_channels_of_channel_attention_prune_and_the_summed_key_channels_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), ChannelAttention(), nn.Conv2d(16, 4, 1)).eval()
+    graph = graphopt.trace(model, torch.randn(2, 3, 6, 6))
+    groups = channel_groups(graph).groups
+    qkv = [g for g in groups if any(m.target == "1.qkv" and m.role == "out" for m in g.members)]
+    assert sorted((g.size, bool(g.blocked)) for g in qkv) == [(4, True), (4, True), (8, False)]
+    assert any("a matmul sums over these channels" in r for g in qkv for r in g.blocked)
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.gm.get_submodule("1.proj").in_channels == 4 and result.records[1].contract_error < 1e-5
+
+
+def test_selective_kernel_paths_lose_the_same_channels():
+    torch.manual_seed(0)
+    graph = graphopt.trace(SelectiveKernel().eval(), torch.randn(2, 16, 8, 8))
+    plan = channel_groups(graph)
+    paths = next(g for g in plan.groups if any(m.target == "paths.0" and m.role == "out" for m in g.members))
+    assert not paths.blocked and {m.target for m in paths.members if m.role == "out"} >= {"paths.0", "paths.1", "attn"}
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    gm = result.graph.gm
+    assert gm.get_submodule("paths.1").out_channels == 8 and gm.get_submodule("attn").out_channels == 16
+    assert result.records[1].contract_error < 1e-5

@@ -59,6 +59,12 @@ class ElementwiseRules:
         return result
 
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
+        for plain, grid in ((a, b), (b, a)):
+            if plain.sub is None and grid.sub is not None and grid.sub == plain.axis and grid.axis != plain.axis:
+                # the same channels in every row (SKNet: features stacked per path, times attention over
+                # the paths): the grid loses the same columns in every row
+                self.spaces.align(self.spaces.columns(grid.segs, grid.width), plain.segs)
+                return self.spaces.layout(plain)
         if a.sub is not None and (a.axis, a.sub) == (b.axis, b.sub) and a.width != b.width and 1 in (a.width, b.width):
             wide, narrow = (a, b) if b.width == 1 else (b, a)   # one value per row, broadcast along the columns
             rows = self.as_rows(wide)
@@ -113,6 +119,25 @@ class ElementwiseRules:
         return Layout(values[0].axis, [Seg(s.space, s.length, s.inner * width)
                                        for s in self.spaces.resolve_segs(rows[0].segs)], dim, width)
 
+    def stacked_inputs(self, node: fx.Node) -> Any:
+        """``torch.stack``: the inputs share their channels (as an elementwise op's operands do),
+        laid along a new axis ``dim``."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim %= len(self.graph.shape(node))
+        values = [self.get(t) for t in tensors]
+        layouts = [v for v in values if isinstance(v, Layout)]
+        if not layouts:
+            return None
+        if len(layouts) < len(values):
+            for layout in layouts:
+                self.block(layout, f"{node.name}: stacked with tensors whose channels are not tracked")
+            return None
+        result = layouts[0]
+        for other in layouts[1:]:
+            result = self.unify(node, result, other)
+        return result.mapped(lambda a: a + (a >= dim))
+
     def split(self, node: fx.Node, name: str) -> Any:
         """split/chunk: each output takes an index range of the channels (the inverse of concat)."""
         x = self.get(node.args[0])
@@ -158,6 +183,8 @@ class ElementwiseRules:
             self.block(x, f"{node.name}: reduces over every axis")
             return None
         dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        if x.sub is not None and x.axis in dims and x.sub not in dims:   # over the rows of a grid
+            x = Layout(x.sub, self.spaces.columns(x.segs, x.width))      # every row loses the same columns
         if x.axis in dims:
             self.block(x, f"{node.name}: reduces over the channels")
             return None
@@ -174,6 +201,9 @@ class ElementwiseRules:
         if not isinstance(x, Layout):
             return None
         rank = len(self.graph.shape(node))
+        if dim is not None and x.sub is not None and dim % rank == x.axis:   # over the rows of a grid
+            self.spaces.columns(x.segs, x.width)                              # (SKNet's paths): columns stay
+            return self.spaces.layout(x)
         if dim is None or dim % rank == x.axis:
             self.block(x, f"{node.name}: softmax over the channels")
             return None
@@ -255,6 +285,11 @@ def _resize(a, node: fx.Node) -> Any:
 @channel_rule(op=("cat", "concat"))
 def _concat(a, node: fx.Node) -> Any:
     return a.concat(node)
+
+
+@channel_rule(op="stack")
+def _stack(a, node: fx.Node) -> Any:
+    return a.stacked_inputs(node)
 
 
 @channel_rule(op=("split", "split_with_sizes", "chunk", "unbind"))

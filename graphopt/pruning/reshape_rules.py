@@ -14,6 +14,9 @@ from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
 
+_SIZED_LIKE = ("expand_as", "reshape_as", "view_as")
+
+
 class ReshapeRules:
     """Rules for reshape, permute and stacked (fused q/k/v) values (a mixin of ``ChannelAnalysis``)."""
 
@@ -30,12 +33,17 @@ class ReshapeRules:
         if entries is None:
             raise Unaligned(f"{name} sizes are computed in a way the analysis cannot rewrite")
         entries = [(RuntimeSize(out_shape[i]) if isinstance(v, fx.Node) else v, w) for i, (v, w) in enumerate(entries)]
-        if name == "expand":
+        if name in ("expand", "expand_as"):
             out = x.shifted(len(out_shape) - len(in_shape))
         else:
             out = self.reshaped(node, x, in_shape, out_shape)
         if out is None:
             raise Unaligned(f"{name} splits or reorders the channels in a way the analysis does not follow")
+        if name in _SIZED_LIKE:   # sizes read from another tensor: it must lose the same channels
+            other = self.get(node.args[1]) if len(node.args) > 1 else None
+            if not isinstance(out, Layout) or not isinstance(other, Layout):
+                raise Unaligned(f"{name} takes its sizes from a tensor whose channels are not tracked")
+            return self.unify(node, out, other)
         for layout in (out.items if isinstance(out, Stack) else (out,)):
             if layout.sub is None:
                 self.literal(entries[layout.axis], layout.segs)
