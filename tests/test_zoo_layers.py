@@ -545,3 +545,44 @@ def test_selective_kernel_paths_lose_the_same_channels():
     gm = result.graph.gm
     assert gm.get_submodule("paths.1").out_channels == 8 and gm.get_submodule("attn").out_channels == 16
     assert result.records[1].contract_error < 1e-5
+
+
+# -- the direct int8 lowering: float ops between int8 layers ------------------------------------------
+class FloatOps(nn.Module):
+    """The float ops of timm's CNNs between int8 layers: activations, squeeze-excitation, split and
+    concat, a channels-last LayerNorm, a layer scale reshaped from a constant, arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.acts = nn.ModuleList([nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.1), nn.ELU(),
+                                   nn.Hardsigmoid(), nn.Mish(), nn.Softplus()])
+        self.norm = nn.LayerNorm(16)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for act in self.acts:
+            x = act(x) - 0.25
+        gate = F.silu(self.se_reduce(x.mean((2, 3), keepdim=True)))
+        x = x * self.se_expand(gate).sigmoid()
+        left, right = x.chunk(2, dim=1)
+        x = torch.cat([F.leaky_relu(self.a(left)), self.b(right) / 6], dim=1)
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x * self.gamma.reshape(1, -1, 1, 1) + 1.0)
+
+
+@pytest.mark.parametrize("form", ["qoperator", "qdq"])
+def test_float_ops_between_int8_layers_lower_directly(form, tmp_path):
+    torch.manual_seed(0)
+    graph = graphopt.trace(FloatOps().eval(), torch.randn(2, 3, 12, 12))
+    data = [torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()],
+                            context=PassContext({"calibration_data": data})).run(graph).graph
+    report = onnx_int8.export(quantized, tmp_path / "m.onnx", form=form, lowering="direct")
+    assert report.details["lowering"] == "direct" and report.details["within_one_step"] >= 0.99
+    assert report.max_rel_error < 0.02 and report.details["int8_layers"] == 6
+    share, _ = onnx_int8.reference_check(quantized, form)    # standard ONNX ops: the reference evaluator runs them
+    assert share >= 0.99
