@@ -38,7 +38,7 @@ def to_proto(graph: Graph, opset: int, dynamic_batch: bool = False) -> tuple[onn
 
 
 def _export(gm, inputs, opset: int, shapes) -> onnx_lib.ModelProto:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _contiguous_as_clone(gm):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _for_torch_onnx(gm):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(gm, tuple(inputs), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     external_data=False, verbose=False)
@@ -57,13 +57,14 @@ def _name(node) -> str:
 
 
 @contextlib.contextmanager
-def _contiguous_as_clone(gm):
+def _for_torch_onnx(gm):
     """torch.onnx decomposes the re-exported graph on fake tensors, whose strides after
     ``scaled_dot_product_attention`` are not the CPU kernel's: a ``reshape`` of the transposed
     result becomes a ``view`` that then fails ('Cannot view a tensor', timm's and Hugging Face's
     attention), and an ``aten.contiguous`` there is dropped (Swin). For the export, the tensor
     such a reshape reads is cloned to a contiguous one (torch.onnx writes an Identity), and
-    ``contiguous`` is the clone it stands for; the graph is restored afterwards."""
+    ``contiguous`` is the clone it stands for; attention on 5-D tensors is made 4-D. The graph is
+    restored afterwards."""
     graph = gm.graph
     renamed = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
                and not n.kwargs and len(n.args) == 1]
@@ -78,7 +79,8 @@ def _contiguous_as_clone(gm):
                 clone = graph.call_function(torch.clone, (source,), {"memory_format": torch.contiguous_format})
             node.replace_input_with(source, clone)
             clones.append(clone)
-    if renamed or clones:
+    attention = _attention_on_4d(graph)
+    if renamed or clones or attention:
         gm.recompile()
     try:
         yield
@@ -88,8 +90,39 @@ def _contiguous_as_clone(gm):
         for clone in clones:
             clone.replace_all_uses_with(clone.args[0])
             graph.erase_node(clone)
-        if renamed or clones:
+        for node, args, flat, out in attention:
+            out.replace_all_uses_with(node)
+            graph.erase_node(out)
+            node.args = args
+            for f in flat:
+                graph.erase_node(f)
+        if renamed or clones or attention:
             gm.recompile()
+
+
+def _attention_on_4d(graph) -> list:
+    """torch.onnx writes scaled_dot_product_attention for 4-D query, key and value only; timm's
+    Hiera attends over (batch, heads, windows, tokens, dim). The first two axes are merged for the
+    call and split again after it (no mask: a mask would need the same)."""
+    from graphopt.shapes import SHAPE_KEY
+
+    done = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or _name(node) != "scaled_dot_product_attention" or len(node.args) < 3:
+            continue
+        shape = node.args[0].meta.get(SHAPE_KEY) if isinstance(node.args[0], torch.fx.Node) else None
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if not (isinstance(shape, tuple) and len(shape) == 5 and mask is None):
+            continue
+        args = node.args
+        with graph.inserting_before(node):
+            flat = [graph.call_function(torch.flatten, (t, 0, 1)) for t in args[:3]]
+        node.args = (*flat, *args[3:])
+        with graph.inserting_after(node):
+            out = graph.call_function(torch.unflatten, (node, 0, (-1, shape[1])))
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        done.append((node, args, flat, out))
+    return done
 
 
 def _batch_axes(inputs: tuple) -> tuple[tuple, tuple]:

@@ -708,6 +708,13 @@ def export(graph: Graph, path: str, *, form: str = "auto", lowering: str = "auto
                           f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}; "
                           f"target {target.name}, checked by {check}); nothing written")
     model, simplify_note = _keep_simplified(chosen, threads, graph.example_inputs, expected if exact_here else None)
+    if chosen.lowering == "torch_onnx" and model is not chosen.built:
+        # the integer kernels of the file written: onnxruntime fuses the simplified model's
+        # DequantizeLinear -> MatMul pairs where the built one's constant subgraphs kept them apart
+        from graphopt.backends import onnx_int8_decomposed as decomposed
+
+        int8_layers, float_layers = decomposed.fused_layers(model, graph, threads)
+        chosen = replace(chosen, int8_layers=int8_layers, float_layers=float_layers)
     _target_metadata(model, target)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)

@@ -92,6 +92,7 @@ class Planner:
     def add_candidates(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if n.op == "call_function" and n.target in ADD_FUNCS
                 and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs
+                and isinstance(self.graph.shape(n), tuple)   # tensors (not sizes read at run time)
                 and self.graph.shape(n.args[0]) == self.graph.shape(n.args[1])]
 
     def output_of(self, node: fx.Node) -> fx.Node:

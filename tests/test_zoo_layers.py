@@ -586,3 +586,63 @@ def test_float_ops_between_int8_layers_lower_directly(form, tmp_path):
     assert report.max_rel_error < 0.02 and report.details["int8_layers"] == 6
     share, _ = onnx_int8.reference_check(quantized, form)    # standard ONNX ops: the reference evaluator runs them
     assert share >= 0.99
+
+
+def test_sizes_added_at_run_time_are_no_int8_adds(tmp_path):
+    """Hiera-style sizes computed from shapes (``h + w``): an add of two ints is not an int8 add
+    anchor (calibration tried to observe an int: 'int' object has no attribute 'detach')."""
+    class SizeArithmetic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            area = y.shape[2] + y.shape[3]
+            return self.b(y) / area
+
+    torch.manual_seed(0)
+    graph = graphopt.trace(SizeArithmetic().eval(), torch.randn(2, 3, 8, 8))
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    result = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    assert result.records[1].stats["quantized_adds"] == 0
+    assert onnx_int8.export(result.graph, tmp_path / "m.onnx").details["within_one_step"] >= 0.99
+
+
+def test_attention_over_five_axes_exports_through_torch_onnx(tmp_path):
+    """timm's Hiera attends over (batch, heads, windows, tokens, dim); torch.onnx writes attention
+    for 4-D tensors only, so the export merges the first two axes around the call."""
+    class WindowAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):                                   # (B, windows, tokens, 16)
+            b, w, t, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, w, t, 3, 2, 8).permute(3, 0, 4, 1, 2, 5).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v)       # (B, heads, windows, tokens, 8)
+            return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, w, t, 16))
+
+    torch.manual_seed(0)
+    graph = graphopt.trace(WindowAttention().eval(), torch.randn(2, 3, 4, 16))
+    data = [torch.randn(2, 3, 4, 16) for _ in range(2)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    code = quantized.graph.gm.code
+    report = onnx_int8.export(quantized.graph, tmp_path / "m.onnx")
+    assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
+    assert quantized.graph.gm.code == code
+
+
+def test_hugging_face_bert_int8_layers_are_read_from_the_file_written(tmp_path):
+    """onnxruntime fuses the simplified file's DequantizeLinear -> MatMul pairs into integer kernels;
+    the report read the kernels of the model as built and said 0.5% of the MACs ran in int8."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                               intermediate_size=96, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    graph = graphopt.trace(transformers.AutoModel.from_config(config).eval(), torch.randint(0, 128, (2, 12)))
+    data = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    report = onnx_int8.export(quantized.graph, tmp_path / "bert.onnx")
+    assert report.details["simplified"] and report.details["int8_mac_share"] > 0.95, report.details["float_layers"]
