@@ -8,7 +8,9 @@ by that call alone becomes a call to an ``nn.Linear``/``nn.Conv2d``/``nn.LayerNo
 ``nn.Embedding`` that holds the very same Parameter objects, at the module path the weight
 came from (``group_norm`` too); a layer applied to several tensors (one weight read by several identical calls, as
 ALBERT shares its layers) becomes one module called several times. ``addmm(bias, x, W)`` on a
-``W`` of shape (in, out) (GPT-2's ``Conv1D``) becomes a Linear holding ``W`` transposed. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
+``W`` of shape (in, out) (GPT-2's ``Conv1D``) becomes a Linear holding ``W`` transposed; a linear
+whose bias is computed in the graph (BEiT's ``cat(q_bias, k_bias, v_bias)``) becomes a Linear
+without bias and an add of that bias. Eval-mode dropout (``train=False``) is an identity and is removed, as are torch.export's
 ``_assert_tensor_metadata`` checks (nothing uses their result).
 
 Eval-mode batch norm called as a function on a layer's own statistics (``aten.batch_norm`` in an
@@ -394,6 +396,10 @@ def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = No
         weight = _param_of(gm, args[w_index], calls)
         bias_node = args[b_index] if b_index is not None and b_index < len(args) else None
         bias = _param_of(gm, bias_node, calls) if bias_node is not None else None
+        added = None   # a bias computed in the graph (BEiT: cat(q_bias, k_bias, v_bias)): added after the layer
+        if bias_node is not None and bias is None and build is _linear and len(calls) == 1:
+            added, bias_node = bias_node, None
+            args[b_index] = None
         if weight is None or (bias_node is not None and bias is None):
             continue
         built = build(args, node.kwargs, weight[1], bias[1] if bias is not None else None)
@@ -408,8 +414,10 @@ def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = No
         for use in [n for n in gm.graph.nodes if n in calls]:   # in graph order
             with gm.graph.inserting_before(use):
                 call = gm.graph.call_module(path, (use.args[input_index],))
+                out = call if added is None else gm.graph.call_function(operator.add, (call, added))
             call.meta.update(use.meta)
-            use.replace_all_uses_with(call)
+            out.meta.update(use.meta)
+            use.replace_all_uses_with(out)
             gm.graph.erase_node(use)
             erased.add(use)
         for attr in (args[w_index], bias_node):

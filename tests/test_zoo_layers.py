@@ -646,3 +646,46 @@ def test_hugging_face_bert_int8_layers_are_read_from_the_file_written(tmp_path):
     quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
     report = onnx_int8.export(quantized.graph, tmp_path / "bert.onnx")
     assert report.details["simplified"] and report.details["int8_mac_share"] > 0.95, report.details["float_layers"]
+
+
+# -- BEiT / EVA attention: a qkv bias made of constants, a relative-position bias, interleaved rotary ---
+class BeitAttention(nn.Module):
+    """BEiT's and EVA's attention: F.linear with ``cat((q_bias, k_bias, v_bias))`` as its bias, a
+    relative-position bias table gathered and passed as the attention mask, and EVA's interleaved
+    rotary embedding (``stack((-x[..., 1::2], x[..., ::2]), -1).reshape(x.shape)``)."""
+
+    def __init__(self, dim=32, heads=4, tokens=5):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim) * 0.1), nn.Parameter(torch.randn(dim) * 0.1)
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads) * 0.1)
+        index = torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :] + tokens - 1
+        self.register_buffer("index", index, persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def rope(self, x):
+        return x * 0.8 + torch.stack((-x[..., 1::2], x[..., ::2]), -1).reshape(x.shape) * 0.6
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, attn_mask=bias)
+        return x + self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_beit_attention_loses_whole_heads_with_their_bias_parts_and_table_columns():
+    torch.manual_seed(0)
+    model = BeitAttention().eval()
+    x = torch.randn(2, 5, 32)
+    graph = graphopt.trace(model, x)
+    heads = next(g for g in channel_groups(graph).groups if any(m.target == "q_bias" for m in g.members))
+    assert heads.size == 4 and not heads.blocked, heads.blocked
+    assert {m.target for m in heads.members if m.role == "param"} == {"q_bias", "k_bias", "v_bias", "table"}
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    gm = result.graph.gm
+    assert gm.qkv.out_features == 48 and tuple(gm.table.shape) == (9, 2) and gm.q_bias.shape == (16,)
+    assert result.records[1].contract_error < 1e-5

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import fx
 
-from graphopt.pruning.groups import _positions, _swap_last
+from graphopt.pruning.groups import PARAM, ParamRef, _positions, _swap_last
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Unaligned
 
@@ -138,6 +138,12 @@ class AttentionRules:
         out = self.attend(node, [(layouts[0], q, -1, -2), (layouts[1], k, -1, None), (layouts[2], v, -2, -1)],
                           out_rank)
         m = self.get(mask)
+        if isinstance(m, ParamRef) and isinstance(self.graph.shape(mask), tuple):
+            at = out.axis - (out_rank - len(self.graph.shape(mask)))
+            if at >= 0 and m.axes[at] is not None:   # a relative-position bias table (BEiT): its head columns
+                heads = _positions(self.as_rows(out)) if out.sub is not None else out
+                self.add_members(Layout(at, heads.segs), PARAM, m.target, node, m.axes[at])
+                return out
         if isinstance(m, Layout):
             m = m.shifted(out_rank - len(self.graph.shape(mask)))
             if m.sub is not None or m.axis != out.axis:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import fx
 
 from graphopt.ops import OpKind, op_name
-from graphopt.pruning.groups import PARAM, SPLIT, Member, ParamRef, _positions
+from graphopt.pruning.groups import PARAM, SPLIT, Member, ParamParts, ParamRef, _positions
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -51,12 +51,28 @@ class ElementwiseRules:
                 continue  # broadcast along the channels: nothing to cut
             if isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
                 self.add_members(result, PARAM, v.target, node, v.axes[result.axis - lead])
+            elif isinstance(v, ParamParts) and v.axis == result.axis - lead:
+                result = self.param_parts(node, result, v)
             elif isinstance(v, ParamRef):
                 self.block(result, f"{node.name}: combined with {a.name}, a constant whose slices along "
                                    "the channels the analysis does not follow")
             else:
                 self.block(result, f"{node.name}: combined with {a.name}, whose channels are not tracked")
         return result
+
+    def param_parts(self, node: fx.Node, result: Layout, value: ParamParts) -> Layout:
+        """Each constant of a concatenation is cut with its own range of the channels."""
+        bounds = [0]
+        for _, size, _ in value.parts:
+            bounds.append(bounds[-1] + size)
+        ranges: list[list[Seg]] = [[] for _ in value.parts]
+        at = 0
+        for seg in self.spaces.cut(result.segs, set(bounds[1:-1])):
+            ranges[next(i for i in range(len(value.parts)) if at < bounds[i + 1])].append(seg)
+            at += seg.positions
+        for (target, _, axis), segs in zip(value.parts, ranges):
+            self.add_members(Layout(result.axis, segs), PARAM, target, node, axis)
+        return self.spaces.layout(result)
 
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
         for plain, grid in ((a, b), (b, a)):
@@ -85,7 +101,7 @@ class ElementwiseRules:
         values = [self.get(t) for t in tensors]
         layouts = [v for v in values if isinstance(v, Layout)]
         if not layouts:
-            return None
+            return self.concat_params(node, values, dim)
         axis = layouts[0].axis
         if any(l.axis != axis for l in layouts):
             for l in layouts:
@@ -105,6 +121,12 @@ class ElementwiseRules:
                 self.block_space(sid, f"{node.name}: concatenated with {t.name}, whose channels are not tracked")
                 segs.append(Seg(sid, size))
         return Layout(axis, segs)
+
+    def concat_params(self, node: fx.Node, values: list, dim: int) -> ParamParts | None:
+        """Constants concatenated along an axis each keeps intact (a qkv bias made of three)."""
+        if not values or not all(isinstance(v, ParamRef) and v.axes[dim] is not None for v in values):
+            return None
+        return ParamParts(dim, tuple((v.target, v.shape[dim], v.axes[dim]) for v in values), self.graph.shape(node))
 
     def concat_columns(self, node: fx.Node, values: list, dim: int) -> Layout:
         """Grids side by side along their columns (rotary embeddings: ``cat((-x2, x1), -1)``): row

@@ -76,6 +76,10 @@ class ReshapeRules:
             merged = self.merged_rows(x, ins, outs)
             if merged is not None:
                 return merged.at(merged.axis, cols)
+        if rows is not None and cols is None and x.axis < x.sub:
+            widened = self.merged_columns(x, ins, outs, rows)
+            if widened is not None:
+                return widened
         lo, hi = sorted((x.axis, x.sub))
         if hi != lo + 1:
             return None
@@ -101,6 +105,20 @@ class ReshapeRules:
                     repeat = math.prod(ins[x.axis + 1:end])
                     rows = self.as_rows(x)
                     return Layout(j, [Seg(s.space, s.length, s.inner * repeat) for s in rows.segs], x.sub, x.width)
+        return None
+
+    def merged_columns(self, x: Layout, ins: tuple, outs: tuple, rows: int) -> Layout | None:
+        """The columns of a grid merged with the axes after them (EVA's interleaved rotary
+        embedding: ``stack((-x[..., 1::2], x[..., ::2]), -1).reshape(x.shape)``): rows stay whole."""
+        prefix = math.prod(ins[:x.sub])
+        for j in range(rows + 1, len(outs)):
+            if math.prod(outs[:j]) != prefix:
+                continue
+            for end in range(x.sub + 2, len(ins) + 1):
+                if outs[j] == math.prod(ins[x.sub:end]):
+                    grid = self.as_rows(x)
+                    return Layout(rows, [Seg(s.space, s.length, s.inner // x.width * outs[j]) for s in grid.segs],
+                                  j, outs[j])
         return None
 
     def stack(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Stack | None:
