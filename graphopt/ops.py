@@ -138,6 +138,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "narrow": OpKind.INDEX,
     "view": OpKind.RESHAPE, "reshape": OpKind.RESHAPE, "flatten": OpKind.RESHAPE,
     "unsqueeze": OpKind.RESHAPE, "squeeze": OpKind.RESHAPE, "expand": OpKind.RESHAPE, "unflatten": OpKind.RESHAPE,
+    "expand_as": OpKind.RESHAPE, "reshape_as": OpKind.RESHAPE, "view_as": OpKind.RESHAPE,
     "permute": OpKind.PERMUTE, "transpose": OpKind.PERMUTE, "t": OpKind.PERMUTE,
     "max_pool2d": OpKind.POOL, "avg_pool2d": OpKind.POOL, "adaptive_avg_pool2d": OpKind.POOL,
     "mean": OpKind.REDUCE, "sum": OpKind.REDUCE,

@@ -689,3 +689,20 @@ def test_beit_attention_loses_whole_heads_with_their_bias_parts_and_table_column
     gm = result.graph.gm
     assert gm.qkv.out_features == 48 and tuple(gm.table.shape) == (9, 2) and gm.q_bias.shape == (16,)
     assert result.records[1].contract_error < 1e-5
+
+
+def test_hugging_face_phi3_fused_projections_with_full_rotary_prune():
+    """Phi-3 slices q, k, v out of one projection and rotates all of each head, leaving an empty
+    remainder that it concatenates back (an empty slice of a head's columns refused pruning)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model(
+        "phi3", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, vocab_size=128, max_position_embeddings=64, use_cache=False, pad_token_id=0)
+    torch.manual_seed(0)
+    graph = graphopt.trace(transformers.AutoModel.from_config(config).eval(), torch.randint(0, 128, (2, 12)))
+    assert sorted(g.size for g in channel_groups(graph).prunable) == [2, 96]
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    attn = result.graph.gm.get_submodule("layers.0.self_attn")
+    assert attn.qkv_proj.out_features == 64 and attn.o_proj.in_features == 32   # 2 of 4 query heads, 1 of 2 kv
+    assert result.records[1].contract_error < 1e-5

@@ -98,6 +98,9 @@ class ElementwiseRules:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         rank = len(self.graph.shape(node))
         dim = dim % rank
+        # an empty tensor adds nothing (Phi-3 joins a rotary half with an empty remainder)
+        tensors = [t for t in tensors if not (isinstance(t, fx.Node) and isinstance(self.graph.shape(t), tuple)
+                                               and len(self.graph.shape(t)) == rank and self.graph.shape(t)[dim] == 0)]
         values = [self.get(t) for t in tensors]
         layouts = [v for v in values if isinstance(v, Layout)]
         if not layouts:

@@ -97,14 +97,16 @@ class IndexRules:
                                        lambda offset: Member(SLICE, "stop", node.name, at, offset, arg=1))
         if columns is not None:
             value = self.grid_columns(value, self.graph.shape(node)[columns[1]])
-        return value.mapped(mapping.__getitem__)
+        return value.mapped(mapping.__getitem__) if value is not None else None
 
     def grid_columns(self, x: Layout, width: int) -> Layout:
         """``width`` of the columns of every row of a grid (rotary embeddings take ``q[..., :d // 2]``,
         GPT-J every other column): rows (heads) become the unit and pass through whole, narrower.
         Pruning removes whole rows only, so the bounds, literal or computed, stay as they are."""
-        if not isinstance(width, int) or width == 0:
-            raise Unaligned("slices the columns of a grid of channels to an empty range")
+        if not isinstance(width, int):
+            raise Unaligned("slices the columns of a grid of channels to a size not known")
+        if width == 0:   # an empty tensor carries no channels (Phi-3's ``q[..., rotary_dim:]`` at full rotary)
+            return None
         rows = self.as_rows(x)
         return Layout(rows.axis, [Seg(s.space, s.length, s.inner // x.width * width) for s in rows.segs],
                       rows.sub, width)
