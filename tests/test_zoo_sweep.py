@@ -50,7 +50,7 @@ def test_coverage_summary_and_markdown_against_an_earlier_run():
     rows = [THROUGH, REFUSED, LITTLE, TIMEOUT]
     counts = zoo_sweep.summary(rows, 0.1)
     assert counts == {"models": 4, "traced": 4, "pruned": 2, "pruned_min_cut": 1, "quantized": 3,
-                      "int8_exported": 3, "through": 1}
+                      "int8_exported": 3, "int8_kernels": 0, "through": 1}
     config = {"pipeline": "p", "ratio": 0.3, "min_cut": 0.1, "timeout": 60, "threads": 1, "when": "today", "label": "x"}
     before = {"config": dict(config, label="before"), "rows": [REFUSED, dict(THROUGH, stages={}), LITTLE, TIMEOUT]}
     text = zoo_sweep.markdown({"config": config, "rows": rows}, before)
