@@ -90,10 +90,10 @@ def _for_torch_onnx(gm):
         for clone in clones:
             clone.replace_all_uses_with(clone.args[0])
             graph.erase_node(clone)
-        for node, args, flat, out in attention:
+        for node, args, kwargs, flat, out in attention:
             out.replace_all_uses_with(node)
             graph.erase_node(out)
-            node.args = args
+            node.args, node.kwargs = args, kwargs
             for f in flat:
                 graph.erase_node(f)
         if renamed or clones or attention:
@@ -102,8 +102,9 @@ def _for_torch_onnx(gm):
 
 def _attention_on_4d(graph) -> list:
     """torch.onnx writes scaled_dot_product_attention for 4-D query, key and value only; timm's
-    Hiera attends over (batch, heads, windows, tokens, dim). The first two axes are merged for the
-    call and split again after it (no mask: a mask would need the same)."""
+    Hiera attends over (batch, heads, windows, tokens, dim), SAM's ViT over (batch x heads, tokens,
+    dim). The first two axes are merged for the call and split again after it, or a leading axis
+    is added and removed; a mask of the same rank likewise."""
     from graphopt.shapes import SHAPE_KEY
 
     done = []
@@ -112,16 +113,25 @@ def _attention_on_4d(graph) -> list:
             continue
         shape = node.args[0].meta.get(SHAPE_KEY) if isinstance(node.args[0], torch.fx.Node) else None
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if not (isinstance(shape, tuple) and len(shape) == 5 and mask is None):
+        mask_shape = mask.meta.get(SHAPE_KEY) if isinstance(mask, torch.fx.Node) else None
+        if not (isinstance(shape, tuple) and len(shape) in (3, 5)) or \
+                (mask is not None and not (isinstance(mask_shape, tuple) and len(mask_shape) == len(shape))):
             continue
-        args = node.args
+        args, kwargs = node.args, node.kwargs
         with graph.inserting_before(node):
-            flat = [graph.call_function(torch.flatten, (t, 0, 1)) for t in args[:3]]
-        node.args = (*flat, *args[3:])
+            flat = [graph.call_function(torch.flatten, (t, 0, 1)) if len(shape) == 5
+                    else graph.call_function(torch.unsqueeze, (t, 0)) for t in (*args[:3], mask) if t is not None]
+        if mask is not None and len(args) > 3:
+            node.args = (*flat, *args[4:])
+        else:
+            node.args = (*flat[:3], *args[3:])
+            if mask is not None:
+                node.kwargs = {**kwargs, "attn_mask": flat[3]}
         with graph.inserting_after(node):
-            out = graph.call_function(torch.unflatten, (node, 0, (-1, shape[1])))
+            out = graph.call_function(torch.unflatten, (node, 0, (-1, shape[1]))) if len(shape) == 5 \
+                else graph.call_function(torch.squeeze, (node, 0))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-        done.append((node, args, flat, out))
+        done.append((node, args, kwargs, flat, out))
     return done
 
 

@@ -706,3 +706,27 @@ def test_hugging_face_phi3_fused_projections_with_full_rotary_prune():
     attn = result.graph.gm.get_submodule("layers.0.self_attn")
     assert attn.qkv_proj.out_features == 64 and attn.o_proj.in_features == 32   # 2 of 4 query heads, 1 of 2 kv
     assert result.records[1].contract_error < 1e-5
+
+
+def test_attention_over_three_axes_with_a_mask_exports_through_torch_onnx(tmp_path):
+    """SAM's ViT attends over (batch x heads, tokens, dim) with a relative-position mask."""
+    class FlatHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+            self.bias = nn.Parameter(torch.randn(1, 6, 6) * 0.1)
+
+        def forward(self, x):                                   # (B, tokens, 16)
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4).reshape(3, b * 2, t, 8).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.expand(b * 2, t, t))
+            return self.proj(out.view(b, 2, t, 8).permute(0, 2, 1, 3).reshape(b, t, 16))
+
+    torch.manual_seed(0)
+    graph = graphopt.trace(FlatHeads().eval(), torch.randn(2, 6, 16))
+    data = [torch.randn(2, 6, 16) for _ in range(2)]
+    quantized = PassManager([InsertQDQ(progress=False), FoldQDQ()], context=PassContext({"calibration_data": data})).run(graph)
+    code = quantized.graph.gm.code
+    report = onnx_int8.export(quantized.graph, tmp_path / "m.onnx", dynamic_batch=False)
+    assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
+    assert quantized.graph.gm.code == code
