@@ -730,3 +730,31 @@ def test_attention_over_three_axes_with_a_mask_exports_through_torch_onnx(tmp_pa
     report = onnx_int8.export(quantized.graph, tmp_path / "m.onnx", dynamic_batch=False)
     assert report.details["lowering"] == "torch_onnx" and report.details["within_one_step"] >= 0.99
     assert quantized.graph.gm.code == code
+
+
+def test_a_transformer_residual_stream_stays_float_and_a_near_zero_class_token_survives():
+    """XCiT concatenates a class token of tiny values to the patch tokens: a per-tensor rounding of
+    the residual stream at each int8 add erased it (SQNR 3 dB, insert_qdq's bound refused). Adds of
+    token sequences stay float under layer_outputs='auto', as in torch.export graphs."""
+    class ClassTokenBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 32) * 0.02)
+            self.embed, self.norm, self.fc1, self.fc2 = nn.Linear(12, 32), nn.LayerNorm(32), nn.Linear(32, 64), nn.Linear(64, 32)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+            for _ in range(3):
+                x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+            return self.head(self.norm(x)[:, 0])
+
+    torch.manual_seed(0)
+    graph = graphopt.trace(ClassTokenBlock().eval(), torch.randn(2, 9, 12) * 3)
+    data = [torch.randn(2, 9, 12) * 3 for _ in range(3)]
+    auto = PassManager([InsertQDQ(progress=False)], context=PassContext({"calibration_data": data})).run(graph)
+    assert auto.records[1].stats["quantized_adds"] == 0 and auto.records[1].stats["sqnr_db"] > 25
+    forced = PassManager([InsertQDQ(progress=False, layer_outputs="int8", bound=100.0)],
+                         context=PassContext({"calibration_data": data})).run(graph)
+    assert forced.records[1].stats["quantized_adds"] == 3
+    assert forced.records[1].stats["sqnr_db"] < auto.records[1].stats["sqnr_db"] - 10
