@@ -68,7 +68,9 @@ class _TeacherForced(fx.Interpreter):
         value = super().run_node(n)
         if n.name in self.forced:
             self.computed[n.name] = value
-            return self.forced[n.name].to(value.dtype)
+            # a copy: an in-place op downstream (timm's ReLU(inplace=True) after an Identity, ``x += y``)
+            # would otherwise overwrite the artifact's values before they are compared
+            return self.forced[n.name].to(value.dtype, copy=True)
         return value
 
 

@@ -38,11 +38,101 @@ def to_proto(graph: Graph, opset: int, dynamic_batch: bool = False) -> tuple[onn
 
 
 def _export(gm, inputs, opset: int, shapes) -> onnx_lib.ModelProto:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _for_torch_onnx(gm):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(gm, tuple(inputs), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     external_data=False, verbose=False)
     return program.model_proto
+
+
+_PERMUTES = {"transpose", "permute", "swapaxes", "swapdims", "t"}
+_VIEWS = {"reshape", "view", "flatten"}
+
+
+def _name(node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+@contextlib.contextmanager
+def _for_torch_onnx(gm):
+    """torch.onnx decomposes the re-exported graph on fake tensors, whose strides after
+    ``scaled_dot_product_attention`` are not the CPU kernel's: a ``reshape`` of the transposed
+    result becomes a ``view`` that then fails ('Cannot view a tensor', timm's and Hugging Face's
+    attention), and an ``aten.contiguous`` there is dropped (Swin). For the export, the tensor
+    such a reshape reads is cloned to a contiguous one (torch.onnx writes an Identity), and
+    ``contiguous`` is the clone it stands for; attention on 5-D tensors is made 4-D. The graph is
+    restored afterwards."""
+    graph = gm.graph
+    renamed = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
+               and not n.kwargs and len(n.args) == 1]
+    for node in renamed:
+        node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    clones = []
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op in ("call_function", "call_method") and node.args else None
+        if _name(node) in _VIEWS and getattr(source, "op", None) in ("call_function", "call_method") \
+                and _name(source) in _PERMUTES:
+            with graph.inserting_before(node):
+                clone = graph.call_function(torch.clone, (source,), {"memory_format": torch.contiguous_format})
+            node.replace_input_with(source, clone)
+            clones.append(clone)
+    attention = _attention_on_4d(graph)
+    if renamed or clones or attention:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for node in renamed:
+            node.target, node.kwargs = torch.ops.aten.contiguous.default, {}
+        for clone in clones:
+            clone.replace_all_uses_with(clone.args[0])
+            graph.erase_node(clone)
+        for node, args, kwargs, flat, out in attention:
+            out.replace_all_uses_with(node)
+            graph.erase_node(out)
+            node.args, node.kwargs = args, kwargs
+            for f in flat:
+                graph.erase_node(f)
+        if renamed or clones or attention:
+            gm.recompile()
+
+
+def _attention_on_4d(graph) -> list:
+    """torch.onnx writes scaled_dot_product_attention for 4-D query, key and value only; timm's
+    Hiera attends over (batch, heads, windows, tokens, dim), SAM's ViT over (batch x heads, tokens,
+    dim). The first two axes are merged for the call and split again after it, or a leading axis
+    is added and removed; a mask of the same rank likewise."""
+    from graphopt.shapes import SHAPE_KEY
+
+    done = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or _name(node) != "scaled_dot_product_attention" or len(node.args) < 3:
+            continue
+        shape = node.args[0].meta.get(SHAPE_KEY) if isinstance(node.args[0], torch.fx.Node) else None
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask_shape = mask.meta.get(SHAPE_KEY) if isinstance(mask, torch.fx.Node) else None
+        if not (isinstance(shape, tuple) and len(shape) in (3, 5)) or \
+                (mask is not None and not (isinstance(mask_shape, tuple) and len(mask_shape) == len(shape))):
+            continue
+        args, kwargs = node.args, node.kwargs
+        with graph.inserting_before(node):
+            flat = [graph.call_function(torch.flatten, (t, 0, 1)) if len(shape) == 5
+                    else graph.call_function(torch.unsqueeze, (t, 0)) for t in (*args[:3], mask) if t is not None]
+        if mask is not None and len(args) > 3:
+            node.args = (*flat, *args[4:])
+        else:
+            node.args = (*flat[:3], *args[3:])
+            if mask is not None:
+                node.kwargs = {**kwargs, "attn_mask": flat[3]}
+        with graph.inserting_after(node):
+            out = graph.call_function(torch.unflatten, (node, 0, (-1, shape[1]))) if len(shape) == 5 \
+                else graph.call_function(torch.squeeze, (node, 0))
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        done.append((node, args, kwargs, flat, out))
+    return done
 
 
 def _batch_axes(inputs: tuple) -> tuple[tuple, tuple]:

@@ -32,6 +32,7 @@ from torch import fx
 
 from graphopt.backend import ExportReport, register_backend
 from graphopt.backends._onnx_runtime import OTHER_BATCH, at_batch, ort_session, ort_version, run_onnx
+from graphopt.backends import onnx_float_ops as float_ops
 from graphopt.backends.onnx_layernorm import layernorms_on_2d
 from graphopt.errors import ConfigError, ExportError
 from graphopt.files import atomic_path
@@ -148,6 +149,7 @@ class _Lowering:
         self.float_layers: dict[str, str] = {}
         self._uid = 0
         self._dq_cache: dict[str, str] = {}
+        self.constants: dict[str, Any] = {}   # nodes computed from constants alone, folded at export
 
     # -- small helpers -----------------------------------------------------------------
     def fresh(self, stem: str) -> str:
@@ -219,6 +221,8 @@ class _Lowering:
         for node in self.graph.nodes:
             if node.name in self.env:
                 continue
+            if node.op == "placeholder" and not isinstance(self.graph.shape(node), tuple):
+                continue   # a non-tensor argument with its default (timm's ViT: attn_mask=None); never an input
             if node.op == "placeholder":
                 shape = [self.batch or self.graph.shape(node)[0], *self.graph.shape(node)[1:]]
                 inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
@@ -260,6 +264,8 @@ class _Lowering:
         if is_activation_fq(node):
             self.lower_fq(node)
             return
+        if self.fold_constant(node):
+            return
         x = node.args[0] if node.args else None
         quant_in = isinstance(x, fx.Node) and self.env.get(x.name, _Value("")).qp is not None
         user = self.quant_user(node)
@@ -280,6 +286,29 @@ class _Lowering:
             self.env[node.name] = _Value(self.emit("Add", [self.as_float(a), self.as_float(b)], "add"))
             return
         self.lower_other(node, quant_in, user)
+
+    def constant(self, arg: Any) -> Any:
+        if not isinstance(arg, fx.Node):
+            return arg
+        return self.constants[arg.name] if arg.name in self.constants else self.graph.attr(arg.target)
+
+    def fold_constant(self, node: fx.Node) -> bool:
+        """A function or method of constants alone (a layer scale reshaped to broadcast, a bias
+        table gathered) becomes an initializer holding its value."""
+        parents = node.all_input_nodes
+        if node.op not in ("call_function", "call_method") or not parents or is_weight_dq(node) or not all(
+                p.op == "get_attr" or p.name in self.constants for p in parents) or op_name(node) in _BROADCASTS:
+            return False   # (a broadcast to the traced batch size would fix the batch axis)
+        args = fx.node.map_arg(node.args, self.constant)
+        kwargs = fx.node.map_arg(node.kwargs, self.constant)
+        with torch.no_grad():
+            value = node.target(*args, **kwargs) if node.op == "call_function" else \
+                getattr(args[0], node.target)(*args[1:], **kwargs)
+        if not isinstance(value, torch.Tensor):
+            return False
+        self.constants[node.name] = value
+        self.env[node.name] = _Value(self.const(node.name, value.detach().cpu().numpy()))
+        return True
 
     def lower_fq(self, node: fx.Node) -> None:
         qp, x = qparams(node), node.args[0]
@@ -467,6 +496,10 @@ class _Lowering:
             return self.float_layer(node, m)
         op = _float_op(m, node)
         if op is None:
+            out = float_ops.lower(self, node, m)   # SiLU, GELU, x * gate, means, arithmetic with constants
+            if out is not None:
+                self.env[node.name] = _Value(out)
+                return
             raise LoweringError(f"onnx_int8: no ONNX lowering for node {node.name!r} "
                                 f"({getattr(node.target, '__name__', node.target)}); keep it out of the graph "
                                 f"or export with the float 'onnx' backend", node.name, _op(node))
@@ -680,6 +713,13 @@ def export(graph: Graph, path: str, *, form: Form = "auto", lowering: Lowering =
                           f"simulated-quant graph (need {min_within_step:.0%}; worst at node {worst!r}; "
                           f"target {target.name}, checked by {check}); nothing written")
     model, simplify_note = _keep_simplified(chosen, threads, graph.example_inputs, expected if exact_here else None)
+    if chosen.lowering == "torch_onnx" and model is not chosen.built:
+        # the integer kernels of the file written: onnxruntime fuses the simplified model's
+        # DequantizeLinear -> MatMul pairs where the built one's constant subgraphs kept them apart
+        from graphopt.backends import onnx_int8_decomposed as decomposed
+
+        int8_layers, float_layers = decomposed.fused_layers(model, graph, threads)
+        chosen = replace(chosen, int8_layers=int8_layers, float_layers=float_layers)
     _target_metadata(model, target)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, tmp)

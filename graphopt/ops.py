@@ -106,10 +106,10 @@ _METHOD_KINDS: dict[str, OpKind] = {
     **{m: OpKind.ELEMENTWISE for m in ("add", "add_", "sub", "mul", "mul_", "div", "neg", "abs",
                                          "exp", "sqrt", "rsqrt", "pow", "clamp", "masked_fill")},
     # dtype/device casts: the same values per channel in another type
-    **{m: OpKind.ELEMENTWISE for m in ("to", "float", "half", "double", "bfloat16")},
+    **{m: OpKind.ELEMENTWISE for m in ("to", "float", "half", "double", "bfloat16", "type_as")},
     **{m: OpKind.ACTIVATION for m in ("relu", "relu_", "sigmoid", "tanh", "sigmoid_")},
     **{m: OpKind.RESHAPE for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "expand",
-                                     "contiguous", "unflatten")},
+                                     "contiguous", "unflatten", "expand_as", "reshape_as", "view_as")},
     **{m: OpKind.PERMUTE for m in ("permute", "transpose", "swapaxes", "swapdims")},
     **{m: OpKind.SPLIT for m in ("split", "chunk", "unbind", "tensor_split")},
     **{m: OpKind.REDUCE for m in ("mean", "sum", "amax", "max", "min")},
@@ -124,24 +124,30 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "linear": OpKind.LINEAR, "addmm": OpKind.LINEAR,
     "_native_batch_norm_legit_no_training": OpKind.NORM, "batch_norm": OpKind.NORM,
     "layer_norm": OpKind.NORM, "native_layer_norm": OpKind.NORM, "group_norm": OpKind.NORM,
-    "relu": OpKind.ACTIVATION, "relu_": OpKind.ACTIVATION, "gelu": OpKind.ACTIVATION,
-    "silu": OpKind.ACTIVATION, "sigmoid": OpKind.ACTIVATION, "hardtanh": OpKind.ACTIVATION,
-    "hardswish": OpKind.ACTIVATION, "tanh": OpKind.ACTIVATION,
-    "add": OpKind.ELEMENTWISE, "add_": OpKind.ELEMENTWISE, "sub": OpKind.ELEMENTWISE,
-    "mul": OpKind.ELEMENTWISE, "div": OpKind.ELEMENTWISE,
-    "cat": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
+    # activations, and their in-place forms (torch.export keeps ``inplace=True`` layers as ``silu_`` ...)
+    **{f"{name}{suffix}": OpKind.ACTIVATION
+       for name in ("relu", "relu6", "gelu", "silu", "sigmoid", "hardtanh", "hardswish", "hardsigmoid", "tanh",
+                    "leaky_relu", "elu", "celu", "selu", "mish", "softplus")
+       for suffix in ("", "_")},
+    **{name: OpKind.ELEMENTWISE for name in (
+        "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
+        "reciprocal", "pow", "square", "erf", "clamp", "clamp_min", "clamp_max", "where", "masked_fill", "maximum",
+        "minimum", "rsub")},
+    "cat": OpKind.CONCAT, "stack": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
     "chunk": OpKind.SPLIT, "unbind": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
     "narrow": OpKind.INDEX,
     "view": OpKind.RESHAPE, "reshape": OpKind.RESHAPE, "flatten": OpKind.RESHAPE,
-    "unsqueeze": OpKind.RESHAPE, "squeeze": OpKind.RESHAPE,
+    "unsqueeze": OpKind.RESHAPE, "squeeze": OpKind.RESHAPE, "expand": OpKind.RESHAPE, "unflatten": OpKind.RESHAPE,
+    "expand_as": OpKind.RESHAPE, "reshape_as": OpKind.RESHAPE, "view_as": OpKind.RESHAPE,
     "permute": OpKind.PERMUTE, "transpose": OpKind.PERMUTE, "t": OpKind.PERMUTE,
     "max_pool2d": OpKind.POOL, "avg_pool2d": OpKind.POOL, "adaptive_avg_pool2d": OpKind.POOL,
     "mean": OpKind.REDUCE, "sum": OpKind.REDUCE,
     "matmul": OpKind.MATMUL, "mm": OpKind.MATMUL, "bmm": OpKind.MATMUL,
     "softmax": OpKind.SOFTMAX, "_softmax": OpKind.SOFTMAX,
     "scaled_dot_product_attention": OpKind.ATTENTION,
-    "embedding": OpKind.EMBEDDING, "dropout": OpKind.IDENTITY, "clone": OpKind.IDENTITY,
-    "_to_copy": OpKind.ELEMENTWISE, "to": OpKind.ELEMENTWISE,
+    "embedding": OpKind.EMBEDDING, "dropout": OpKind.IDENTITY, "clone": OpKind.IDENTITY, "alias": OpKind.IDENTITY,
+    "_to_copy": OpKind.ELEMENTWISE, "to": OpKind.ELEMENTWISE, "type_as": OpKind.ELEMENTWISE,
+    "contiguous": OpKind.RESHAPE,
 }
 
 

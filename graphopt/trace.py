@@ -101,14 +101,18 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
-def _fx_capture(model: nn.Module) -> fx.GraphModule:
+def _fx_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     tracer = _PathTracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:
         exc.graphopt_module = tracer.failed_in  # type: ignore[attr-defined]
         raise
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # functional layers on a module's own weights (timm's norm + activation layers call F.batch_norm,
+    # its LayerNorm2d F.layer_norm) become modules, as in torch.export graphs
+    lift_functional_layers(gm, inputs)
+    return gm
 
 
 def _export_capture(model: nn.Module, inputs: tuple, dynamic_shapes: Any = None) -> fx.GraphModule:
@@ -144,7 +148,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
     attempts: dict[str, str] = {}
     first_module, first_reason = "", ""
     capturers = [("transformers.fx", _hf_capture)] if is_hf else []
-    capturers += [("torch.fx", lambda m, i: _fx_capture(m)),
+    capturers += [("torch.fx", _fx_capture),
                   ("torch.export", lambda m, i: _export_capture(m, i, dynamic_shapes))]
     for name, capture in capturers:
         try:

@@ -28,6 +28,7 @@ def _is_fusable_producer(node: fx.Node) -> bool:
 def _fold_weights(graph: Graph) -> int:
     g = graph.gm.graph
     folded = 0
+    done: dict[str, tuple] = {}   # a layer called more than once (shared weights) is folded once
     for node in list(graph.nodes):
         if not is_weight_fq(node):
             continue
@@ -36,15 +37,20 @@ def _fold_weights(graph: Graph) -> int:
                 w.target.rpartition(".")[0]:
             continue
         owner = w.target.rpartition(".")[0]
-        old = graph.gm.get_submodule(owner)
-        scales = graph.attr(scale_node.target)
-        container = nn.Module()
-        container.register_buffer("weight_int8", quantize_weight(graph.attr(w.target), scales, axis,
-                                                                          qmin, qmax))
-        container.register_buffer("weight_scale", scales.clone())
-        if getattr(old, "bias", None) is not None:
-            container.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
-        graph.replace_module(owner, container)
+        if owner in done:
+            if done[owner] != (axis, qmin, qmax):
+                continue
+        else:
+            old = graph.gm.get_submodule(owner)
+            scales = graph.attr(scale_node.target)
+            container = nn.Module()
+            container.register_buffer("weight_int8", quantize_weight(graph.attr(w.target), scales, axis,
+                                                                              qmin, qmax))
+            container.register_buffer("weight_scale", scales.clone())
+            if getattr(old, "bias", None) is not None:
+                container.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+            graph.replace_module(owner, container)
+            done[owner] = (axis, qmin, qmax)
         with g.inserting_before(node):
             q = g.get_attr(f"{owner}.weight_int8")
             s = g.get_attr(f"{owner}.weight_scale")

@@ -5,7 +5,9 @@ Placement follows what integer runtimes execute (onnxruntime QOperator / torch.a
   and a quantized output; an activation that clamps at zero (ReLU, ReLU6, Hardtanh(0, x)) right
   after a layer is quantized instead of the layer's output, so backends can fuse it; Linears
   on token sequences (rank > 2 inputs) keep a float output by default (``layer_outputs``);
-- adds of two tensors are anchors too (quantized inputs, quantized output after a fused ReLU);
+- adds of two tensors are anchors too (quantized inputs, quantized output after a fused ReLU),
+  except, with ``layer_outputs="auto"``, adds of token sequences (rank 3: a transformer's residual
+  stream, left float as the Linears on it leave their outputs);
 - max pooling, reshapes, dropout and ReLU keep their input's grid (no new node); average
   pooling and means get a node with their input's parameters (shared, not observed);
 - concatenation gets its own observed output parameters;
@@ -97,9 +99,15 @@ class Planner:
         return [n for n in self.graph.nodes if isinstance(_module(self.graph, n), _LAYER_TYPES)]
 
     def add_candidates(self) -> list[fx.Node]:
+        """Adds of two tensors of one shape. ``auto`` leaves float the adds of token sequences
+        (rank 3: a transformer's residual stream, which the Linears on it already leave float, and
+        which a per-tensor rounding damages: XCiT's near-zero class token lost all precision, SQNR
+        3 dB); adds of feature maps (rank 4: residual CNNs) are int8 adds."""
         return [n for n in self.graph.nodes if n.op == "call_function" and n.target in ADD_FUNCS
                 and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs
-                and self.graph.shape(n.args[0]) == self.graph.shape(n.args[1])]
+                and isinstance(self.graph.shape(n), tuple)   # tensors (not sizes read at run time)
+                and self.graph.shape(n.args[0]) == self.graph.shape(n.args[1])
+                and not (self.layer_outputs == "auto" and len(self.graph.shape(n)) == 3)]
 
     def output_of(self, node: fx.Node) -> fx.Node:
         """The tensor an anchor's quantized output is: a fused zero-clamp activation or the node."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import fx
 
-from graphopt.pruning.groups import _positions, _swap_last
+from graphopt.pruning.groups import PARAM, ParamRef, _positions, _swap_last
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Unaligned
 
@@ -97,10 +97,31 @@ class AttentionRules:
         out_rank = len(self.graph.shape(node))
         if min(len(self.graph.shape(a)), len(self.graph.shape(b))) < 2:
             raise Unaligned("matmul with a vector")
+        on_rows = [v for v, src, _, _ in tracked if v.sub is None and v.axis >= len(self.graph.shape(src)) - 2]
+        if on_rows and len(on_rows) == len(tracked):
+            return self.matrix_channels(node, a, b, la, lb, out_rank)
         out = self.attend(node, tracked, out_rank)
         if len(tracked) == 1:
             self.untracked_heads(node, b if isinstance(la, Layout) else a, out.axis, out_rank)
         return out
+
+    def matrix_channels(self, node: fx.Node, a: Any, b: Any, la: Any, lb: Any, out_rank: int) -> Any:
+        """Channels on the matrix axes of a matmul (EfficientViT's ``v @ attn.T``, its ``q.T @ k``):
+        rows of ``a`` or columns of ``b`` pass to the output's rows or columns; channels the
+        product sums over are blocked (removing one changes every product, which zeroing the
+        layers that read the output cannot reproduce)."""
+        ra, rb = len(self.graph.shape(a)), len(self.graph.shape(b))
+        kept = []
+        for layout, rank, contracted, out_axis in ((la, ra, ra - 1, out_rank - 2), (lb, rb, rb - 2, out_rank - 1)):
+            if not isinstance(layout, Layout):
+                continue
+            if layout.axis == contracted:
+                self.block(layout, f"{node.name}: a matmul sums over these channels")
+            else:
+                kept.append(Layout(out_axis, layout.segs))
+        if len(kept) > 1:
+            raise Unaligned("both operands of a matmul keep channels")
+        return kept[0] if kept else None
 
     def sdpa(self, node: fx.Node) -> Any:
         """scaled_dot_product_attention: query, key and value carry the same heads; the output
@@ -117,6 +138,12 @@ class AttentionRules:
         out = self.attend(node, [(layouts[0], q, -1, -2), (layouts[1], k, -1, None), (layouts[2], v, -2, -1)],
                           out_rank)
         m = self.get(mask)
+        if isinstance(m, ParamRef) and isinstance(self.graph.shape(mask), tuple):
+            at = out.axis - (out_rank - len(self.graph.shape(mask)))
+            if at >= 0 and m.axes[at] is not None:   # a relative-position bias table (BEiT): its head columns
+                heads = _positions(self.as_rows(out)) if out.sub is not None else out
+                self.add_members(Layout(at, heads.segs), PARAM, m.target, node, m.axes[at])
+                return out
         if isinstance(m, Layout):
             m = m.shifted(out_rank - len(self.graph.shape(mask)))
             if m.sub is not None or m.axis != out.axis:

@@ -1,5 +1,5 @@
 """Channel rules of ops that carry channels through unchanged or side by side: elementwise
-ops and broadcasting constants, concat and split, reductions, softmax and pooling."""
+ops and broadcasting constants, concat and split, reductions, softmax, pooling and padding."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,7 @@ from typing import Any
 from torch import fx
 
 from graphopt.ops import OpKind, op_name
-from graphopt.pruning.groups import PARAM, SPLIT, Member, ParamRef, _positions
+from graphopt.pruning.groups import PARAM, SPLIT, Member, ParamParts, ParamRef, _positions
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -51,6 +51,8 @@ class ElementwiseRules:
                 continue  # broadcast along the channels: nothing to cut
             if isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
                 self.add_members(result, PARAM, v.target, node, v.axes[result.axis - lead])
+            elif isinstance(v, ParamParts) and v.axis == result.axis - lead:
+                result = self.param_parts(node, result, v)
             elif isinstance(v, ParamRef):
                 self.block(result, f"{node.name}: combined with {a.name}, a constant whose slices along "
                                    "the channels the analysis does not follow")
@@ -58,7 +60,32 @@ class ElementwiseRules:
                 self.block(result, f"{node.name}: combined with {a.name}, whose channels are not tracked")
         return result
 
+    def param_parts(self, node: fx.Node, result: Layout, value: ParamParts) -> Layout:
+        """Each constant of a concatenation is cut with its own range of the channels."""
+        bounds = [0]
+        for _, size, _ in value.parts:
+            bounds.append(bounds[-1] + size)
+        ranges: list[list[Seg]] = [[] for _ in value.parts]
+        at = 0
+        for seg in self.spaces.cut(result.segs, set(bounds[1:-1])):
+            ranges[next(i for i in range(len(value.parts)) if at < bounds[i + 1])].append(seg)
+            at += seg.positions
+        for (target, _, axis), segs in zip(value.parts, ranges):
+            self.add_members(Layout(result.axis, segs), PARAM, target, node, axis)
+        return self.spaces.layout(result)
+
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
+        for plain, grid in ((a, b), (b, a)):
+            if plain.sub is None and grid.sub is not None and grid.sub == plain.axis and grid.axis != plain.axis:
+                # the same channels in every row (SKNet: features stacked per path, times attention over
+                # the paths): the grid loses the same columns in every row
+                self.spaces.align(self.spaces.columns(grid.segs, grid.width), plain.segs)
+                return self.spaces.layout(plain)
+        if a.sub is not None and (a.axis, a.sub) == (b.axis, b.sub) and a.width != b.width and 1 in (a.width, b.width):
+            wide, narrow = (a, b) if b.width == 1 else (b, a)   # one value per row, broadcast along the columns
+            rows = self.as_rows(wide)
+            self.spaces.align(_positions(rows).segs, narrow.segs)
+            return self.spaces.layout(rows)
         if (a.axis, a.sub, a.width) != (b.axis, b.sub, b.width):
             self.block(a, f"{node.name}: operands' channel layouts differ")
             self.block(b, f"{node.name}: operands' channel layouts differ")
@@ -71,10 +98,13 @@ class ElementwiseRules:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         rank = len(self.graph.shape(node))
         dim = dim % rank
+        # an empty tensor adds nothing (Phi-3 joins a rotary half with an empty remainder)
+        tensors = [t for t in tensors if not (isinstance(t, fx.Node) and isinstance(self.graph.shape(t), tuple)
+                                               and len(self.graph.shape(t)) == rank and self.graph.shape(t)[dim] == 0)]
         values = [self.get(t) for t in tensors]
         layouts = [v for v in values if isinstance(v, Layout)]
         if not layouts:
-            return None
+            return self.concat_params(node, values, dim)
         axis = layouts[0].axis
         if any(l.axis != axis for l in layouts):
             for l in layouts:
@@ -83,7 +113,7 @@ class ElementwiseRules:
         if all(dim not in l.axes() for l in layouts):  # along another axis: the inputs share their channels
             return self.elementwise(node, list(tensors))
         if any(l.sub is not None for l in layouts):
-            raise Unaligned("concatenates grids of channels")
+            return self.concat_columns(node, values, dim)
         segs = []
         for t, v in zip(tensors, values):
             if isinstance(v, Layout):
@@ -94,6 +124,44 @@ class ElementwiseRules:
                 self.block_space(sid, f"{node.name}: concatenated with {t.name}, whose channels are not tracked")
                 segs.append(Seg(sid, size))
         return Layout(axis, segs)
+
+    def concat_params(self, node: fx.Node, values: list, dim: int) -> ParamParts | None:
+        """Constants concatenated along an axis each keeps intact (a qkv bias made of three)."""
+        if not values or not all(isinstance(v, ParamRef) and v.axes[dim] is not None for v in values):
+            return None
+        return ParamParts(dim, tuple((v.target, v.shape[dim], v.axes[dim]) for v in values), self.graph.shape(node))
+
+    def concat_columns(self, node: fx.Node, values: list, dim: int) -> Layout:
+        """Grids side by side along their columns (rotary embeddings: ``cat((-x2, x1), -1)``): row
+        ``r`` of every input is the same head, so rows are united and stay whole."""
+        if not all(isinstance(v, Layout) and v.sub == dim for v in values) \
+                or len({(v.axis, v.rows) for v in values}) != 1:
+            raise Unaligned("concatenates grids of channels")
+        rows = [_positions(self.as_rows(v)) for v in values]
+        for other in rows[1:]:
+            self.spaces.align(rows[0].segs, other.segs)
+        width = sum(v.width for v in values)
+        return Layout(values[0].axis, [Seg(s.space, s.length, s.inner * width)
+                                       for s in self.spaces.resolve_segs(rows[0].segs)], dim, width)
+
+    def stacked_inputs(self, node: fx.Node) -> Any:
+        """``torch.stack``: the inputs share their channels (as an elementwise op's operands do),
+        laid along a new axis ``dim``."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim %= len(self.graph.shape(node))
+        values = [self.get(t) for t in tensors]
+        layouts = [v for v in values if isinstance(v, Layout)]
+        if not layouts:
+            return None
+        if len(layouts) < len(values):
+            for layout in layouts:
+                self.block(layout, f"{node.name}: stacked with tensors whose channels are not tracked")
+            return None
+        result = layouts[0]
+        for other in layouts[1:]:
+            result = self.unify(node, result, other)
+        return result.mapped(lambda a: a + (a >= dim))
 
     def split(self, node: fx.Node, name: str) -> Any:
         """split/chunk: each output takes an index range of the channels (the inverse of concat)."""
@@ -110,9 +178,11 @@ class ElementwiseRules:
             return tuple(x.mapped(lambda a: a - (a > dim)) for _ in shapes)
         if dim not in x.axes():
             return tuple(x for _ in shapes)
+        sizes = [s[dim] for s in shapes]
+        if x.sub is not None and dim == x.sub:   # columns of every row (rotary: ``x.chunk(2, -1)``)
+            return tuple(self.grid_columns(x, size) for size in sizes)
         if x.sub is not None:
             raise Unaligned("splits a grid of channels")
-        sizes = [s[dim] for s in shapes]
         if 0 in sizes:
             raise Unaligned("split with an empty output")
         bounds = [sum(sizes[:i + 1]) for i in range(len(sizes))]
@@ -138,11 +208,15 @@ class ElementwiseRules:
             self.block(x, f"{node.name}: reduces over every axis")
             return None
         dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        if x.sub is not None and x.axis in dims and x.sub not in dims:   # over the rows of a grid
+            x = Layout(x.sub, self.spaces.columns(x.segs, x.width))      # every row loses the same columns
         if x.axis in dims:
             self.block(x, f"{node.name}: reduces over the channels")
             return None
         if x.sub is not None and x.sub in dims:  # within each row: rows stay whole, the columns are gone
-            x = _positions(self.as_rows(x))
+            rows = _positions(self.as_rows(x))
+            # kept as a grid of one column where the axis stays (per-head RMSNorm: x * rsqrt(mean(x^2)))
+            x = Layout(rows.axis, rows.segs, x.sub, 1) if keepdim else rows
         if not keepdim:
             x = x.mapped(lambda a: a - sum(d < a for d in dims))
         out = self.graph.shape(node)
@@ -152,6 +226,9 @@ class ElementwiseRules:
         if not isinstance(x, Layout):
             return None
         rank = len(self.graph.shape(node))
+        if dim is not None and x.sub is not None and dim % rank == x.axis:   # over the rows of a grid
+            self.spaces.columns(x.segs, x.width)                              # (SKNet's paths): columns stay
+            return self.spaces.layout(x)
         if dim is None or dim % rank == x.axis:
             self.block(x, f"{node.name}: softmax over the channels")
             return None
@@ -164,6 +241,21 @@ class ElementwiseRules:
         rank = len(self.graph.shape(node.args[0]))
         if any(a >= rank - spatial for a in x.axes()):
             raise Unaligned(f"{name} pools over the channels")
+        return x
+
+    def pad(self, node: fx.Node) -> Any:
+        """F.pad / aten.pad / constant_pad_nd: each channel is padded on its own, so channels pass
+        through unless the padding lengthens a channel axis (amounts, in pairs, from the last axis)."""
+        x = self.get(node.args[0])
+        if not isinstance(x, Layout):
+            return None
+        amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        rank = len(self.graph.shape(node.args[0]))
+        if not isinstance(amounts, (list, tuple)) or not all(isinstance(a, int) for a in amounts):
+            raise Unaligned("pads by amounts computed at run time")
+        padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
+        if padded & set(x.axes()):
+            raise Unaligned("pads along the channels")
         return x
 
 
@@ -180,6 +272,12 @@ def _identity(a, node: fx.Node) -> Any:
     return a.get(node.args[0])
 
 
+@channel_rule(op="type_as")
+def _type_as(a, node: fx.Node) -> Any:
+    """``x.type_as(y)``: x's values in y's dtype; y lends nothing but its type."""
+    return a.get(node.args[0])
+
+
 @channel_rule(kind=OpKind.SHAPE)
 def _shape(a, node: fx.Node) -> Any:
     return None
@@ -190,9 +288,33 @@ def _pool(a, node: fx.Node) -> Any:
     return a.pool(node, a.get(node.args[0]), op_name(node))
 
 
+@channel_rule(op=("pad", "constant_pad_nd"))
+def _pad(a, node: fx.Node) -> Any:
+    return a.pad(node)
+
+
+@channel_rule(op=("interpolate", "upsample", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                  "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "_upsample_nearest_exact2d",
+                  "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"))
+def _resize(a, node: fx.Node) -> Any:
+    """Resizing (F.interpolate, upsampling) scales the spatial axes after batch and channels:
+    each channel is resized on its own."""
+    x = a.get(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    if x.axes() != (1,):
+        raise Unaligned("resizes along the channels")
+    return x
+
+
 @channel_rule(op=("cat", "concat"))
 def _concat(a, node: fx.Node) -> Any:
     return a.concat(node)
+
+
+@channel_rule(op="stack")
+def _stack(a, node: fx.Node) -> Any:
+    return a.stacked_inputs(node)
 
 
 @channel_rule(op=("split", "split_with_sizes", "chunk", "unbind"))

@@ -45,6 +45,16 @@ class ParamRef:
 
 
 @dataclass(frozen=True)
+class ParamParts:
+    """Constants laid side by side along one axis (``torch.cat((q_bias, k_bias, v_bias))``, BEiT's
+    and EVA's qkv bias): ``parts`` are (constant, its length, the constant's axis) in order."""
+
+    axis: int
+    parts: tuple
+    shape: tuple
+
+
+@dataclass(frozen=True)
 class Member:
     """One place a channel space lives. ``target`` is a module (parameters/buffers) or an
     attribute; ``axis`` is the axis cut; unit ``c`` of the group occupies positions

@@ -1,5 +1,6 @@
 """Channel rules of indexing: gathers from constants, integer and slice indices, ``narrow``
-and ``select``; a slice of the channels keeps its range and rewrites its bounds."""
+and ``select``; a slice of the channels keeps its range and rewrites its bounds; a slice of the
+columns of a grid (within each head) keeps whole rows."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -9,7 +10,7 @@ from torch import fx
 from graphopt.ops import OpKind, op_name
 from graphopt.pruning.groups import SHAPE_ARG, SLICE, Member, ParamRef
 from graphopt.pruning.rules import channel_rule
-from graphopt.pruning.spaces import Layout, Unaligned
+from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
 
 class IndexRules:
@@ -40,6 +41,8 @@ class IndexRules:
             dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
             if dim % rank not in value.axes():
                 return value
+            if dim % rank == value.sub:
+                return self.grid_columns(value, self.graph.shape(node)[dim % rank])
             return self.channel_range(value, in_shape[dim % rank], start, end, step, literal(2), literal(3))
         if name == "narrow":  # torch.narrow(x, dim, start, length)
             dim, start, length = node.args[1:4]
@@ -62,7 +65,7 @@ class IndexRules:
             consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
             items = items[:at] + [slice(None)] * (rank - consumed) + items[at + 1:]
             where = where[:at] + [None] * (rank - consumed) + where[at + 1:]
-        mapping, in_axis, out_axis, ranged = {}, 0, 0, None
+        mapping, in_axis, out_axis, ranged, columns = {}, 0, 0, None, None
         for element, item in zip(where, items):
             if item is None:
                 out_axis += 1
@@ -75,9 +78,12 @@ class IndexRules:
             if not isinstance(item, slice):
                 raise Unaligned("advanced indexing")
             if in_axis in value.axes() and item != slice(None):
-                if in_axis != value.axis or element is None:
+                if in_axis == value.sub:
+                    columns = (in_axis, out_axis)
+                elif in_axis != value.axis or element is None:
                     raise Unaligned("indexes into the channels")
-                ranged = (element, item, in_axis)
+                else:
+                    ranged = (element, item, in_axis)
             mapping[in_axis] = out_axis
             in_axis, out_axis = in_axis + 1, out_axis + 1
         while in_axis < rank:
@@ -89,7 +95,21 @@ class IndexRules:
             value = self.channel_range(value, in_shape[axis], item.start, item.stop, item.step,
                                        lambda offset: Member(SLICE, "start", node.name, at, offset, arg=1),
                                        lambda offset: Member(SLICE, "stop", node.name, at, offset, arg=1))
-        return value.mapped(mapping.__getitem__)
+        if columns is not None:
+            value = self.grid_columns(value, self.graph.shape(node)[columns[1]])
+        return value.mapped(mapping.__getitem__) if value is not None else None
+
+    def grid_columns(self, x: Layout, width: int) -> Layout:
+        """``width`` of the columns of every row of a grid (rotary embeddings take ``q[..., :d // 2]``,
+        GPT-J every other column): rows (heads) become the unit and pass through whole, narrower.
+        Pruning removes whole rows only, so the bounds, literal or computed, stay as they are."""
+        if not isinstance(width, int):
+            raise Unaligned("slices the columns of a grid of channels to a size not known")
+        if width == 0:   # an empty tensor carries no channels (Phi-3's ``q[..., rotary_dim:]`` at full rotary)
+            return None
+        rows = self.as_rows(x)
+        return Layout(rows.axis, [Seg(s.space, s.length, s.inner // x.width * width) for s in rows.segs],
+                      rows.sub, width)
 
     def channel_range(self, x: Layout, size: int, start: Any, stop: Any, step: Any,
                       start_member: Callable[[int], Member], stop_member: Callable[[int], Member],

@@ -145,6 +145,14 @@ def _layer_norm(a, node: fx.Node, module: nn.LayerNorm, x: Layout | None) -> Any
     return a.layer_norm(node, x, len(a.graph.shape(node)) - len(module.normalized_shape))
 
 
+@channel_rule(op="layer_norm")
+def _layer_norm_call(a, node: fx.Node) -> Any:
+    """F.layer_norm / aten.layer_norm left as a call (no affine weights, or weights read elsewhere)."""
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    x = a.get(node.args[0])
+    return a.layer_norm(node, x if isinstance(x, Layout) else None, len(a.graph.shape(node)) - len(shape))
+
+
 @channel_rule(module=nn.GroupNorm)
 def _group_norm(a, node: fx.Node, module: nn.GroupNorm, x: Layout | None) -> Any:
     return a.group_norm(node, module, x, str(node.target))

@@ -14,6 +14,9 @@ from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
 
+_SIZED_LIKE = ("expand_as", "reshape_as", "view_as")
+
+
 class ReshapeRules:
     """Rules for reshape, permute and stacked (fused q/k/v) values (a mixin of ``ChannelAnalysis``)."""
 
@@ -30,12 +33,17 @@ class ReshapeRules:
         if entries is None:
             raise Unaligned(f"{name} sizes are computed in a way the analysis cannot rewrite")
         entries = [(RuntimeSize(out_shape[i]) if isinstance(v, fx.Node) else v, w) for i, (v, w) in enumerate(entries)]
-        if name == "expand":
+        if name in ("expand", "expand_as"):
             out = x.shifted(len(out_shape) - len(in_shape))
         else:
             out = self.reshaped(node, x, in_shape, out_shape)
         if out is None:
             raise Unaligned(f"{name} splits or reorders the channels in a way the analysis does not follow")
+        if name in _SIZED_LIKE:   # sizes read from another tensor: it must lose the same channels
+            other = self.get(node.args[1]) if len(node.args) > 1 else None
+            if not isinstance(out, Layout) or not isinstance(other, Layout):
+                raise Unaligned(f"{name} takes its sizes from a tensor whose channels are not tracked")
+            return self.unify(node, out, other)
         for layout in (out.items if isinstance(out, Stack) else (out,)):
             if layout.sub is None:
                 self.literal(entries[layout.axis], layout.segs)
@@ -64,6 +72,14 @@ class ReshapeRules:
         rows, cols = _landing(ins, outs, x.axis), _landing(ins, outs, x.sub)
         if rows is not None and cols is not None:
             return x.at(rows, cols)
+        if rows is None and cols is not None and x.axis < x.sub:
+            merged = self.merged_rows(x, ins, outs)
+            if merged is not None:
+                return merged.at(merged.axis, cols)
+        if rows is not None and cols is None and x.axis < x.sub:
+            widened = self.merged_columns(x, ins, outs, rows)
+            if widened is not None:
+                return widened
         lo, hi = sorted((x.axis, x.sub))
         if hi != lo + 1:
             return None
@@ -74,6 +90,35 @@ class ReshapeRules:
                 # columns then rows: a channel shuffle. Every row keeps the same columns.
                 first_row = self.spaces.columns(x.segs, x.width)
                 return Layout(j, [Seg(s.space, s.length, s.inner * x.rows) for s in first_row])
+        return None
+
+    def merged_rows(self, x: Layout, ins: tuple, outs: tuple) -> Layout | None:
+        """The rows of a grid merged with the axes after them (grouped-query attention repeats each
+        key/value head: ``x[:, :, None].expand(B, KV, n_rep, T, d).reshape(B, KV * n_rep, T, d)``):
+        each row (head) spans ``n_rep`` rows of the result and stays whole."""
+        prefix = math.prod(ins[:x.axis])
+        for j in range(len(outs)):
+            if math.prod(outs[:j]) != prefix:
+                continue
+            for end in range(x.axis + 2, x.sub + 1):
+                if outs[j] == math.prod(ins[x.axis:end]):
+                    repeat = math.prod(ins[x.axis + 1:end])
+                    rows = self.as_rows(x)
+                    return Layout(j, [Seg(s.space, s.length, s.inner * repeat) for s in rows.segs], x.sub, x.width)
+        return None
+
+    def merged_columns(self, x: Layout, ins: tuple, outs: tuple, rows: int) -> Layout | None:
+        """The columns of a grid merged with the axes after them (EVA's interleaved rotary
+        embedding: ``stack((-x[..., 1::2], x[..., ::2]), -1).reshape(x.shape)``): rows stay whole."""
+        prefix = math.prod(ins[:x.sub])
+        for j in range(rows + 1, len(outs)):
+            if math.prod(outs[:j]) != prefix:
+                continue
+            for end in range(x.sub + 2, len(ins) + 1):
+                if outs[j] == math.prod(ins[x.sub:end]):
+                    grid = self.as_rows(x)
+                    return Layout(rows, [Seg(s.space, s.length, s.inner // x.width * outs[j]) for s in grid.segs],
+                                  j, outs[j])
         return None
 
     def stack(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Stack | None:

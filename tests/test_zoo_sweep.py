@@ -1,0 +1,96 @@
+"""The zoo sweep's pure parts (benchmarks/zoo_sweep.py, benchmarks/zoo_models.py): which timm models
+it picks, how a row's stages read, how refusals are grouped, the coverage tables; and one model run
+through the whole pipeline in a worker process. The sweep itself is a tool, not a test."""
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # benchmarks/ is not installed
+
+from benchmarks import zoo_models, zoo_sweep  # noqa: E402
+
+
+def _row(model, stages, zoo="timm", **extra):
+    return {"zoo": zoo, "model": model, "family": "f", "stages": stages, **extra}
+
+
+OK = {"ok": True}
+THROUGH = _row("a", {"build": OK, "trace": OK, "fold_batchnorm": OK,
+                     "prune_channels": {"ok": True, "macs_kept": 0.5, "prunable": 3, "groups": 4},
+                     "quantize": {"ok": True, "error": 0.01}, "onnx_int8": {"ok": True, "within_one_step": 1.0}})
+REFUSED = _row("b", {"build": OK, "trace": OK, "fold_batchnorm": OK,
+                     "prune_channels": {"ok": False, "reason": "NothingToPrune: all 3 channel groups are blocked; "
+                                                               "blocking: foo at 'node_12'", "macs_kept": 1.0},
+                     "quantize": OK, "onnx_int8": OK})
+LITTLE = _row("c", {"build": OK, "trace": OK, "fold_batchnorm": OK,
+                    "prune_channels": {"ok": True, "macs_kept": 0.97, "blocking": "LayerNorm (4 groups)"},
+                    "quantize": OK, "onnx_int8": OK}, zoo="hf")
+TIMEOUT = _row("d", {"build": OK, "trace": OK}, error="timeout after 60 s in stage fold_batchnorm",
+               died_in="fold_batchnorm")
+
+
+def test_stage_reached_first_refusal_and_through():
+    assert zoo_sweep.reached(THROUGH) == "onnx_int8" and zoo_sweep.through(THROUGH, 0.1)
+    assert zoo_sweep.reached(REFUSED) == "fold_batchnorm" and not zoo_sweep.through(REFUSED, 0.1)
+    assert zoo_sweep.first_failure(REFUSED)[0] == "prune_channels"
+    assert zoo_sweep.first_failure(LITTLE) == ("", "") and not zoo_sweep.through(LITTLE, 0.1)
+    assert zoo_sweep.through(LITTLE, 0.02)
+    assert zoo_sweep.first_failure(TIMEOUT) == ("fold_batchnorm", "timeout after 60 s in stage fold_batchnorm")
+
+
+def test_reasons_are_grouped_without_their_model_specific_parts():
+    a = zoo_sweep.reason_class("pass 'prune' failed at 'conv_3': 12 groups in /tmp/x/model.onnx")
+    b = zoo_sweep.reason_class("pass 'prune' failed at 'blocks_7': 48 groups in /tmp/y/model.onnx")
+    assert a == b
+
+
+def test_coverage_summary_and_markdown_against_an_earlier_run():
+    rows = [THROUGH, REFUSED, LITTLE, TIMEOUT]
+    counts = zoo_sweep.summary(rows, 0.1)
+    assert counts == {"models": 4, "traced": 4, "pruned": 2, "pruned_min_cut": 1, "quantized": 3,
+                      "int8_exported": 3, "int8_kernels": 0, "through": 1}
+    config = {"pipeline": "p", "ratio": 0.3, "min_cut": 0.1, "timeout": 60, "threads": 1, "when": "today", "label": "x"}
+    before = {"config": dict(config, label="before"), "rows": [REFUSED, dict(THROUGH, stages={}), LITTLE, TIMEOUT]}
+    text = zoo_sweep.markdown({"config": config, "rows": rows}, before)
+    assert "## Coverage before -> after" in text and "| all | 4 -> 4 |" in text
+    assert "| 0 -> 1 |" in text.split("## Coverage\n")[0].split("| all |")[1]     # through: 0 -> 1
+    assert "pruned too little: LayerNorm (N groups)" in text and "timeout after N s in stage fold_batchnorm" in text
+
+
+def test_timm_models_are_chosen_by_family_and_size_not_by_outcome():
+    counts = {f"resnet{d}": ("resnet", d * 1e6) for d in (18, 26, 34, 50, 101, 152)}
+    counts |= {"seresnext26t_32x4d": ("resnet", 16e6), "resnet50_384": ("resnet", 50e6),
+               "test_resnet": ("resnet", 1e5), "huge_vit": ("vit", 600e6), "vgg11": ("vgg", 130e6), "vgg13": ("vgg", 131e6)}
+    chosen = {r["model"]: r["family"] for r in zoo_models.choose_timm(counts)}
+    # resnet: 7 distinct architectures (test_* and the 384 px variant not counted) -> 1 + floor(log4 7) = 2,
+    # round-robin over the stems 'seresnext' and 'resnet', each stem's smallest first; then resnet50, one of
+    # the most used timm models (POPULAR); vit/vgg: nothing under 100 M parameters, so their smallest
+    assert 1 + math.floor(math.log(7, 4)) == 2 and "resnet50" in zoo_models.POPULAR
+    assert [m for m, f in chosen.items() if f == "resnet"] == ["seresnext26t_32x4d", "resnet18", "resnet50"]
+    assert chosen["huge_vit"] == "vit" and chosen["vgg11"] == "vgg" and "vgg13" not in chosen
+
+
+def test_the_committed_timm_selection_covers_every_family():
+    import json
+
+    with open(zoo_models.CATALOGUE) as f:
+        catalogue = json.load(f)
+    families = {r["family"] for r in catalogue["models"]}
+    assert len(catalogue["models"]) >= 150 and len(families) == catalogue["families"]
+    assert len(zoo_models.HF) >= 25 and {"llama", "gpt2", "bert", "t5", "vit"} <= set(zoo_models.HF)
+
+
+def test_one_model_runs_through_the_pipeline_in_a_worker(tmp_path):
+    pytest.importorskip("transformers")
+    spec = zoo_models.Spec("hf", "llama", "decoder")
+    worker = zoo_sweep.Worker(ratio=0.3, threads=1)
+    try:
+        row = worker.run(spec, timeout=300)
+    finally:
+        worker.stop()
+    assert zoo_sweep.through(row, 0.1), row
+    prune = row["stages"]["prune_channels"]
+    assert prune["oracle_error"] < 1e-5 and prune["prunable"] == 4 and prune["macs_kept"] < 0.9
+    assert row["stages"]["onnx_int8"]["within_one_step"] >= 0.99
