@@ -39,6 +39,7 @@ from graphopt.files import atomic_path
 from graphopt.ir import Graph
 from graphopt.app.latency import interleaved_latency
 from graphopt.ops import OpKind, op_name
+from graphopt.registry import Registry
 from graphopt.options import Count, Share
 from graphopt.backends._int8_checks import (check_exportable, flatten_args, int8_mac_share,
                                             layerwise_within_one_step, output_steps, within_one_step)
@@ -65,7 +66,7 @@ class LoweringError(ExportError):
 
 
 # Lowering rules users registered for their own layers and functions (see ``int8_lowering``).
-_USER_RULES: dict[Any, Callable] = {}
+_USER_RULES: Registry[Callable] = Registry("int8 lowering", describe=lambda key: getattr(key, "__qualname__", repr(key)))
 
 
 def int8_lowering(*, module: type | None = None, function: Callable | None = None) -> Callable[[Callable], Callable]:
@@ -80,24 +81,15 @@ def int8_lowering(*, module: type | None = None, function: Callable | None = Non
     key = module if module is not None else function
 
     def decorate(rule: Callable) -> Callable:
-        existing = _USER_RULES.get(key)
-        if existing is not None and (existing.__module__, existing.__qualname__) != (rule.__module__,
-                                                                                    rule.__qualname__):
-            raise ConfigError(f"an int8 lowering for {getattr(key, '__qualname__', key)} is already registered: "
-                              f"{existing.__module__}.{existing.__qualname__}")
-        _USER_RULES[key] = rule
-        return rule
+        return _USER_RULES.add(key, rule)
 
     return decorate
 
 
 def _user_rule(m: nn.Module | None, node: fx.Node) -> Callable | None:
     if m is not None:
-        return next((_USER_RULES[c] for c in type(m).__mro__ if c in _USER_RULES), None)
-    try:
-        return _USER_RULES.get(node.target) if node.op == "call_function" else None
-    except TypeError:   # an unhashable target
-        return None
+        return _USER_RULES.find_type(type(m))
+    return _USER_RULES.find(node.target) if node.op == "call_function" else None
 
 
 def _op(node: fx.Node) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from graphopt.errors import GraphoptError
 from graphopt.ops import OpKind
+from graphopt.registry import Registry
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -29,9 +30,9 @@ if TYPE_CHECKING:
 ModuleRule = Callable[..., Any]   # (analysis, node, module, x) -> layout
 OpRule = Callable[..., Any]       # (analysis, node) -> layout
 
-_MODULE_RULES: dict[type, ModuleRule] = {}
-_OP_RULES: dict[str, OpRule] = {}
-_KIND_RULES: dict[OpKind, OpRule] = {}
+_MODULE_RULES: Registry[ModuleRule] = Registry("channel rule", describe=lambda t: f"module type {t.__qualname__}")
+_OP_RULES: Registry[OpRule] = Registry("channel rule", describe=lambda name: f"op {name!r}")
+_KIND_RULES: Registry[OpRule] = Registry("channel rule", describe=lambda k: f"op kind {k.value!r}")
 _strict = False
 
 
@@ -41,14 +42,6 @@ class ChannelRuleError(GraphoptError):
 
 def _as_tuple(value: Any) -> tuple:
     return value if isinstance(value, tuple) else (value,)
-
-
-def _add(table: dict, key: Any, fn: Callable, what: str) -> None:
-    existing = table.get(key)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (fn.__module__, fn.__qualname__):
-        raise GraphoptError(f"a channel rule for {what} is already registered: "
-                            f"{existing.__module__}.{existing.__qualname__}")
-    table[key] = fn
 
 
 def channel_rule(*, module: type | tuple[type, ...] = (), op: str | tuple[str, ...] = (),
@@ -64,11 +57,11 @@ def channel_rule(*, module: type | tuple[type, ...] = (), op: str | tuple[str, .
         for t in modules:
             if not isinstance(t, type):
                 raise GraphoptError(f"channel_rule(module=...) takes module classes, got {t!r}")
-            _add(_MODULE_RULES, t, fn, f"module type {t.__qualname__}")
+            _MODULE_RULES.add(t, fn)
         for name in ops:
-            _add(_OP_RULES, str(name), fn, f"op {name!r}")
+            _OP_RULES.add(str(name), fn)
         for k in kinds:
-            _add(_KIND_RULES, OpKind(k), fn, f"op kind {OpKind(k).value!r}")
+            _KIND_RULES.add(OpKind(k), fn)
         return fn
 
     return decorate
@@ -76,16 +69,12 @@ def channel_rule(*, module: type | tuple[type, ...] = (), op: str | tuple[str, .
 
 def module_rule(module: "nn.Module") -> ModuleRule | None:
     """The rule for ``module``'s type, or its nearest registered base class."""
-    for cls in type(module).__mro__:
-        rule = _MODULE_RULES.get(cls)
-        if rule is not None:
-            return rule
-    return None
+    return _MODULE_RULES.find_type(type(module))
 
 
 def op_rule(name: str, kind: OpKind) -> OpRule | None:
     """The rule for a function or method call: by op name first, then by op kind."""
-    return _OP_RULES.get(name) or _KIND_RULES.get(kind)
+    return _OP_RULES.find(name) or _KIND_RULES.find(kind)
 
 
 def is_strict() -> bool:
