@@ -46,7 +46,15 @@ def register_backend(name: str, rules: type[Options] = Options) -> Callable[[Exp
         @functools.wraps(fn)
         def checked(graph: Any, path: Any, **options: Any) -> ExportReport:
             options = validate_options(model(), options, stacklevel=3)
-            return fn(graph, check_output_path(path, f"backend {name!r}: path"), **options)
+            path = check_output_path(path, f"backend {name!r}: path")
+            source = getattr(graph, "device", None)
+            if source is None or source.type == "cpu":
+                return fn(graph, path, **options)
+            # artifacts are written and checked on the CPU (onnxruntime's CPU provider, torch's int8
+            # kernels): from a CPU copy of a graph that lives elsewhere, so the user moves nothing
+            report = fn(graph.clone().to("cpu"), path, **options)
+            report.details["exported_from"] = f"{source} (a CPU copy of the graph)"
+            return report
 
         checked.options_model = model   # type: ignore[attr-defined]
         BACKENDS.add(name, checked)

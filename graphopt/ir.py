@@ -7,6 +7,7 @@ every pass shares, so passes never edit the GraphModule behind the IR's back.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Iterable, Iterator
 
 import networkx as nx
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from graphopt import devices
 from graphopt import cost as _cost  # noqa: F401  (registers the "cost" analysis)
 from graphopt import shapes as _shapes  # noqa: F401  (registers the "shapes" analysis)
 from graphopt.analysis import get_analysis
@@ -93,11 +95,33 @@ class Graph:
             return str(list(stack.values())[-1][0])
         return node.name
 
+    # -- where it runs --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The device the weights are on (the traced model's; ``to`` moves them), else the
+        example inputs' device, else the CPU."""
+        for tensor in itertools.chain(self.gm.parameters(), self.gm.buffers()):
+            return tensor.device
+        return devices.inputs_device(self.example_inputs) or torch.device("cpu")
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The floating-point dtype of the weights (float32 when there are none)."""
+        return devices.float_dtype(self.gm) or torch.float32
+
+    def to(self, device: Any) -> "Graph":
+        """Move the weights and the example inputs to ``device`` (in place, as ``nn.Module.to``)."""
+        device = devices.resolve(device)
+        self.gm.to(device)
+        self.example_inputs = devices.to_device(self.example_inputs, device)
+        return self
+
     # -- running -------------------------------------------------------------------
     def run(self, *inputs: Any) -> Any:
-        """Execute on ``inputs`` (the example inputs when none are given), without grad."""
+        """Execute on ``inputs`` (the example inputs when none are given; moved to the graph's
+        device), without grad."""
         with torch.no_grad():
-            return self.gm(*(inputs or self.example_inputs))
+            return self.gm(*devices.to_device(inputs or self.example_inputs, self.device))
 
     __call__ = run
 

@@ -157,7 +157,7 @@ def _lift_batch_norm(gm: fx.GraphModule, node: fx.Node, call: dict) -> str | Non
                               affine=call["weight"] is not None, device="meta")
     for (_, tensor), key in zip(read, ("running_mean", "running_var", "weight", "bias")):
         setattr(norm, key, tensor) if isinstance(tensor, nn.Parameter) else norm.register_buffer(key, tensor)
-    norm.num_batches_tracked = torch.zeros((), dtype=torch.long)
+    norm.num_batches_tracked = torch.zeros((), dtype=torch.long, device=stats[0][1].device)
     norm.train(False)
     for name, _ in read:
         holder, leaf = owner_and_leaf(gm, name)

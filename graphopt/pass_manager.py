@@ -8,6 +8,9 @@ record time, params, MACs, bytes and error. A failure raises PassFailed naming t
 and, where it can be found, the node; the last good graph travels with it. Under torchrun, in a
 pipeline given data (calibration or training), each pass is followed by a checksum of the graph
 all-reduced over the ranks: a rank whose graph differs fails the pass on every rank.
+
+Everything runs on the graph's device (``device=`` moves a copy of it first); on CUDA the checks
+run with TF32 off, so the tolerances above hold on every device (``graphopt.devices``).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from graphopt import distributed
+from graphopt import devices, distributed
 from graphopt.analysis import analysis_names
 from graphopt.errors import ConfigError, ContractViolation, GraphLintError, PassFailed, RequirementError
 from graphopt.instruments import Instrument, ProgressBar
@@ -44,6 +47,7 @@ class PassRecord:
     error_vs_input: float     # vs the graph the pipeline started from
     stats: dict[str, Any] = field(default_factory=dict)
     contract_error: float = 0.0  # vs the pass's reference (= max_error unless the pass names one)
+    device: str = "cpu"          # where the pass ran and was checked
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
@@ -63,7 +67,7 @@ def _record(name: str, contract: str, graph: Graph, seconds: float, changed: boo
             error: float, error_vs_input: float, stats: dict, contract_error: float = 0.0) -> PassRecord:
     cost = graph.analysis("cost")
     return PassRecord(name, contract, changed, seconds, cost.params, cost.macs, cost.bytes,
-                      error, error_vs_input, dict(stats), contract_error)
+                      error, error_vs_input, dict(stats), contract_error, str(graph.device))
 
 
 class PassManager:
@@ -72,12 +76,13 @@ class PassManager:
     ``check_inputs`` is the held batch the contracts are checked on (default: the graph's
     example inputs); ``verify=False`` skips output checks (lint still runs). ``instruments``
     are called around the run and each pass (``graphopt.instruments``: IR dumps, record logs,
-    your own); ``progress=True`` adds a progress bar.
+    your own); ``progress=True`` adds a progress bar. ``device`` ("cuda", "cpu", ...) runs the
+    pipeline on a copy of the graph moved there (default: where the graph is).
     """
 
     def __init__(self, passes: Iterable[Pass], *, context: PassContext | None = None,
                  check_inputs: tuple | None = None, verify: bool = True, progress: bool = False,
-                 instruments: Iterable[Instrument] = ()):
+                 instruments: Iterable[Instrument] = (), device: Any = None):
         self.passes = list(passes)
         for p in self.passes:
             if not isinstance(p, Pass):
@@ -85,6 +90,7 @@ class PassManager:
         self.context = context or PassContext()
         self.check_inputs = check_inputs
         self.verify = verify
+        self.device = None if device is None else devices.resolve(device)
         self.instruments = list(instruments) + ([ProgressBar()] if progress else [])
         for instrument in self.instruments:
             if not isinstance(instrument, Instrument):
@@ -104,10 +110,13 @@ class PassManager:
 
     def run(self, graph: Graph) -> PipelineResult:
         self.check_requirements(graph)
+        if self.device is not None and graph.device != self.device:
+            graph = graph.clone().to(self.device)
         # passes may read the pipeline's starting graph (a distillation teacher, say)
         context = PassContext({"input_graph": graph, **self.context.data})
-        inputs = self.check_inputs or graph.example_inputs
-        original = reference = graph.run(*inputs) if self.verify else None
+        inputs = devices.to_device(self.check_inputs or graph.example_inputs, graph.device)
+        with devices.exact_math(graph.device):
+            original = reference = graph.run(*inputs) if self.verify else None
         if self.verify and not any(t.numel() for t in flatten_outputs(original)):
             raise ConfigError("the model returns no (non-empty) tensor on the held batch, so no pass could be "
                               "verified; return the model's tensors, or run with verify=False")
@@ -160,28 +169,36 @@ class PassManager:
         error = error_vs_input = contract_error = 0.0
         outputs = reference
         if self.verify:
-            outputs = graph.run(*inputs)
-            error = compare_outputs(reference, outputs)[1]
-            error_vs_input = compare_outputs(original, outputs)[1]
-            oracle = result.reference or current
-            contract_error = error if result.reference is None else compare_outputs(oracle.run(*inputs), outputs)[1]
-            bound = EXACT_TOLERANCE if p.contract == Contract.EXACT else p.bound
-            if p.contract == Contract.EXACT and not contract_error <= bound and math.isfinite(contract_error):
-                ok, moved, floor = within_reassociation(oracle, graph, inputs, bound)
-                if ok:   # float32 rounding moved, the function did not: checked against float64
-                    result.stats["exact_vs_float64"] = {"error": float(f"{moved:.3g}"),
-                                                        "float32_rounding_before": float(f"{floor:.3g}")}
-                    contract_error = moved
-            if p.contract != Contract.NONE and bound is not None and not contract_error <= bound \
-                    and "exact_vs_float64" not in result.stats:
-                error = contract_error
-                node = first_divergence(oracle.gm, graph.gm, inputs, bound)
-                where = f"; first divergence at node {node!r} ({graph.qualname(graph.node(node))})" if node else ""
-                violation = ContractViolation(
-                    f"pass {p.name!r} broke its {p.contract.value} contract: max relative error "
-                    f"{error:.3g} > {bound:.3g}{where}", error, bound, node)
-                raise PassFailed(str(violation), p.name, node, current, [], violation)
+            with devices.exact_math(graph.device):
+                outputs, error, error_vs_input, contract_error = self._check(
+                    p, result, current, graph, inputs, reference, original)
         graph.properties |= set(p.ensures)
         record = _record(p.name, p.contract.value, graph, seconds, result.changed, error, error_vs_input,
                          result.stats, contract_error)
         return graph, outputs, record
+
+    @staticmethod
+    def _check(p: Pass, result: Any, current: Graph, graph: Graph, inputs: tuple, reference: Any, original: Any):
+        """Run the pass's output on the held batch and hold it to its contract: (outputs, error vs
+        the graph before, error vs the input graph, error vs the pass's reference)."""
+        outputs = graph.run(*inputs)
+        error = compare_outputs(reference, outputs)[1]
+        error_vs_input = compare_outputs(original, outputs)[1]
+        oracle = result.reference or current
+        contract_error = error if result.reference is None else compare_outputs(oracle.run(*inputs), outputs)[1]
+        bound = EXACT_TOLERANCE if p.contract == Contract.EXACT else p.bound
+        if p.contract == Contract.EXACT and not contract_error <= bound and math.isfinite(contract_error):
+            ok, moved, floor = within_reassociation(oracle, graph, inputs, bound)
+            if ok:   # float32 rounding moved, the function did not: checked against float64
+                result.stats["exact_vs_float64"] = {"error": float(f"{moved:.3g}"),
+                                                    "float32_rounding_before": float(f"{floor:.3g}")}
+                contract_error = moved
+        if p.contract != Contract.NONE and bound is not None and not contract_error <= bound \
+                and "exact_vs_float64" not in result.stats:
+            node = first_divergence(oracle.gm, graph.gm, inputs, bound)
+            where = f"; first divergence at node {node!r} ({graph.qualname(graph.node(node))})" if node else ""
+            violation = ContractViolation(
+                f"pass {p.name!r} broke its {p.contract.value} contract: max relative error "
+                f"{contract_error:.3g} > {bound:.3g}{where}", contract_error, bound, node)
+            raise PassFailed(str(violation), p.name, node, current, [], violation)
+        return outputs, error, error_vs_input, contract_error

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from graphopt import devices
 from graphopt.errors import ConfigError, TraceError
 from graphopt.ir import Graph
 from graphopt.lift_layers import lift_functional_layers
@@ -138,11 +139,15 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
     ``dynamic_shapes`` (torch.export's format, e.g. ``({0: Dim("batch"), 1: Dim("seq")}, ...)``)
     keeps those axes symbolic when torch.export captures, so one graph serves every batch
     size and sequence length; torch.fx graphs carry no sizes and need none.
+
+    The graph runs where the model's weights are (``Graph.device``); example inputs on another
+    device are moved there. A model spread over several devices is refused.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     _check_example_inputs(inputs)
+    inputs = devices.to_device(inputs, devices.module_device(model, f"trace(): {type(model).__name__}"))
     model = copy.deepcopy(model).eval()
     is_hf = type(model).__module__.startswith("transformers.")
     attempts: dict[str, str] = {}

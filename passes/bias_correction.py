@@ -62,7 +62,7 @@ class BiasCorrection(Pass):
                 w = graph.attr(fq.args[0].target)
                 delta = fq.target(w, *[graph.attr(a.target) if isinstance(a, fx.Node) else a
                                        for a in fq.args[1:]]) - w
-                mean = observers[node.args[0].name].mean()
+                mean = observers[node.args[0].name].mean().to(w.device)   # observers keep statistics on the CPU
                 groups = node.args[6] if node.target in CONV_FUNCS and len(node.args) > 6 else 1
                 per_in = delta.flatten(2).sum(2) if delta.dim() > 2 else delta   # out x in/groups
                 if groups > 1:

@@ -10,6 +10,8 @@ pipeline's input graph; with ``freeze`` the latent weights are then replaced by 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import networkx as nx
 import torch
 import torch.nn as nn
@@ -17,6 +19,7 @@ import torch.nn as nn
 from graphopt.quant.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
 from graphopt.distributed import broadcast_object
 from graphopt.data import batch_inputs, check_batch, check_finite
+from graphopt.devices import to_device
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
@@ -60,6 +63,7 @@ class Binarize(Pass):
         max_batches: fine-tuning batches per epoch (default: the whole loader)
         freeze: replace the latent weights by their final +-alpha values afterwards
         progress: show a progress bar
+        amp: mixed precision for the training steps: bf16, or fp16 on CUDA (default: float32)
     """
 
     contract = Contract.NONE  # accuracy comes back through training, not by construction
@@ -71,13 +75,14 @@ class Binarize(Pass):
                  exclude: LayerPatterns | None = None, keep_first: bool = True, keep_last: bool = True,
                  distill_epochs: NonNegative = 0.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
                  distill_alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
-                 freeze: bool = True, progress: bool = True):
+                 freeze: bool = True, progress: bool = True, amp: Literal["bf16", "fp16"] | None = None):
         self.activations = bool(activations)
         self.selection = LayerSelection.of(layers, exclude)
         self.keep_first, self.keep_last = keep_first, keep_last
         self.distill_epochs = float(distill_epochs)
         self.config = DistillConfig(epochs=self.distill_epochs or 1.0, lr=lr, temperature=temperature,  # 1.0: unused
-                                    alpha=distill_alpha, weight_decay=weight_decay, max_batches=max_batches)
+                                    alpha=distill_alpha, weight_decay=weight_decay, max_batches=max_batches,
+                                    amp=amp)
         self.config.check()
         self.freeze = freeze
         self.progress = progress
@@ -178,7 +183,7 @@ def _first_batch(graph: Graph, data) -> tuple | None:
         inputs = batch_inputs(batch)
         check_batch(graph, inputs, "binarize: training batch 0 (input shifts)")
         check_finite(inputs, "binarize: training batch 0 (input shifts)")
-        return inputs
+        return to_device(inputs, graph.device)
     return None
 
 

@@ -23,6 +23,7 @@ class Distill(Pass):
         feature_nodes: nodes whose outputs the student also matches to the teacher's (MSE)
         feature_weight: weight of the feature-matching term
         progress: show a progress bar
+        amp: mixed precision for the training steps: bf16, or fp16 on CUDA (default: float32)
         loss: kd (classifiers), or cosine / mse for models whose output is an embedding
         schedule: cosine anneals the learning rate to 0 over the run; constant keeps it
     """
@@ -34,11 +35,12 @@ class Distill(Pass):
     def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-3, temperature: Positive = 4.0,
                  alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
                  feature_nodes: list[str] | None = None, feature_weight: NonNegative = 1.0, progress: bool = True,
-                 loss: Literal["kd", "cosine", "mse"] = "kd", schedule: Literal["constant", "cosine"] = "cosine"):
+                 loss: Literal["kd", "cosine", "mse"] = "kd", schedule: Literal["constant", "cosine"] = "cosine",
+                 amp: Literal["bf16", "fp16"] | None = None):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,
-                                    feature_nodes=feature_nodes or (), feature_weight=feature_weight)
+                                    feature_nodes=feature_nodes or (), feature_weight=feature_weight, amp=amp)
         self.config.check()
         self.progress = progress
 

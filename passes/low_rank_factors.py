@@ -74,8 +74,9 @@ def whitened_svd(matrix: torch.Tensor, moment: torch.Tensor, damping: float = 1e
     """``balanced_svd`` of ``S^T matrix`` with ``S S^T = moment`` (+ damping, relative to its mean
     diagonal, so unused input directions stay finite), unwhitened: ``matrix ~ left @ right``
     with ``left = S^-T left_w``, optimal for ``E||x @ matrix - x @ left @ right||^2``."""
-    moment = moment.double().cpu()
-    moment = moment + damping * max(moment.diagonal().mean().item(), 1e-30) * torch.eye(len(moment), dtype=moment.dtype)
+    moment = moment.double().to(matrix.device)   # statistics are gathered on the CPU
+    ridge = damping * max(moment.diagonal().mean().item(), 1e-30)
+    moment = moment + ridge * torch.eye(len(moment), dtype=moment.dtype, device=moment.device)
     energy, basis = torch.linalg.eigh(moment)
     root = energy.clamp_min(1e-300).sqrt()
     sigma, left, right = balanced_svd((basis.T * root[:, None]) @ matrix)
@@ -84,7 +85,7 @@ def whitened_svd(matrix: torch.Tensor, moment: torch.Tensor, damping: float = 1e
 
 def _kept_share(sigma: torch.Tensor) -> np.ndarray:
     """kept[r - 1] = share of sum(sigma^2) in the first r singular values."""
-    energy = np.cumsum(sigma.double().numpy() ** 2)
+    energy = np.cumsum(sigma.double().cpu().numpy() ** 2)
     return energy / energy[-1] if energy[-1] > 0 else np.ones_like(energy)
 
 
@@ -187,7 +188,7 @@ class Tucker2:
         self.u_in = _leading_vectors(self.weight.transpose(0, 1).reshape(self.n_in, -1))
         self.full_ranks = (self.u_in.shape[1], self.u_out.shape[1])  # (r1, r2)
         core = torch.einsum("oikl,oa,ib->abkl", self.weight, self.u_out, self.u_in)
-        block = (core ** 2).sum((2, 3)).numpy()                      # (r2_full, r1_full)
+        block = (core ** 2).sum((2, 3)).cpu().numpy()                     # (r2_full, r1_full)
         self.total = float((self.weight ** 2).sum())
         self.kept = block.cumsum(0).cumsum(1) / self.total if self.total > 0 else np.ones_like(block)
 

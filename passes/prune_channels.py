@@ -354,7 +354,7 @@ def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Grap
                                                           not isinstance(module, nn.modules.conv._ConvTransposeNd))
             if dim == 1 and attr == "weight" and consumer:
                 tensor = masked.attr(name)
-                mask = torch.ones(tensor.shape[1], dtype=torch.bool)
+                mask = torch.ones(tensor.shape[1], dtype=torch.bool, device=tensor.device)
                 mask[keep] = False
                 tensor[:, mask] = 0
     return masked

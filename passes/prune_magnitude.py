@@ -29,7 +29,7 @@ def _zero_smallest(weights: list[torch.Tensor], count: int) -> None:
     if count <= 0:
         return
     chosen = torch.argsort(magnitudes, stable=True)[:count]
-    flat_mask = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    flat_mask = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
     flat_mask[chosen] = True
     start = 0
     with torch.no_grad():

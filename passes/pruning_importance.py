@@ -15,6 +15,7 @@ from pydantic import AfterValidator
 
 from graphopt import distributed
 from graphopt.data import check_batch, check_finite, check_labels, split_batch
+from graphopt.devices import to_device
 from graphopt.pruning.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -127,6 +128,7 @@ class Taylor(Importance):
                 f" on rank {distributed.rank()}" if distributed.active() else "")
             check_batch(graph, inputs, where)
             check_finite(inputs, where)
+            inputs, labels = to_device((inputs, labels), graph.device)
             gm.zero_grad()
             with torch.enable_grad():
                 out = gm(*inputs)

@@ -82,6 +82,7 @@ class QAT(Pass):
         max_batches: batches per epoch (default: the whole loader)
         learn_scales: also train the per-channel weight scales (LSQ)
         progress: show a progress bar
+        amp: mixed precision for the training steps: bf16, or fp16 on CUDA (default: float32)
         schedule: cosine anneals the learning rate to 0 over the run; constant keeps it
     """
 
@@ -91,9 +92,9 @@ class QAT(Pass):
 
     def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-4, temperature: Positive = 4.0, alpha: Fraction = 0.7,
                  max_batches: Count | None = None, learn_scales: bool = False, progress: bool = True,
-                 schedule: Literal["constant", "cosine"] = "cosine"):
+                 schedule: Literal["constant", "cosine"] = "cosine", amp: Literal["bf16", "fp16"] | None = None):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, temperature=temperature, alpha=alpha,
-                                    max_batches=max_batches, schedule=schedule)
+                                    max_batches=max_batches, schedule=schedule, amp=amp)
         self.config.check()
         self.learn_scales, self.progress = learn_scales, progress
 

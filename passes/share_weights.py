@@ -26,7 +26,8 @@ Bits = Annotated[int, at.Ge(2), at.Le(8)]
 def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids, assignment) of 1-D ``values`` into ``clusters`` groups, linear initialisation."""
     values = values.double()
-    centroids = torch.linspace(float(values.min()), float(values.max()), clusters, dtype=torch.float64)
+    centroids = torch.linspace(float(values.min()), float(values.max()), clusters, dtype=torch.float64,
+                               device=values.device)
     assignment = None
     for _ in range(iterations):
         centroids, _ = torch.sort(centroids)
@@ -34,7 +35,7 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int = 30) -> tupl
         if assignment is not None and torch.equal(new, assignment):
             break
         assignment = new
-        sums = torch.zeros(clusters, dtype=torch.float64).index_add_(0, assignment, values)
+        sums = torch.zeros(clusters, dtype=torch.float64, device=values.device).index_add_(0, assignment, values)
         counts = torch.bincount(assignment, minlength=clusters)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return centroids.float(), assignment
@@ -79,7 +80,7 @@ class ShareWeights(Pass):
             if not keep.any():
                 continue
             centroids, assignment = kmeans_1d(flat[keep], clusters, self.iterations)
-            index = torch.full((flat.numel(),), clusters, dtype=torch.long)  # zeros: their own cluster
+            index = torch.full((flat.numel(),), clusters, dtype=torch.long, device=flat.device)  # zeros: own cluster
             index[keep] = assignment
             plans.append((path, w, index))
             self._assign(w, index, centroids.half().float())
@@ -90,7 +91,7 @@ class ShareWeights(Pass):
             result = finetune_constrained(graph, ctx.data, self.finetune, rewrites, self.progress)
             stats["distill_loss_last"] = round(result["loss_last"], 4)
             for _, w, index in plans:  # re-snap: exact fp16 centroids, one value per cluster
-                sums = torch.zeros(clusters + 1).index_add_(0, index, w.detach().reshape(-1))
+                sums = torch.zeros(clusters + 1, device=w.device).index_add_(0, index, w.detach().reshape(-1))
                 counts = torch.bincount(index, minlength=clusters + 1).clamp(min=1)
                 self._assign(w, index, (sums / counts)[:clusters].half().float())
         for path, _, _ in plans:
@@ -103,6 +104,6 @@ class ShareWeights(Pass):
     @staticmethod
     def _assign(weight: torch.Tensor, index: torch.Tensor, centroids: torch.Tensor) -> None:
         """weight = centroids[index], index len(centroids) meaning a pruned zero."""
-        table = torch.cat([centroids, torch.zeros(1)])
+        table = torch.cat([centroids, torch.zeros(1, device=centroids.device)])
         with torch.no_grad():
             weight.copy_(table[index].reshape(weight.shape))

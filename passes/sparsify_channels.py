@@ -95,6 +95,7 @@ class SparsifyChannels(Pass):
         importance: the criterion prune_channels would rank channels by (with a target)
         replan: how many times during the run the penalised channels are chosen again
         progress: show a progress bar
+        amp: mixed precision for the training steps: bf16, or fp16 on CUDA (default: float32)
     """
 
     contract = Contract.NONE
@@ -106,7 +107,7 @@ class SparsifyChannels(Pass):
                  epochs: Positive = 1.0, lr: Positive = 1e-3, max_batches: Count | None = None,
                  alpha: Fraction = 0.7, temperature: Positive = 4.0, exclude: LayerPatterns | None = None,
                  ratio: Sparsity | None = None, target_macs: Share | None = None, importance: str = "l2",
-                 replan: Count = 4, progress: bool = True):
+                 replan: Count = 4, progress: bool = True, amp: Literal["bf16", "fp16"] | None = None):
         self.penalty, self.schedule = penalty, schedule
         self.exclude = list(exclude or [])
         if ratio is not None and target_macs is not None:
@@ -118,7 +119,7 @@ class SparsifyChannels(Pass):
         # channels about to be cut feel it); an untargeted one shrinks every channel, so gently
         self.strength = strength if strength is not None else 1.0 if self.target else 1e-3
         self.config = DistillConfig(epochs=float(epochs), lr=lr, max_batches=max_batches, alpha=alpha,
-                                    temperature=temperature)
+                                    temperature=temperature, amp=amp)
         self.config.check()
         self.progress = progress
 
@@ -173,7 +174,7 @@ class SparsifyChannels(Pass):
         masks = {}
         for g in choice.plan.groups:
             if choice.removed.get(g.id):
-                mask = torch.zeros(g.size)
+                mask = torch.zeros(g.size, device=graph.device)
                 mask[list(choice.removed[g.id])] = 1.0
                 masks[g.id] = mask
         return masks

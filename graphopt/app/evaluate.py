@@ -16,7 +16,7 @@ def top1_accuracy(model: Graph | Callable, batches: Iterable, limit: int | None 
                   progress: bool = False) -> float:
     """Share of samples whose argmax over the last axis equals the label, in [0, 1]. ``model``: a
     Graph, any module, or an exported artifact's runner (numpy outputs, first one read)."""
-    run = model.gm if isinstance(model, Graph) else model
+    run = model.run if isinstance(model, Graph) else model   # a Graph moves each batch to its device
     correct = total = 0
     for index, item in enumerate(tqdm(islice(batches, limit), desc="evaluate", disable=not progress, leave=False,
                                       delay=2)):
@@ -28,7 +28,7 @@ def top1_accuracy(model: Graph | Callable, batches: Iterable, limit: int | None 
             logits = run(*inputs)
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
-        predicted = torch.as_tensor(logits).argmax(-1)
+        predicted = torch.as_tensor(logits).argmax(-1).cpu()
         if labels.shape != predicted.shape:
             raise DataError(f"evaluation batch {index}: labels of shape {tuple(labels.shape)} for predictions of "
                             f"shape {tuple(predicted.shape)}; one label per sample is needed")

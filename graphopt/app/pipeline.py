@@ -42,6 +42,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from graphopt import distributed
 from graphopt.backend import ExportReport, check_backend_options, get_backend
+from graphopt.devices import resolve as resolve_device
 from graphopt.errors import ConfigError
 from graphopt.app.evaluate import top1_accuracy
 from graphopt.files import check_output_path
@@ -88,6 +89,7 @@ class ModelTable(Table):
     trusted_checkpoint: bool = False
     input_shape: Annotated[list, Expect(INPUT_SHAPE), AfterValidator(_shapes)]
     input_dtype: str = "float32"
+    device: Annotated[str, Expect("a torch device name, e.g. \"cpu\", \"cuda\", \"cuda:1\"")] | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -286,6 +288,7 @@ class ModelSpec:
     trusted_checkpoint: bool = False
     input_shapes: list[list[int]] = field(default_factory=list)
     input_dtype: str = "float32"
+    device: str | None = None     # where the model is put once built (the passes run there); None: the CPU
 
     def check_inputs(self, where: str = "model.input_shape") -> torch.dtype:
         """The input dtype, once the example inputs are known to be makeable and to fit in memory."""
@@ -324,6 +327,8 @@ class ModelSpec:
             model = _load_checkpoint(self.checkpoint, model, self.trusted_checkpoint)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model: the model source gave {type(model).__name__}, not a torch.nn.Module")
+        if self.device is not None:
+            model = model.to(resolve_device(self.device))
         return model.eval()
 
 
@@ -488,6 +493,12 @@ def parse_model(table: ModelTable, local: Callable[[str], str]) -> ModelSpec:
     spec.trusted_checkpoint = table.trusted_checkpoint
     spec.input_shapes = table.input_shape
     spec.input_dtype = table.input_dtype
+    if table.device is not None:
+        try:
+            resolve_device(table.device)
+        except ConfigError as exc:
+            raise ConfigError(f"model.device: {exc}") from None
+        spec.device = table.device
     spec.check_inputs()
     return spec
 

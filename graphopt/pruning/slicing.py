@@ -14,8 +14,8 @@ from graphopt.ir import Graph
 from graphopt.shapes import SHAPE_KEY
 
 
-def keep_index(length: int, removed: set[int]) -> torch.Tensor:
-    return torch.tensor([i for i in range(length) if i not in removed], dtype=torch.long)
+def keep_index(length: int, removed: set[int], device: torch.device | None = None) -> torch.Tensor:
+    return torch.tensor([i for i in range(length) if i not in removed], dtype=torch.long, device=device)
 
 
 def _fix_attributes(module: nn.Module, depthwise: bool) -> None:
@@ -39,7 +39,7 @@ def _fix_attributes(module: nn.Module, depthwise: bool) -> None:
 def _sliced(tensor: torch.Tensor, cuts: dict[int, set[int]]) -> torch.Tensor:
     out = tensor.detach()
     for dim, removed in cuts.items():
-        out = out.index_select(dim, keep_index(out.shape[dim], removed))
+        out = out.index_select(dim, keep_index(out.shape[dim], removed, out.device))
     return out.clone()
 
 

@@ -74,7 +74,8 @@ def learn_rounding(weight: torch.Tensor, scales: torch.Tensor, zero_points: torc
             rows = w.reshape(w.shape[0], -1)
             at = rows.abs().argmax(1)
             flat = codes.reshape(w.shape[0], -1)
-            flat[torch.arange(w.shape[0]), at] = nearest.reshape(w.shape[0], -1)[torch.arange(w.shape[0]), at]
+            channel = torch.arange(w.shape[0], device=w.device)
+            flat[channel, at] = nearest.reshape(w.shape[0], -1)[channel, at]
             codes = flat.reshape(w.shape)
     return RoundingResult(codes + 0.0, _relative_error(apply, inputs, targets, dequant(nearest)),
                           _relative_error(apply, inputs, targets, dequant(codes)),

@@ -104,7 +104,7 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
                   padding_mode=conv.padding_mode, activations=activations,
                   device=conv.weight.device, dtype=conv.weight.dtype)
         _copy_params(conv, new)
-        return new
+        return new.to(conv.weight.device)   # the input shift is made on the CPU
 
 
 class BinaryLinear(BinaryMixin, nn.Linear):
@@ -125,7 +125,7 @@ class BinaryLinear(BinaryMixin, nn.Linear):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, activations=activations,
                   device=linear.weight.device, dtype=linear.weight.dtype)
         _copy_params(linear, new)
-        return new
+        return new.to(linear.weight.device)
 
 
 BINARY_LAYERS = (BinaryConv2d, BinaryLinear)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from graphopt import distributed
 from graphopt.data import batch_inputs, check_batch
+from graphopt.devices import to_device
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.options import FINITE, Count, Options, options_model, validate_options
@@ -40,7 +41,8 @@ class Observer:
         self.batches = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
+        # statistics are kept on the CPU, so quantization parameters do not depend on the device
+        x = x.detach().float().cpu()
         if not torch.isfinite(x).all():
             raise ValueError("non-finite values (NaN or inf)")
         self.min = min(self.min, x.min().item())
@@ -270,7 +272,7 @@ def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, pr
         inputs = batch_inputs(batch)
         check_batch(graph, inputs, f"calibration batch {index}{suffix}")
         count += 1
-        yield inputs
+        yield to_device(inputs, graph.device)
     if not count and not distributed.active():
         raise ConfigError("calibration data yielded no batches")
 

@@ -108,7 +108,7 @@ def tied_gradient(index: torch.Tensor, clusters: int) -> Callable[[torch.Tensor]
     counts = torch.bincount(index, minlength=clusters + 1).clamp(min=1).float()
 
     def rewrite(grad: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(clusters + 1, dtype=grad.dtype).index_add_(0, index, grad.reshape(-1))
+        sums = torch.zeros(clusters + 1, dtype=grad.dtype, device=grad.device).index_add_(0, index, grad.reshape(-1))
         mean = sums / counts
         mean[clusters] = 0
         return mean[index].reshape(grad.shape)

@@ -22,7 +22,7 @@ class _Reader:
     """onnxruntime's CalibrationDataReader over batches (a tensor or a tuple of tensors each)."""
 
     def __init__(self, names: list[str], batches: Iterable):
-        self.items = iter([{n: t.numpy() for n, t in zip(names, b if isinstance(b, tuple) else (b,))}
+        self.items = iter([{n: t.cpu().numpy() for n, t in zip(names, b if isinstance(b, tuple) else (b,))}
                            for b in batches])
 
     def get_next(self):
@@ -70,7 +70,7 @@ def ort_runner(path: str, threads: int):
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs):
-        outs = session.run(None, {n: x.detach().numpy() for n, x in zip(names, inputs)})
+        outs = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)})
         outs = tuple(torch.from_numpy(o) for o in outs)
         return outs[0] if len(outs) == 1 else outs
     return run

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from graphopt import distributed
 from graphopt.backend import get_backend
 from graphopt.data import split_batch
+from graphopt.devices import module_device, to_device
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.app.evaluate import top1_accuracy
 from graphopt.files import atomic_path
@@ -150,8 +151,9 @@ def builtin_metric(name: str, eval_data: Callable | None, reference: nn.Module |
     with torch.no_grad():
         for batch in eval_data():
             inputs, _ = split_batch(batch)
-            out = reference(*inputs)
-            expected.append((inputs, out[0] if isinstance(out, (tuple, list)) else out))
+            out = reference(*to_device(inputs, module_device(reference)))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            expected.append((inputs, torch.as_tensor(out).cpu()))
     if not expected:
         raise ConfigError("evaluate='cosine': eval_data yielded no batches")
 
@@ -160,7 +162,7 @@ def builtin_metric(name: str, eval_data: Callable | None, reference: nn.Module |
         for inputs, want in expected:
             got = run(*inputs)
             got = got[0] if isinstance(got, (tuple, list)) else got
-            sims = torch.nn.functional.cosine_similarity(torch.as_tensor(got).flatten(1).double(),
+            sims = torch.nn.functional.cosine_similarity(torch.as_tensor(got).cpu().flatten(1).double(),
                                                          want.flatten(1).double(), dim=1)
             total, count = total + sims.sum().item(), count + sims.numel()
         return 100.0 * total / count

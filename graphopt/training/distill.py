@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from graphopt import distributed
+from graphopt import devices, distributed
 from graphopt.data import check_batch, check_finite, check_labels, split_batch
+from graphopt.devices import to_device
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
 
@@ -43,6 +44,7 @@ class DistillConfig:
     max_batches: int | None = None
     loss: str = "kd"
     schedule: str = "cosine"       # lr annealed to 0 over the run (short runs recover far more); or "constant"
+    amp: str | None = None         # mixed precision for the forward passes: "bf16", or "fp16" on CUDA
 
     def check(self) -> None:
         if isinstance(self.feature_nodes, str) or not all(isinstance(n, str) for n in self.feature_nodes):
@@ -61,6 +63,9 @@ class DistillConfig:
             raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"distillation alpha must be in [0, 1], got {self.alpha}")
+        if self.amp is not None and self.amp not in devices.AMP_DTYPES:
+            raise ConfigError(f"distillation amp must be one of {', '.join(devices.AMP_DTYPES)} (or unset), "
+                              f"got {self.amp!r}")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
@@ -219,6 +224,10 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
     if config.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
     model = _parallel(_Student(student.gm, names))
+    device = student.device
+    autocast = lambda: devices.autocast(device, config.amp)  # noqa: E731
+    autocast()   # an amp the device cannot serve is refused before any step
+    scaler = devices.grad_scaler(device, config.amp)
     student.gm.train()
     try:
         for epoch in range(plan.epochs):
@@ -230,22 +239,30 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
                     f" on rank {distributed.rank()}" if distributed.active() else "")
                 check_batch(student, inputs, where)
                 check_finite(inputs, where)
-                with torch.no_grad():
-                    t_out, t_feats = _forward(teacher.gm, inputs, names)
-                s_out, s_feats = model(*inputs)
-                if loss_fn is None and config.loss == "kd" and config.alpha < 1:   # the loss reads the labels
-                    check_labels(labels, s_out, where)
-                loss = (loss_fn or _loss_fn(config))(s_out, t_out, labels)
-                for name in names:
-                    if name in s_feats and name in t_feats and s_feats[name].shape == t_feats[name].shape:
-                        loss = loss + config.feature_weight * F.mse_loss(s_feats[name], t_feats[name])
+                inputs, labels = to_device((inputs, labels), device)
+                with torch.no_grad(), devices.autocast(teacher.device, config.amp):
+                    t_out, t_feats = to_device(_forward(teacher.gm, to_device(inputs, teacher.device), names), device)
+                with autocast():
+                    s_out, s_feats = model(*inputs)
+                    if loss_fn is None and config.loss == "kd" and config.alpha < 1:   # the loss reads the labels
+                        check_labels(labels, s_out, where)
+                    loss = (loss_fn or _loss_fn(config))(s_out, t_out, labels)
+                    for name in names:
+                        if name in s_feats and name in t_feats and s_feats[name].shape == t_feats[name].shape:
+                            loss = loss + config.feature_weight * F.mse_loss(s_feats[name], t_feats[name])
+                loss = loss.float()
                 if penalty is not None:
                     loss = loss + penalty(len(losses) / max(1, total))
                 if not torch.isfinite(loss):
                     raise DataError(f"{where}: the loss is {loss.item()} (weights left as before this step)")
                 optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:   # fp16: the loss scaled so small gradients survive, steps with inf gradients skipped
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 if scheduler is not None:
                     scheduler.step()
                 losses.append(loss.item())
