@@ -27,7 +27,7 @@ MODEL = {"factory": "graphopt.tools.digits:DigitsCNN", "checkpoint": CHECKPOINT,
 # kinds of options whose default (None) does not tell; "names" is a list of strings
 KIND_OF_NONE = {"ratio": "float", "target_macs": "float", "target_params": "float", "energy": "float",
                 "max_error": "float", "bound": "float", "max_batches": "int", "exclude": "names", "layers": "names",
-                "feature_nodes": "names", "overrides": "table", "bits": "int", "strength": "float"}
+                "feature_nodes": "names", "overrides": "table", "bits": "int", "strength": "float", "amp": "str"}
 # where ``layers`` was a table of per-layer settings, a table is still taken (the deprecated spelling of overrides)
 TABLE_LAYERS = {"prune_channels", "split_low_rank"}
 NEEDS = {"prune_channels": {"ratio": 0.3}}            # options a pass cannot be built without
