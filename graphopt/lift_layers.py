@@ -368,19 +368,19 @@ def lift_batch_norms(gm: fx.GraphModule, example_inputs: tuple | None = None) ->
     return lifted
 
 
+def _count(lifted: dict[str, int], key: str, count: int) -> None:
+    """Record a clean-up that changed something (the summary names only what happened)."""
+    if count:
+        lifted[key] = count
+
+
 def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> dict[str, int]:
     """Rewrite ``gm`` in place; returns how many of each op became a module. ``example_inputs``
     give a torch.fx graph's batch norms their ranks (torch.export graphs carry them)."""
     lifted: dict[str, int] = {}
-    asserts = drop_rank_asserts(gm)
-    if asserts:
-        lifted["rank_asserts_removed"] = asserts
-    metadata = constant_tensor_metadata(gm)
-    if metadata:
-        lifted["metadata_reads_folded"] = metadata
-    norms = lift_batch_norms(gm, example_inputs)
-    if norms:
-        lifted["batch_norm"] = norms
+    _count(lifted, "rank_asserts_removed", drop_rank_asserts(gm))
+    _count(lifted, "metadata_reads_folded", constant_tensor_metadata(gm))
+    _count(lifted, "batch_norm", lift_batch_norms(gm, example_inputs))
     erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         spec = _LIFTERS.get(node.target) if node.op == "call_function" and node not in erased else None
@@ -425,12 +425,8 @@ def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = No
                 gm.graph.erase_node(attr)
         key = str(node.target).split(".")[1] if node.target not in _FUNCTIONS else node.target.__name__
         lifted[key] = lifted.get(key, 0) + len(calls)
-    dropped = _drop_eval_dropout(gm)
-    if dropped:
-        lifted["dropout_removed"] = dropped
-    asserts = _drop_metadata_asserts(gm)
-    if asserts:
-        lifted["metadata_asserts_removed"] = asserts
+    _count(lifted, "dropout_removed", _drop_eval_dropout(gm))
+    _count(lifted, "metadata_asserts_removed", _drop_metadata_asserts(gm))
     if lifted:
         gm.graph.lint()
         gm.recompile()
