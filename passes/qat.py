@@ -113,6 +113,7 @@ class QAT(Pass):
         learn_scales: also train the per-channel weight scales (LSQ)
         progress: show a progress bar
         schedule: cosine anneals the learning rate to 0 over the run; constant keeps it
+        loss: kd (classifiers), or cosine / mse for models whose output is an embedding (a backbone)
         bits: weight-only QAT on a float graph at the per-channel grid quantize_weights(bits=...) uses (2, 4
             or 8); the weights are left on that grid; leave unset after insert_qdq, whose int8 grid is trained
         layers: with bits, the layers trained on the grid (module name patterns; default: every conv/linear)
@@ -125,10 +126,11 @@ class QAT(Pass):
 
     def __init__(self, epochs: Positive = 1.0, lr: Positive = 1e-4, temperature: Positive = 4.0, alpha: Fraction = 0.7,
                  max_batches: Count | None = None, learn_scales: bool = False, progress: bool = True,
-                 schedule: Literal["constant", "cosine"] = "cosine", bits: Literal[2, 4, 8] | None = None,
-                 layers: list[str] | None = None, exclude: list[str] | None = None):
+                 schedule: Literal["constant", "cosine"] = "cosine", loss: Literal["kd", "cosine", "mse"] = "kd",
+                 bits: Literal[2, 4, 8] | None = None, layers: list[str] | None = None,
+                 exclude: list[str] | None = None):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, temperature=temperature, alpha=alpha,
-                                    max_batches=max_batches, schedule=schedule)
+                                    max_batches=max_batches, schedule=schedule, loss=loss)
         self.config.check()
         self.learn_scales, self.progress = learn_scales, progress
         self.bits, self.layers, self.exclude = bits, layers, exclude
