@@ -24,7 +24,7 @@ from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register
 from graphopt.quant.adaround import learn_rounding
 from graphopt.quant.calibration import iter_calibration
 from graphopt.quant.qparams import is_weight_fq
-from graphopt.quant.weights import group_scales, weight_layers
+from graphopt.quant.weights import channel_scales, weight_layers
 
 BITS = (2, 4, 8)
 
@@ -153,7 +153,7 @@ class AdaRound(Pass):
         qmax = (1 << (self.bits - 1)) - 1
         node = next(n for n in graph.nodes if n.op == "call_module" and str(n.target) == path)
         w = module.weight
-        scales = _along(group_scales(w.detach().reshape(w.shape[0], -1), qmax), 0, w.dim())
+        scales = channel_scales(w, qmax)
         xs, _ = _layer_inputs(graph, node, batches)
         result = self._learn(w, scales, 0.0, -qmax, qmax, _module_apply(module), xs, keep_extremes=True)
         with torch.no_grad():

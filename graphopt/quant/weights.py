@@ -163,3 +163,30 @@ def group_scales(rows: torch.Tensor, qmax: int) -> torch.Tensor:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     half = scale.half().float()
     return torch.where((half > 0) & torch.isfinite(half), half, scale)
+
+
+def channel_scales(weight: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The per-channel grid ``quantize_weights`` puts ``weight`` on (granularity "channel"): one
+    scale per output channel (``group_scales`` of its rows), shaped to broadcast against it."""
+    w = weight.detach()
+    return group_scales(w.reshape(w.shape[0], -1), qmax).reshape([-1] + [1] * (w.dim() - 1))
+
+
+def on_channel_grid(weight: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``weight`` rounded to its per-channel grid: what ``quantize_weights`` leaves (no gradient)."""
+    scales = channel_scales(weight, qmax)
+    return torch.clamp(torch.round(weight.detach() / scales), -qmax, qmax) * scales + 0.0   # no -0.0
+
+
+class ChannelFakeQuant(nn.Module):
+    """A weight parametrization (``torch.nn.utils.parametrize``) for weight-only QAT: the forward
+    sees the weight on its per-channel grid, the gradient passes straight through to the float
+    weight. The scales follow the weight (its channel's largest magnitude, recomputed each step,
+    as torch.ao's and Brevitas' default weight quantizers do), so no weight is ever clipped."""
+
+    def __init__(self, qmax: int):
+        super().__init__()
+        self.qmax = qmax
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (on_channel_grid(weight, self.qmax) - weight).detach()
