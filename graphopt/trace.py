@@ -124,6 +124,13 @@ def _export_capture(model: nn.Module, inputs: tuple, dynamic_shapes: Any = None)
     return gm
 
 
+def _has_hf_fx() -> bool:
+    """transformers' own fx tracer (gone from transformers 5)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.utils.fx") is not None
+
+
 def _hf_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     from transformers.utils import fx as hf_fx  # only for Hugging Face models
 
@@ -150,9 +157,13 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
     inputs = devices.to_device(inputs, devices.module_device(model, f"trace(): {type(model).__name__}"))
     model = copy.deepcopy(model).eval()
     is_hf = type(model).__module__.startswith("transformers.")
+    if is_hf and getattr(getattr(model, "config", None), "use_cache", False):
+        # a key/value cache is for generation, not part of the function compressed (and no tracer
+        # captures its cache object): our copy's outputs are the model's tensors alone
+        model.config.use_cache = False
     attempts: dict[str, str] = {}
     first_module, first_reason = "", ""
-    capturers = [("transformers.fx", _hf_capture)] if is_hf else []
+    capturers = [("transformers.fx", _hf_capture)] if is_hf and _has_hf_fx() else []
     capturers += [("torch.fx", _fx_capture),
                   ("torch.export", lambda m, i: _export_capture(m, i, dynamic_shapes))]
     for name, capture in capturers:

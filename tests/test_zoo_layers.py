@@ -758,3 +758,36 @@ def test_a_transformer_residual_stream_stays_float_and_a_near_zero_class_token_s
                          context=PassContext({"calibration_data": data})).run(graph)
     assert forced.records[1].stats["quantized_adds"] == 3
     assert forced.records[1].stats["sqnr_db"] < auto.records[1].stats["sqnr_db"] - 10
+
+
+def test_hugging_face_decoder_traced_as_users_call_it_with_a_mask_and_a_cache_default():
+    """(input_ids, attention_mask) on the model itself, use_cache left at its default (True): the
+    graph returns the model's ModelOutput without the cache, honours the mask, keeps batch and
+    sequence symbolic, and loses whole key/value head groups when pruned."""
+    transformers = pytest.importorskip("transformers")
+    from torch.export import Dim
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0                                                    # left padding
+    dims = {0: Dim("batch", max=16), 1: Dim("seq", min=2, max=64)}
+    graph = graphopt.trace(model, (ids, mask), dynamic_shapes=(dims, dims))
+    assert model.config.use_cache                                      # the caller's model is untouched
+    out = graph.run(ids, mask)
+    assert list(out.keys()) == ["logits"]
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(out["logits"], expected, atol=1e-5)
+    unmasked = graph.run(ids, torch.ones_like(mask))["logits"]
+    assert torch.allclose(unmasked[0], out["logits"][0], atol=1e-5)   # sample 0 had no padding
+    assert not torch.allclose(unmasked[1, 4:], out["logits"][1, 4:], atol=1e-3)
+    longer = graph.run(torch.randint(0, 100, (3, 20)), torch.ones(3, 20, dtype=torch.long))["logits"]
+    assert longer.shape == (3, 20, 100)
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    k_rows = [p.shape[0] for n, p in result.graph.gm.named_parameters() if n.endswith("k_proj.weight")]
+    assert k_rows and all(r in (16,) for r in k_rows)                   # one of two kv heads (dim 16) left
