@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import functools
 import hashlib
 import itertools
@@ -79,7 +80,21 @@ def init() -> bool:
 
 def _shutdown() -> None:
     if _initialised_here and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        finish()
+
+
+def finish() -> None:
+    """Leave the process group once every rank is done: a rank that tears its connections down
+    while another is still inside a collective makes that one abort (gloo: std::terminate). A
+    rank that never arrives (it failed) is waited for a minute on gloo, then left."""
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:   # another rank failed: leave anyway, its own error is the one reported
+        pass
+    dist.destroy_process_group()
 
 
 def active() -> bool:

@@ -169,7 +169,7 @@ def _worker(rank: int, path: str, out: str) -> None:
         results["mismatch"] = str(exc)
     results["rank"], results["world"] = distributed.rank(), distributed.world_size()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    distributed.finish()
 
 
 @pytest.fixture(scope="module")
