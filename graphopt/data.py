@@ -78,6 +78,22 @@ def check_batch(graph: Graph, inputs: tuple, where: str) -> None:
                             f"traced with {str(e.dtype).removeprefix('torch.')} inputs")
 
 
+def read_batch(graph: Graph, batch: Any, where: str, finite: bool = True) -> tuple[tuple, torch.Tensor | None]:
+    """One batch as every pass that reads data takes it: (inputs, labels) split, checked against
+    the graph (``where`` names the batch; the rank is added under torchrun), NaN/Inf refused
+    (``finite``), and moved to the graph's device."""
+    from graphopt import distributed
+    from graphopt.devices import to_device
+
+    inputs, labels = split_batch(batch)
+    if distributed.active():
+        where = f"{where} on rank {distributed.rank()}"
+    check_batch(graph, inputs, where)
+    if finite:
+        check_finite(inputs, where)
+    return to_device((inputs, labels), graph.device)
+
+
 def _dynamic_axes(graph: Graph, count: int) -> list[set[int]]:
     """Per input, the axes a batch may size freely: the batch axis and those traced as dynamic."""
     spec = graph.dynamic_shapes

@@ -350,6 +350,11 @@ def _has_expect(annotation: Any) -> bool:
                                                               for m in typing.get_args(annotation)[1:])
 
 
+def _expect_text(args: tuple) -> str:
+    """The words of the first ``Expect`` among an Annotated type's metadata."""
+    return str(next(m for m in args[1:] if isinstance(m, Expect)))
+
+
 # -- describing types, for messages and the option reference -----------------------------------------------
 def _bounds(metadata: list) -> tuple[list[str], bool]:
     """The range a field's metadata declares, as text, and whether it is held finite."""
@@ -385,9 +390,8 @@ def describe(annotation: Any, constraints: bool = True) -> str:
     "one of uniform, global", "list[str]" (``constraints=False``: the type alone)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
-        expect = [m for m in args[1:] if isinstance(m, Expect)]
-        if expect:
-            return str(expect[0])
+        if _has_expect(annotation):
+            return _expect_text(args)
         bounds, finite = _bounds(list(args[1:]))
         base = describe(args[0], False)
         if not constraints or not bounds:
@@ -434,9 +438,8 @@ def allowed(annotation: Any) -> str:
     """What values of its type an option takes: "> 0 and <= 1", "one of uniform, global" ("" for any)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
-        expect = [m for m in args[1:] if isinstance(m, Expect)]
-        if expect:
-            return str(expect[0])
+        if _has_expect(annotation):
+            return _expect_text(args)
         bounds, _ = _bounds(list(args[1:]))
         return " and ".join(bounds) or allowed(args[0])
     if origin is Literal:

@@ -18,8 +18,7 @@ import torch.nn as nn
 
 from graphopt.quant.binary import BINARIZABLE, BINARY_LAYERS, BinaryConv2d, freeze, to_binary
 from graphopt.distributed import broadcast_object
-from graphopt.data import batch_inputs, check_batch, check_finite
-from graphopt.devices import to_device
+from graphopt.data import read_batch
 from graphopt.training.distill import DistillConfig, distill
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
@@ -180,10 +179,7 @@ def _first_batch(graph: Graph, data) -> tuple | None:
     if data is None:
         return None
     for batch in (data() if callable(data) else data):
-        inputs = batch_inputs(batch)
-        check_batch(graph, inputs, "binarize: training batch 0 (input shifts)")
-        check_finite(inputs, "binarize: training batch 0 (input shifts)")
-        return to_device(inputs, graph.device)
+        return read_batch(graph, batch, "binarize: training batch 0 (input shifts)")[0]
     return None
 
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator
 
 from graphopt import distributed
-from graphopt.data import check_batch, check_finite, check_labels, split_batch
-from graphopt.devices import to_device
+from graphopt.data import check_labels, read_batch
 from graphopt.pruning.channels import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, ChannelGroup, Member
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
@@ -123,12 +122,8 @@ class Taylor(Importance):
         for batch in (data() if callable(data) else data):
             if seen >= limit:
                 break
-            inputs, labels = split_batch(batch)
-            where = f"taylor importance: training batch {seen}" + (
-                f" on rank {distributed.rank()}" if distributed.active() else "")
-            check_batch(graph, inputs, where)
-            check_finite(inputs, where)
-            inputs, labels = to_device((inputs, labels), graph.device)
+            where = f"taylor importance: training batch {seen}"
+            inputs, labels = read_batch(graph, batch, where)
             gm.zero_grad()
             with torch.enable_grad():
                 out = gm(*inputs)

@@ -24,8 +24,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from graphopt import distributed
-from graphopt.data import batch_inputs, check_batch
-from graphopt.devices import to_device
+from graphopt.data import read_batch
 from graphopt.errors import ConfigError
 from graphopt.ir import Graph
 from graphopt.options import FINITE, Count, Options, options_model, validate_options
@@ -263,16 +262,13 @@ def iter_calibration(graph: Graph, data: Any, max_batches: int | None = None, pr
         raise ConfigError(f"calibration data must be iterable (or a callable returning an iterable), "
                           f"got {type(batches).__name__}")
     limit = distributed.rank_share(max_batches)
-    suffix = f" on rank {distributed.rank()}" if distributed.active() else ""
     count = 0
     for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress or not distributed.is_main(),
                                        leave=False, delay=2, total=limit)):
         if limit is not None and index >= limit:
             break
-        inputs = batch_inputs(batch)
-        check_batch(graph, inputs, f"calibration batch {index}{suffix}")
         count += 1
-        yield to_device(inputs, graph.device)
+        yield read_batch(graph, batch, f"calibration batch {index}", finite=False)[0]
     if not count and not distributed.active():
         raise ConfigError("calibration data yielded no batches")
 

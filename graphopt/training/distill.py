@@ -26,7 +26,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from graphopt import devices, distributed
-from graphopt.data import check_batch, check_finite, check_labels, split_batch
+from graphopt.data import check_labels, read_batch
 from graphopt.devices import to_device
 from graphopt.errors import ConfigError, DataError
 from graphopt.ir import Graph
@@ -225,8 +225,6 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
     model = _parallel(_Student(student.gm, names))
     device = student.device
-    autocast = lambda: devices.autocast(device, config.amp)  # noqa: E731
-    autocast()   # an amp the device cannot serve is refused before any step
     scaler = devices.grad_scaler(device, config.amp)
     student.gm.train()
     try:
@@ -234,15 +232,11 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
             bar = tqdm(plan.batches(epoch), desc=f"distill {epoch + 1}/{plan.epochs}", total=plan.steps(epoch),
                        disable=not progress or not distributed.is_main(), leave=False, delay=2)
             for step, batch in enumerate(bar):
-                inputs, labels = split_batch(batch)
-                where = f"distillation: batch {step} of epoch {epoch + 1}" + (
-                    f" on rank {distributed.rank()}" if distributed.active() else "")
-                check_batch(student, inputs, where)
-                check_finite(inputs, where)
-                inputs, labels = to_device((inputs, labels), device)
+                where = f"distillation: batch {step} of epoch {epoch + 1}"
+                inputs, labels = read_batch(student, batch, where)
                 with torch.no_grad(), devices.autocast(teacher.device, config.amp):
                     t_out, t_feats = to_device(_forward(teacher.gm, to_device(inputs, teacher.device), names), device)
-                with autocast():
+                with devices.autocast(device, config.amp):
                     s_out, s_feats = model(*inputs)
                     if loss_fn is None and config.loss == "kd" and config.alpha < 1:   # the loss reads the labels
                         check_labels(labels, s_out, where)
