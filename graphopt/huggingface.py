@@ -26,6 +26,7 @@ from graphopt.ir import Graph
 
 __all__ = ["to_pretrained"]
 
+_WIDTH_WORDS = ("inner", "intermediate", "ffn")   # width fields whose None means a default width
 _TOLERANCE = 1e-4     # relative to the outputs' scale: the same weights in the same order of ops
 
 
@@ -41,7 +42,7 @@ def to_pretrained(graph: Graph, model: nn.Module) -> nn.Module:
         raise ExportError(f"to_pretrained() needs the Hugging Face model the graph was traced from, "
                           f"got {type(model).__name__}")
     original = model.state_dict()
-    pruned = {name: value for name, value in graph.gm.state_dict().items()}
+    pruned = _in_model_layout(graph, model)
     _check_same_layers(original, pruned)
     changed = {name: (tuple(original[name].shape), tuple(value.shape)) for name, value in pruned.items()
                if name in original and original[name].shape != value.shape}
@@ -55,6 +56,17 @@ def to_pretrained(graph: Graph, model: nn.Module) -> nn.Module:
     rebuilt.load_state_dict(weights, strict=True)
     _check_outputs(graph, rebuilt)
     return rebuilt
+
+
+def _in_model_layout(graph: Graph, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The graph's weights laid out as the model's modules hold them: tracing turns GPT-2's
+    ``Conv1D`` (weight stored in x out) into an ``nn.Linear`` (out x in)."""
+    weights = dict(graph.gm.state_dict())
+    graph_modules = graph.modules()
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D" and isinstance(graph_modules.get(name), nn.Linear):
+            weights[f"{name}.weight"] = weights[f"{name}.weight"].t()
+    return weights
 
 
 def _check_same_layers(original: dict, pruned: dict) -> None:
@@ -81,6 +93,9 @@ def _candidates(config: Any, changed: dict[str, tuple]) -> dict[str, set[int]]:
              for old, new in zip(old_shape, new_shape) if old != new}
     fields: dict[str, set[int]] = {}
     for field, value in config.to_dict().items():
+        if value is None and any(word in field for word in _WIDTH_WORDS):   # a default (GPT-2: n_inner)
+            fields[field] = {new for _, new in moves}
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or field == "head_dim":
             continue
         for old, new in moves:
@@ -140,7 +155,9 @@ def _check_outputs(graph: Graph, rebuilt: nn.Module) -> None:
     kwargs = {"use_cache": False} if getattr(rebuilt.config, "use_cache", False) else {}
     with torch.no_grad():
         expected = _leaves(graph.run())
-        got = _leaves(rebuilt(*graph.example_inputs, **kwargs))[:len(expected)]
+        names = graph.meta.get("input_names")      # traced on keyword inputs
+        inputs = dict(zip(names, graph.example_inputs)) if names else {}
+        got = _leaves(rebuilt(*() if names else graph.example_inputs, **inputs, **kwargs))[:len(expected)]
     for index, (want, have) in enumerate(zip(expected, got)):
         scale = want.abs().max().clamp_min(1e-12)
         error = ((want - have).abs().max() / scale).item() if want.shape == have.shape else float("inf")

@@ -94,6 +94,53 @@ def _dtype_hint(model: nn.Module, inputs: tuple) -> str:
     return f" ({', '.join(odd)}; the model's weights are {', '.join(weights)})" if odd and weights else ""
 
 
+class _KeywordCall(nn.Module):
+    """Calls the model with keyword inputs given positionally (in the order the user's dict
+    named them), so a graph's inputs stay a tuple. It shares the model's own children,
+    parameters and buffers rather than holding the model as a child, so every layer keeps
+    its qualified name (``transformer.h.0.attn.c_attn``, not ``model.transformer...``).
+    Built by ``_keyword_call``: both tracers read the arity of ``forward``'s code."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["wrapped"] = model          # not a child: no name prefix
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+
+
+def _keyword_call(model: nn.Module, names: tuple[str, ...]) -> _KeywordCall:
+    """A ``_KeywordCall`` whose forward takes exactly ``names`` (checked identifiers)."""
+    source = (f"def forward(self, {', '.join(names)}):\n"
+              f"    return self.wrapped({', '.join(f'{n}={n}' for n in names)})\n")
+    scope: dict[str, Any] = {}
+    exec(compile(source, "<graphopt keyword inputs>", "exec"), scope)   # names are checked identifiers
+    return type("KeywordCall", (_KeywordCall,), {"forward": scope["forward"]})(model)
+
+
+def _keyword_inputs(model: nn.Module, inputs: dict, dynamic_shapes: Any) -> tuple[tuple, Any]:
+    """Keyword example inputs checked against ``model.forward``'s parameters; dynamic shapes
+    given by name put in the same order."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    import keyword
+
+    unknown = [name for name in inputs if not isinstance(name, str) or not name.isidentifier()
+               or keyword.iskeyword(name) or (name not in parameters and not takes_any)]
+    if unknown:
+        raise ConfigError(f"trace(): {type(model).__name__}.forward takes no input named {unknown[0]!r} "
+                          f"(it takes {', '.join(parameters)})")
+    if isinstance(dynamic_shapes, dict):
+        extra = [name for name in dynamic_shapes if name not in inputs]
+        if extra:
+            raise ConfigError(f"trace(): dynamic_shapes names {extra[0]!r}, which is not an example input "
+                              f"(inputs: {', '.join(inputs)})")
+        dynamic_shapes = tuple(dynamic_shapes.get(name) for name in inputs)
+    return tuple(inputs.values()), dynamic_shapes
+
+
 def _as_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, tuple):
         return example_inputs
@@ -109,7 +156,8 @@ def _fx_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     except Exception as exc:
         exc.graphopt_module = tracer.failed_in  # type: ignore[attr-defined]
         raise
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    name = type(model.wrapped if isinstance(model, _KeywordCall) else model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
     # functional layers on a module's own weights (timm's norm + activation layers call F.batch_norm,
     # its LayerNorm2d F.layer_norm) become modules, as in torch.export graphs
     lift_functional_layers(gm, inputs)
@@ -141,8 +189,10 @@ def _hf_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
 def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) -> Graph:
     """Trace ``model`` (put in eval mode, deep-copied so the caller's model is never edited).
 
-    ``example_inputs``: a tensor or a tuple of positional inputs; they drive shape
-    propagation and serve as the held batch that passes are verified on.
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+    (``{"input_ids": ids, "attention_mask": mask}``, as Hugging Face models are called; the
+    graph then takes them positionally in that order); they drive shape propagation and serve
+    as the held batch that passes are verified on.
     ``dynamic_shapes`` (torch.export's format, e.g. ``({0: Dim("batch"), 1: Dim("seq")}, ...)``)
     keeps those axes symbolic when torch.export captures, so one graph serves every batch
     size and sequence length; torch.fx graphs carry no sizes and need none.
@@ -152,6 +202,10 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
+    names: tuple[str, ...] = ()
+    if isinstance(example_inputs, dict):
+        names = tuple(example_inputs)
+        example_inputs, dynamic_shapes = _keyword_inputs(model, example_inputs, dynamic_shapes)
     inputs = _as_tuple(example_inputs)
     _check_example_inputs(inputs)
     inputs = devices.to_device(inputs, devices.module_device(model, f"trace(): {type(model).__name__}"))
@@ -161,26 +215,31 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) 
         # a key/value cache is for generation, not part of the function compressed (and no tracer
         # captures its cache object): our copy's outputs are the model's tensors alone
         model.config.use_cache = False
+    model_name = type(model).__name__
+    if names:
+        model = _keyword_call(model, names)
     attempts: dict[str, str] = {}
     first_module, first_reason = "", ""
-    capturers = [("transformers.fx", _hf_capture)] if is_hf and _has_hf_fx() else []
+    capturers = [("transformers.fx", _hf_capture)] if is_hf and _has_hf_fx() and not names else []
     capturers += [("torch.fx", _fx_capture),
                   ("torch.export", lambda m, i: _export_capture(m, i, dynamic_shapes))]
     for name, capture in capturers:
         try:
             gm = capture(model, inputs)
             graph = Graph(gm, inputs, captured_by=name, dynamic_shapes=dynamic_shapes)
+            if names:
+                graph.meta["input_names"] = list(names)
             if attempts:
                 graph.properties.add(f"fallback:{name}")
             return graph
         except Exception as exc:  # each tracer fails in its own way; keep what each said
-            module, typename = getattr(exc, "graphopt_module", None) or ("", type(model).__name__)
+            module, typename = getattr(exc, "graphopt_module", None) or ("", model_name)
             where = _user_location(exc)
             reason = _reason(exc) + (f" at {where}" if where else "")
             attempts[name] = f"{module or '<root>'} ({typename}): {reason}"
             if not first_reason:
                 first_module, first_reason = module, reason
     detail = "; ".join(f"{k}: {v}" for k, v in attempts.items())
-    raise TraceError(f"cannot trace {type(model).__name__}: {first_module or '<root>'}: {first_reason}"
+    raise TraceError(f"cannot trace {model_name}: {first_module or '<root>'}: {first_reason}"
                      f"{_dtype_hint(model, inputs)} [tried {detail}]", module=first_module, reason=first_reason,
                      attempts=attempts)

@@ -77,3 +77,45 @@ def test_only_the_hugging_face_model_the_graph_came_from_is_taken():
     graph = graphopt.trace(plain, torch.randn(1, 4))
     with pytest.raises(ExportError, match="needs the Hugging Face model"):
         to_pretrained(graph, plain)
+
+
+def test_gpt2_traced_on_keyword_inputs_prunes_its_mlp_and_reloads(tmp_path):
+    """GPT-2's second positional input is its cache, so users pass the mask by keyword: the graph
+    takes the dict's inputs in order, keeps batch and sequence symbolic by name, and its Conv1D
+    layers go back in their own layout."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                                 vocab_size=100)).eval()
+    ids, mask = _inputs()
+    mask[1, :3] = 0
+    dims = {0: Dim("batch", max=16), 1: Dim("seq", min=2, max=64)}
+    graph = graphopt.trace(model, {"input_ids": ids, "attention_mask": mask},
+                           dynamic_shapes={"input_ids": dims, "attention_mask": dims})
+    assert graph.meta["input_names"] == ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(graph.run(ids, mask)["logits"], expected, atol=1e-5)
+    assert graph.run(torch.randint(0, 100, (3, 20)), torch.ones(3, 20, dtype=torch.long))["logits"].shape == (3, 20, 100)
+    pruned = PassManager([PruneChannels(ratio=0.25, exclude=["*attn*"])]).run(graph).graph
+    rebuilt = to_pretrained(pruned, model)
+    rebuilt.save_pretrained(tmp_path)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.n_inner == 192 and reloaded.transformer.h[0].mlp.c_fc.weight.shape == (64, 192)
+    with torch.no_grad():
+        got = reloaded(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(got, pruned.run(ids, mask)["logits"], atol=1e-5)
+
+
+def test_keyword_inputs_the_model_does_not_take_are_named():
+    class Two(nn.Module):
+        def forward(self, x, scale=None):
+            return x * (1 if scale is None else scale)
+
+    with pytest.raises(graphopt.ConfigError, match=r"takes no input named 'y' \(it takes x, scale\)"):
+        graphopt.trace(Two(), {"x": torch.randn(2), "y": torch.randn(2)})
+    with pytest.raises(graphopt.ConfigError, match="dynamic_shapes names 'scal'"):
+        graphopt.trace(Two(), {"x": torch.randn(2)}, dynamic_shapes={"scal": None})
+    graph = graphopt.trace(Two(), {"scale": torch.full((2,), 3.0), "x": torch.ones(2)})   # dict order is the graph's
+    assert torch.equal(graph.run(torch.full((2,), 2.0), torch.ones(2)), torch.full((2,), 2.0))
