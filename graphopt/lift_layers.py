@@ -241,15 +241,16 @@ def _same_layer_calls(node: fx.Node, w_index: int, input_index: int) -> set[fx.N
 
 
 def _free_name(gm: fx.GraphModule, wanted: str) -> str:
-    """``wanted`` if that path is free or an emptied holder of parameters, else ``wanted_1``, ..."""
+    """``wanted`` if that path is free or an emptied holder of parameters (one the graph does
+    not call), else ``wanted_1``, ..."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     name, i = wanted, 0
     while True:
         try:
             existing = gm.get_submodule(name)
         except AttributeError:
             return name
-        if type(existing) is nn.Module and not existing._modules and not existing._parameters \
-                and not existing._buffers:
+        if not existing._modules and not existing._parameters and not existing._buffers and name not in called:
             return name
         i += 1
         name = f"{wanted}_{i}"
@@ -259,6 +260,81 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path`` (replacing the emptied holder that may be there)."""
     owner, leaf = owner_and_leaf(gm, path)
     owner.add_module(leaf, module)
+
+
+def _weight_only_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The nodes computing ``node`` in graph order, when it is computed from the model's own
+    parameters and buffers alone (no graph input reaches it) by functions and tensor methods;
+    else None."""
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        if current.op not in ("get_attr", "call_function", "call_method"):
+            return None
+        seen[current] = None
+        stack.extend(current.all_input_nodes)
+    if all(n.op == "get_attr" for n in seen):
+        return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def fold_weight_computations(gm: fx.GraphModule) -> int:
+    """A conv/linear whose weight the model computes from its parameters on every call
+    (weight standardisation in timm's ``StdConv2d``/``ScaledStdConv2d`` of the NF-nets,
+    ``gain * weight``, reshapes) gets that weight computed once, here, in eval mode: the
+    result replaces the weight Parameter at its own path, the layer then lifts like any other,
+    and parameters the computation alone read (the gain) leave the model. Exact: eval-mode
+    inference computes the very same tensor on every call."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        spec = _LIFTERS.get(node.target) if node.op == "call_function" else None
+        if spec is None or spec[0] >= len(node.args) or not isinstance(node.args[spec[0]], fx.Node):
+            continue
+        weight_node = node.args[spec[0]]
+        if weight_node.op == "get_attr" or len(weight_node.users) != 1:
+            continue
+        chain = _weight_only_inputs(weight_node)
+        if chain is None:
+            continue
+        params = [n for n in chain if n.op == "get_attr"
+                  and isinstance(getattr(*owner_and_leaf(gm, n.target), None), nn.Parameter)]
+        source = next((n for n in params if n.target.endswith("weight")), params[0] if params else None)
+        if source is None:
+            continue
+        values: dict[fx.Node, object] = {}
+        with torch.no_grad():
+            for n in chain:
+                if n.op == "get_attr":
+                    values[n] = getattr(*owner_and_leaf(gm, n.target))
+                    continue
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+                values[n] = n.target(*args, **kwargs) if n.op == "call_function" \
+                    else getattr(args[0], n.target)(*args[1:], **kwargs)
+        value = values[weight_node]
+        if not isinstance(value, torch.Tensor):
+            continue
+        holder, leaf = owner_and_leaf(gm, source.target)
+        holder.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad
+                                                     or getattr(holder, leaf).requires_grad))
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(source.target)
+        node.replace_input_with(weight_node, attr)
+        for n in reversed(chain):
+            if not n.users and n is not source:
+                gm.graph.erase_node(n)
+        if not source.users:
+            gm.graph.erase_node(source)
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for n in params:
+            if n.target not in read and n.target != source.target:
+                owner, name = owner_and_leaf(gm, n.target)
+                owner._parameters.pop(name, None)
+        folded += 1
+    return folded
 
 
 def _drop_eval_dropout(gm: fx.GraphModule) -> int:
@@ -381,6 +457,7 @@ def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = No
     _count(lifted, "rank_asserts_removed", drop_rank_asserts(gm))
     _count(lifted, "metadata_reads_folded", constant_tensor_metadata(gm))
     _count(lifted, "batch_norm", lift_batch_norms(gm, example_inputs))
+    _count(lifted, "weight_computations_folded", fold_weight_computations(gm))
     erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         spec = _LIFTERS.get(node.target) if node.op == "call_function" and node not in erased else None

@@ -333,6 +333,45 @@ def test_reads_of_a_weight_dtype_and_device_become_constants(tmp_path):
     assert quantized.graph.attr("proj.weight_int8").dtype == torch.int8
 
 
+def test_weights_computed_from_parameters_are_folded_and_the_layers_prune():
+    """Weight standardisation (timm's ScaledStdConv2d in the NF-nets) computes a conv's weight from
+    its parameters on every call: computed once at trace, it is a Conv2d at the layer's own path,
+    the gain leaves the model, and the channels prune exactly; a weight computed from the input
+    (a dynamic conv) is left alone."""
+    class Standardised(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+            self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+        def forward(self, x):
+            w = F.batch_norm(self.weight.reshape(1, self.weight.shape[0], -1), None, None, training=True,
+                             momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return F.conv2d(x, w * self.gain, None, 1, 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = Standardised(3, 16), Standardised(16, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.b(F.relu(self.a(x)))
+            dynamic = F.conv2d(y, y.mean((0, 2, 3)).reshape(8, 1, 1, 1).expand(8, 1, 1, 1), groups=8)
+            return self.head((y + dynamic).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = graphopt.trace(model, x)
+    modules = graph.modules()
+    assert isinstance(modules["a"], nn.Conv2d) and isinstance(modules["b"], nn.Conv2d)
+    assert set(dict(graph.gm.named_parameters())) == {"a.weight", "b.weight", "head.weight", "head.bias"}
+    assert sum(n.op == "call_function" and n.target is F.conv2d for n in graph.nodes) == 1   # the dynamic one
+    torch.testing.assert_close(graph.run(x), model(x), rtol=1e-5, atol=1e-5)
+    pruned = PassManager([PruneChannels(ratio=0.5)]).run(graph).graph
+    assert pruned.modules()["a"].weight.shape == (8, 3, 3, 3)
+
+
 # -- timm's own layers (timm is a benchmark extra: requirements-bench.txt) ----------------------------
 def test_timm_norm_act_and_same_padding_models_prune_and_quantize(tmp_path):
     timm = pytest.importorskip("timm")
