@@ -65,7 +65,7 @@ class PruneChannels(Pass):
         target_macs: prune until the estimated MACs are this share of the original's (searched)
         target_params: prune until the estimated parameters are this share of the original's (searched)
         importance: how channels are ranked (taylor needs train_data; an Importance object: your own criterion)
-        scope: uniform: each group loses the same share; global: channels ranked across groups
+        scope: uniform: each group loses the same share (the nearest whole count: 3 heads at 0.3 lose one); global: channels ranked across groups
         max_ratio: no group loses more than this share of its channels
         round_to: keep a multiple of this many channels per group (hardware-friendly widths)
         layers: layers whose channels may be removed (module name patterns; default: all); a group is pruned
@@ -164,8 +164,9 @@ class PruneChannels(Pass):
         counts: dict[int, int] = {}
         overridden = {g.id for g in plan.prunable if self.group_ratio(g, -1.0) >= 0}
         if self.scope == "uniform":
-            for g in plan.prunable:
-                counts[g.id] = int(g.size * min(self.group_ratio(g, ratio), self.max_ratio))
+            for g in plan.prunable:   # the count nearest the share (3 heads at 0.3: one head, not none)
+                share = min(self.group_ratio(g, ratio), self.max_ratio)
+                counts[g.id] = min(math.floor(g.size * share + 0.5), math.floor(g.size * self.max_ratio))
         else:
             for g in plan.prunable:
                 if g.id in overridden:
