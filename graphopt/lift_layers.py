@@ -66,6 +66,15 @@ def _addmm(args, kwargs, weight, bias):
     return _with_weights(layer, nn.Parameter(weight.detach().t().contiguous(), weight.requires_grad), bias), (args[1],)
 
 
+def _matmul(args, kwargs, weight, bias):
+    """``x @ W`` with ``W`` a 2-D parameter of shape (in, out) (Falcon's ``FalconLinear`` computes
+    ``x @ self.weight.T``; the transpose is folded first): a Linear holding ``W`` transposed."""
+    if weight.dim() != 2 or kwargs:
+        return None
+    layer = nn.Linear(weight.shape[0], weight.shape[1], bias=False, device="meta")
+    return _with_weights(layer, nn.Parameter(weight.detach().t().contiguous(), weight.requires_grad), None), (args[0],)
+
+
 def _conv2d(args, kwargs, weight, bias):
     stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]):])
     if isinstance(padding, str):
@@ -193,6 +202,9 @@ def _lift_batch_norm(gm: fx.GraphModule, node: fx.Node, call: dict) -> str | Non
 _LIFTERS: dict[object, tuple[int, int | None, int, Callable]] = {
     aten.linear.default: (1, 2, 0, _linear),
     aten.addmm.default: (2, 0, 1, _addmm),
+    aten.matmul.default: (1, None, 0, _matmul),
+    torch.matmul: (1, None, 0, _matmul),
+    operator.matmul: (1, None, 0, _matmul),
     aten.conv2d.default: (1, 2, 0, _conv2d),
     aten.layer_norm.default: (2, 3, 0, _layer_norm),
     aten.group_norm.default: (2, 3, 0, _group_norm),
@@ -335,6 +347,42 @@ def fold_weight_computations(gm: fx.GraphModule) -> int:
                 owner._parameters.pop(name, None)
         folded += 1
     return folded
+
+
+def merge_bias_adds(gm: fx.GraphModule) -> int:
+    """``linear(x) + b`` with ``b`` a parameter of the layer's width read there alone (a linear
+    written as ``x @ W.T + b``) becomes the Linear's own bias: the same sum, and pruning slices
+    it with the layer."""
+    merged = 0
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (operator.add, aten.add.Tensor, torch.add) \
+                or len(node.args) != 2 or node.kwargs:
+            continue
+        layer_node, bias_node = node.args
+        if getattr(bias_node, "op", None) == "call_module":
+            layer_node, bias_node = bias_node, layer_node
+        layer = modules.get(layer_node.target) if getattr(layer_node, "op", None) == "call_module" else None
+        if not isinstance(layer, nn.Linear) or layer.bias is not None or len(layer_node.users) != 1 \
+                or sum(n.op == "call_module" and n.target == layer_node.target for n in gm.graph.nodes) != 1:
+            continue
+        bias = _param_of(gm, bias_node, {node})
+        if bias is None or bias[1].shape != (layer.out_features,):
+            continue
+        holder, leaf = owner_and_leaf(gm, bias[0])
+        holder._parameters.pop(leaf, None)
+        layer.bias = bias[1]
+        node.replace_all_uses_with(layer_node)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(bias_node)
+        home = bias[0].rpartition(".")[0]   # the layer's own path, now that its holder is empty
+        if home and layer_node.target != home and _free_name(gm, home) == home:
+            _install(gm, home, layer)
+            owner, leaf = owner_and_leaf(gm, layer_node.target)
+            delattr(owner, leaf)
+            layer_node.target = home
+        merged += 1
+    return merged
 
 
 def _drop_eval_dropout(gm: fx.GraphModule) -> int:
@@ -500,8 +548,9 @@ def lift_functional_layers(gm: fx.GraphModule, example_inputs: tuple | None = No
         for attr in (args[w_index], bias_node):
             if isinstance(attr, fx.Node) and not attr.users:
                 gm.graph.erase_node(attr)
-        key = str(node.target).split(".")[1] if node.target not in _FUNCTIONS else node.target.__name__
+        key = getattr(node.target, "__name__", str(node.target)).split(".")[0]   # linear, conv2d, matmul
         lifted[key] = lifted.get(key, 0) + len(calls)
+    _count(lifted, "bias_adds_merged", merge_bias_adds(gm))
     _count(lifted, "dropout_removed", _drop_eval_dropout(gm))
     _count(lifted, "metadata_asserts_removed", _drop_metadata_asserts(gm))
     if lifted:

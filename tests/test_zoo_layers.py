@@ -372,6 +372,49 @@ def test_weights_computed_from_parameters_are_folded_and_the_layers_prune():
     assert pruned.modules()["a"].weight.shape == (8, 3, 3, 3)
 
 
+def _capture(model, x, export):
+    """The model as torch.fx captures it, or as torch.export does (aten ops, then lifted)."""
+    from graphopt.ir import Graph
+    from graphopt.trace import _export_capture
+
+    return Graph(_export_capture(model, (x,)), (x,), captured_by="torch.export") if export \
+        else graphopt.trace(model, x)
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_a_linear_written_as_a_matmul_with_the_transposed_weight_becomes_a_linear(export):
+    """Falcon's FalconLinear computes ``x @ self.weight.T + self.bias``: a Linear with that bias at
+    the layer's own path (state-dict keys unchanged), so its channels prune; a matmul of two
+    activations stays a matmul."""
+    class MatmulLinear(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(cout, cin)), nn.Parameter(torch.randn(cout))
+
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = MatmulLinear(8, 32), MatmulLinear(32, 8)
+
+        def forward(self, x):
+            y = self.down(torch.relu(self.up(x)))
+            return y @ y.transpose(-1, -2)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 5, 8)
+    graph = _capture(model, x, export)
+    up = graph.modules()["up"]
+    assert isinstance(up, nn.Linear) and up.bias is not None and up.weight.shape == (32, 8)
+    assert set(dict(graph.gm.named_parameters())) == {"up.weight", "up.bias", "down.weight", "down.bias"}
+    torch.testing.assert_close(graph.run(x), model(x), rtol=1e-5, atol=1e-4)
+    pruned = PassManager([PruneChannels(ratio=0.25)]).run(graph).graph
+    assert pruned.modules()["up"].weight.shape == (24, 8) and pruned.modules()["down"].weight.shape == (8, 24)
+
+
 # -- timm's own layers (timm is a benchmark extra: requirements-bench.txt) ----------------------------
 def test_timm_norm_act_and_same_padding_models_prune_and_quantize(tmp_path):
     timm = pytest.importorskip("timm")
