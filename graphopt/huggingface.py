@@ -23,6 +23,7 @@ from torch import nn
 
 from graphopt.errors import ExportError
 from graphopt.ir import Graph
+from graphopt.verify import compare_outputs, flatten_outputs
 
 __all__ = ["to_pretrained"]
 
@@ -139,28 +140,14 @@ def _fitting_config(model: nn.Module, pruned: dict, changed: dict[str, tuple]) -
         f"heads (keep the attention layers: exclude=['*attention*'] or the architecture's names)")
 
 
-def _leaves(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [leaf for item in output for leaf in _leaves(item)]
-    return []
-
-
 def _check_outputs(graph: Graph, rebuilt: nn.Module) -> None:
     kwargs = {"use_cache": False} if getattr(rebuilt.config, "use_cache", False) else {}
     with torch.no_grad():
-        expected = _leaves(graph.run())
+        expected = flatten_outputs(graph.run())
         names = graph.meta.get("input_names")      # traced on keyword inputs
         inputs = dict(zip(names, graph.example_inputs)) if names else {}
-        got = _leaves(rebuilt(*() if names else graph.example_inputs, **inputs, **kwargs))[:len(expected)]
-    for index, (want, have) in enumerate(zip(expected, got)):
-        scale = want.abs().max().clamp_min(1e-12)
-        error = ((want - have).abs().max() / scale).item() if want.shape == have.shape else float("inf")
-        if not error <= _TOLERANCE:
-            raise ExportError(f"to_pretrained(): the rebuilt {type(rebuilt).__name__} differs from the graph "
-                              f"(output {index}: relative error {error:.2e} > {_TOLERANCE:g})")
+        got = flatten_outputs(rebuilt(*() if names else graph.example_inputs, **inputs, **kwargs))
+    _, error = compare_outputs(expected, got[:len(expected)])
+    if not error <= _TOLERANCE:
+        raise ExportError(f"to_pretrained(): the rebuilt {type(rebuilt).__name__} differs from the graph "
+                          f"(relative error {error:.2e} > {_TOLERANCE:g})")

@@ -119,3 +119,19 @@ def test_keyword_inputs_the_model_does_not_take_are_named():
         graphopt.trace(Two(), {"x": torch.randn(2)}, dynamic_shapes={"scal": None})
     graph = graphopt.trace(Two(), {"scale": torch.full((2,), 3.0), "x": torch.ones(2)})   # dict order is the graph's
     assert torch.equal(graph.run(torch.full((2,), 2.0), torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_a_graph_computing_something_the_config_cannot_build_is_refused():
+    """The weights fit a config but the graph's computation was changed (here: its output
+    doubled by an edit no config can say): the rebuilt model's outputs differ and nothing is
+    returned."""
+    model = _bert()
+    graph = graphopt.trace(model, _inputs())
+    hidden = next(n for n in graph.nodes if n.name.startswith("encoder_layer_1_output_layer_norm")
+                  or n.target == "encoder.layer.1.output.LayerNorm")
+    with graph.gm.graph.inserting_after(hidden):
+        doubled = graph.gm.graph.call_function(torch.mul, (hidden, 2.0))
+    hidden.replace_all_uses_with(doubled, delete_user_cb=lambda user: user is not doubled)
+    graph.gm.recompile()
+    with pytest.raises(ExportError, match=r"rebuilt BertModel differs from the graph \(relative error"):
+        to_pretrained(graph, model)
