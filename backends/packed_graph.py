@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphopt.backends.packed_errors import DisallowedTarget, UnsupportedGraph
+from graphopt.modules import PrunedLayerNorm
 
 # -- allow-lists -------------------------------------------------------------------------
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
@@ -50,8 +51,16 @@ MODULES: dict[type, tuple[str, ...]] = {
     nn.AdaptiveAvgPool1d: ("output_size",), nn.AdaptiveAvgPool2d: ("output_size",),
     nn.AdaptiveMaxPool2d: ("output_size", "return_indices"),
     nn.Upsample: ("size", "scale_factor", "mode", "align_corners"),
+    PrunedLayerNorm: ("normalized", "count", "eps", "affine", "bias"),
 }
-_MODULE_NAMES = {f"torch.nn.{cls.__name__}": cls for cls in MODULES}
+
+
+def _type_name(cls: type) -> str:
+    """``torch.nn.Conv2d``; graphopt's own modules under ``graphopt.modules``."""
+    return f"graphopt.modules.{cls.__name__}" if cls.__module__ == "graphopt.modules" else f"torch.nn.{cls.__name__}"
+
+
+_MODULE_NAMES = {_type_name(cls): cls for cls in MODULES}
 
 _F_NAMES = ("relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu", "elu",
             "mish", "softmax", "log_softmax", "dropout", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
@@ -200,9 +209,9 @@ def encode_modules(gm: fx.GraphModule) -> tuple[list[dict], list[tuple[str, torc
             cls = nn.Module  # the GraphModule itself is rebuilt by fx
         elif cls not in MODULES:
             raise UnsupportedGraph(f"module {path!r} is a {cls.__module__}.{cls.__qualname__}, which is not in the "
-                                   f"packed format's allow-list of torch.nn modules")
+                                   f"packed format's allow-list of modules")
         args = _constructor_args(module, MODULES[cls]) if path else {}
-        entries.append({"path": path, "type": f"torch.nn.{cls.__name__}", "training": module.training,
+        entries.append({"path": path, "type": _type_name(cls), "training": module.training,
                         "args": {k: encode_value(v, f"module {path!r} argument {k!r}") for k, v in args.items()}})
         prefix = f"{path}." if path else ""
         for name, param in module.named_parameters(recurse=False):

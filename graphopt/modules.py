@@ -72,3 +72,43 @@ class PrunedMultiheadAttention(nn.Module):
         if not need_weights:
             return out, None
         return out, (weights.mean(dim=1) if average_attn_weights else weights)
+
+
+class PrunedLayerNorm(nn.Module):
+    """LayerNorm over the last axis after some of its ``count`` channels were pruned: the removed
+    channels are counted as the zeros they are in the masked original (every producer of them
+    zeroed), so the mean and variance are the original LayerNorm's, exactly:
+    ``mean = sum(x) / count``, ``var = (sum((x - mean)^2) + (count - kept) * mean^2) / count``.
+    nn.LayerNorm would divide by the channels that remain and change every output."""
+
+    def __init__(self, normalized: int, count: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
+        super().__init__()
+        if not 0 < normalized <= count:
+            raise ValueError(f"PrunedLayerNorm: {normalized} channels kept of {count}")
+        self.normalized, self.count, self.eps, self.affine = normalized, count, eps, affine
+        self.weight = nn.Parameter(torch.ones(normalized)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(normalized)) if affine and bias else None
+
+    @classmethod
+    def from_sliced(cls, norm: nn.Module, kept: int, count: int) -> "PrunedLayerNorm":
+        """From an nn.LayerNorm (or a PrunedLayerNorm) whose weight and bias were already cut to
+        ``kept`` channels; ``count``: the channels of the LayerNorm the model was traced with."""
+        module = cls(kept, count, norm.eps, affine=norm.weight is not None, bias=norm.bias is not None)
+        with torch.no_grad():
+            if norm.weight is not None:
+                module.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=norm.weight.requires_grad)
+            if norm.bias is not None:
+                module.bias = nn.Parameter(norm.bias.detach().clone(), requires_grad=norm.bias.requires_grad)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.sum(-1, keepdim=True) / self.count
+        centered = x - mean
+        removed = float(self.count - self.normalized)
+        var = (centered.pow(2).sum(-1, keepdim=True) + removed * mean.pow(2)) / self.count
+        y = centered * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y

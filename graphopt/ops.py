@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 
 
-from graphopt.modules import PrunedMultiheadAttention
+from graphopt.modules import PrunedLayerNorm, PrunedMultiheadAttention
 
 
 class OpKind(str, enum.Enum):
@@ -51,7 +51,7 @@ _MODULE_KINDS: list[tuple[tuple[type, ...], OpKind]] = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), OpKind.CONV),
     ((nn.Linear, nn.Bilinear), OpKind.LINEAR),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm), OpKind.NORM),
+      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, PrunedLayerNorm), OpKind.NORM),
     ((nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
       nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU), OpKind.ACTIVATION),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,

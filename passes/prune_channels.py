@@ -27,7 +27,7 @@ from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, P
                                ChannelGroup, ChannelPlan, channel_groups)
 from graphopt.budget import Budget, Step, allocate, give_back, least
 from graphopt.cost import Cost, CostModel, Resize
-from graphopt.modules import PrunedMultiheadAttention
+from graphopt.modules import PrunedLayerNorm, PrunedMultiheadAttention
 from graphopt.errors import ConfigError, GraphoptError
 from graphopt.ir import Graph
 from graphopt.layer_selection import LayerPatterns, LayerSelection, is_table
@@ -231,6 +231,7 @@ class PruneChannels(Pass):
         original = graph.clone()
         start = original.analysis("cost")
         keeps: dict[tuple[str, int], torch.Tensor] = {}
+        zeroed: set[tuple[str, int]] = set()
         summaries = []
         for step in range(1, self.steps + 1):
             if self.ratio is not None:  # each step keeps the same share, compounding to 1 - ratio
@@ -240,7 +241,7 @@ class PruneChannels(Pass):
                 now = getattr(graph.analysis("cost"), key)
                 choice = self.plan(graph, ctx, goal=min(1.0, target ** (step / self.steps) * getattr(start, key) / now))
             summaries.append(choice.summary())
-            for (name, dim), removed in self.apply(graph, choice).items():
+            for (name, dim), removed in self.apply(graph, choice, zeroed).items():
                 current = keeps.get((name, dim), torch.arange(original.attr(name).shape[dim]))
                 keeps[(name, dim)] = current[[i for i in range(len(current)) if i not in removed]]
         first = summaries[0]
@@ -249,14 +250,18 @@ class PruneChannels(Pass):
         if self.steps > 1:
             stats["steps"] = self.steps
         return PassResult(graph, changed=stats["channels_removed"] > 0, stats=stats,
-                          reference=_masked(original, keeps))
+                          reference=_masked(original, keeps, zeroed))
 
-    def apply(self, graph: Graph, choice: PruneChoice) -> dict[tuple[str, int], set[int]]:
-        """Slice every member of every chosen group; returns the cuts made, by (tensor, axis)."""
+    def apply(self, graph: Graph, choice: PruneChoice,
+              zeroed: set[tuple[str, int]] | None = None) -> dict[tuple[str, int], set[int]]:
+        """Slice every member of every chosen group; returns the cuts made, by (tensor, axis).
+        ``zeroed`` collects the (tensor, axis) pairs of groups a LayerNorm normalises: the
+        masked original zeroes every member of those, not only the consumers' columns."""
         cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         literal_edits: dict[tuple[str, int, int, str], int] = defaultdict(int)
         split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
         group_norms: dict[str, set[int]] = defaultdict(set)
+        layer_norms: dict[str, tuple[int, int, int]] = {}   # target -> (width now, traced width, removed)
         depthwise = set()
         heads_kept: dict[str, int] = {}
         groups = {g.id: g for g in choice.plan.groups}
@@ -274,6 +279,11 @@ class PruneChannels(Pass):
                 if m.role == NORM and isinstance(modules.get(m.target), nn.GroupNorm):
                     group_norms[m.target] |= positions
                     continue
+                norm = modules.get(m.target) if m.role == NORM else None
+                if isinstance(norm, (nn.LayerNorm, PrunedLayerNorm)):
+                    width = norm.normalized if isinstance(norm, PrunedLayerNorm) else norm.normalized_shape[0]
+                    count = norm.count if isinstance(norm, PrunedLayerNorm) else width
+                    layer_norms[m.target] = (width, count, layer_norms.get(m.target, (0, 0, 0))[2] + len(positions))
                 module_tensors = _tensors_of(graph, m)
                 for tensor_name, axis in module_tensors:
                     cuts[tensor_name][axis] |= positions
@@ -286,6 +296,15 @@ class PruneChannels(Pass):
             graph.replace_module(target, PrunedMultiheadAttention.from_sliced(graph.gm.get_submodule(target), kept))
         for target, positions in group_norms.items():
             resize_group_norm(graph, target, positions)
+        for target, (width, count, removed) in layer_norms.items():
+            graph.replace_module(target, PrunedLayerNorm.from_sliced(graph.gm.get_submodule(target), width - removed, count))
+        if zeroed is not None:
+            normalised = {gid for gid in choice.removed
+                          if any(m.role == NORM and m.target in layer_norms for m in groups[gid].members)}
+            for gid in normalised:
+                for m in groups[gid].members:
+                    if m.role not in (SHAPE_ARG, SLICE, SPLIT):
+                        zeroed.update(_tensors_of(graph, m))
         _rewrite_literals(graph, literal_edits)
         for (node_name, dim), removed in split_edits.items():
             split_sizes(graph.node(node_name), dim, removed)
@@ -341,9 +360,12 @@ def _rewrite_literals(graph: Graph, edits: dict[tuple[str, int, int, str, int], 
         node.args = tuple(args)
 
 
-def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Graph:
+def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor],
+            zeroed: set[tuple[str, int]] = frozenset()) -> Graph:
     """The original graph (edited in place: the pass's own copy) with every removed
-    channel's consumer columns zeroed: what the pruned graph must compute exactly."""
+    channel's consumer columns zeroed: what the pruned graph must compute exactly. In the
+    groups a LayerNorm normalises (``zeroed``) every member is zeroed, producers and the
+    norm's own weight and bias too, so the removed channels are zeros the norm counts."""
     masked = original
     modules = masked.modules()
     with torch.no_grad():
@@ -353,11 +375,11 @@ def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor]) -> Grap
             # a grouped conv's column j is input j of every group: zeroing it masks all of them
             consumer = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and
                                                           not isinstance(module, nn.modules.conv._ConvTransposeNd))
-            if dim == 1 and attr == "weight" and consumer:
+            if (dim == 1 and attr == "weight" and consumer) or (name, dim) in zeroed:
                 tensor = masked.attr(name)
-                mask = torch.ones(tensor.shape[1], dtype=torch.bool, device=tensor.device)
+                mask = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
                 mask[keep] = False
-                tensor[:, mask] = 0
+                tensor.index_fill_(dim, mask.nonzero().flatten(), 0)
     return masked
 
 

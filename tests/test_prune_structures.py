@@ -402,3 +402,72 @@ def test_minilm_heads_and_ffn_prune_to_a_graph_equal_to_the_masked_original():
         pruned, masked = gm(ids, mask), result.reference.gm(ids, mask)
         assert (pruned - masked).abs().max() <= 1e-5 * masked.abs().max()
         assert (pruned - encoder(ids, mask)).abs().max() > 1e-3
+
+
+# -- residual streams a LayerNorm normalises ------------------------------------------------------------
+def test_pruned_layer_norm_is_the_layer_norm_of_the_zeros_it_lost():
+    """Reference: torch's LayerNorm over the full width with the removed channels zero. Normalising
+    the kept channels alone (nn.LayerNorm of the smaller width) is not it."""
+    import torch.nn.functional as F
+    from graphopt.modules import PrunedLayerNorm
+
+    torch.manual_seed(0)
+    weight, bias = torch.rand(12, dtype=torch.float64) + 0.5, torch.randn(12, dtype=torch.float64)
+    keep = [0, 2, 3, 5, 8, 9, 11]
+    x = torch.randn(4, 7, 12, dtype=torch.float64) + 0.7
+    masked = torch.zeros_like(x)
+    masked[..., keep] = x[..., keep]
+    reference = F.layer_norm(masked, (12,), weight, bias, 1e-5)[..., keep]
+    pruned = PrunedLayerNorm(7, 12, 1e-5).double()
+    with torch.no_grad():
+        pruned.weight.copy_(weight[keep])
+        pruned.bias.copy_(bias[keep])
+    torch.testing.assert_close(pruned(x[..., keep]), reference, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(F.layer_norm(x[..., keep], (7,), weight[keep], bias[keep], 1e-5), reference, atol=1e-2)
+    with pytest.raises(ValueError, match="9 channels kept of 8"):
+        PrunedLayerNorm(9, 8)
+
+
+class Stream(nn.Module):
+    """A pre-norm transformer's residual stream without attention: token embedding, a position
+    parameter, two normalised MLP blocks, a final norm and a head on the mean token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = nn.Linear(6, 16), nn.Parameter(torch.randn(1, 5, 16))
+        self.norms = nn.ModuleList([nn.LayerNorm(16) for _ in range(3)])
+        self.fc1 = nn.ModuleList([nn.Linear(16, 32) for _ in range(2)])
+        self.fc2 = nn.ModuleList([nn.Linear(32, 16) for _ in range(2)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x) + self.pos
+        for i in range(2):
+            x = x + self.fc2[i](torch.relu(self.fc1[i](self.norms[i](x))))
+        return self.head(self.norms[2](x).mean(1))
+
+
+def test_a_residual_stream_a_layer_norm_normalises_prunes_exactly_twice_and_exports(tmp_path):
+    from graphopt.modules import PrunedLayerNorm
+
+    torch.manual_seed(0)
+    model = Stream().eval()
+    for norm in model.norms:
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.normal_(norm.bias)
+    x = torch.randn(2, 5, 6)
+    graph = graphopt.trace(model, x)
+    stream = next(g for g in channel_groups(graph).groups if any(m.target == "embed" for m in g.members))
+    assert not stream.blocked and stream.size == 16
+    result = PassManager([PruneChannels(ratio=0.25), PruneChannels(ratio=0.25)]).run(graph)
+    assert all(r.contract_error < 1e-5 for r in result.records[1:])
+    norms = [m for m in result.graph.modules().values() if isinstance(m, PrunedLayerNorm)]
+    assert [(n.normalized, n.count) for n in norms] == [(9, 16)] * 3      # 16 -> 12 -> 9, counted of 16
+    assert result.graph.modules()["embed"].out_features == 9 and result.graph.modules()["head"].in_features == 9
+    assert result.graph.attr("pos").shape == (1, 5, 9)
+    onnx_backend.export(result.graph, tmp_path / "stream.onnx")   # checked in onnxruntime against the graph
+    from graphopt.backends import packed
+
+    packed.export(result.graph, tmp_path / "stream.gpk")
+    loaded = packed.load(tmp_path / "stream.gpk")
+    torch.testing.assert_close(loaded.run(x), result.graph.run(x), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import graphopt
 from graphopt import PassContext, PassManager
 from graphopt.backends import onnx_int8
 from graphopt.passes import FoldBatchNorm, FoldQDQ, InsertQDQ, PruneChannels
+from graphopt.modules import PrunedLayerNorm
 from graphopt.pruning.channels import channel_groups
 
 from conftest import randomize_bn
@@ -214,9 +215,11 @@ def test_functional_layer_and_group_norms_become_modules_and_resizing_passes_cha
     mid = next(g for g in groups if any(m.target == "mid" and m.role == "out" for m in g.members))
     assert not mid.blocked                                  # whole GroupNorm groups, through the resize
     first = next(g for g in groups if any(m.target == "conv" and m.role == "out" for m in g.members))
-    assert any("LayerNorm normalises over these channels" in r for r in first.blocked)
+    assert not first.blocked                                # the channels-last LayerNorm counts the removed as zeros
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
     assert result.graph.gm.get_submodule("gn").num_groups == 2 and result.records[1].contract_error < 1e-5
+    norm = next(m for m in result.graph.modules().values() if isinstance(m, PrunedLayerNorm))
+    assert (norm.normalized, norm.count) == (8, 16)
 
 
 def test_training_mode_batch_norm_calls_stay_functional():
@@ -525,8 +528,9 @@ def test_hugging_face_gpt2_and_albert_prune(arch):
     model = transformers.AutoModel.from_config(config).eval()
     graph = graphopt.trace(model, torch.randint(0, 128, (2, 12)))
     plan = channel_groups(graph)
-    # GPT-2: heads and MLP of each of 2 layers; ALBERT: its one shared layer's heads and MLP
-    assert len(plan.prunable) == (4 if arch == "gpt2" else 2), [(g.name, g.blocked[:2]) for g in plan.groups]
+    # GPT-2: heads and MLP of each of 2 layers; ALBERT: its one shared layer's heads and MLP, and its
+    # factorised embedding (32 wide, normalised by a LayerNorm, then mapped to the hidden size)
+    assert len(plan.prunable) == (4 if arch == "gpt2" else 3), [(g.name, g.blocked[:2]) for g in plan.groups]
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
     assert result.records[1].contract_error < 1e-5 and result.records[1].macs < 0.8 * result.records[0].macs
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch.nn as nn
 from torch import fx
 
+from graphopt.modules import PrunedLayerNorm
 from graphopt.pruning.groups import DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, Member
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
@@ -68,11 +69,18 @@ class LayerRules:
         self.spaces.members[sid].append(Member(OUT, target, node.name, 0))
         return Layout(rank - 1, [Seg(sid, module.out_features)])
 
-    def layer_norm(self, node: fx.Node, x: Layout | None, first: int) -> Any:
+    def layer_norm(self, node: fx.Node, x: Layout | None, first: int, target: str = "") -> Any:
         """LayerNorm over the last axes from ``first``: its statistics must not span the channels;
-        within a row of a grid (per-head normalisation) the rows become the unit."""
+        within a row of a grid (per-head normalisation) the rows become the unit. A LayerNorm
+        module over the channel axis alone (``target``) is the exception: pruned, it becomes a
+        ``PrunedLayerNorm`` that counts the removed channels as the zeros they are in the
+        masked original, whose every producer of them the pass then zeroes too."""
         if x is None:
             return None
+        rank = len(self.graph.shape(node))
+        if target and first == rank - 1 and x.axis == first and x.sub is None:
+            self.add_members(x, NORM, target, node, 0)
+            return x
         if x.axis >= first:
             self.block(x, f"{node.name}: LayerNorm normalises over these channels "
                           "(pruning would change its statistics)")
@@ -142,7 +150,12 @@ def _batch_norm(a, node: fx.Node, module: nn.Module, x: Layout | None) -> Any:
 
 @channel_rule(module=nn.LayerNorm)
 def _layer_norm(a, node: fx.Node, module: nn.LayerNorm, x: Layout | None) -> Any:
-    return a.layer_norm(node, x, len(a.graph.shape(node)) - len(module.normalized_shape))
+    return a.layer_norm(node, x, len(a.graph.shape(node)) - len(module.normalized_shape), str(node.target))
+
+
+@channel_rule(module=PrunedLayerNorm)
+def _pruned_layer_norm(a, node: fx.Node, module: PrunedLayerNorm, x: Layout | None) -> Any:
+    return a.layer_norm(node, x, len(a.graph.shape(node)) - 1, str(node.target))
 
 
 @channel_rule(op="layer_norm")
