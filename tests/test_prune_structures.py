@@ -471,3 +471,34 @@ def test_a_residual_stream_a_layer_norm_normalises_prunes_exactly_twice_and_expo
     packed.export(result.graph, tmp_path / "stream.gpk")
     loaded = packed.load(tmp_path / "stream.gpk")
     torch.testing.assert_close(loaded.run(x), result.graph.run(x), rtol=1e-5, atol=1e-5)
+
+
+class HeadSizeFromWidth(nn.Module):
+    """Attention whose head size is computed from the stream's width read at run time
+    (``b, t, d = h.shape``; ``d // heads``): pruning the stream would change the head size."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.emb, self.qkv, self.out = nn.Linear(8, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        b, t, d = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.head(self.norm(h + self.out(a)).mean(1))
+
+
+def test_a_width_read_at_run_time_and_divided_keeps_its_channels_whole():
+    torch.manual_seed(0)
+    graph = graphopt.trace(HeadSizeFromWidth().eval(), torch.randn(2, 5, 8))
+    stream = next(g for g in channel_groups(graph).groups if any(m.target == "emb" for m in g.members))
+    assert stream.size == 16 and any("read at run time and used by floordiv" in r for r in stream.blocked)
+    heads = next(g for g in channel_groups(graph).groups if g.size == 4)
+    assert not heads.blocked
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.gm.get_submodule("emb").out_features == 16
+    assert result.graph.gm.get_submodule("qkv").out_features == 24         # 2 of 4 heads, each 4 wide, x3
+    assert result.records[0].contract_error < 1e-5

@@ -116,6 +116,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
                     self.block(self.get(parent), f"{node.name}: analysis failed ({type(exc).__name__}: {exc})")
                 self.values[node] = None
         self.decide_grids()
+        self.check_size_reads()
         return self.plan()
 
     def decide_grids(self) -> None:
@@ -132,6 +133,41 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
                 self.literal(rows_literal, [Seg(s.space, s.length, s.inner // w) for s in segs])
             if self.spaces.is_columns(segs, w):
                 self.literal(columns_literal, self.spaces.row_lists(segs, w)[0])
+
+    def check_size_reads(self) -> None:
+        """A width of tracked channels read at run time (``b, t, d = x.shape``) may only be a
+        size of a reshape of those channels, which pruning rewrites. Used anywhere else
+        (``d // heads`` as a head size) it would change with the cut and mean something else,
+        so the channels it reads stay whole."""
+        rewritten = {(m.node, m.arg, m.axis) for members in self.spaces.members.values()
+                     for m in members if m.role == SHAPE_ARG}
+        for node in self.graph.nodes:
+            if self.graph.kind(node) != OpKind.SHAPE or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            layout = self.get(node.args[0])
+            if not isinstance(layout, Layout):
+                continue
+            rank = len(self.graph.shape(node.args[0]))
+            for read, dim in _size_reads(node):
+                if dim % rank not in layout.axes() or self.keeps_size(layout, dim % rank):
+                    continue
+                for user in read.users:
+                    places = [(user.name, i, j) for i, a in enumerate(user.args)
+                              for j, b in ([(-1, a)] if not isinstance(a, (list, tuple)) else enumerate(a))
+                              if b is read]
+                    if user.op == "output" or not places or not all(p in rewritten for p in places):
+                        self.block(layout, f"{read.name}: the width of these channels is read at run time and "
+                                           f"used by {user.name} ({op_name(user)}), which pruning would not rewrite")
+                        break
+
+    def keeps_size(self, layout: Layout, axis: int) -> bool:
+        """Whether pruning leaves ``axis`` of a grid its size: its rows go whole (heads), so the
+        width of a row does not change, or its columns do, so the number of rows does not."""
+        if layout.sub is None:
+            return False
+        segs = self.spaces.resolve_segs(layout.segs)
+        return (axis == layout.sub and self.spaces.is_rows(segs, layout.width)) or \
+            (axis == layout.axis and self.spaces.is_columns(segs, layout.width))
 
     def plan(self) -> ChannelPlan:
         groups = []
@@ -229,3 +265,16 @@ def channel_groups(graph: "Graph", protected: set[str] | frozenset[str] = frozen
         groups.append(replace(g, members=list(g.members), blocked=list(g.blocked) + [f"{t} is protected"
                                                                                     for t in hit]))
     return ChannelPlan(groups)
+
+
+def _size_reads(node: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(node holding the size, axis read) for a shape op: ``x.size(d)`` / ``sym_size(x, d)``
+    itself, or the integer items taken from ``x.shape`` / ``x.size()``."""
+    dim = node.args[1] if len(node.args) > 1 and op_name(node) != "getattr" else node.kwargs.get("dim")
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        return [(node, dim)]
+    if dim is not None:
+        return []
+    return [(user, user.args[1]) for user in node.users
+            if op_name(user) in ("getitem", "__getitem__") and len(user.args) > 1
+            and isinstance(user.args[1], int) and not isinstance(user.args[1], bool)]
