@@ -94,3 +94,37 @@ def test_one_model_runs_through_the_pipeline_in_a_worker(tmp_path):
     prune = row["stages"]["prune_channels"]
     assert prune["oracle_error"] < 1e-5 and prune["prunable"] == 4 and prune["macs_kept"] < 0.9
     assert row["stages"]["onnx_int8"]["within_one_step"] >= 0.99
+
+
+# One model per family, through the whole pipeline as the sweep runs it (the CI subset of #15).
+# Golden values are the sweep's at ratio 0.3: prunable groups of all groups, and the MACs kept
+# (with 0.01 of slack for importance ties); each int8 file must match its simulated graph.
+FAMILIES = [
+    # zoo, model, family, prunable groups, of groups, MACs kept at most
+    ("hf", "bert", "encoder", 4, 6, 0.73),
+    ("hf", "gpt2", "decoder", 4, 5, 0.72),
+    ("hf", "falcon", "decoder", 2, 7, 0.80),
+    ("hf", "vit", "vision", 4, 6, 0.77),
+    ("hf", "t5", "encoder-decoder", 6, 9, 0.79),
+]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    w = zoo_sweep.Worker(ratio=0.3, threads=1)
+    yield w
+    w.stop()
+
+
+@pytest.mark.parametrize("zoo,model,family,prunable,groups,macs_kept", FAMILIES,
+                         ids=[f"{z}:{m}" for z, m, *_ in FAMILIES])
+def test_one_model_per_family_goes_through_with_its_golden_cut(worker, zoo, model, family, prunable, groups,
+                                                              macs_kept):
+    row = worker.run(zoo_models.Spec(zoo, model, family), timeout=300)
+    assert zoo_sweep.reached(row) == "onnx_int8", zoo_sweep.first_failure(row)
+    prune = row["stages"]["prune_channels"]
+    assert (prune["prunable"], prune["groups"]) == (prunable, groups), prune.get("blocking")
+    assert prune["macs_kept"] <= macs_kept + 0.01 and prune["oracle_error"] < 1e-5
+    assert row["stages"]["onnx_int8"]["within_one_step"] >= 0.99
