@@ -95,6 +95,8 @@ _FUNCTION_KINDS: dict[Callable, OpKind] = {
     F.scaled_dot_product_attention: OpKind.ATTENTION,
     F.softmax: OpKind.SOFTMAX, torch.softmax: OpKind.SOFTMAX, F.log_softmax: OpKind.SOFTMAX,
     torch.mean: OpKind.REDUCE, torch.sum: OpKind.REDUCE, torch.amax: OpKind.REDUCE,
+    torch.norm: OpKind.REDUCE, torch.linalg.vector_norm: OpKind.REDUCE,
+    torch.addcmul: OpKind.ELEMENTWISE,
     F.embedding: OpKind.EMBEDDING,
     getattr: OpKind.SHAPE,
     torch.quantize_per_tensor: OpKind.QUANTIZE, torch.quantize_per_channel: OpKind.QUANTIZE,
@@ -104,7 +106,7 @@ _FUNCTION_KINDS: dict[Callable, OpKind] = {
 }
 _METHOD_KINDS: dict[str, OpKind] = {
     **{m: OpKind.ELEMENTWISE for m in ("add", "add_", "sub", "mul", "mul_", "div", "neg", "abs",
-                                         "exp", "sqrt", "rsqrt", "pow", "clamp", "masked_fill")},
+                                         "exp", "sqrt", "rsqrt", "pow", "clamp", "masked_fill", "addcmul")},
     # dtype/device casts: the same values per channel in another type
     **{m: OpKind.ELEMENTWISE for m in ("to", "float", "half", "double", "bfloat16", "type_as")},
     **{m: OpKind.ACTIVATION for m in ("relu", "relu_", "sigmoid", "tanh", "sigmoid_")},
@@ -112,7 +114,7 @@ _METHOD_KINDS: dict[str, OpKind] = {
                                      "contiguous", "unflatten", "expand_as", "reshape_as", "view_as")},
     **{m: OpKind.PERMUTE for m in ("permute", "transpose", "swapaxes", "swapdims")},
     **{m: OpKind.SPLIT for m in ("split", "chunk", "unbind", "tensor_split")},
-    **{m: OpKind.REDUCE for m in ("mean", "sum", "amax", "max", "min")},
+    **{m: OpKind.REDUCE for m in ("mean", "sum", "amax", "max", "min", "norm")},
     **{m: OpKind.SHAPE for m in ("size", "dim")},
     "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL,
     "softmax": OpKind.SOFTMAX, "narrow": OpKind.INDEX,
@@ -132,7 +134,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     **{name: OpKind.ELEMENTWISE for name in (
         "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
         "reciprocal", "pow", "square", "erf", "clamp", "clamp_min", "clamp_max", "where", "masked_fill", "maximum",
-        "minimum", "rsub")},
+        "minimum", "rsub", "addcmul")},
     "cat": OpKind.CONCAT, "stack": OpKind.CONCAT, "split": OpKind.SPLIT, "split_with_sizes": OpKind.SPLIT,
     "chunk": OpKind.SPLIT, "unbind": OpKind.SPLIT, "getitem": OpKind.INDEX, "slice": OpKind.INDEX, "select": OpKind.INDEX,
     "narrow": OpKind.INDEX,
@@ -141,7 +143,7 @@ _ATEN_KINDS: dict[str, OpKind] = {
     "expand_as": OpKind.RESHAPE, "reshape_as": OpKind.RESHAPE, "view_as": OpKind.RESHAPE,
     "permute": OpKind.PERMUTE, "transpose": OpKind.PERMUTE, "t": OpKind.PERMUTE,
     "max_pool2d": OpKind.POOL, "avg_pool2d": OpKind.POOL, "adaptive_avg_pool2d": OpKind.POOL,
-    "mean": OpKind.REDUCE, "sum": OpKind.REDUCE,
+    "mean": OpKind.REDUCE, "sum": OpKind.REDUCE, "linalg_vector_norm": OpKind.REDUCE,
     "matmul": OpKind.MATMUL, "mm": OpKind.MATMUL, "bmm": OpKind.MATMUL,
     "softmax": OpKind.SOFTMAX, "_softmax": OpKind.SOFTMAX,
     "scaled_dot_product_attention": OpKind.ATTENTION,

@@ -13,6 +13,7 @@ columns zeroed) as its reference, and promises exact equality with it.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from pydantic import model_validator
 from torch import fx
 
 from graphopt.pruning.groups import blocking_summary  # noqa: F401  (re-exported)
-from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
+from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
                                ChannelGroup, ChannelPlan, channel_groups)
 from graphopt.budget import Budget, Step, allocate, give_back, least
 from graphopt.cost import Cost, CostModel, Resize
@@ -262,6 +263,7 @@ class PruneChannels(Pass):
         split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
         group_norms: dict[str, set[int]] = defaultdict(set)
         layer_norms: dict[str, tuple[int, int, int]] = {}   # target -> (width now, traced width, removed)
+        means: dict[str, tuple[int, int]] = {}              # mean node -> (width it averages, removed)
         depthwise = set()
         heads_kept: dict[str, int] = {}
         groups = {g.id: g for g in choice.plan.groups}
@@ -275,6 +277,9 @@ class PruneChannels(Pass):
                     continue
                 if m.role == SPLIT:
                     split_edits[(m.node, m.arg)][m.axis] += len(positions)
+                    continue
+                if m.role == MEAN:
+                    means[m.node] = (m.size, means.get(m.node, (0, 0))[1] + len(positions))
                     continue
                 if m.role == NORM and isinstance(modules.get(m.target), nn.GroupNorm):
                     group_norms[m.target] |= positions
@@ -300,12 +305,15 @@ class PruneChannels(Pass):
             graph.replace_module(target, PrunedLayerNorm.from_sliced(graph.gm.get_submodule(target), width - removed, count))
         if zeroed is not None:
             normalised = {gid for gid in choice.removed
-                          if any(m.role == NORM and m.target in layer_norms for m in groups[gid].members)}
+                          if any((m.role == NORM and m.target in layer_norms) or m.role == MEAN
+                                 for m in groups[gid].members)}
             for gid in normalised:
                 for m in groups[gid].members:
                     if m.role not in (SHAPE_ARG, SLICE, SPLIT):
                         zeroed.update(_tensors_of(graph, m))
         _rewrite_literals(graph, literal_edits)
+        for node_name, (width, removed) in means.items():
+            _count_removed_zeros(graph, graph.node(node_name), (width - removed) / width)
         for (node_name, dim), removed in split_edits.items():
             split_sizes(graph.node(node_name), dim, removed)
         graph.commit()
@@ -332,6 +340,14 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
         return [(f"{m.target}.{n}", 0) for n in ("weight", "bias", "running_mean", "running_var")
                 if names.get(n) is not None]
     return []
+
+
+def _count_removed_zeros(graph: Graph, node: fx.Node, kept_share: float) -> None:
+    """A mean over channels some of which are gone, as the mean over all of them with the
+    removed ones the zeros they are in the masked original: scaled by the share kept."""
+    with graph.gm.graph.inserting_after(node):
+        scaled = graph.gm.graph.call_function(operator.mul, (node, kept_share))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
 
 
 def _shrunk(literal: Any, removed: int, bound: str, size: int = 0, siblings: Any = ()) -> Any:

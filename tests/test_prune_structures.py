@@ -502,3 +502,62 @@ def test_a_width_read_at_run_time_and_divided_keeps_its_channels_whole():
     assert result.graph.gm.get_submodule("emb").out_features == 16
     assert result.graph.gm.get_submodule("qkv").out_features == 24         # 2 of 4 heads, each 4 wide, x3
     assert result.records[0].contract_error < 1e-5
+
+
+class RMSStream(nn.Module):
+    """A Llama-style residual stream: RMS norms written out (``x * rsqrt(mean(x^2))``), a SiLU MLP,
+    and a ConvNeXt-V2 global response norm (spatial L2 norm over the mean over channels)."""
+
+    def __init__(self, d=16, shift=0.0):
+        super().__init__()
+        self.shift = shift
+        self.embed, self.up, self.down, self.head = nn.Linear(8, d), nn.Linear(d, 32), nn.Linear(32, d), nn.Linear(d, 3)
+        self.w1, self.w2 = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.rand(d) + 0.5)
+        self.grn_gamma, self.grn_beta = nn.Parameter(torch.rand(32)), nn.Parameter(torch.rand(32))
+
+    @staticmethod
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.shift if self.shift else h
+        u = torch.nn.functional.silu(self.up(self.rms(h, self.w1)))
+        g = u.norm(p=2, dim=1, keepdim=True)
+        u = u + self.grn_gamma * (u * (g / (g.mean(-1, keepdim=True) + 1e-6))) + self.grn_beta
+        h = h + self.down(u)
+        return self.head(self.rms(h, self.w2).mean(1))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_a_mean_over_the_channels_of_zeros_prunes_exactly_twice(tmp_path, export):
+    from test_zoo_layers import _capture
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    graph = _capture(RMSStream().eval(), x, export)
+    groups = channel_groups(graph).groups
+    stream = next(g for g in groups if any(m.target == "embed" for m in g.members))
+    hidden = next(g for g in groups if any(m.target == "up" and m.role == "out" for m in g.members))
+    assert not stream.blocked and not hidden.blocked
+    assert sum(m.role == "mean" for m in stream.members) == 2 and sum(m.role == "mean" for m in hidden.members) == 1
+    result = PassManager([PruneChannels(ratio=0.25), PruneChannels(ratio=0.25)]).run(graph)
+    assert all(r.contract_error < 1e-5 for r in result.records)
+    assert result.graph.modules()["embed"].out_features == 9 and result.graph.modules()["up"].out_features == 18
+    assert result.records[-1].max_error > 1e-3                       # the function did change: the oracle had work
+    if export:
+        return
+    onnx_backend.export(result.graph, tmp_path / "rms.onnx")
+    from graphopt.backends import packed
+
+    packed.export(result.graph, tmp_path / "rms.gpk")
+    torch.testing.assert_close(packed.load(tmp_path / "rms.gpk").run(x), result.graph.run(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mean_over_channels_that_are_not_zeros_keeps_them_whole():
+    torch.manual_seed(0)
+    graph = graphopt.trace(RMSStream(shift=1.0).eval(), torch.randn(2, 5, 8))   # embed(x) + 1: not zeros
+    stream = next(g for g in channel_groups(graph).groups if any(m.target == "embed" for m in g.members))
+    assert any("mean over the channels of a tensor that is not zero" in r for r in stream.blocked)
+    result = PassManager([PruneChannels(ratio=0.25)]).run(graph)
+    assert result.graph.modules()["embed"].out_features == 16 and result.records[0].contract_error < 1e-5

@@ -34,7 +34,7 @@ from graphopt.analysis import register_analysis
 from graphopt.ops import OpKind, op_name
 from graphopt.pruning.attention_rules import AttentionRules
 from graphopt.pruning.elementwise_rules import ElementwiseRules
-from graphopt.pruning.groups import (DEPTHWISE, EMBED, HEADS, IN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT, Entry,
+from graphopt.pruning.groups import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT, Entry,
                                      ChannelGroup, ChannelPlan, Member, ParamRef, Stack, _block_shared_literals,
                                      _distinct, _layouts)
 from graphopt.pruning.index_rules import IndexRules
@@ -42,12 +42,13 @@ from graphopt.pruning.layer_rules import LayerRules
 from graphopt.pruning.reshape_rules import ReshapeRules
 from graphopt.pruning.rules import is_strict, module_rule, op_rule, rule_failed
 from graphopt.pruning.spaces import Layout, Seg, Spaces, Unaligned
+from graphopt.pruning.zeros import keeps_zeros
 
 if TYPE_CHECKING:
     from graphopt.ir import Graph
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "ChannelPlan", "Layout", "Member", "ParamRef", "Seg", "channel_groups",
-           "DEPTHWISE", "EMBED", "HEADS", "IN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SLICE", "SPLIT"]
+           "DEPTHWISE", "EMBED", "HEADS", "IN", "MEAN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SLICE", "SPLIT"]
 
 
 class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, AttentionRules):
@@ -63,6 +64,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
         self.grids: list[tuple[str, Layout]] = []                 # every grid view, to decide at the end
         self.grid_literals: list[tuple[Layout, Entry, Entry]] = []
         self.first_calls: dict[str, fx.Node] = {}                 # module with weights -> its first call
+        self.zeros: dict[fx.Node, bool] = {}                      # zero where its producers are zeroed
 
     def new_space(self, size: int, name: str) -> int:
         return self.spaces.new(size, [name])
@@ -115,6 +117,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
                 for parent in node.all_input_nodes:
                     self.block(self.get(parent), f"{node.name}: analysis failed ({type(exc).__name__}: {exc})")
                 self.values[node] = None
+            self.zeros[node] = keeps_zeros(self.values, self.zeros, self.modules, node)
         self.decide_grids()
         self.check_size_reads()
         return self.plan()

@@ -7,7 +7,7 @@ from typing import Any
 from torch import fx
 
 from graphopt.ops import OpKind, op_name
-from graphopt.pruning.groups import PARAM, SPLIT, Member, ParamParts, ParamRef, _positions
+from graphopt.pruning.groups import MEAN, PARAM, SPLIT, Member, ParamParts, ParamRef, _positions
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -202,8 +202,9 @@ class ElementwiseRules:
         if not isinstance(x, Layout):
             return None
         rank = len(self.graph.shape(node.args[0]))
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        at = 2 if op_name(node) in ("norm", "linalg_vector_norm") else 1   # norm(x, p, dim, keepdim)
+        dims = node.args[at] if len(node.args) > at else node.kwargs.get("dim")
+        keepdim = node.args[at + 1] if len(node.args) > at + 1 else node.kwargs.get("keepdim", False)
         if dims is None or dims == []:
             self.block(x, f"{node.name}: reduces over every axis")
             return None
@@ -211,6 +212,14 @@ class ElementwiseRules:
         if x.sub is not None and x.axis in dims and x.sub not in dims:   # over the rows of a grid
             x = Layout(x.sub, self.spaces.columns(x.segs, x.width))      # every row loses the same columns
         if x.axis in dims:
+            if op_name(node) == "mean" and dims == {x.axis} and x.sub is None:
+                if self.zeros.get(node.args[0], False):   # RMSNorm, global response norm
+                    for seg, offset in zip(x.segs, x.offsets()):
+                        self.spaces.add_member(seg, Member(MEAN, "", node.name, x.axis, offset, size=x.positions))
+                    return None
+                self.block(x, f"{node.name}: mean over the channels of a tensor that is not zero where "
+                              "its channels are removed")
+                return None
             self.block(x, f"{node.name}: reduces over the channels")
             return None
         if x.sub is not None and x.sub in dims:  # within each row: rows stay whole, the columns are gone
