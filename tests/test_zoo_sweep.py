@@ -106,6 +106,15 @@ FAMILIES = [
     ("hf", "falcon", "decoder", 2, 7, 0.80),
     ("hf", "vit", "vision", 4, 6, 0.77),
     ("hf", "t5", "encoder-decoder", 6, 9, 0.79),
+    ("timm", "resnet18", "resnet", 12, 13, 0.51),
+    ("timm", "tf_efficientnet_b0", "efficientnet", 40, 41, 0.52),          # TF "same" padding
+    ("timm", "mobilenetv3_small_050", "mobilenetv3", 26, 27, 0.57),        # SE, hard-swish, depthwise
+    ("timm", "gernet_s", "byobnet", 28, 29, 0.50),
+    ("timm", "vit_tiny_patch16_224", "vision_transformer", 25, 26, 0.49),  # LayerNorm stream, fused qkv
+    ("timm", "convnextv2_atto", "convnext", 16, 17, 0.51),                 # global response norm
+    ("timm", "mobilevit_xxs", "mobilevit", 40, 47, 0.61),                  # conv + transformer hybrid
+    ("torchvision", "mobilenet_v3_small", "mobilenet_v3", 27, 28, 0.53),
+    ("torchvision", "googlenet", "googlenet", 57, 58, 0.51),
 ]
 
 
