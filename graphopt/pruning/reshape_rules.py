@@ -67,7 +67,7 @@ class ReshapeRules:
                     self.grids.append((node.name, grid))
                     return grid
                 if 1 < outs[j] < n and n % outs[j] == 0:
-                    return self.stack(node, x, j, outs)
+                    return self.interleaved(node, x, j, outs) or self.stack(node, x, j, outs)
             return None
         rows, cols = _landing(ins, outs, x.axis), _landing(ins, outs, x.sub)
         if rows is not None and cols is not None:
@@ -137,6 +137,25 @@ class ReshapeRules:
         items = tuple(Layout(j + 1, segs, j + 2, rest[1]) for segs in ranges)
         self.grids.extend((node.name, item) for item in items)
         return Stack(j, items)
+
+    def interleaved(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Stack | None:
+        """Heads outermost, q/k/v inside each (BLOOM: ``view(B, N, H, 3, d)``, then
+        ``select(view, 3, i)``): a stack on axis ``j + 1`` whose entries share the head space,
+        each head ``d`` wide in them and ``3 * d`` in the fused layer. Only where every use
+        takes the stack apart on that axis; otherwise the view is read as ``stack`` reads it."""
+        if len(outs) < j + 3 or outs[j] * outs[j + 1] * outs[j + 2] != x.positions or outs[j + 1] < 2:
+            return None
+        rank, axis = len(outs), j + 1
+        for user in node.users:
+            name = op_name(user)
+            dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+            if not (name in ("select", "unbind") and isinstance(dim, int) and dim % rank == axis):
+                return None
+        count, width = outs[j + 1], outs[j + 2]
+        heads = self.spaces.blocks(x.segs, count * width)
+        item = Layout(j, [Seg(s.space, s.length, s.inner // count) for s in heads], j + 2, width)
+        self.grids.append((node.name, item))
+        return Stack(axis, (item,) * count)
 
     def derived(self, node: fx.Node, x: ParamRef, axes: list) -> ParamRef | None:
         """``x`` after ``node``, its constant's axes at ``axes`` (None if none is left)."""
