@@ -591,3 +591,34 @@ def test_fused_qkv_with_heads_outermost_loses_whole_heads(export):
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
     assert result.graph.modules()["qkv"].out_features == 24 and result.graph.modules()["out"].in_features == 8
     assert result.records[1].contract_error < 1e-5 and result.records[1].max_error > 1e-3
+
+
+class WidthOfAnotherGroup(nn.Module):
+    """PVT's spatial-reduction attention in small: ``B, N, C = x.shape`` read from the stream
+    sizes a reshape of another layer's output (``sr(x).reshape(B, C, -1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Linear(8, 16), nn.Linear(16, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head, self.head2 = nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, inp):
+        x = self.emb(inp)
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        b, t, c = x.shape
+        y = torch.relu(self.proj(x)).reshape(b * t, c)
+        return self.head(y).view(b, t, -1) + self.head2(x)
+
+
+def test_a_width_read_at_run_time_for_another_groups_reshape_keeps_its_channels_whole():
+    torch.manual_seed(0)
+    graph = graphopt.trace(WidthOfAnotherGroup().eval(), torch.randn(2, 5, 8))
+    groups = channel_groups(graph).groups
+    stream = next(g for g in groups if any(m.target == "emb" for m in g.members))
+    hidden = next(g for g in groups if any(m.target == "proj" and m.role == "out" for m in g.members))
+    assert any("read at run time and used by reshape" in r for r in stream.blocked) and not hidden.blocked
+    result = PassManager([PruneChannels(ratio=0.5, protected=["proj"])]).run(graph)   # proj's width stays
+    modules = result.graph.modules()
+    assert (modules["emb"].out_features, modules["proj"].out_features, modules["fc1"].out_features) == (16, 16, 16)
+    assert result.records[1].contract_error < 1e-5

@@ -140,10 +140,13 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
     def check_size_reads(self) -> None:
         """A width of tracked channels read at run time (``b, t, d = x.shape``) may only be a
         size of a reshape of those channels, which pruning rewrites. Used anywhere else
-        (``d // heads`` as a head size) it would change with the cut and mean something else,
-        so the channels it reads stay whole."""
-        rewritten = {(m.node, m.arg, m.axis) for members in self.spaces.members.values()
-                     for m in members if m.role == SHAPE_ARG}
+        (``d // heads`` as a head size, or the size of another group's channels) it would change
+        with the cut and mean something else, so the channels it reads stay whole."""
+        rewritten: dict[tuple, set[int]] = {}     # size literal -> the spaces whose cuts rewrite it
+        for root in self.spaces.roots():
+            for m in self.spaces.members[root]:
+                if m.role == SHAPE_ARG:
+                    rewritten.setdefault((m.node, m.arg, m.axis), set()).add(root)
         for node in self.graph.nodes:
             if self.graph.kind(node) != OpKind.SHAPE or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
@@ -151,6 +154,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
             if not isinstance(layout, Layout):
                 continue
             rank = len(self.graph.shape(node.args[0]))
+            spaces = {seg.space for seg in layout.segs}
             for read, dim in _size_reads(node):
                 if dim % rank not in layout.axes() or self.keeps_size(layout, dim % rank):
                     continue
@@ -158,7 +162,8 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
                     places = [(user.name, i, j) for i, a in enumerate(user.args)
                               for j, b in ([(-1, a)] if not isinstance(a, (list, tuple)) else enumerate(a))
                               if b is read]
-                    if user.op == "output" or not places or not all(p in rewritten for p in places):
+                    if user.op == "output" or not places or \
+                            not all(rewritten.get(p, set()) & spaces for p in places):   # not the same channels
                         self.block(layout, f"{read.name}: the width of these channels is read at run time and "
                                            f"used by {user.name} ({op_name(user)}), which pruning would not rewrite")
                         break
