@@ -24,7 +24,8 @@ from pydantic import model_validator
 from torch import fx
 
 from graphopt.pruning.groups import blocking_summary  # noqa: F401  (re-exported)
-from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT,
+from graphopt.pruning.channels import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SIZE_READ,
+                                       SLICE, SPLIT,
                                ChannelGroup, ChannelPlan, channel_groups)
 from graphopt.budget import Budget, Step, allocate, give_back, least
 from graphopt.cost import Cost, CostModel, Resize
@@ -264,6 +265,7 @@ class PruneChannels(Pass):
         group_norms: dict[str, set[int]] = defaultdict(set)
         layer_norms: dict[str, tuple[int, int, int]] = {}   # target -> (width now, traced width, removed)
         means: dict[str, tuple[int, int]] = {}              # mean node -> (width it averages, removed)
+        reads: dict[str, int] = {}                          # width read at run time -> its traced value
         depthwise = set()
         heads_kept: dict[str, int] = {}
         groups = {g.id: g for g in choice.plan.groups}
@@ -277,6 +279,9 @@ class PruneChannels(Pass):
                     continue
                 if m.role == SPLIT:
                     split_edits[(m.node, m.arg)][m.axis] += len(positions)
+                    continue
+                if m.role == SIZE_READ:
+                    reads[m.node] = m.size
                     continue
                 if m.role == MEAN:
                     means[m.node] = (m.size, means.get(m.node, (0, 0))[1] + len(positions))
@@ -311,6 +316,7 @@ class PruneChannels(Pass):
                 for m in groups[gid].members:
                     if m.role not in (SHAPE_ARG, SLICE, SPLIT):
                         zeroed.update(_tensors_of(graph, m))
+        _freeze_reads(graph, reads)
         _rewrite_literals(graph, literal_edits)
         for node_name, (width, removed) in means.items():
             _count_removed_zeros(graph, graph.node(node_name), (width - removed) / width)
@@ -340,6 +346,17 @@ def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
         return [(f"{m.target}.{n}", 0) for n in ("weight", "bias", "running_mean", "running_var")
                 if names.get(n) is not None]
     return []
+
+
+def _freeze_reads(graph: Graph, reads: dict[str, int]) -> None:
+    """A width of pruned channels read at run time becomes the width traced: what it sizes
+    keeps its meaning, and this group's own reshapes see a literal they rewrite."""
+    for name, size in reads.items():
+        node = graph.node(name)
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: size if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: size if a is node else a)
+        graph.gm.graph.erase_node(node)
 
 
 def _count_removed_zeros(graph: Graph, node: fx.Node, kept_share: float) -> None:

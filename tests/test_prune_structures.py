@@ -491,17 +491,18 @@ class HeadSizeFromWidth(nn.Module):
         return self.head(self.norm(h + self.out(a)).mean(1))
 
 
-def test_a_width_read_at_run_time_and_divided_keeps_its_channels_whole():
+def test_a_width_read_at_run_time_and_divided_becomes_the_traced_width_when_pruned():
     torch.manual_seed(0)
     graph = graphopt.trace(HeadSizeFromWidth().eval(), torch.randn(2, 5, 8))
     stream = next(g for g in channel_groups(graph).groups if any(m.target == "emb" for m in g.members))
-    assert stream.size == 16 and any("read at run time and used by floordiv" in r for r in stream.blocked)
+    assert stream.size == 16 and not stream.blocked and any(m.role == "size_read" for m in stream.members)
     heads = next(g for g in channel_groups(graph).groups if g.size == 4)
     assert not heads.blocked
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
-    assert result.graph.gm.get_submodule("emb").out_features == 16
-    assert result.graph.gm.get_submodule("qkv").out_features == 24         # 2 of 4 heads, each 4 wide, x3
+    assert result.graph.gm.get_submodule("emb").out_features == 8
+    assert result.graph.gm.get_submodule("qkv").out_features == 24         # 2 of 4 heads, each still 16 // 4 wide
     assert result.records[1].contract_error < 1e-5
+    assert "floordiv = 16 // 4" in result.graph.gm.code
 
 
 class RMSStream(nn.Module):
@@ -611,14 +612,14 @@ class WidthOfAnotherGroup(nn.Module):
         return self.head(y).view(b, t, -1) + self.head2(x)
 
 
-def test_a_width_read_at_run_time_for_another_groups_reshape_keeps_its_channels_whole():
+def test_a_width_read_at_run_time_that_sizes_another_groups_reshape_is_frozen_when_pruned():
     torch.manual_seed(0)
     graph = graphopt.trace(WidthOfAnotherGroup().eval(), torch.randn(2, 5, 8))
     groups = channel_groups(graph).groups
     stream = next(g for g in groups if any(m.target == "emb" for m in g.members))
     hidden = next(g for g in groups if any(m.target == "proj" and m.role == "out" for m in g.members))
-    assert any("read at run time and used by reshape" in r for r in stream.blocked) and not hidden.blocked
+    assert not stream.blocked and not hidden.blocked
     result = PassManager([PruneChannels(ratio=0.5, protected=["proj"])]).run(graph)   # proj's width stays
     modules = result.graph.modules()
-    assert (modules["emb"].out_features, modules["proj"].out_features, modules["fc1"].out_features) == (16, 16, 16)
+    assert (modules["emb"].out_features, modules["proj"].out_features, modules["fc1"].out_features) == (8, 16, 16)
     assert result.records[1].contract_error < 1e-5

@@ -34,7 +34,8 @@ from graphopt.analysis import register_analysis
 from graphopt.ops import OpKind, op_name
 from graphopt.pruning.attention_rules import AttentionRules
 from graphopt.pruning.elementwise_rules import ElementwiseRules
-from graphopt.pruning.groups import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SLICE, SPLIT, Entry,
+from graphopt.pruning.groups import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SIZE_READ, SLICE,
+                                     SPLIT, Entry,
                                      ChannelGroup, ChannelPlan, Member, ParamRef, Stack, _block_shared_literals,
                                      _distinct, _layouts)
 from graphopt.pruning.index_rules import IndexRules
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from graphopt.ir import Graph
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "ChannelPlan", "Layout", "Member", "ParamRef", "Seg", "channel_groups",
-           "DEPTHWISE", "EMBED", "HEADS", "IN", "MEAN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SLICE", "SPLIT"]
+           "DEPTHWISE", "EMBED", "HEADS", "IN", "MEAN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SIZE_READ", "SLICE", "SPLIT"]
 
 
 class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, AttentionRules):
@@ -138,15 +139,12 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
                 self.literal(columns_literal, self.spaces.row_lists(segs, w)[0])
 
     def check_size_reads(self) -> None:
-        """A width of tracked channels read at run time (``b, t, d = x.shape``) may only be a
-        size of a reshape of those channels, which pruning rewrites. Used anywhere else
-        (``d // heads`` as a head size, or the size of another group's channels) it would change
-        with the cut and mean something else, so the channels it reads stay whole."""
-        rewritten: dict[tuple, set[int]] = {}     # size literal -> the spaces whose cuts rewrite it
-        for root in self.spaces.roots():
-            for m in self.spaces.members[root]:
-                if m.role == SHAPE_ARG:
-                    rewritten.setdefault((m.node, m.arg, m.axis), set()).add(root)
+        """A width of tracked channels read at run time (``b, t, d = x.shape``) is fixed by the
+        weights, so where these channels are pruned the read becomes the traced width: sizes
+        of other groups' reshapes (``attn.reshape(B, N, C)``, ``sr(x).reshape(B, C, -1)``) and
+        derived sizes (``d // heads``) keep their meaning, and this group's own reshapes are
+        rewritten as literals. A read that leaves the graph, or is used other than as an
+        argument, keeps the channels whole."""
         for node in self.graph.nodes:
             if self.graph.kind(node) != OpKind.SHAPE or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
@@ -154,19 +152,19 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
             if not isinstance(layout, Layout):
                 continue
             rank = len(self.graph.shape(node.args[0]))
-            spaces = {seg.space for seg in layout.segs}
             for read, dim in _size_reads(node):
                 if dim % rank not in layout.axes() or self.keeps_size(layout, dim % rank):
                     continue
-                for user in read.users:
-                    places = [(user.name, i, j) for i, a in enumerate(user.args)
-                              for j, b in ([(-1, a)] if not isinstance(a, (list, tuple)) else enumerate(a))
-                              if b is read]
-                    if user.op == "output" or not places or \
-                            not all(rewritten.get(p, set()) & spaces for p in places):   # not the same channels
-                        self.block(layout, f"{read.name}: the width of these channels is read at run time and "
-                                           f"used by {user.name} ({op_name(user)}), which pruning would not rewrite")
-                        break
+                used = [u for u in read.users if u.op != "output" and
+                        any(a is read or (isinstance(a, (list, tuple)) and any(b is read for b in a))
+                            for a in list(u.args) + list(u.kwargs.values()))]
+                if len(used) != len(read.users):
+                    self.block(layout, f"{read.name}: the width of these channels is read at run time and "
+                                       "leaves the graph or is used in a way pruning would not rewrite")
+                    continue
+                size = self.graph.shape(node.args[0])[dim]
+                for seg in layout.segs:
+                    self.spaces.add_member(seg, Member(SIZE_READ, "", read.name, dim % rank, size=size))
 
     def keeps_size(self, layout: Layout, axis: int) -> bool:
         """Whether pruning leaves ``axis`` of a grid its size: its rows go whole (heads), so the

@@ -17,6 +17,7 @@ OUT, IN, DEPTHWISE, NORM, PARAM, EMBED, SHAPE_ARG = "out", "in", "depthwise", "n
 HEADS = "heads"  # whole attention heads: q/k/v rows of in_proj (inner = head_dim)
 SPLIT = "split"  # the size of one output of a split/chunk along the channels
 SLICE = "slice"  # a bound (``target``: "start" or "stop") of a slice object indexing the channels
+SIZE_READ = "size_read"  # ``node`` reads the channels' width at run time; pruned, it becomes the traced ``size``
 MEAN = "mean"    # a mean over the channels (``node``); pruned, it divides by the traced count (``size``)
 
 Entry = tuple[Any, Any]  # (literal int or None, (node name, arg index, element index or -1) or None)
