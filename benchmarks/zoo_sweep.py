@@ -251,6 +251,24 @@ def summary(rows: list[dict], min_cut: float) -> dict:
             "through": count(lambda r: through(r, min_cut))}
 
 
+# #15's targets, per zoo: share of models through (pipeline complete, oracle and int8 parity passing),
+# and share whose pruning at the sweep's ratio removes at least a quarter of the MACs
+TARGET_THROUGH, TARGET_CUT, CUT = 0.95, 0.90, 0.25
+
+
+def targets(rows: list[dict], min_cut: float) -> list[list]:
+    """One row per zoo (and all): through and big-cut counts, shares, and whether each target is met."""
+    table = []
+    for zoo in list(dict.fromkeys(r["zoo"] for r in rows)) + ["all"]:
+        mine = [r for r in rows if zoo in ("all", r["zoo"])]
+        n = len(mine)
+        through_n = sum(through(r, min_cut) for r in mine)
+        cut_n = sum(through(r, CUT) for r in mine)
+        table.append([zoo, n, f"{through_n} ({through_n / n:.1%})", "met" if through_n >= TARGET_THROUGH * n else "missed",
+                      f"{cut_n} ({cut_n / n:.1%})", "met" if cut_n >= TARGET_CUT * n else "missed"])
+    return table
+
+
 # -- Markdown --------------------------------------------------------------------------------------------
 def _num(value: Any, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
@@ -301,6 +319,10 @@ def markdown(payload: dict, before: dict | None = None) -> str:
     table = [[zoo] + [summary([r for r in rows if zoo in ("all", r["zoo"])], min_cut)[k] for k, _ in SUMMARY_COLUMNS]
              for zoo in zoos + ["all"]]
     out += [_table(header, table), ""]
+    out += ["## Targets", "", f"Through: target {TARGET_THROUGH:.0%} of each zoo. Big cut: through with at least "
+            f"{CUT:.0%} of the MACs removed at ratio {payload['config']['ratio']}, target {TARGET_CUT:.0%}.", "",
+            _table(["zoo", "models", "through", f"{TARGET_THROUGH:.0%}", "big cut", f"{TARGET_CUT:.0%}"],
+                   targets(rows, min_cut)), ""]
     out += ["## Why models stop", "", "First failing stage and reason (model-specific names blanked), most "
             "frequent first; pruning that removes less than the minimum cut counts as a refusal here.", ""]
     classes: collections.Counter = collections.Counter()

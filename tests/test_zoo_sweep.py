@@ -57,6 +57,12 @@ def test_coverage_summary_and_markdown_against_an_earlier_run():
     assert "## Coverage before -> after" in text and "| all | 4 -> 4 |" in text
     assert "| 0 -> 1 |" in text.split("## Coverage\n")[0].split("| all |")[1]     # through: 0 -> 1
     assert "pruned too little: LayerNorm (N groups)" in text and "timeout after N s in stage fold_batchnorm" in text
+    # targets: THROUGH removes half the MACs (through, big cut); LITTLE 3% (neither); per zoo and all
+    assert zoo_sweep.targets(rows, 0.1) == [["timm", 3, "1 (33.3%)", "missed", "1 (33.3%)", "missed"],
+                                            ["hf", 1, "0 (0.0%)", "missed", "0 (0.0%)", "missed"],
+                                            ["all", 4, "1 (25.0%)", "missed", "1 (25.0%)", "missed"]]
+    assert zoo_sweep.targets([THROUGH] * 19 + [REFUSED], 0.1)[0][3] == "met"          # 95% of 20
+    assert "## Targets" in text
 
 
 def test_timm_models_are_chosen_by_family_and_size_not_by_outcome():
