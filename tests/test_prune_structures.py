@@ -623,3 +623,55 @@ def test_a_width_read_at_run_time_that_sizes_another_groups_reshape_is_frozen_wh
     modules = result.graph.modules()
     assert (modules["emb"].out_features, modules["proj"].out_features, modules["fc1"].out_features) == (8, 16, 16)
     assert result.records[1].contract_error < 1e-5
+
+
+class CosineAttention(nn.Module):
+    """Swin-V2's scaled cosine attention: q and k normalised over each head's width."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, 4).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+        a = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, t, self.heads * 4)
+        return x + self.out(a)
+
+
+def test_cosine_attention_normalised_within_each_head_loses_whole_heads():
+    torch.manual_seed(0)
+    graph = graphopt.trace(CosineAttention().eval(), torch.randn(2, 5, 16))
+    heads = next(g for g in channel_groups(graph).groups if any(m.target == "qkv" for m in g.members))
+    assert heads.size == 4 and not heads.blocked
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.modules()["qkv"].out_features == 24 and result.records[1].contract_error < 1e-5
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's shifted, padded windows on a channels-last map: ``roll`` over the spatial axes and
+    ``F.pad`` by amounts computed from the input's size (zero on the channel axis)."""
+
+    def __init__(self, dim=8, window=4):
+        super().__init__()
+        self.window = window
+        self.fc1, self.fc2 = nn.Linear(dim, 16), nn.Linear(16, dim)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        y = torch.relu(self.fc1(x))
+        y = torch.roll(y, shifts=(-2, -2), dims=(1, 2))
+        pad_h, pad_w = (self.window - h % self.window) % self.window, (self.window - w % self.window) % self.window
+        y = torch.nn.functional.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        return x + self.fc2(y)[:, :h, :w]
+
+
+def test_rolled_and_padded_windows_keep_their_channels():
+    torch.manual_seed(0)
+    graph = graphopt.trace(ShiftedWindows().eval(), torch.randn(2, 6, 6, 8))
+    hidden = next(g for g in channel_groups(graph).groups if any(m.target == "fc1" and m.role == "out" for m in g.members))
+    assert hidden.size == 16 and not hidden.blocked
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.modules()["fc1"].out_features == 8 and result.records[1].contract_error < 1e-5

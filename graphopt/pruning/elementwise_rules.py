@@ -260,11 +260,13 @@ class ElementwiseRules:
             return None
         amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         rank = len(self.graph.shape(node.args[0]))
-        if not isinstance(amounts, (list, tuple)) or not all(isinstance(a, int) for a in amounts):
+        if not isinstance(amounts, (list, tuple)):
             raise Unaligned("pads by amounts computed at run time")
-        padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
+        # amounts read at run time (Swin's window padding) are fine on axes without channels
+        padded = {rank - 1 - i // 2 for i, a in enumerate(amounts) if not isinstance(a, int) or a != 0}
         if padded & set(x.axes()):
-            raise Unaligned("pads along the channels")
+            raise Unaligned("pads along the channels" if all(isinstance(a, int) for a in amounts)
+                            else "pads the channels by amounts computed at run time")
         return x
 
 
@@ -334,6 +336,38 @@ def _split(a, node: fx.Node) -> Any:
 @channel_rule(kind=OpKind.REDUCE)
 def _reduce(a, node: fx.Node) -> Any:
     return a.reduce(node)
+
+
+@channel_rule(op="roll")
+def _roll(a, node: fx.Node) -> Any:
+    """``torch.roll(x, shifts, dims)`` along axes without channels (Swin's shifted windows)."""
+    x = a.get(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    rank = len(a.graph.shape(node))
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    if dims is None or dims == []:
+        raise Unaligned("rolls the flattened tensor")
+    dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    if dims & set(x.axes()):
+        raise Unaligned("rolls along the channels")
+    return x
+
+
+@channel_rule(op="normalize")
+def _normalize(a, node: fx.Node) -> Any:
+    """``F.normalize(x, dim)``: within each row of a grid (Swin-V2's cosine attention over a head's
+    width) the rows become the unit; over the channels themselves it would change with the cut."""
+    x = a.get(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    rank = len(a.graph.shape(node))
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1) % rank
+    if x.sub is not None and dim == x.sub:
+        return a.as_rows(x)
+    if dim in x.axes():
+        a.block(x, f"{node.name}: normalize over the channels")
+    return x
 
 
 @channel_rule(kind=OpKind.SOFTMAX)
