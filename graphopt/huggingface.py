@@ -47,6 +47,7 @@ def to_pretrained(graph: Graph, model: nn.Module) -> nn.Module:
     _check_same_layers(original, pruned)
     changed = {name: (tuple(original[name].shape), tuple(value.shape)) for name, value in pruned.items()
                if name in original and original[name].shape != value.shape}
+    _check_norms_kept(model, changed)
     config = _fitting_config(model, pruned, changed)
     rebuilt = type(model)(config).to(graph.device).eval()
     weights = rebuilt.state_dict()
@@ -68,6 +69,21 @@ def _in_model_layout(graph: Graph, model: nn.Module) -> dict[str, torch.Tensor]:
         if type(module).__name__ == "Conv1D" and isinstance(graph_modules.get(name), nn.Linear):
             weights[f"{name}.weight"] = weights[f"{name}.weight"].t()
     return weights
+
+
+def _check_norms_kept(model: nn.Module, changed: dict[str, tuple]) -> None:
+    """A pruned stream's norms (LayerNorm, RMSNorm) average over the original width in the graph
+    (the removed channels count as zeros); the model's own norm classes average over the
+    channels they hold, so a config with a smaller hidden size computes something else."""
+    norms = [name for name, module in model.named_modules()
+             if "norm" in type(module).__name__.lower() and f"{name}.weight" in changed]
+    if norms:
+        embeddings = [name for name, module in model.named_modules() if isinstance(module, nn.Embedding)]
+        old, new = changed[f"{norms[0]}.weight"]
+        raise ExportError(f"to_pretrained(): the hidden size was pruned ({norms[0]}: {old[0]} -> {new[0]} "
+                          f"channels); {type(model).__name__}'s norms would average over the channels kept, "
+                          f"the graph's over all {old[0]}, so no config builds it. Keep the hidden size: "
+                          f"prune with protected={embeddings[:1] or ['the embedding']}")
 
 
 def _check_same_layers(original: dict, pruned: dict) -> None:

@@ -297,6 +297,8 @@ class PruneChannels(Pass):
                 module_tensors = _tensors_of(graph, m)
                 for tensor_name, axis in module_tensors:
                     cuts[tensor_name][axis] |= positions
+                if m.role == IN and m.tensors and zeroed is not None:   # a consumer's own tensors (an LSTM's)
+                    zeroed.update(module_tensors)                        # are masked like a layer's columns
                 if m.role == DEPTHWISE:
                     depthwise.add(m.target)
                 if m.role == HEADS:

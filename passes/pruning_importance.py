@@ -41,9 +41,9 @@ class Importance:
         return graph.attr(qualname)
 
     def rows(self, graph: Graph, group: ChannelGroup, roles: Iterable[str]) -> list[torch.Tensor]:
-        return [member_rows(self.tensor(graph, f"{m.target}.{'in_proj_weight' if m.role == HEADS else 'weight'}"),
-                            m, group.size)
-                for m in group.members if m.role in roles]
+        return [member_rows(self.tensor(graph, f"{m.target}.{name}"), m, group.size)
+                for m in group.members if m.role in roles
+                for name in (m.tensors or ("in_proj_weight" if m.role == HEADS else "weight",))]
 
     def scores(self, graph: Graph, group: ChannelGroup) -> torch.Tensor:
         raise NotImplementedError

@@ -31,7 +31,11 @@ def test_pruned_llama_saves_and_reloads_with_its_new_sizes(tmp_path):
                                       num_key_value_heads=2, intermediate_size=128, vocab_size=100)
     model = transformers.LlamaForCausalLM(config).eval()
     ids, mask = _inputs()
-    pruned = PassManager([PruneChannels(ratio=0.5)]).run(graphopt.trace(model, (ids, mask))).graph
+    graph = graphopt.trace(model, (ids, mask))
+    stream = PassManager([PruneChannels(ratio=0.5)]).run(graph).graph      # the hidden size too: no config has it
+    with pytest.raises(ExportError, match=r"hidden size was pruned .*64 -> 32.*protected=\['model.embed_tokens'\]"):
+        to_pretrained(stream, model)
+    pruned = PassManager([PruneChannels(ratio=0.5, protected=["model.embed_tokens"])]).run(graph).graph
     rebuilt = to_pretrained(pruned, model)
     rebuilt.save_pretrained(tmp_path)
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()

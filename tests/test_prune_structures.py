@@ -675,3 +675,29 @@ def test_rolled_and_padded_windows_keep_their_channels():
     assert hidden.size == 16 and not hidden.blocked
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
     assert result.graph.modules()["fc1"].out_features == 8 and result.records[1].contract_error < 1e-5
+
+
+class Recurrent(nn.Module):
+    """A projection read by a bidirectional LSTM (sequencer2d's token mixing), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.rnn = nn.LSTM(16, 6, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.proj(x)))
+        return self.head(out)
+
+
+def test_a_recurrent_layer_loses_the_input_columns_of_both_directions():
+    torch.manual_seed(0)
+    graph = graphopt.trace(Recurrent().eval(), torch.randn(2, 5, 8))
+    group = next(g for g in channel_groups(graph).groups if any(m.target == "proj" for m in g.members))
+    assert group.size == 16 and not group.blocked
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    rnn = result.graph.modules()["rnn"]
+    assert rnn.input_size == 8 and rnn.weight_ih_l0.shape == rnn.weight_ih_l0_reverse.shape == (24, 8)
+    assert result.graph.modules()["proj"].out_features == 8 and rnn.hidden_size == 6
+    assert result.records[1].contract_error < 1e-5 and result.records[1].max_error > 1e-4

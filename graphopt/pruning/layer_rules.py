@@ -171,6 +171,20 @@ def _group_norm(a, node: fx.Node, module: nn.GroupNorm, x: Layout | None) -> Any
     return a.group_norm(node, module, x, str(node.target))
 
 
+@channel_rule(module=nn.RNNBase)
+def _recurrent(a, node: fx.Node, module: nn.RNNBase, x: Layout | None) -> Any:
+    """LSTM/GRU/RNN: the input features are read through the first layer's input weights (both
+    directions), which lose their columns; the hidden state is the layer's own and stays whole."""
+    if x is not None:
+        rank = len(a.graph.shape(node.args[0]))
+        if x.axis != rank - 1 or x.sub is not None or len(node.args) > 1 or node.kwargs:
+            a.block(x, f"{node.name}: {type(module).__name__} input not on the last axis, or given a state")
+        else:
+            names = ("weight_ih_l0", "weight_ih_l0_reverse") if module.bidirectional else ("weight_ih_l0",)
+            a.add_members(x, IN, str(node.target), node, 1, tensors=names)
+    return None
+
+
 @channel_rule(module=nn.Embedding)
 def _embedding(a, node: fx.Node, module: nn.Embedding, x: Layout | None) -> Any:
     """A table's columns are channels of their own (created here, like a layer's outputs)."""

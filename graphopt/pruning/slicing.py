@@ -34,6 +34,8 @@ def _fix_attributes(module: nn.Module, depthwise: bool) -> None:
         module.embedding_dim = module.weight.shape[1]
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
+    elif isinstance(module, nn.RNNBase):
+        module.input_size = module.weight_ih_l0.shape[1]
 
 
 def _sliced(tensor: torch.Tensor, cuts: dict[int, set[int]]) -> torch.Tensor:
