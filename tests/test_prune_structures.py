@@ -701,3 +701,31 @@ def test_a_recurrent_layer_loses_the_input_columns_of_both_directions():
     assert rnn.input_size == 8 and rnn.weight_ih_l0.shape == rnn.weight_ih_l0_reverse.shape == (24, 8)
     assert result.graph.modules()["proj"].out_features == 8 and rnn.hidden_size == 6
     assert result.records[1].contract_error < 1e-5 and result.records[1].max_error > 1e-4
+
+
+class MaskedZerosBias(nn.Module):
+    """T5's cross-attention bias: ``zeros((1, heads, q, k))`` masked with ``where``, given to SDPA."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+        bias = torch.where(keep, torch.zeros((1, self.heads, t, t)), torch.finfo(x.dtype).min)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, self.heads * 4))
+
+
+def test_a_uniform_bias_sized_by_the_heads_loses_them_with_the_attention():
+    torch.manual_seed(0)
+    graph = graphopt.trace(MaskedZerosBias().eval(), torch.randn(2, 5, 16))
+    heads = next(g for g in channel_groups(graph).groups if any(m.target == "q" for m in g.members))
+    assert heads.size == 4 and not heads.blocked
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    assert result.graph.modules()["q"].out_features == 8 and result.records[1].contract_error < 1e-5
+    zeros = next(n for n in result.graph.nodes if "zeros" in str(n.target))
+    assert list(zeros.args[0]) == [1, 2, 5, 5]                                 # the bias lost the same heads

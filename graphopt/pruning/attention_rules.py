@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import fx
 
-from graphopt.pruning.groups import PARAM, ParamRef, _positions, _swap_last
+from graphopt.pruning.groups import PARAM, ParamRef, Uniform, _positions, _swap_last
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Unaligned
 
@@ -143,6 +143,12 @@ class AttentionRules:
             if at >= 0 and m.axes[at] is not None:   # a relative-position bias table (BEiT): its head columns
                 heads = _positions(self.as_rows(out)) if out.sub is not None else out
                 self.add_members(Layout(at, heads.segs), PARAM, m.target, node, m.axes[at])
+                return out
+        if isinstance(m, Uniform) and isinstance(self.graph.shape(mask), tuple):
+            entry = m.entry(out.axis - (out_rank - len(self.graph.shape(mask))))
+            if entry is not None:   # the same value for every head (T5's masked zeros): its size follows
+                heads = _positions(self.as_rows(out)) if out.sub is not None else out
+                self.literal(entry, heads.segs)
                 return out
         if isinstance(m, Layout):
             m = m.shifted(out_rank - len(self.graph.shape(mask)))

@@ -7,7 +7,7 @@ from typing import Any
 from torch import fx
 
 from graphopt.ops import OpKind, op_name
-from graphopt.pruning.groups import MEAN, PARAM, SPLIT, Member, ParamParts, ParamRef, _positions
+from graphopt.pruning.groups import MEAN, PARAM, SPLIT, Member, ParamParts, ParamRef, Uniform, _entry, _positions
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -34,7 +34,7 @@ class ElementwiseRules:
             else:
                 others.append((a, v))
         if result is None:
-            return None
+            return self.uniform(node, others, out_shape)
         for a, v in others:
             a_shape = v.shape if isinstance(v, ParamRef) else self.graph.shape(a)
             if not isinstance(a_shape, tuple):
@@ -49,7 +49,9 @@ class ElementwiseRules:
                 continue
             if not along[0]:
                 continue  # broadcast along the channels: nothing to cut
-            if isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
+            if isinstance(v, Uniform) and v.entry(result.axis - lead) is not None:
+                self.literal(v.entry(result.axis - lead), result.segs)
+            elif isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
                 self.add_members(result, PARAM, v.target, node, v.axes[result.axis - lead])
             elif isinstance(v, ParamParts) and v.axis == result.axis - lead:
                 result = self.param_parts(node, result, v)
@@ -231,6 +233,22 @@ class ElementwiseRules:
         out = self.graph.shape(node)
         return (x, x) if out and isinstance(out[0], tuple) else x  # max/min(dim): values and indices
 
+    def uniform(self, node: fx.Node, operands: list, out_shape: tuple) -> Uniform | None:
+        """Untracked operands only: the result stays uniform along an axis where one operand is
+        and every other is broadcast (size 1), as in ``where(mask[:, None], zeros, -inf)``."""
+        found = [v for _, v in operands if isinstance(v, Uniform)]
+        if len(found) != 1:
+            return None
+        rank, u = len(out_shape), found[0]
+        lead = rank - len(u.shape)
+        axes = []
+        for axis, entry in u.axes:
+            others = [self.graph.shape(a) for a, v in operands if v is not u]
+            if all(isinstance(sh, tuple) and (axis + lead - (rank - len(sh)) < 0 or sh[axis + lead - (rank - len(sh))] == 1)
+                   for sh in others):
+                axes.append((axis + lead, entry))
+        return Uniform(out_shape, tuple(axes)) if axes else None
+
     def softmax(self, node: fx.Node, x: Any, dim: Any) -> Any:
         if not isinstance(x, Layout):
             return None
@@ -336,6 +354,17 @@ def _split(a, node: fx.Node) -> Any:
 @channel_rule(kind=OpKind.REDUCE)
 def _reduce(a, node: fx.Node) -> Any:
     return a.reduce(node)
+
+
+@channel_rule(op=("zeros", "ones", "full"))
+def _filled(a, node: fx.Node) -> Any:
+    """A tensor filled with one value is uniform along every axis whose size is a literal."""
+    sizes = node.args[0] if node.args else node.kwargs.get("size")
+    if not isinstance(sizes, (list, tuple)):
+        return None
+    axes = tuple((i, _entry(v, (node.name, 0, i))) for i, v in enumerate(sizes)
+                 if isinstance(v, int) and not isinstance(v, bool) and v > 1)
+    return Uniform(tuple(a.graph.shape(node)), axes) if axes else None
 
 
 @channel_rule(op="roll")

@@ -47,6 +47,20 @@ class ParamRef:
 
 
 @dataclass(frozen=True)
+class Uniform:
+    """A tensor whose values do not change along some axes, each sized by a literal the graph
+    writes (T5's ``zeros((1, heads, q, k))`` position bias, then masked): combined with tracked
+    channels along such an axis, it is cut by shrinking that literal. ``axes`` maps an axis to
+    its literal's entry."""
+
+    shape: tuple
+    axes: tuple = ()   # ((axis, entry), ...)
+
+    def entry(self, axis: int) -> Entry | None:
+        return dict(self.axes).get(axis)
+
+
+@dataclass(frozen=True)
 class ParamParts:
     """Constants laid side by side along one axis (``torch.cat((q_bias, k_bias, v_bias))``, BEiT's
     and EVA's qkv bias): ``parts`` are (constant, its length, the constant's axis) in order."""
