@@ -703,29 +703,67 @@ def test_a_recurrent_layer_loses_the_input_columns_of_both_directions():
     assert result.records[1].contract_error < 1e-5 and result.records[1].max_error > 1e-4
 
 
-class MaskedZerosBias(nn.Module):
-    """T5's cross-attention bias: ``zeros((1, heads, q, k))`` masked with ``where``, given to SDPA."""
+def _masked_zeros(heads, t, dtype):
+    """T5's cross-attention bias: ``zeros((1, heads, q, k))`` masked with ``where``."""
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    return torch.where(keep, torch.zeros((1, heads, t, t)), torch.finfo(dtype).min)
+
+
+class BiasedAttention(nn.Module):
+    """Attention given its additive bias (SDPA's mask) by the caller."""
 
     def __init__(self, dim=16, heads=4):
         super().__init__()
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, x):
+    def forward(self, x, bias):
         b, t, _ = x.shape
         q, k, v = (p(x).view(b, t, self.heads, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
-        keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-        bias = torch.where(keep, torch.zeros((1, self.heads, t, t)), torch.finfo(x.dtype).min)
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return x + self.o(a.transpose(1, 2).reshape(b, t, self.heads * 4))
+
+
+class MaskedZerosBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = BiasedAttention()
+
+    def forward(self, x):
+        return self.attn(x, _masked_zeros(4, x.shape[1], x.dtype))
 
 
 def test_a_uniform_bias_sized_by_the_heads_loses_them_with_the_attention():
     torch.manual_seed(0)
     graph = graphopt.trace(MaskedZerosBias().eval(), torch.randn(2, 5, 16))
-    heads = next(g for g in channel_groups(graph).groups if any(m.target == "q" for m in g.members))
+    heads = next(g for g in channel_groups(graph).groups if any(m.target == "attn.q" for m in g.members))
     assert heads.size == 4 and not heads.blocked
     result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
-    assert result.graph.modules()["q"].out_features == 8 and result.records[1].contract_error < 1e-5
+    assert result.graph.modules()["attn.q"].out_features == 8 and result.records[1].contract_error < 1e-5
     zeros = next(n for n in result.graph.nodes if "zeros" in str(n.target))
     assert list(zeros.args[0]) == [1, 2, 5, 5]                                 # the bias lost the same heads
+
+
+class SharedZerosBias(nn.Module):
+    """T5's decoder: one masked zeros bias, made once, handed to two attention layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = BiasedAttention(), BiasedAttention()
+
+    def forward(self, x):
+        bias = _masked_zeros(4, x.shape[1], x.dtype)
+        return self.second(self.first(x, bias), bias)
+
+
+def test_one_uniform_bias_given_to_two_layers_ties_their_heads():
+    torch.manual_seed(0)
+    model = SharedZerosBias().eval()
+    graph = graphopt.trace(model, torch.randn(2, 5, 16))
+    heads = [g for g in channel_groups(graph).groups
+             if any(m.target in ("first.q", "second.q") and m.role == "out" for m in g.members)]
+    assert len(heads) == 1 and heads[0].size == 4 and not heads[0].blocked
+    result = PassManager([PruneChannels(ratio=0.5)]).run(graph)
+    modules = result.graph.modules()
+    assert modules["first.q"].out_features == modules["second.q"].out_features == 8
+    assert result.records[1].contract_error < 1e-5

@@ -148,7 +148,7 @@ class AttentionRules:
             entry = m.entry(out.axis - (out_rank - len(self.graph.shape(mask))))
             if entry is not None:   # the same value for every head (T5's masked zeros): its size follows
                 heads = _positions(self.as_rows(out)) if out.sub is not None else out
-                self.literal(entry, heads.segs)
+                self.uniform_literal(entry, heads.segs)
                 return out
         if isinstance(m, Layout):
             m = m.shifted(out_rank - len(self.graph.shape(mask)))

@@ -66,6 +66,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
         self.grid_literals: list[tuple[Layout, Entry, Entry]] = []
         self.first_calls: dict[str, fx.Node] = {}                 # module with weights -> its first call
         self.zeros: dict[fx.Node, bool] = {}                      # zero where its producers are zeroed
+        self.uniform_uses: dict[tuple, list[Seg]] = {}            # a uniform tensor's size literal -> first channels
 
     def new_space(self, size: int, name: str) -> int:
         return self.spaces.new(size, [name])

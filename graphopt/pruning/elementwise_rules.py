@@ -50,7 +50,7 @@ class ElementwiseRules:
             if not along[0]:
                 continue  # broadcast along the channels: nothing to cut
             if isinstance(v, Uniform) and v.entry(result.axis - lead) is not None:
-                self.literal(v.entry(result.axis - lead), result.segs)
+                self.uniform_literal(v.entry(result.axis - lead), result.segs)
             elif isinstance(v, ParamRef) and v.axes[result.axis - lead] is not None:
                 self.add_members(result, PARAM, v.target, node, v.axes[result.axis - lead])
             elif isinstance(v, ParamParts) and v.axis == result.axis - lead:
@@ -232,6 +232,16 @@ class ElementwiseRules:
             x = x.mapped(lambda a: a - sum(d < a for d in dims))
         out = self.graph.shape(node)
         return (x, x) if out and isinstance(out[0], tuple) else x  # max/min(dim): values and indices
+
+    def uniform_literal(self, entry: Any, segs: list) -> None:
+        """The literal sizing a uniform tensor shrinks with the channels it meets. Met again by
+        other channels (T5 hands one masked bias to every layer), those are the same channels:
+        the layers lose the same heads, and the literal shrinks once."""
+        first = self.uniform_uses.setdefault(entry[1], segs)
+        if first is segs:
+            self.literal(entry, segs)
+        else:
+            self.spaces.align(first, segs)
 
     def uniform(self, node: fx.Node, operands: list, out_shape: tuple) -> Uniform | None:
         """Untracked operands only: the result stays uniform along an axis where one operand is
