@@ -298,7 +298,8 @@ def markdown(payload: dict, before: dict | None = None) -> str:
            f"**through** = every stage passed and pruning removed at least {min_cut:.0%} of the MACs. "
            f"int8 parity: share of quantized values of the ONNX file within one step of the simulated-int8 "
            f"graph (the export refuses below 99%); MACs in int8 kernels: share of the conv/linear MACs "
-           f"onnxruntime runs in integer kernels.", ""]
+           f"onnxruntime runs in integer kernels." + (f" Run: {payload['config']['label']}." if
+                                                       payload['config'].get('label') else ""), ""]
     header = ["zoo"] + [label for _, label in SUMMARY_COLUMNS]
     if before is not None:
         old_rows = {(r["zoo"], r["model"]): r for r in before["rows"]}

@@ -111,7 +111,7 @@ FAMILIES = [
     ("hf", "gpt2", "decoder", 4, 5, 0.72),
     ("hf", "falcon", "decoder", 2, 7, 0.80),
     ("hf", "vit", "vision", 4, 6, 0.77),
-    ("hf", "t5", "encoder-decoder", 6, 9, 0.79),
+    ("hf", "t5", "encoder-decoder", 7, 8, 0.74),                           # one bias shared by layers
     ("timm", "resnet18", "resnet", 12, 13, 0.51),
     ("timm", "tf_efficientnet_b0", "efficientnet", 40, 41, 0.52),          # TF "same" padding
     ("timm", "mobilenetv3_small_050", "mobilenetv3", 26, 27, 0.57),        # SE, hard-swish, depthwise
