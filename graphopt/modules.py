@@ -89,6 +89,11 @@ class PrunedLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(normalized)) if affine else None
         self.bias = nn.Parameter(torch.zeros(normalized)) if affine and bias else None
 
+    @property
+    def normalized_shape(self) -> tuple[int]:
+        """The channels held, as nn.LayerNorm names them."""
+        return (self.normalized,)
+
     @classmethod
     def from_sliced(cls, norm: nn.Module, kept: int, count: int) -> "PrunedLayerNorm":
         """From an nn.LayerNorm (or a PrunedLayerNorm) whose weight and bias were already cut to

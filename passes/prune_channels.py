@@ -233,7 +233,7 @@ class PruneChannels(Pass):
         original = graph.clone()
         start = original.analysis("cost")
         keeps: dict[tuple[str, int], torch.Tensor] = {}
-        zeroed: set[tuple[str, int]] = set()
+        masked: set[tuple[str, int]] = set()
         summaries = []
         for step in range(1, self.steps + 1):
             if self.ratio is not None:  # each step keeps the same share, compounding to 1 - ratio
@@ -243,7 +243,7 @@ class PruneChannels(Pass):
                 now = getattr(graph.analysis("cost"), key)
                 choice = self.plan(graph, ctx, goal=min(1.0, target ** (step / self.steps) * getattr(start, key) / now))
             summaries.append(choice.summary())
-            for (name, dim), removed in self.apply(graph, choice, zeroed).items():
+            for (name, dim), removed in self.apply(graph, choice, masked).items():
                 current = keeps.get((name, dim), torch.arange(original.attr(name).shape[dim]))
                 keeps[(name, dim)] = current[[i for i in range(len(current)) if i not in removed]]
         first = summaries[0]
@@ -252,13 +252,15 @@ class PruneChannels(Pass):
         if self.steps > 1:
             stats["steps"] = self.steps
         return PassResult(graph, changed=stats["channels_removed"] > 0, stats=stats,
-                          reference=_masked(original, keeps, zeroed))
+                          reference=_masked(original, keeps, masked))
 
     def apply(self, graph: Graph, choice: PruneChoice,
-              zeroed: set[tuple[str, int]] | None = None) -> dict[tuple[str, int], set[int]]:
+              masked: set[tuple[str, int]] | None = None) -> dict[tuple[str, int], set[int]]:
         """Slice every member of every chosen group; returns the cuts made, by (tensor, axis).
-        ``zeroed`` collects the (tensor, axis) pairs of groups a LayerNorm normalises: the
-        masked original zeroes every member of those, not only the consumers' columns."""
+        ``masked`` collects the (tensor, axis) pairs the masked original zeroes at the removed
+        positions: every consumer's columns (IN members), and every member of a group a
+        LayerNorm or a mean normalises, whose removed channels must be zeros there."""
+        masked = set() if masked is None else masked
         cuts: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         literal_edits: dict[tuple[str, int, int, str], int] = defaultdict(int)
         split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
@@ -272,6 +274,8 @@ class PruneChannels(Pass):
         modules = graph.modules()
         for gid, channels in choice.removed.items():
             group = groups[gid]
+            normalised = any(m.role == MEAN or (m.role == NORM and isinstance(modules.get(m.target), _LAYER_NORMS))
+                             for m in group.members)
             for m in group.members:
                 positions = {m.offset + c * m.inner + k for c in channels for k in range(m.inner)}
                 if m.role in (SHAPE_ARG, SLICE):   # a SLICE member's target names the bound
@@ -290,15 +294,15 @@ class PruneChannels(Pass):
                     group_norms[m.target] |= positions
                     continue
                 norm = modules.get(m.target) if m.role == NORM else None
-                if isinstance(norm, (nn.LayerNorm, PrunedLayerNorm)):
-                    width = norm.normalized if isinstance(norm, PrunedLayerNorm) else norm.normalized_shape[0]
-                    count = norm.count if isinstance(norm, PrunedLayerNorm) else width
-                    layer_norms[m.target] = (width, count, layer_norms.get(m.target, (0, 0, 0))[2] + len(positions))
+                if isinstance(norm, _LAYER_NORMS):
+                    width = norm.normalized_shape[0]
+                    layer_norms[m.target] = (width, getattr(norm, "count", width),
+                                             layer_norms.get(m.target, (0, 0, 0))[2] + len(positions))
                 module_tensors = _tensors_of(graph, m)
                 for tensor_name, axis in module_tensors:
                     cuts[tensor_name][axis] |= positions
-                if m.role == IN and m.tensors and zeroed is not None:   # a consumer's own tensors (an LSTM's)
-                    zeroed.update(module_tensors)                        # are masked like a layer's columns
+                if m.role == IN or normalised:
+                    masked.update(module_tensors)
                 if m.role == DEPTHWISE:
                     depthwise.add(m.target)
                 if m.role == HEADS:
@@ -310,14 +314,6 @@ class PruneChannels(Pass):
             resize_group_norm(graph, target, positions)
         for target, (width, count, removed) in layer_norms.items():
             graph.replace_module(target, PrunedLayerNorm.from_sliced(graph.gm.get_submodule(target), width - removed, count))
-        if zeroed is not None:
-            normalised = {gid for gid in choice.removed
-                          if any((m.role == NORM and m.target in layer_norms) or m.role == MEAN
-                                 for m in groups[gid].members)}
-            for gid in normalised:
-                for m in groups[gid].members:
-                    if m.role not in (SHAPE_ARG, SLICE, SPLIT):
-                        zeroed.update(_tensors_of(graph, m))
         _freeze_reads(graph, reads)
         _rewrite_literals(graph, literal_edits)
         for node_name, (width, removed) in means.items():
@@ -326,6 +322,9 @@ class PruneChannels(Pass):
             split_sizes(graph.node(node_name), dim, removed)
         graph.commit()
         return {(name, axis): removed for name, axes in cuts.items() for axis, removed in axes.items()}
+
+
+_LAYER_NORMS = (nn.LayerNorm, PrunedLayerNorm)
 
 
 def _tensors_of(graph: Graph, m) -> list[tuple[str, int]]:
@@ -395,27 +394,18 @@ def _rewrite_literals(graph: Graph, edits: dict[tuple[str, int, int, str, int], 
         node.args = tuple(args)
 
 
-def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor],
-            zeroed: set[tuple[str, int]] = frozenset()) -> Graph:
-    """The original graph (edited in place: the pass's own copy) with every removed
-    channel's consumer columns zeroed: what the pruned graph must compute exactly. In the
-    groups a LayerNorm normalises (``zeroed``) every member is zeroed, producers and the
-    norm's own weight and bias too, so the removed channels are zeros the norm counts."""
-    masked = original
-    modules = masked.modules()
+def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor], masked: set[tuple[str, int]]) -> Graph:
+    """The original graph (edited in place: the pass's own copy) with the removed positions of
+    every ``masked`` tensor zeroed (see ``PruneChannels.apply``): what the pruned graph must
+    compute exactly."""
     with torch.no_grad():
         for (name, dim), keep in keeps.items():
-            owner, _, attr = name.rpartition(".")
-            module = modules.get(owner)
-            # a grouped conv's column j is input j of every group: zeroing it masks all of them
-            consumer = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and
-                                                          not isinstance(module, nn.modules.conv._ConvTransposeNd))
-            if (dim == 1 and attr == "weight" and consumer) or (name, dim) in zeroed:
-                tensor = masked.attr(name)
-                mask = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
-                mask[keep] = False
-                tensor.index_fill_(dim, mask.nonzero().flatten(), 0)
-    return masked
+            if (name, dim) in masked:
+                tensor = original.attr(name)
+                gone = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
+                gone[keep] = False
+                tensor.index_fill_(dim, gone.nonzero().flatten(), 0)
+    return original
 
 
 class _CostEstimator:

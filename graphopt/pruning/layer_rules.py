@@ -148,14 +148,9 @@ def _batch_norm(a, node: fx.Node, module: nn.Module, x: Layout | None) -> Any:
     return x
 
 
-@channel_rule(module=nn.LayerNorm)
-def _layer_norm(a, node: fx.Node, module: nn.LayerNorm, x: Layout | None) -> Any:
+@channel_rule(module=(nn.LayerNorm, PrunedLayerNorm))
+def _layer_norm(a, node: fx.Node, module: nn.Module, x: Layout | None) -> Any:
     return a.layer_norm(node, x, len(a.graph.shape(node)) - len(module.normalized_shape), str(node.target))
-
-
-@channel_rule(module=PrunedLayerNorm)
-def _pruned_layer_norm(a, node: fx.Node, module: PrunedLayerNorm, x: Layout | None) -> Any:
-    return a.layer_norm(node, x, len(a.graph.shape(node)) - 1, str(node.target))
 
 
 @channel_rule(op="layer_norm")
