@@ -144,8 +144,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
         weights, so where these channels are pruned the read becomes the traced width: sizes
         of other groups' reshapes (``attn.reshape(B, N, C)``, ``sr(x).reshape(B, C, -1)``) and
         derived sizes (``d // heads``) keep their meaning, and this group's own reshapes are
-        rewritten as literals. A read that leaves the graph, or is used other than as an
-        argument, keeps the channels whole."""
+        rewritten as literals. A read that leaves the graph keeps the channels whole."""
         for node in self.graph.nodes:
             if self.graph.kind(node) != OpKind.SHAPE or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
@@ -156,12 +155,9 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
             for read, dim in _size_reads(node):
                 if dim % rank not in layout.axes() or self.keeps_size(layout, dim % rank):
                     continue
-                used = [u for u in read.users if u.op != "output" and
-                        any(a is read or (isinstance(a, (list, tuple)) and any(b is read for b in a))
-                            for a in list(u.args) + list(u.kwargs.values()))]
-                if len(used) != len(read.users):
+                if any(user.op == "output" for user in read.users):
                     self.block(layout, f"{read.name}: the width of these channels is read at run time and "
-                                       "leaves the graph or is used in a way pruning would not rewrite")
+                                       "leaves the graph")
                     continue
                 size = self.graph.shape(node.args[0])[dim]
                 for seg in layout.segs:

@@ -210,7 +210,7 @@ class ElementwiseRules:
         if dims is None or dims == []:
             self.block(x, f"{node.name}: reduces over every axis")
             return None
-        dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        dims = _axes(dims, rank)
         if x.sub is not None and x.axis in dims and x.sub not in dims:   # over the rows of a grid
             x = Layout(x.sub, self.spaces.columns(x.segs, x.width))      # every row loses the same columns
         if x.axis in dims:
@@ -250,13 +250,11 @@ class ElementwiseRules:
         if len(found) != 1:
             return None
         rank, u = len(out_shape), found[0]
-        lead = rank - len(u.shape)
-        axes = []
-        for axis, entry in u.axes:
-            others = [self.graph.shape(a) for a, v in operands if v is not u]
-            if all(isinstance(sh, tuple) and (axis + lead - (rank - len(sh)) < 0 or sh[axis + lead - (rank - len(sh))] == 1)
-                   for sh in others):
-                axes.append((axis + lead, entry))
+        others = [self.graph.shape(a) for a, v in operands if v is not u]
+        if not all(isinstance(shape, tuple) for shape in others):
+            return None
+        axes = [(axis, entry) for axis, entry in ((a + rank - len(u.shape), e) for a, e in u.axes)
+                if all(_size_at(shape, axis, rank) == 1 for shape in others)]
         return Uniform(out_shape, tuple(axes)) if axes else None
 
     def softmax(self, node: fx.Node, x: Any, dim: Any) -> Any:
@@ -296,6 +294,17 @@ class ElementwiseRules:
             raise Unaligned("pads along the channels" if all(isinstance(a, int) for a in amounts)
                             else "pads the channels by amounts computed at run time")
         return x
+
+
+def _axes(dims: Any, rank: int) -> set[int]:
+    """An op's ``dim`` argument (one axis or several, negative counting from the end) as axes."""
+    return {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+
+
+def _size_at(shape: tuple, axis: int, rank: int) -> int:
+    """The size a tensor of ``shape`` has on ``axis`` of a broadcast result of ``rank`` axes."""
+    at = axis - (rank - len(shape))
+    return shape[at] if at >= 0 else 1
 
 
 # -- registrations ------------------------------------------------------------------------
@@ -387,8 +396,7 @@ def _roll(a, node: fx.Node) -> Any:
     dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
     if dims is None or dims == []:
         raise Unaligned("rolls the flattened tensor")
-    dims = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-    if dims & set(x.axes()):
+    if _axes(dims, rank) & set(x.axes()):
         raise Unaligned("rolls along the channels")
     return x
 

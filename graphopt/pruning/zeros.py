@@ -8,7 +8,6 @@ zero into something else (``x + 1``, a sigmoid, a LayerNorm without weights). Th
 it, node by node in graph order; anything it does not know is not proven."""
 from __future__ import annotations
 
-import operator
 from numbers import Number
 from typing import Any
 
@@ -44,11 +43,11 @@ def keeps_zeros(values: dict[fx.Node, Any], zeros: dict[fx.Node, bool], modules:
         return False
     name = op_name(node)
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
-    if name in ("mul", "mul_") or node.target is operator.mul:       # 0 * anything
+    if name in ("mul", "mul_"):                                      # 0 * anything
         return any(zeros.get(a, False) for a in tensors)
-    if name in ("div", "div_", "truediv") or node.target is operator.truediv:
+    if name in ("div", "div_", "truediv"):
         return bool(tensors) and tensors[0] is node.args[0] and zeros.get(tensors[0], False)
-    if name in ("add", "add_", "sub", "sub_") or node.target in (operator.add, operator.sub):
+    if name in ("add", "add_", "sub", "sub_"):
         numbers = [a for a in node.args if isinstance(a, Number)]
         return not numbers and all(zeros.get(a, False) or isinstance(values.get(a), ParamRef) for a in tensors)
     if name == "addcmul":                                          # input + t1 * t2
