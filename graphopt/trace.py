@@ -10,6 +10,8 @@ line where it happened.
 from __future__ import annotations
 
 import copy
+import inspect
+import keyword
 import os
 import traceback
 from typing import Any
@@ -121,12 +123,8 @@ def _keyword_call(model: nn.Module, names: tuple[str, ...]) -> _KeywordCall:
 def _keyword_inputs(model: nn.Module, inputs: dict, dynamic_shapes: Any) -> tuple[tuple, Any]:
     """Keyword example inputs checked against ``model.forward``'s parameters; dynamic shapes
     given by name put in the same order."""
-    import inspect
-
     parameters = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    import keyword
-
     unknown = [name for name in inputs if not isinstance(name, str) or not name.isidentifier()
                or keyword.iskeyword(name) or (name not in parameters and not takes_any)]
     if unknown:
