@@ -759,3 +759,50 @@ def test_one_uniform_bias_given_to_two_layers_ties_their_heads():
     modules = result.graph.modules()
     assert modules["first.q"].out_features == modules["second.q"].out_features == 8
     assert result.records[1].contract_error < 1e-5
+
+
+class HeadsInBatch(nn.Module):
+    """DeBERTa's attention: heads folded into the batch (``view(-1, T, d)``, or ``B * H`` written
+    out) for ``bmm``, unfolded by ``view(-1, H, T, T)`` for the softmax, folded again for ``bmm``
+    with the values; ``bias`` adds a tensor that differs across the folded batch."""
+
+    def __init__(self, dim=16, heads=4, folded=-1, bias=False):
+        super().__init__()
+        self.heads, self.d, self.folded = heads, dim // heads, folded
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(2 * heads, 5, 5)) if bias else None
+
+    def forward(self, x):
+        b, t, _ = x.shape
+
+        def fold(y):
+            return y.view(b, t, self.heads, -1).permute(0, 2, 1, 3).contiguous().view(self.folded, t, self.d)
+
+        q, k, v = fold(self.q(x)), fold(self.k(x)), fold(self.v(x))
+        scores = torch.bmm(q, k.transpose(-1, -2) / self.d ** 0.5)
+        if self.bias is not None:
+            scores = scores + self.bias
+        probs = scores.view(-1, self.heads, t, t).softmax(-1).view(-1, t, t)
+        a = torch.bmm(probs, v).view(-1, self.heads, t, self.d).permute(0, 2, 1, 3).reshape(b, t, -1)
+        return x + self.out(a)
+
+
+@pytest.mark.parametrize("export, folded", [(False, -1), (True, -1), (True, 8)])
+def test_heads_folded_into_the_batch_lose_whole_heads(export, folded):
+    from test_zoo_layers import _capture
+
+    torch.manual_seed(0)
+    graph = _capture(HeadsInBatch(folded=folded).eval(), torch.randn(2, 5, 16), export)
+    result = _prunes_whole(graph, "q", 4, 8)
+    modules = result.graph.modules()
+    assert modules["k"].out_features == modules["v"].out_features == modules["out"].in_features == 8
+    if folded == 8:   # B * H written as a literal: 2 heads kept in each of the 2 batch entries
+        sizes = [list(n.args[1]) for n in result.graph.nodes if str(n.target).startswith("aten.view")]
+        assert [4, 5, 4] in sizes and [8, 5, 4] not in sizes
+
+
+def test_a_tensor_that_differs_across_heads_folded_into_the_batch_blocks_them():
+    graph = graphopt.trace(HeadsInBatch(bias=True).eval(), torch.randn(2, 5, 16))
+    heads = next(g for g in channel_groups(graph).groups if any(m.target == "q" and m.role == "out"
+                                                                for m in g.members))
+    assert any("differs across the heads folded into the batch" in r for r in heads.blocked), heads.blocked

@@ -30,11 +30,10 @@ class AttentionRules:
         return _positions(rows).shifted(lead), (rows if layout.sub == kept else None)
 
     def attend(self, node: fx.Node, operands: list, out_rank: int) -> Layout:
-        """Unite the heads of every operand ``(layout, source, contracted axis, kept axis)``;
+        """Unite the heads of every operand ``(layout, its rank, contracted axis, kept axis)``;
         the result carries them on the shared batch axis."""
         positions, kept = [], None
-        for layout, source, contracted, keeps in operands:
-            rank = len(self.graph.shape(source))
+        for layout, rank, contracted, keeps in operands:
             keeps = None if keeps is None else keeps % rank
             pos, grid = self.heads(layout, rank, contracted % rank, keeps, out_rank)
             positions.append(pos)
@@ -100,7 +99,7 @@ class AttentionRules:
         on_rows = [v for v, src, _, _ in tracked if v.sub is None and v.axis >= len(self.graph.shape(src)) - 2]
         if on_rows and len(on_rows) == len(tracked):
             return self.matrix_channels(node, a, b, la, lb, out_rank)
-        out = self.attend(node, tracked, out_rank)
+        out = self.attend(node, [(v, len(self.graph.shape(src)), c, k) for v, src, c, k in tracked], out_rank)
         if len(tracked) == 1:
             self.untracked_heads(node, b if isinstance(la, Layout) else a, out.axis, out_rank)
         return out
@@ -135,8 +134,9 @@ class AttentionRules:
         if not all(isinstance(l, Layout) for l in layouts) or node.kwargs.get("enable_gqa"):
             raise Unaligned("query, key and value do not all carry the heads")
         out_rank = len(self.graph.shape(node))
-        out = self.attend(node, [(layouts[0], q, -1, -2), (layouts[1], k, -1, None), (layouts[2], v, -2, -1)],
-                          out_rank)
+        ranks = [len(self.graph.shape(t)) for t in (q, k, v)]
+        out = self.attend(node, [(layouts[0], ranks[0], -1, -2), (layouts[1], ranks[1], -1, None),
+                                 (layouts[2], ranks[2], -2, -1)], out_rank)
         m = self.get(mask)
         if isinstance(m, ParamRef) and isinstance(self.graph.shape(mask), tuple):
             at = out.axis - (out_rank - len(self.graph.shape(mask)))

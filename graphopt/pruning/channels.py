@@ -33,11 +33,12 @@ from torch import fx
 from graphopt.analysis import register_analysis
 from graphopt.ops import OpKind, op_name
 from graphopt.pruning.attention_rules import AttentionRules
+from graphopt.pruning.batch_rules import BatchRules
 from graphopt.pruning.elementwise_rules import ElementwiseRules
 from graphopt.pruning.groups import (DEPTHWISE, EMBED, HEADS, IN, MEAN, NORM, OUT, PARAM, SHAPE_ARG, SIZE_READ, SLICE,
                                      SPLIT, Entry,
-                                     ChannelGroup, ChannelPlan, Member, ParamRef, Stack, _block_shared_literals,
-                                     _distinct, _layouts)
+                                     ChannelGroup, ChannelPlan, Member, Merged, ParamRef, Stack, _block_shared_literals,
+                                     _distinct, _layouts, _size_reads)
 from graphopt.pruning.index_rules import IndexRules
 from graphopt.pruning.layer_rules import LayerRules
 from graphopt.pruning.reshape_rules import ReshapeRules
@@ -52,7 +53,7 @@ __all__ = ["ChannelAnalysis", "ChannelGroup", "ChannelPlan", "Layout", "Member",
            "DEPTHWISE", "EMBED", "HEADS", "IN", "MEAN", "NORM", "OUT", "PARAM", "SHAPE_ARG", "SIZE_READ", "SLICE", "SPLIT"]
 
 
-class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, AttentionRules):
+class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, AttentionRules, BatchRules):
     """One walk of the graph in topological order; each node's value is given by the rule
     registered for its module type or op (``graphopt.pruning.rules``)."""
 
@@ -63,7 +64,7 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
         self.spaces = Spaces()
         self.values: dict[fx.Node, Any] = {}
         self.grids: list[tuple[str, Layout]] = []                 # every grid view, to decide at the end
-        self.grid_literals: list[tuple[Layout, Entry, Entry]] = []
+        self.grid_literals: list[tuple[Layout, Entry, Entry, int]] = []   # (grid, rows, columns, rows repeated)
         self.first_calls: dict[str, fx.Node] = {}                 # module with weights -> its first call
         self.zeros: dict[fx.Node, bool] = {}                      # zero where its producers are zeroed
         self.uniform_uses: dict[tuple, list[Seg]] = {}            # a uniform tensor's size literal -> first channels
@@ -96,6 +97,8 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
             return self.spaces.layout(value)
         if isinstance(value, Stack):
             return Stack(value.axis, tuple(self.spaces.layout(item) for item in value.items))
+        if isinstance(value, Merged):
+            return replace(value, layout=self.spaces.layout(value.layout))
         if isinstance(value, (list, tuple)):
             return tuple(self.resolved(v) for v in value)
         return value
@@ -132,10 +135,10 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
                     self.spaces.blocks(grid.segs, grid.width)
             except Unaligned as exc:
                 self.block(grid, f"{name}: {exc}")
-        for grid, rows_literal, columns_literal in self.grid_literals:
+        for grid, rows_literal, columns_literal, repeat in self.grid_literals:
             segs, w = self.spaces.resolve_segs(grid.segs), grid.width
             if self.spaces.is_rows(segs, w):
-                self.literal(rows_literal, [Seg(s.space, s.length, s.inner // w) for s in segs])
+                self.literal(rows_literal, [Seg(s.space, s.length, s.inner // w * repeat) for s in segs])
             if self.spaces.is_columns(segs, w):
                 self.literal(columns_literal, self.spaces.row_lists(segs, w)[0])
 
@@ -198,6 +201,8 @@ class ChannelAnalysis(LayerRules, ElementwiseRules, IndexRules, ReshapeRules, At
         kind = self.graph.kind(node)
         if any(isinstance(self.values.get(arg), Stack) for arg in node.all_input_nodes):
             return self.stacked(node, kind)
+        if any(isinstance(self.values.get(arg), Merged) for arg in node.all_input_nodes):
+            return self.merged_op(node, kind)
         if node.op == "call_module":
             value = self.visit_module(node, self.modules[node.target], kind)
             self.values[node] = value
@@ -268,16 +273,3 @@ def channel_groups(graph: "Graph", protected: set[str] | frozenset[str] = frozen
         groups.append(replace(g, members=list(g.members), blocked=list(g.blocked) + [f"{t} is protected"
                                                                                     for t in hit]))
     return ChannelPlan(groups)
-
-
-def _size_reads(node: fx.Node) -> list[tuple[fx.Node, int]]:
-    """(node holding the size, axis read) for a shape op: ``x.size(d)`` / ``sym_size(x, d)``
-    itself, or the integer items taken from ``x.shape`` / ``x.size()``."""
-    dim = node.args[1] if len(node.args) > 1 and op_name(node) != "getattr" else node.kwargs.get("dim")
-    if isinstance(dim, int) and not isinstance(dim, bool):
-        return [(node, dim)]
-    if dim is not None:
-        return []
-    return [(user, user.args[1]) for user in node.users
-            if op_name(user) in ("getitem", "__getitem__") and len(user.args) > 1
-            and isinstance(user.args[1], int) and not isinstance(user.args[1], bool)]

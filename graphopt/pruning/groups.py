@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import fx
 
+from graphopt.ops import op_name
 from graphopt.pruning.spaces import Layout, Seg
 
 # Member roles: where a channel space lives and what pruning it cuts.
@@ -32,6 +33,24 @@ class Stack:
 
     axis: int
     items: tuple
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Channels on an axis merged with the axes before it: heads folded into the batch
+    (``q.transpose(1, 2).reshape(B * H, T, d)``, then ``bmm``). The tensor is its *unmerged
+    view* ``shape`` (one axis more: axes ``axis`` and ``axis + 1`` of it make axis ``axis`` of
+    the tensor) reshaped, and ``layout`` places the channels in that view, on axis ``axis + 1``.
+    Batched matmuls, ops that treat every batch entry alike and reshapes follow it (a reshape
+    of the tensor is a reshape of the view); any other op blocks it."""
+
+    axis: int
+    shape: tuple
+    layout: Any
+
+    @property
+    def outer(self) -> int:
+        return self.shape[self.axis]
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,8 @@ def _layouts(value: Any) -> list[Layout]:
         return [value]
     if isinstance(value, Stack):
         return list(value.items)
+    if isinstance(value, Merged):
+        return _layouts(value.layout)
     if isinstance(value, (list, tuple)):
         return [l for v in value for l in _layouts(v)]
     return []
@@ -223,3 +244,16 @@ def blocking_summary(groups, top: int = 5) -> str:
              for what, n in counts.most_common(top)]
     more = len(counts) - top
     return "blocking: " + "; ".join(parts) + (f"; and {more} other reason{'s' if more > 1 else ''}" if more > 0 else "")
+
+
+def _size_reads(node: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(node holding the size, axis read) for a shape op: ``x.size(d)`` / ``sym_size(x, d)``
+    itself, or the integer items taken from ``x.shape`` / ``x.size()``."""
+    dim = node.args[1] if len(node.args) > 1 and op_name(node) != "getattr" else node.kwargs.get("dim")
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        return [(node, dim)]
+    if dim is not None:
+        return []
+    return [(user, user.args[1]) for user in node.users
+            if op_name(user) in ("getitem", "__getitem__") and len(user.args) > 1
+            and isinstance(user.args[1], int) and not isinstance(user.args[1], bool)]

@@ -9,7 +9,8 @@ from typing import Any, Callable
 from torch import fx
 
 from graphopt.ops import OpKind, op_name
-from graphopt.pruning.groups import SHAPE_ARG, Entry, Member, ParamRef, RuntimeSize, Stack, _entry, _landing
+from graphopt.pruning.groups import (SHAPE_ARG, Entry, Member, Merged, ParamRef, RuntimeSize, Stack, _entry,
+                                     _landing)
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -37,19 +38,28 @@ class ReshapeRules:
             out = x.shifted(len(out_shape) - len(in_shape))
         else:
             out = self.reshaped(node, x, in_shape, out_shape)
+            if out is None and name not in _SIZED_LIKE:
+                out = self.merged_into_batch(node, x, in_shape, out_shape, entries)
         if out is None:
             raise Unaligned(f"{name} splits or reorders the channels in a way the analysis does not follow")
+        if isinstance(out, Merged):
+            return out
         if name in _SIZED_LIKE:   # sizes read from another tensor: it must lose the same channels
             other = self.get(node.args[1]) if len(node.args) > 1 else None
             if not isinstance(out, Layout) or not isinstance(other, Layout):
                 raise Unaligned(f"{name} takes its sizes from a tensor whose channels are not tracked")
             return self.unify(node, out, other)
+        self.reshape_literals(out, entries)
+        return out
+
+    def reshape_literals(self, out: Layout | Stack, entries: list[Entry]) -> None:
+        """The sizes a reshape writes for its channel axes shrink with them (a grid's, once
+        decided whether it loses rows or columns)."""
         for layout in (out.items if isinstance(out, Stack) else (out,)):
             if layout.sub is None:
                 self.literal(entries[layout.axis], layout.segs)
             else:
-                self.grid_literals.append((layout, entries[layout.axis], entries[layout.sub]))
-        return out
+                self.grid_literals.append((layout, entries[layout.axis], entries[layout.sub], 1))
 
     def reshaped(self, node: fx.Node, x: Layout, ins: tuple, outs: tuple) -> Layout | None:
         """Where a row-major reshape from ``ins`` to ``outs`` puts the tracked channels."""
