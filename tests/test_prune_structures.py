@@ -806,3 +806,40 @@ def test_a_tensor_that_differs_across_heads_folded_into_the_batch_blocks_them():
     heads = next(g for g in channel_groups(graph).groups if any(m.target == "q" and m.role == "out"
                                                                 for m in g.members))
     assert any("differs across the heads folded into the batch" in r for r in heads.blocked), heads.blocked
+
+
+class TableRotary(nn.Module):
+    """RoFormer's rotary embedding: sin/cos read from an embedding table as wide as a head,
+    interleaved (``stack([x, x], -1).reshape_as``) and multiplied into every head of q and k."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.positions = nn.Embedding(32, self.d)
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def rotate(self, x, sin, cos):
+        turned = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape_as(x)
+        return x * cos + turned * sin
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        table = self.positions(torch.arange(t))[None, None]
+        sin, cos = table.chunk(2, dim=-1)
+        sin = torch.stack([sin, sin], dim=-1).reshape_as(table)
+        cos = torch.stack([cos, cos], dim=-1).reshape_as(table)
+        q, k, v = (f(x).view(b, t, self.heads, self.d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.softmax(self.rotate(q, sin, cos) @ self.rotate(k, sin, cos).transpose(-1, -2), -1) @ v
+        return x + self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_a_rotary_table_shared_by_every_head_stays_whole_and_the_heads_go(export):
+    from test_zoo_layers import _capture
+
+    torch.manual_seed(0)
+    graph = _capture(TableRotary().eval(), torch.randn(2, 5, 16), export)
+    table = next(g for g in channel_groups(graph).groups if any(m.target == "positions" for m in g.members))
+    assert any("a table's columns serve every row" in r for r in table.blocked), table.blocked
+    result = _prunes_whole(graph, "q", 4, 8)
+    assert result.graph.modules()["positions"].embedding_dim == 4

@@ -7,7 +7,8 @@ from typing import Any
 from torch import fx
 
 from graphopt.ops import OpKind, op_name
-from graphopt.pruning.groups import MEAN, PARAM, SPLIT, Member, ParamParts, ParamRef, Uniform, _entry, _positions
+from graphopt.pruning.groups import (EMBED, MEAN, PARAM, SHAPE_ARG, SLICE, SPLIT, Member, ParamParts, ParamRef, Uniform,
+                                     _entry, _positions)
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -79,6 +80,11 @@ class ElementwiseRules:
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
         for plain, grid in ((a, b), (b, a)):
             if plain.sub is None and grid.sub is not None and grid.sub == plain.axis and grid.axis != plain.axis:
+                if self.only_tables(plain):
+                    # an embedding table's columns given to every row (RoFormer's rotary sin/cos, one
+                    # table for every head): the table stays whole, so the rows (heads) can go
+                    self.block(plain, f"{node.name}: a table's columns serve every row of a grid of channels")
+                    return self.as_rows(grid)
                 # the same channels in every row (SKNet: features stacked per path, times attention over
                 # the paths): the grid loses the same columns in every row
                 self.spaces.align(self.spaces.columns(grid.segs, grid.width), plain.segs)
@@ -94,6 +100,13 @@ class ElementwiseRules:
             return a
         self.spaces.align(a.segs, b.segs)
         return self.spaces.layout(a)
+
+    def only_tables(self, layout: Layout) -> bool:
+        """Whether the channels of ``layout`` live only in embedding tables and the views taken of
+        them (no layer computes or reads them)."""
+        members = [m for seg in self.spaces.resolve_segs(layout.segs) for m in self.spaces.members[seg.space]]
+        return any(m.role == EMBED for m in members) and all(m.role in (EMBED, SPLIT, SLICE, SHAPE_ARG)
+                                                             for m in members)
 
     def concat(self, node: fx.Node) -> Any:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
