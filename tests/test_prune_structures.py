@@ -843,3 +843,31 @@ def test_a_rotary_table_shared_by_every_head_stays_whole_and_the_heads_go(export
     assert any("a table's columns serve every row" in r for r in table.blocked), table.blocked
     result = _prunes_whole(graph, "q", 4, 8)
     assert result.graph.modules()["positions"].embedding_dim == 4
+
+
+class GroupedQKV(nn.Module):
+    """Falcon's grouped-query attention: one fused layer viewed as ``(B, T, KV, n_rep + 2, d)``,
+    each key/value head with its queries, sliced along the inner axis and broadcast."""
+
+    def __init__(self, dim=16, kv=2, rep=2):
+        super().__init__()
+        self.kv, self.rep, self.d = kv, rep, dim // (kv * rep)
+        self.qkv, self.out = nn.Linear(dim, kv * (rep + 2) * self.d), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, self.kv, self.rep + 2, self.d)
+        q, k, v = fused[:, :, :, :-2], fused[:, :, :, [-2]], fused[:, :, :, [-1]]
+        k, v = (torch.broadcast_to(y, q.shape) for y in (k, v))
+        q, k, v = (y.flatten(2, 3).transpose(1, 2) for y in (q, k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_grouped_qkv_loses_whole_key_value_groups(export):
+    from test_zoo_layers import _capture
+
+    torch.manual_seed(0)
+    result = _prunes_whole(_capture(GroupedQKV().eval(), torch.randn(2, 5, 16), export), "qkv", 2, 16)
+    assert result.graph.modules()["out"].in_features == 8   # one group: its 2 query heads of 4

@@ -75,6 +75,8 @@ class IndexRules:
                     raise Unaligned("indexes into the channels")
                 in_axis += 1
                 continue
+            if _int_list(item) and in_axis not in value.axes() and sum(map(_int_list, items)) == 1:
+                item = slice(None)   # one axis gathered by a list of positions (Falcon's ``qkv[..., [-2]]``)
             if not isinstance(item, slice):
                 raise Unaligned("advanced indexing")
             if in_axis in value.axes() and item != slice(None):
@@ -98,6 +100,21 @@ class IndexRules:
         if columns is not None:
             value = self.grid_columns(value, self.graph.shape(node)[columns[1]])
         return value.mapped(mapping.__getitem__) if value is not None else None
+
+    def gather(self, node: fx.Node) -> Any:
+        """``aten.index.Tensor(x, [None, .., idx])``: one axis gathered by a 1-D index tensor,
+        the others whole (torch.export's ``x[..., [k]]``). Channels on other axes pass."""
+        value = self.get(node.args[0])
+        if not isinstance(value, Layout):
+            return None
+        items = list(node.args[1])
+        gathered = [i for i, item in enumerate(items) if item is not None]
+        shape = self.graph.shape(items[gathered[0]]) if len(gathered) == 1 else None
+        if not (isinstance(shape, tuple) and len(shape) == 1):
+            raise Unaligned("advanced indexing over several axes or with a multi-dimensional index")
+        if gathered[0] in value.axes():
+            raise Unaligned("gathers along the channels")
+        return value
 
     def grid_columns(self, x: Layout, width: int) -> Layout:
         """``width`` of the columns of every row of a grid (rotary embeddings take ``q[..., :d // 2]``,
@@ -143,7 +160,16 @@ class IndexRules:
         return Layout(x.axis, kept)
 
 
+def _int_list(item: Any) -> bool:
+    return isinstance(item, list) and bool(item) and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
+
+
 # -- registrations ------------------------------------------------------------------------
 @channel_rule(kind=OpKind.INDEX)
 def _index(a, node: fx.Node) -> Any:
     return a.index(node, op_name(node))
+
+
+@channel_rule(op="index")
+def _gather(a, node: fx.Node) -> Any:
+    return a.gather(node)

@@ -34,7 +34,7 @@ class ReshapeRules:
         if entries is None:
             raise Unaligned(f"{name} sizes are computed in a way the analysis cannot rewrite")
         entries = [(RuntimeSize(out_shape[i]) if isinstance(v, fx.Node) else v, w) for i, (v, w) in enumerate(entries)]
-        if name in ("expand", "expand_as"):
+        if name in ("expand", "expand_as", "broadcast_to"):
             out = x.shifted(len(out_shape) - len(in_shape))
         else:
             out = self.reshaped(node, x, in_shape, out_shape)
@@ -77,7 +77,8 @@ class ReshapeRules:
                     self.grids.append((node.name, grid))
                     return grid
                 if 1 < outs[j] < n and n % outs[j] == 0:
-                    return self.interleaved(node, x, j, outs) or self.stack(node, x, j, outs)
+                    return self.interleaved(node, x, j, outs) or self.blocks(node, x, j, outs) or \
+                        self.stack(node, x, j, outs)
             return None
         rows, cols = _landing(ins, outs, x.axis), _landing(ins, outs, x.sub)
         if rows is not None and cols is not None:
@@ -167,6 +168,22 @@ class ReshapeRules:
         self.grids.append((node.name, item))
         return Stack(axis, (item,) * count)
 
+    def blocks(self, node: fx.Node, x: Layout, j: int, outs: tuple) -> Layout | None:
+        """The channels cut into ``outs[j]`` equal blocks, block ``i`` laid over the axes after
+        ``j`` at index ``i`` (Falcon's grouped-query ``view(B, T, KV, n_rep + 2, d)``: each
+        key/value head with its queries, key and value): blocks go whole, so axis ``j`` carries
+        them. Only where every use slices or gathers along later axes; a use that takes axis
+        ``j`` apart (q/k/v stacked there) reads the view as ``stack`` does."""
+        if not node.users or math.prod(outs[j + 1:]) * outs[j] != x.positions:
+            return None
+        rank = len(outs)
+        for user in node.users:
+            axes = _indexed_axes(user, rank)
+            if axes is None or min(axes, default=j) <= j:
+                return None
+        block = x.positions // outs[j]
+        return Layout(j, [Seg(s.space, s.length, s.inner // block) for s in self.spaces.blocks(x.segs, block)])
+
     def derived(self, node: fx.Node, x: ParamRef, axes: list) -> ParamRef | None:
         """``x`` after ``node``, its constant's axes at ``axes`` (None if none is left)."""
         shape = self.graph.shape(node)
@@ -180,7 +197,7 @@ class ReshapeRules:
         if name == "contiguous":
             return x
         in_shape, out_shape = self.graph.shape(node.args[0]), self.graph.shape(node)
-        if name == "expand":
+        if name in ("expand", "broadcast_to"):
             return self.derived(node, x, [None] * (len(out_shape) - len(in_shape)) + list(x.axes))
         entries = self.size_entries(node, name, len(out_shape))
         if entries is None:
@@ -196,7 +213,7 @@ class ReshapeRules:
         """Per output axis: the literal size written in the graph and where, or (None, None)
         where the size is read at run time. None if the sizes cannot be located."""
         dynamic: list[Entry] = [(None, None)] * rank
-        if name in ("view", "reshape", "expand", "_unsafe_view"):
+        if name in ("view", "reshape", "expand", "broadcast_to", "_unsafe_view"):
             if node.kwargs:
                 return None
             sizes = list(node.args[1:])
@@ -296,6 +313,21 @@ class ReshapeRules:
         if name == "select" and node.args[1] % rank == x.axis:   # torch.export's qkv[0]: aten.select.int
             return entries[node.args[2]]
         raise Unaligned(f"{name} on channels stacked along one axis (fused q/k/v) is not followed")
+
+
+def _indexed_axes(node: fx.Node, rank: int) -> set[int] | None:
+    """The axes a slice or gather ``node`` narrows (None: not such an op, or not known)."""
+    name = op_name(node)
+    if name == "slice" and len(node.args) > 1 and isinstance(node.args[1], int):
+        return {node.args[1] % rank}
+    if name == "index" and isinstance(node.args[1], (list, tuple)):   # aten.index.Tensor(x, [None, .., idx])
+        return {i for i, item in enumerate(node.args[1]) if item is not None}
+    if name in ("getitem", "__getitem__"):
+        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(item is None or item is Ellipsis for item in items):
+            return None
+        return {i for i, item in enumerate(items) if item != slice(None)}
+    return None
 
 
 # -- registrations ------------------------------------------------------------------------
