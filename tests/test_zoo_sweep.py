@@ -109,7 +109,9 @@ FAMILIES = [
     # zoo, model, family, prunable groups, of groups, MACs kept at most
     ("hf", "bert", "encoder", 4, 6, 0.73),
     ("hf", "gpt2", "decoder", 4, 5, 0.72),
-    ("hf", "falcon", "decoder", 2, 7, 0.80),
+    ("hf", "deberta-v2", "encoder", 4, 5, 0.73),                           # heads folded into the batch
+    ("hf", "roformer", "encoder", 4, 7, 0.73),                             # rotary sin/cos from a table
+    ("hf", "falcon", "decoder", 4, 5, 0.64),                               # grouped-query fused q/k/v
     ("hf", "vit", "vision", 4, 6, 0.77),
     ("hf", "t5", "encoder-decoder", 7, 8, 0.74),                           # one bias shared by layers
     ("timm", "resnet18", "resnet", 12, 13, 0.51),
