@@ -26,6 +26,9 @@ class Distill(Pass):
         amp: mixed precision for the training steps: bf16, or fp16 on CUDA (default: float32)
         loss: kd (classifiers), or cosine / mse for models whose output is an embedding
         schedule: cosine anneals the learning rate to 0 over the run; constant keeps it
+        backoff: where the loss of the first 10 steps rises to more than twice the first step's
+            (a pretrained network without its BatchNorms can blow up at lr 1e-3), restore the
+            weights and start again at a tenth of the learning rate, at most twice
     """
 
     contract = Contract.NONE
@@ -36,15 +39,16 @@ class Distill(Pass):
                  alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
                  feature_nodes: list[str] | None = None, feature_weight: NonNegative = 1.0, progress: bool = True,
                  loss: Literal["kd", "cosine", "mse"] = "kd", schedule: Literal["constant", "cosine"] = "cosine",
-                 amp: Literal["bf16", "fp16"] | None = None):
+                 amp: Literal["bf16", "fp16"] | None = None, backoff: bool = True):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,
-                                    feature_nodes=feature_nodes or (), feature_weight=feature_weight, amp=amp)
+                                    feature_nodes=feature_nodes or (), feature_weight=feature_weight, amp=amp,
+                                    backoff=backoff)
         self.config.check()
         self.progress = progress
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         teacher = ctx.data.get("teacher") or ctx.data["input_graph"]
         stats = distill(graph, teacher, ctx.data["train_data"], self.config, progress=self.progress)
-        return PassResult(graph, changed=True, stats={k: round(v, 4) for k, v in stats.items()})
+        return PassResult(graph, changed=True, stats={k: v if k == "lr" else round(v, 4) for k, v in stats.items()})

@@ -141,3 +141,30 @@ def test_a_nan_batch_is_named_and_leaves_the_weights_finite():
         distill(student, teacher, [good, good, bad, good], DistillConfig(epochs=1, lr=1e-3), progress=False)
     assert all(torch.isfinite(p).all() for p in student.gm.parameters())
     assert not student.gm.training
+
+
+def test_a_run_whose_first_steps_blow_up_restarts_from_the_same_weights_at_a_tenth_of_the_lr():
+    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    student = teacher.clone()
+    with torch.no_grad():
+        for p in student.gm.parameters():
+            p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
+    runs = {}
+    for backoff in (False, True):
+        graph = student.clone()
+        torch.manual_seed(0)
+        result = PassManager([Distill(epochs=1, lr=1.0, backoff=backoff, progress=False)],
+                             context=PassContext({"train_data": train_batches, "teacher": teacher})).run(graph)
+        runs[backoff] = (result.records[1].stats, top1_accuracy(result.graph, digits.test_batches()))
+    (plain, plain_top1), (backed, backed_top1) = runs[False], runs[True]
+    assert plain["restarts"] == 0 and plain["lr"] == 1.0
+    assert backed["restarts"] >= 1 and backed["lr"] == pytest.approx(10.0 ** -backed["restarts"])
+    assert backed["steps"] == plain["steps"] == 23         # the restarted run is a whole run
+    assert backed_top1 > plain_top1 + 0.2 and backed_top1 >= 0.9
+
+
+def test_a_healthy_run_keeps_its_learning_rate():
+    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    result = PassManager([Distill(epochs=1, lr=2e-3, progress=False)],
+                         context=PassContext({"train_data": train_batches})).run(teacher)
+    assert result.records[1].stats["restarts"] == 0 and result.records[1].stats["lr"] == 2e-3
