@@ -29,6 +29,8 @@ class Distill(Pass):
         backoff: where the loss of the first 10 steps rises to more than twice the first step's
             (a pretrained network without its BatchNorms can blow up at lr 1e-3), restore the
             weights and start again at a tenth of the learning rate, at most twice
+        probe_lr: first run 20 steps at lr, lr/10 and lr/100 from the same weights and train at the
+            one whose last steps had the lowest loss (what graphopt compress does)
     """
 
     contract = Contract.NONE
@@ -39,12 +41,13 @@ class Distill(Pass):
                  alpha: Fraction = 0.7, weight_decay: NonNegative = 0.0, max_batches: Count | None = None,
                  feature_nodes: list[str] | None = None, feature_weight: NonNegative = 1.0, progress: bool = True,
                  loss: Literal["kd", "cosine", "mse"] = "kd", schedule: Literal["constant", "cosine"] = "cosine",
-                 amp: Literal["bf16", "fp16"] | None = None, backoff: bool = True):
+                 amp: Literal["bf16", "fp16"] | None = None, backoff: bool = True,
+                 probe_lr: bool = False):
         self.config = DistillConfig(epochs=float(epochs), lr=lr, weight_decay=weight_decay,
                                     temperature=temperature, alpha=alpha, max_batches=max_batches, loss=loss,
                                     schedule=schedule,
                                     feature_nodes=feature_nodes or (), feature_weight=feature_weight, amp=amp,
-                                    backoff=backoff)
+                                    backoff=backoff, probe_lr=probe_lr)
         self.config.check()
         self.progress = progress
 

@@ -168,3 +168,15 @@ def test_a_healthy_run_keeps_its_learning_rate():
     result = PassManager([Distill(epochs=1, lr=2e-3, progress=False)],
                          context=PassContext({"train_data": train_batches})).run(teacher)
     assert result.records[1].stats["restarts"] == 0 and result.records[1].stats["lr"] == 2e-3
+
+
+def test_probing_the_learning_rate_trains_at_the_one_whose_first_steps_do_best():
+    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
+    student = teacher.clone()
+    with torch.no_grad():
+        for p in student.gm.parameters():
+            p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
+    torch.manual_seed(0)
+    stats = distill(student, teacher, train_batches, DistillConfig(epochs=1, lr=1.0, probe_lr=True), progress=False)
+    assert stats["lr"] in (0.1, 0.01) and stats["restarts"] == 0 and stats["steps"] == 23
+    assert top1_accuracy(student, digits.test_batches()) >= 0.9

@@ -61,7 +61,8 @@ class Recipe:
         if self.low_rank:
             steps.append(get_pass("split_low_rank")(energy=self.low_rank, progress=progress))
         if structural and self.finetune:
-            steps.append(get_pass("distill")(epochs=self.finetune, max_batches=finetune_batches, progress=progress))
+            steps.append(get_pass("distill")(epochs=self.finetune, max_batches=finetune_batches, probe_lr=True,
+                                             progress=progress))
         tune = {"finetune_epochs": self.finetune, "max_batches": finetune_batches} if self.finetune else {}
         if self.sparsity:
             steps.append(get_pass("prune_magnitude")(sparsity=self.sparsity, **tune))
