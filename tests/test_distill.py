@@ -20,12 +20,18 @@ def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
     assert mixed == pytest.approx(0.5 * nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
-def test_distillation_recovers_a_damaged_student():
+def _damaged_student():
+    """The digits CNN as teacher, and a copy with noise added to every weight as student."""
     teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
     student = teacher.clone()
     with torch.no_grad():
         for p in student.gm.parameters():
             p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
+    return teacher, student
+
+
+def test_distillation_recovers_a_damaged_student():
+    teacher, student = _damaged_student()
     damaged = top1_accuracy(student, digits.test_batches())
     stats = distill(student, teacher, train_batches, DistillConfig(epochs=3, lr=2e-3), progress=False)
     recovered = top1_accuracy(student, digits.test_batches())
@@ -144,11 +150,7 @@ def test_a_nan_batch_is_named_and_leaves_the_weights_finite():
 
 
 def test_a_run_whose_first_steps_blow_up_restarts_from_the_same_weights_at_a_tenth_of_the_lr():
-    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
-    student = teacher.clone()
-    with torch.no_grad():
-        for p in student.gm.parameters():
-            p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
+    teacher, student = _damaged_student()
     runs = {}
     for backoff in (False, True):
         graph = student.clone()
@@ -171,11 +173,7 @@ def test_a_healthy_run_keeps_its_learning_rate():
 
 
 def test_probing_the_learning_rate_trains_at_the_one_whose_first_steps_do_best():
-    teacher = graphopt.trace(trained_digits_cnn(), torch.rand(2, 1, 8, 8))
-    student = teacher.clone()
-    with torch.no_grad():
-        for p in student.gm.parameters():
-            p.add_(0.3 * torch.randn_like(p) * p.abs().mean())
+    teacher, student = _damaged_student()
     torch.manual_seed(0)
     stats = distill(student, teacher, train_batches, DistillConfig(epochs=1, lr=1.0, probe_lr=True), progress=False)
     assert stats["lr"] in (0.1, 0.01) and stats["restarts"] == 0 and stats["steps"] == 23
