@@ -66,6 +66,7 @@ class IndexRules:
             items = items[:at] + [slice(None)] * (rank - consumed) + items[at + 1:]
             where = where[:at] + [None] * (rank - consumed) + where[at + 1:]
         mapping, in_axis, out_axis, ranged, columns = {}, 0, 0, None, None
+        lists = sum(map(_int_list, items))   # one axis gathered by a list of positions passes
         for element, item in zip(where, items):
             if item is None:
                 out_axis += 1
@@ -75,7 +76,7 @@ class IndexRules:
                     raise Unaligned("indexes into the channels")
                 in_axis += 1
                 continue
-            if _int_list(item) and in_axis not in value.axes() and sum(map(_int_list, items)) == 1:
+            if _int_list(item) and in_axis not in value.axes() and lists == 1:
                 item = slice(None)   # one axis gathered by a list of positions (Falcon's ``qkv[..., [-2]]``)
             if not isinstance(item, slice):
                 raise Unaligned("advanced indexing")
@@ -107,9 +108,8 @@ class IndexRules:
         value = self.get(node.args[0])
         if not isinstance(value, Layout):
             return None
-        items = list(node.args[1])
-        gathered = [i for i, item in enumerate(items) if item is not None]
-        shape = self.graph.shape(items[gathered[0]]) if len(gathered) == 1 else None
+        gathered = sorted(indexed_axes(node, len(self.graph.shape(node.args[0]))))
+        shape = self.graph.shape(node.args[1][gathered[0]]) if len(gathered) == 1 else None
         if not (isinstance(shape, tuple) and len(shape) == 1):
             raise Unaligned("advanced indexing over several axes or with a multi-dimensional index")
         if gathered[0] in value.axes():
@@ -162,6 +162,21 @@ class IndexRules:
 
 def _int_list(item: Any) -> bool:
     return isinstance(item, list) and bool(item) and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
+
+
+def indexed_axes(node: fx.Node, rank: int) -> set[int] | None:
+    """The axes a slice or gather ``node`` narrows (None: not such an op, or not known)."""
+    name = op_name(node)
+    if name == "slice" and len(node.args) > 1 and isinstance(node.args[1], int):
+        return {node.args[1] % rank}
+    if name == "index" and isinstance(node.args[1], (list, tuple)):   # aten.index.Tensor(x, [None, .., idx])
+        return {i for i, item in enumerate(node.args[1]) if item is not None}
+    if name in ("getitem", "__getitem__"):
+        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(item is None or item is Ellipsis for item in items):
+            return None
+        return {i for i, item in enumerate(items) if item != slice(None)}
+    return None
 
 
 # -- registrations ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import fx
 from graphopt.ops import OpKind, op_name
 from graphopt.pruning.groups import (SHAPE_ARG, Entry, Member, Merged, ParamRef, RuntimeSize, Stack, _entry,
                                      _landing)
+from graphopt.pruning.index_rules import indexed_axes
 from graphopt.pruning.rules import channel_rule
 from graphopt.pruning.spaces import Layout, Seg, Unaligned
 
@@ -178,7 +179,7 @@ class ReshapeRules:
             return None
         rank = len(outs)
         for user in node.users:
-            axes = _indexed_axes(user, rank)
+            axes = indexed_axes(user, rank)
             if axes is None or min(axes, default=j) <= j:
                 return None
         block = x.positions // outs[j]
@@ -313,21 +314,6 @@ class ReshapeRules:
         if name == "select" and node.args[1] % rank == x.axis:   # torch.export's qkv[0]: aten.select.int
             return entries[node.args[2]]
         raise Unaligned(f"{name} on channels stacked along one axis (fused q/k/v) is not followed")
-
-
-def _indexed_axes(node: fx.Node, rank: int) -> set[int] | None:
-    """The axes a slice or gather ``node`` narrows (None: not such an op, or not known)."""
-    name = op_name(node)
-    if name == "slice" and len(node.args) > 1 and isinstance(node.args[1], int):
-        return {node.args[1] % rank}
-    if name == "index" and isinstance(node.args[1], (list, tuple)):   # aten.index.Tensor(x, [None, .., idx])
-        return {i for i, item in enumerate(node.args[1]) if item is not None}
-    if name in ("getitem", "__getitem__"):
-        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if any(item is None or item is Ellipsis for item in items):
-            return None
-        return {i for i, item in enumerate(items) if item != slice(None)}
-    return None
 
 
 # -- registrations ------------------------------------------------------------------------

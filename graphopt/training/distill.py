@@ -17,7 +17,6 @@ same steps, the stream ending for all when it ends for one.
 from __future__ import annotations
 
 import copy
-
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -243,7 +242,9 @@ def _probe(student: Graph, teacher: Graph, data, config: DistillConfig, loss_fn,
         finally:
             student.gm.load_state_dict(start)
     return min(tried, key=lambda lr: (tried[lr], -lr))
-_PROBE = 10           # steps after which a run is checked for divergence
+
+
+_WATCHED = 10         # steps after which a run is checked for divergence
 
 
 class _Diverged(Exception):
@@ -254,7 +255,7 @@ def _diverged(losses: list[float]) -> bool:
     """Whether steps 1-9 average more than twice step 0 (on every rank together when distributed):
     MobileNetV2 with its BatchNorms folded, pruned by 10%, at lr 1e-3 goes 17 -> 181, 50, 92, ...
     and ends at chance; at 1e-4 it falls steadily, 17 -> 4, and recovers (23% -> 84%)."""
-    rising = torch.tensor([sum(losses[1:_PROBE]) / (_PROBE - 1) - 2 * losses[0]], dtype=torch.float64)
+    rising = torch.tensor([sum(losses[1:_WATCHED]) / (_WATCHED - 1) - 2 * losses[0]], dtype=torch.float64)
     if distributed.active():
         rising = distributed.all_reduce(rising)
     return bool(rising.item() > 0)
@@ -319,11 +320,11 @@ def _train(student: Graph, teacher: Graph, data, config: DistillConfig, lr: floa
                     scheduler.step()
                 losses.append(loss.item())
                 plan.seen(epoch, step + 1)
-                if watch and len(losses) == _PROBE and _diverged(losses):
+                if watch and len(losses) == _WATCHED and _diverged(losses):
                     raise _Diverged()
-                if limit is not None and len(losses) >= limit:
+                if len(losses) == limit:
                     break
-            if limit is not None and len(losses) >= limit:
+            if len(losses) == limit:
                 break
     finally:
         student.gm.eval()
