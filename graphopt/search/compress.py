@@ -252,6 +252,8 @@ class _Search:
         prune = trial.suggest_float("prune", 0.0, s.max_prune, step=0.05) if s.max_prune > 0 else 0.0
         scope = trial.suggest_categorical("scope", list(s.scopes)) if prune else "global"
         protect = trial.suggest_int("protect", 0, s.max_protect) if prune and s.max_protect else 0
+        round_to = trial.suggest_categorical("round_to", list(s.round_to)) if prune and len(s.round_to) > 1 \
+            else s.round_to[0]
         low_rank = trial.suggest_categorical("low_rank", list(s.low_rank)) if len(s.low_rank) > 1 else 0.0
         finetune = (trial.suggest_categorical("finetune", list(s.finetune))
                     if (prune or low_rank) and len(s.finetune) > 1 else 0.0)
@@ -264,7 +266,8 @@ class _Search:
         floats = (trial.suggest_int("sensitive_float", 0, s.max_sensitive_float)
                   if quant == "int8" and s.max_sensitive_float else 0)
         qat = trial.suggest_categorical("qat", list(s.qat)) if quant == "int8" and len(s.qat) > 1 else 0.0
-        return Recipe(prune=round(prune, 4), scope=scope, protect=protect, low_rank=low_rank, finetune=finetune,
+        return Recipe(prune=round(prune, 4), scope=scope, protect=protect, round_to=round_to if prune else 1,
+                      low_rank=low_rank, finetune=finetune,
                       sparsity=sparsity, share_bits=share, quant=quant, sensitive_float=floats, qat=qat)
 
     def step(self, params: dict | None = None) -> Trial:
@@ -553,6 +556,8 @@ def _params(space: Space, recipe: Recipe) -> dict:
         params["scope"] = recipe.scope
         if space.max_protect:
             params["protect"] = recipe.protect
+        if len(space.round_to) > 1:
+            params["round_to"] = recipe.round_to
     if len(space.low_rank) > 1:
         params["low_rank"] = recipe.low_rank
     if (recipe.prune or recipe.low_rank or recipe.sparsity or recipe.share_bits) and len(space.finetune) > 1:
@@ -580,7 +585,7 @@ def _seeds(space: Space) -> list[Recipe]:
                 for p in prunes] + [Recipe(prune=half, finetune=finetune, quant=space.quant[-1],
                                            sparsity=space.sparsity[len(space.sparsity) // 2])]
     quant = "int8" if "int8" in space.quant else "fp32"
-    return [Recipe(prune=p, finetune=finetune, quant=quant) for p in prunes]
+    return [Recipe(prune=p, finetune=finetune, quant=quant, round_to=space.round_to[0]) for p in prunes]
 
 
 def _accuracy_control(trials: list[Trial]) -> Trial | None:

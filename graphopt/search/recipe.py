@@ -19,6 +19,7 @@ class Recipe:
     prune: float = 0.0            # share of the MACs structured pruning removes (0: none)
     scope: str = "global"         # how pruning spreads over channel groups: global | uniform
     protect: int = 0              # the k most pruning-sensitive layers keep every channel
+    round_to: int = 1             # pruned widths kept a multiple of this (int8 kernels run whole blocks)
     low_rank: float = 0.0         # energy kept by low-rank splitting (0: none)
     finetune: float = 0.0         # epochs of distillation from the original after structural steps
     sparsity: float = 0.0         # unstructured magnitude sparsity (size goals)
@@ -35,6 +36,7 @@ class Recipe:
         parts = []
         if self.prune:
             parts.append(f"prune {self.prune:.0%}" + (f" {self.scope}" if self.scope != "global" else "")
+                         + (f" to x{self.round_to}" if self.round_to > 1 else "")
                          + (f" (protect {self.protect})" if self.protect else ""))
         if self.low_rank:
             parts.append(f"low-rank {self.low_rank:.2f}")
@@ -57,7 +59,7 @@ class Recipe:
         structural = bool(self.prune or self.low_rank)
         if self.prune:
             steps.append(get_pass("prune_channels")(target_macs=round(1 - self.prune, 4), scope=self.scope,
-                                                    exclude=protected_layers[:self.protect]))
+                                                    exclude=protected_layers[:self.protect], round_to=self.round_to))
         if self.low_rank:
             steps.append(get_pass("split_low_rank")(energy=self.low_rank, progress=progress))
         if structural and self.finetune:
@@ -92,6 +94,7 @@ class Space:
     max_prune: float = 0.7
     scopes: tuple[str, ...] = ("global", "uniform")
     max_protect: int = 3
+    round_to: tuple[int, ...] = (1,)
     low_rank: tuple[float, ...] = (0.0, 0.98, 0.95, 0.9)
     finetune: tuple[float, ...] = (0.0,)
     sparsity: tuple[float, ...] = (0.0,)
@@ -109,4 +112,7 @@ class Space:
                          quant=("fp32", "int8-weights"), max_sensitive_float=0)
         if goal.objective == "macs":
             return Space(finetune=finetune, quant=("fp32",), max_sensitive_float=0)
-        return Space(finetune=finetune, qat=(0.0, 1.0) if has_train_data else (0.0,))
+        # latency: a width that is not a whole number of kernel blocks runs as slowly as the next
+        # whole one (MobileNetV2 int8 in onnxruntime at 0.5 of the MACs: 0.43 ms at any width,
+        # 0.35 at multiples of 8, 0.32 at multiples of 16; unpruned 0.43)
+        return Space(finetune=finetune, round_to=(16, 8, 1), qat=(0.0, 1.0) if has_train_data else (0.0,))
