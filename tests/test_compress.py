@@ -176,11 +176,17 @@ def test_sampled_knobs_round_trip_through_the_study_parameters():
     space = Space.for_goal(Goal(objective="latency"), has_train_data=True)
     assert space.round_to[0] > 1
     seeds = _seeds(space)
-    assert seeds and all(s.round_to == space.round_to[0] and s.quant == "int8" for s in seeds)
-    for recipe in (*seeds, Recipe(quant="int8", sensitive_float=2),
-                   Recipe(prune=0.3, scope="uniform", protect=1, round_to=8, finetune=1.0, quant="int8", qat=1.0)):
-        params = _params(space, recipe)
-        assert _Search.sample(SimpleNamespace(space=space), FixedTrial(params)) == recipe
+    assert [s.prune for s in seeds] == [0.35, 0.7]
+    assert all(s.round_to == space.round_to[0] and s.quant == "int8" and s.finetune for s in seeds)
+    size = Space.for_goal(Goal(objective="size"), has_train_data=True)
+    size_seeds = _seeds(size)
+    assert any(s.sparsity and s.share_bits == 4 for s in size_seeds)   # Deep Compression's compound
+    for where, recipe in [(space, r) for r in (*seeds, Recipe(), Recipe(quant="int8", sensitive_float=2),
+                                               Recipe(prune=0.3, scope="uniform", protect=1, round_to=8,
+                                                      finetune=1.0, quant="int8", qat=1.0))] \
+            + [(size, r) for r in size_seeds]:
+        params = _params(where, recipe)
+        assert _Search.sample(SimpleNamespace(space=where), FixedTrial(params)) == recipe
     assert "round_to" not in _params(space, Recipe(quant="int8"))
 
 

@@ -583,12 +583,16 @@ def _params(space: Space, recipe: Recipe) -> dict:
 def _seeds(space: Space) -> list[Recipe]:
     """Starting points that make an early stop worth having: the compounds that usually win."""
     finetune = max(space.finetune)
-    half = round(math.floor(space.max_prune / 2 / 0.05) * 0.05, 4)
+    half = round(math.floor(round(space.max_prune / 2 / 0.05, 6)) * 0.05, 4)   # 0.7 / 2 / 0.05 is 6.999...
     prunes = [p for p in (half, space.max_prune) if p > 0]
-    if max(space.share_bits) > 0:   # size: shared weights, or int8 weights on a sparse model
-        return [Recipe(prune=p, finetune=finetune, share_bits=space.share_bits[len(space.share_bits) // 2])
-                for p in prunes] + [Recipe(prune=half, finetune=finetune, quant=space.quant[-1],
-                                           sparsity=space.sparsity[len(space.sparsity) // 2])]
+    if max(space.share_bits) > 0:   # size: shared weights; and Deep Compression's compound (sparse + shared)
+        bits = [b for b in space.share_bits if b]
+        middle = bits[len(bits) // 2]
+        seeds = [Recipe(prune=p, finetune=finetune, share_bits=middle) for p in prunes]
+        if max(space.sparsity) > 0:
+            seeds.insert(1, Recipe(prune=half, finetune=finetune, share_bits=min(bits),
+                                   sparsity=space.sparsity[len(space.sparsity) // 2]))
+        return seeds
     quant = "int8" if "int8" in space.quant else "fp32"
     return [Recipe(prune=p, finetune=finetune, quant=quant, round_to=space.round_to[0]) for p in prunes]
 
