@@ -81,6 +81,7 @@ def test_latency_goal_times_peers_and_accuracy_control(tmp_path):
     assert r.accuracy_control is not None and r.accuracy_control.recipe.quant == "int8"
     plain = r.trials[0]   # the original's fp32 export competes: the answer is never slower than the model given
     assert plain.recipe.label() == "original" and plain.backend == "onnx" and plain.metric == r.original.metric
+    assert r.latency["trial 0"] == r.latency["original"]   # one file: one timing, not two noisy ones
     assert r.chosen is not None and r.chosen.feasible
     assert {"original", f"trial {r.chosen.number}"} <= set(r.latency)   # timed side by side at the end
     assert r.artifact.endswith(".onnx") and os.path.isfile(r.artifact)

@@ -110,7 +110,9 @@ class CompressResult:
                 f"{best.drop - self.allowed_drop:.3g} over the allowed {self.allowed_drop:.3g}" if best else ""))
         else:
             f = self.factors(self.chosen)
-            lines.append(f"chosen: trial {self.chosen.number}: {self.chosen.recipe.label()} ({self.chosen.backend})")
+            lines.append(f"chosen: trial {self.chosen.number}: {self.chosen.recipe.label()} ({self.chosen.backend})"
+                         + ("; no compressed candidate within the drop was faster than the model as given"
+                            if self.chosen.recipe == Recipe() else ""))
             lines.append(f"  metric {self.chosen.metric:.4g} ({f['change']:+.3g}); "
                          + (f"{f['speedup']:.2f}x faster in {self.goal.timed_in()}; "
                             if f["speedup"] else "")
@@ -722,9 +724,12 @@ def _remeasure(result: CompressResult, bench: Workbench, finalists: list[Trial])
     runners: dict[str, Callable] = {}
     if result.original.runner:
         runners["original"] = result.original.runner
+    plain = []   # the original's own export: the same file as "original", so its timing, not a second one
     for trial in {id(t): t for t in (*finalists, result.accuracy_control) if t is not None}.values():
         run = bench.runners.get(trial.number)
-        if run is not None:
+        if trial.recipe == Recipe() and "original" in runners:
+            plain.append(f"trial {trial.number}")
+        elif run is not None:
             runners[f"trial {trial.number}"] = run
     for point in result.baselines:
         if point.runner is not None:
@@ -734,4 +739,5 @@ def _remeasure(result: CompressResult, bench: Workbench, finalists: list[Trial])
     inputs = bench.inputs()
     runs = {k: (lambda r=r: r(*inputs)) for k, r in runners.items()}
     inner = calls_per_sample(next(iter(runners.values())), inputs)
-    return {k: v * 1e3 for k, v in interleaved_latency(runs, rounds=20, inner=inner).items()}
+    timed = {k: v * 1e3 for k, v in interleaved_latency(runs, rounds=20, inner=inner).items()}
+    return timed | {name: timed["original"] for name in plain}
