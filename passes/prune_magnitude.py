@@ -49,6 +49,7 @@ class PruneMagnitude(Pass):
         steps: reach the sparsity in this many steps (a cubic schedule), fine-tuning after each
         finetune_epochs: fine-tune by distillation for this many epochs after each step (0: none)
         lr: fine-tuning learning rate
+        probe_lr: first try lr, lr/10 and lr/100 for 20 steps each and fine-tune at the best
         max_batches: fine-tuning batches per epoch (default: the whole loader)
         layers: layers to prune (module name patterns; default: every conv/linear layer)
         exclude: layers to leave alone (module name patterns)
@@ -62,11 +63,12 @@ class PruneMagnitude(Pass):
     def __init__(self, sparsity: Sparsity = 0.5, scope: Literal["layer", "global"] = "layer", steps: Count = 1,
                  finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-3, max_batches: Count | None = None,
                  layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None,
-                 progress: bool = False):
+                 progress: bool = False, probe_lr: bool = False):
         owner = "pass 'prune_magnitude'"
         self.owner = owner
         self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
-        configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
+        configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress,
+                              probe_lr)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         targets = weight_layers(graph, self.layers, self.exclude, self.owner)

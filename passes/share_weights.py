@@ -50,6 +50,7 @@ class ShareWeights(Pass):
         iterations: k-means (Lloyd) iterations per layer
         finetune_epochs: fine-tune the shared values by distillation for this many epochs (0: none)
         lr: fine-tuning learning rate
+        probe_lr: first try lr, lr/10 and lr/100 for 20 steps each and fine-tune at the best
         max_batches: fine-tuning batches per epoch (default: the whole loader)
         layers: layers to compress (module name patterns; default: every conv/linear layer)
         exclude: layers to leave alone (module name patterns)
@@ -62,11 +63,13 @@ class ShareWeights(Pass):
 
     def __init__(self, bits: Bits = 4, iterations: Count = 30, finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-4,
                  max_batches: Count | None = None, layers: list[str] | None = None,
-                 exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False):
+                 exclude: list[str] | None = None, bound: Tolerance | None = None, progress: bool = False,
+                 probe_lr: bool = False):
         owner = "pass 'share_weights'"
         self.owner = owner
         self.bits, self.iterations = bits, iterations
-        configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress)
+        configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress,
+                              probe_lr)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         clusters = 1 << self.bits

@@ -165,3 +165,19 @@ def test_later_finetuning_keeps_earlier_zeros_and_shared_values(folded):
 def test_weight_sharing_reports_its_weight_error(folded):
     stats = _run(folded, ShareWeights(bits=2)).records[-1].stats
     assert 0.01 < stats["mean_weight_rel_error"] < 0.5
+
+
+@pytest.mark.parametrize("make", [lambda **kw: PruneMagnitude(sparsity=0.5, **kw),
+                                  lambda **kw: ShareWeights(bits=4, **kw)], ids=["prune_magnitude", "share_weights"])
+def test_fine_tuning_with_probe_lr_survives_a_wrecking_lr(folded, make):
+    """At lr 1.0 the digits CNN's fine-tuning ends at chance; probing lr, lr/10 and lr/100 first
+    keeps it within a few points of the original (graphopt compress fine-tunes this way)."""
+    original = top1_accuracy(folded.gm, digits.test_batches())
+    scores = {}
+    for probe in (False, True):
+        torch.manual_seed(0)
+        step = make(finetune_epochs=1, lr=1.0, probe_lr=probe)
+        scores[probe] = top1_accuracy(_run(folded, step, data={"train_data": train_batches}).graph.gm,
+                                      digits.test_batches())
+    assert scores[False] < 0.3
+    assert scores[True] > original - 0.03

@@ -50,13 +50,15 @@ def weight_layers(graph: Graph, layers: list[str] | None = None, exclude: list[s
     return found
 
 
-def configure_finetune(pass_: Any, owner: str, finetune_epochs: Any, lr: float, max_batches: int | None) -> None:
+def configure_finetune(pass_: Any, owner: str, finetune_epochs: Any, lr: float, max_batches: int | None,
+                       probe_lr: bool = False) -> None:
     """Set a weight-compression pass's ``finetune`` settings (None: no fine-tuning); a pass
     that fine-tunes changes the function on purpose (contract NONE) and needs train_data
     (the pass's option model has checked the values)."""
     pass_.finetune = None
     if finetune_epochs:
-        pass_.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches)
+        pass_.finetune = DistillConfig(epochs=float(finetune_epochs), lr=lr, max_batches=max_batches,
+                                       probe_lr=probe_lr)
         pass_.finetune.check()
         pass_.contract = Contract.NONE
         pass_.requires = frozenset({"train_data"})
@@ -64,13 +66,13 @@ def configure_finetune(pass_: Any, owner: str, finetune_epochs: Any, lr: float, 
 
 def configure_weight_pass(pass_: Any, owner: str, layers: Any, exclude: Any, bound: float | None,
                           finetune_epochs: Any = 0, lr: float = 1e-3, max_batches: int | None = None,
-                          progress: bool = False) -> None:
+                          progress: bool = False, probe_lr: bool = False) -> None:
     """The settings every weight-compression pass shares: which layers (``layers`` / ``exclude``
     patterns), its error bound, and its optional fine-tuning."""
     pass_.layers = None if layers is None else list(layers)
     pass_.exclude = None if exclude is None else list(exclude)
     pass_.bound, pass_.progress = bound, progress
-    configure_finetune(pass_, owner, finetune_epochs, lr, max_batches)
+    configure_finetune(pass_, owner, finetune_epochs, lr, max_batches, probe_lr)
 
 
 def annotations(graph: Graph) -> dict[str, dict[str, Any]]:

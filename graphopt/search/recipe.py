@@ -65,7 +65,9 @@ class Recipe:
         if structural and self.finetune:
             steps.append(get_pass("distill")(epochs=self.finetune, max_batches=finetune_batches, probe_lr=True,
                                              progress=progress))
-        tune = {"finetune_epochs": self.finetune, "max_batches": finetune_batches} if self.finetune else {}
+        # fine-tuning probes its lr like the recovery does (1e-3 sends MobileNetV2, BatchNorms folded, to chance)
+        tune = {"finetune_epochs": self.finetune, "max_batches": finetune_batches, "probe_lr": True} \
+            if self.finetune else {}
         if self.sparsity:
             steps.append(get_pass("prune_magnitude")(sparsity=self.sparsity, **tune))
         if self.share_bits:
