@@ -2,7 +2,10 @@
 
 Per layer (each layer loses the same fraction) or global (one threshold for all layers),
 in one shot or along a gradual schedule (Zhu & Gupta's cubic ramp) with distillation
-fine-tuning after each step; fine-tuning keeps pruned weights at exactly zero.
+fine-tuning after each step; fine-tuning keeps pruned weights at exactly zero. Layers whose
+filters hold only a few weights can stay dense (``min_fan_in``): a 3x3 depthwise filter left
+with 2 of its 9 taps loses its channel, and such layers hold little of the model's size (Zhu &
+Gupta left MobileNet's depthwise layers dense).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 from typing import Literal
 
 from graphopt.ir import Graph
-from graphopt.options import Count, NonNegative, Positive, Sparsity, Tolerance
+from graphopt.options import Count, Index, NonNegative, Positive, Sparsity, Tolerance
 from graphopt.pass_base import Contract, Pass, PassContext, PassResult, register_pass
 from graphopt.quant.weights import (annotate, configure_weight_pass, finetune_constrained, weight_layers,
                               zero_mask)
@@ -53,6 +56,7 @@ class PruneMagnitude(Pass):
         max_batches: fine-tuning batches per epoch (default: the whole loader)
         layers: layers to prune (module name patterns; default: every conv/linear layer)
         exclude: layers to leave alone (module name patterns)
+        min_fan_in: layers whose filters hold fewer weights than this stay dense (3x3 depthwise: 9)
         bound: largest relative output error accepted (default: no limit, the error is reported)
         progress: show a progress bar while fine-tuning
     """
@@ -63,17 +67,19 @@ class PruneMagnitude(Pass):
     def __init__(self, sparsity: Sparsity = 0.5, scope: Literal["layer", "global"] = "layer", steps: Count = 1,
                  finetune_epochs: NonNegative = 0.0, lr: Positive = 1e-3, max_batches: Count | None = None,
                  layers: list[str] | None = None, exclude: list[str] | None = None, bound: Tolerance | None = None,
-                 progress: bool = False, probe_lr: bool = False):
+                 progress: bool = False, probe_lr: bool = False, min_fan_in: Index = 0):
         owner = "pass 'prune_magnitude'"
         self.owner = owner
-        self.sparsity, self.scope, self.steps = float(sparsity), scope, steps
+        self.sparsity, self.scope, self.steps, self.min_fan_in = float(sparsity), scope, steps, min_fan_in
         configure_weight_pass(self, owner, layers, exclude, bound, finetune_epochs, lr, max_batches, progress,
                               probe_lr)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         targets = weight_layers(graph, self.layers, self.exclude, self.owner)
+        dense = [path for path, module in targets if module.weight[0].numel() < self.min_fan_in]
+        targets = [(path, module) for path, module in targets if path not in dense]
         if not targets:
-            return PassResult(graph, changed=False, stats={"layers": 0})
+            return PassResult(graph, changed=False, stats={"layers": 0, "dense": dense})
         weights = [module.weight for _, module in targets]
         losses = []
         for target in schedule(self.sparsity, self.steps):
@@ -97,7 +103,7 @@ class PruneMagnitude(Pass):
         total = sum(w.numel() for w in weights)
         zeroed = sum(int(zero_mask(w).sum()) for w in weights)
         stats = {"sparsity": round(zeroed / total, 4), "layers": len(targets), "zeroed": zeroed,
-                 "per_layer": per_layer}
+                 "per_layer": per_layer, "dense": dense}
         if losses:
             stats["distill_loss_last"] = round(losses[-1]["loss_last"], 4)
         return PassResult(graph, changed=zeroed > 0, stats=stats)

@@ -152,6 +152,17 @@ def test_layer_patterns_select_layers(folded):
     assert result.records[-1].stats["layers"] == 2
 
 
+def test_layers_with_small_filters_stay_dense(folded):
+    # features.0's filters hold 9 weights (1 input channel, 3x3), like a depthwise 3x3 layer's
+    result = _run(folded, PruneMagnitude(sparsity=0.6, min_fan_in=10))
+    weights = _weights(result.graph)
+    assert int((weights["features.0"] == 0).sum()) == 0
+    assert int((weights["features.3"] == 0).sum()) == round(0.6 * weights["features.3"].numel())
+    assert result.records[-1].stats["dense"] == ["features.0"]
+    with pytest.raises(ConfigError, match="option 'min_fan_in' must be an int >= 0"):
+        PruneMagnitude(min_fan_in=-1)
+
+
 def test_later_finetuning_keeps_earlier_zeros_and_shared_values(folded):
     result = _run(folded, PruneMagnitude(sparsity=0.5, layers=["features.0"]), ShareWeights(bits=3, layers=["features.3"]),
                   PruneMagnitude(sparsity=0.5, layers=["classifier.2"], finetune_epochs=0.5, lr=2e-3),

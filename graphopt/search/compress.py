@@ -657,7 +657,7 @@ def _space(goal: Goal, context: dict, sensitivity: sens.Sensitivity, original: f
     if not sensitivity.prune_layers:
         changes.update(max_prune=0.0, max_protect=0)
     else:
-        changes["max_prune"] = round(sensitivity.max_prune(original, allowed, len(space.finetune) > 1,
+        changes["max_prune"] = round(sensitivity.max_prune(original, allowed, max(space.finetune),
                                                            space.max_prune), 2)
         changes["max_protect"] = min(space.max_protect, max(len(sensitivity.prune_layers) - 1, 0))
     if not sensitivity.quant_layers:   # no calibration data, or nothing int8 can run: weight coding stays

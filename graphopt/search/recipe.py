@@ -13,6 +13,10 @@ from graphopt.pass_base import Pass, get_pass
 
 from graphopt.search.goal import Goal
 
+# sparsity leaves layers whose filters hold fewer weights dense: depthwise 3x3 and 5x5, an RGB
+# stem (MobileNetV2's depthwise filters kept 2-3 of 9 taps at 70%: top-1 fell to 16.9%)
+SPARSE_MIN_FAN_IN = 32
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -69,7 +73,7 @@ class Recipe:
         tune = {"finetune_epochs": self.finetune, "max_batches": finetune_batches, "probe_lr": True} \
             if self.finetune else {}
         if self.sparsity:
-            steps.append(get_pass("prune_magnitude")(sparsity=self.sparsity, **tune))
+            steps.append(get_pass("prune_magnitude")(sparsity=self.sparsity, min_fan_in=SPARSE_MIN_FAN_IN, **tune))
         if self.share_bits:
             steps.append(get_pass("share_weights")(bits=self.share_bits, **tune))
         if self.quant == "int8":
@@ -108,7 +112,9 @@ class Space:
 
     @staticmethod
     def for_goal(goal: Goal, has_train_data: bool) -> "Space":
-        finetune = (0.0, 1.0, 2.0) if has_train_data else (0.0,)
+        # deep cuts need the long recovery: MobileNetV2 at 65% of its MACs pruned, 78.9% after 4
+        # epochs of distillation, 83.3% after 8 (84.1% unpruned); 2 epochs bring back a 50% cut
+        finetune = (0.0, 1.0, 2.0, 8.0) if has_train_data else (0.0,)
         if goal.objective == "size":
             return Space(finetune=finetune, sparsity=(0.0, 0.5, 0.7, 0.85), share_bits=(0, 6, 5, 4),
                          quant=("fp32", "int8-weights"), max_sensitive_float=0)
