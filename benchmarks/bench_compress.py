@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--finetune-batches", type=int, default=200)
     parser.add_argument("--out", default="bench-results/compress.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each search's study in its folder (its candidates are not built again)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     folder = os.path.join(os.path.dirname(args.out) or ".", "compress")
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                               goal={"max_drop": 1.0, "objective": objective, "runtime": "onnxruntime",
                                     "batch_size": 1, "threads": 2, "max_minutes": args.minutes,
                                     "max_trials": args.trials},
-                              finetune_batches=args.finetune_batches, resume=False)
+                              finetune_batches=args.finetune_batches, resume=args.resume)
             rows.append(summarise(name, objective, result, (time.perf_counter() - started) / 60))
             print(result.summary(), flush=True)
             text = harness.write_results(args.out, {"threads": 2, "batch_size": 1, "max_drop": 1.0, "rows": rows},

@@ -191,6 +191,29 @@ def test_sampled_knobs_round_trip_through_the_study_parameters():
     assert "round_to" not in _params(space, Recipe(quant="int8"))
 
 
+def test_a_candidate_with_drop_to_spare_is_pushed_one_step_harder():
+    from graphopt.search.compress import _harder
+    from graphopt.search.recipe import Recipe, Space
+
+    space = Space(max_prune=0.65, sparsity=(0.0, 0.5, 0.7, 0.85))
+    seed = Recipe(prune=0.3, finetune=8.0, sparsity=0.7, share_bits=4)
+    assert _harder(space, seed) == [Recipe(prune=0.4, finetune=8.0, sparsity=0.7, share_bits=4),
+                                    Recipe(prune=0.3, finetune=8.0, sparsity=0.85, share_bits=4)]
+    assert _harder(space, Recipe(prune=0.6, quant="int8")) == [Recipe(prune=0.65, quant="int8")]
+    assert _harder(space, Recipe(prune=0.65, sparsity=0.85)) == []
+    assert _harder(space, Recipe(quant="int8", sensitive_float=1)) == []   # nothing to turn further
+
+
+def test_the_search_pushes_its_best_seed_while_it_keeps_the_drop(size_run):
+    from dataclasses import replace
+
+    seed = size_run.trials[0].recipe   # Deep Compression's compound comes first
+    assert seed.sparsity and seed.share_bits
+    assert size_run.trials[0].drop <= size_run.allowed_drop / 2   # the digits CNN keeps its accuracy
+    pushed = {replace(seed, prune=round(seed.prune + 0.1, 4)), replace(seed, sparsity=0.85)}
+    assert pushed & {t.recipe for t in size_run.trials[1:]}
+
+
 def test_a_rounded_recipe_prunes_to_whole_blocks():
     from graphopt import trace
     from graphopt.pass_manager import PassManager

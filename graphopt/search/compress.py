@@ -45,6 +45,7 @@ from graphopt.search.trial import (EXTENSIONS, Evaluator, Trial, Workbench, batc
                                    eager_runner, time_ms, torch_runner)
 
 METRICS = ("top1", "cosine")
+PUSH = 0.1   # a step harder: this much more of the MACs pruned
 
 
 @dataclass
@@ -459,8 +460,8 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
 
 
 def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple[str, Trial | None]:
-    """Run the search: the original's export (latency goals), accuracy control, the seeds, then the
-    sampler, in rounds of one candidate per rank (one at a time in one process); (why it stopped,
+    """Run the search: the original's export (latency goals), accuracy control, the seeds, the best
+    so far pushed a step harder while it has drop to spare, then the sampler, in rounds of one candidate per rank (one at a time in one process); (why it stopped,
     the accuracy-control trial)."""
     ranks = distributed.world_size()
     stopped_by = "max_trials"
@@ -500,6 +501,14 @@ def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple
                     batch.append(seed)
             if batch:
                 search.round([_params(space, seed) for seed in batch])
+        while len(search.trials) < goal.max_trials and not out_of_time():
+            # the best candidate so far, with half the allowed drop or more to spare, one step harder
+            best = search.best()
+            harder = [r for r in _harder(space, best.recipe) if r.key() not in search.cache] \
+                if best is not None and best.drop <= search.bench.allowed_drop / 2 else []
+            if not harder:
+                break
+            search.round([_params(space, r) for r in harder[:room()]])
         asked = 0
         while len(search.trials) < goal.max_trials and asked < 5 * goal.max_trials:
             if out_of_time():
@@ -597,6 +606,19 @@ def _seeds(space: Space) -> list[Recipe]:
         return seeds
     quant = "int8" if "int8" in space.quant else "fp32"
     return [Recipe(prune=p, finetune=finetune, quant=quant, round_to=space.round_to[0]) for p in prunes]
+
+
+def _harder(space: Space, recipe: Recipe) -> list[Recipe]:
+    """The recipe one step further along each knob it already turns: pruning by PUSH of the MACs
+    (within the range), sparsity to the space's next level. (MobileNetV2's size seed, prune 30% +
+    sparsity 70% + 4-bit sharing, gained 2.5 points and stopped at 19.7x.)"""
+    out = []
+    if recipe.prune and recipe.prune < space.max_prune:
+        out.append(replace(recipe, prune=round(min(recipe.prune + PUSH, space.max_prune), 4)))
+    levels = sorted(level for level in space.sparsity if level > recipe.sparsity)
+    if recipe.sparsity and levels:
+        out.append(replace(recipe, sparsity=levels[0]))
+    return out
 
 
 def _accuracy_control(trials: list[Trial]) -> Trial | None:
