@@ -461,8 +461,8 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
 
 def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple[str, Trial | None]:
     """Run the search: the original's export (latency goals), accuracy control, the seeds, the best
-    so far pushed a step harder while it has drop to spare, then the sampler, in rounds of one candidate per rank (one at a time in one process); (why it stopped,
-    the accuracy-control trial)."""
+    so far pushed a step harder while it has drop to spare, then the sampler, in rounds of one
+    candidate per rank (one at a time in one process); (why it stopped, the accuracy-control trial)."""
     ranks = distributed.world_size()
     stopped_by = "max_trials"
     accuracy_control: Trial | None = None

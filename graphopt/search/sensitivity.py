@@ -40,8 +40,7 @@ class Sensitivity:
         at least, and halfway to the next. With distillation never below what ``RECOVERED`` says
         that many epochs bring back: the sweep says little there (MobileNetV2 is at chance at 20%
         before fine-tuning, yet within 0.1 points at 50% after 2 epochs of distillation)."""
-        finetune = epochs > 0
-        reach = allowed * (10 if finetune else 2)
+        reach = allowed * (10 if epochs > 0 else 2)
         ok = [r for r, m in sorted(self.sweep.items()) if original - m <= reach]
         best = max(ok, default=min(self.sweep, default=ceiling))
         nxt = [r for r in sorted(self.sweep) if r > best]
