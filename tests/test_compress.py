@@ -8,7 +8,7 @@ import torch
 
 import graphopt
 from graphopt.backends import packed
-from graphopt.errors import ConfigError, EvaluationError
+from graphopt.errors import ConfigError, EvaluationError, PassFailed
 from graphopt.app.evaluate import top1_accuracy
 from graphopt.search import Goal, compress
 from graphopt.search.baselines import ORT_RECIPES
@@ -167,6 +167,7 @@ def test_cli_compress_refuses_a_bad_spec(tmp_path, capsys):
 def test_sampled_knobs_round_trip_through_the_study_parameters():
     """What the search enqueues (a seed, accuracy control) is what the sampler rebuilds from it:
     round_to is asked only for a pruned candidate, so an unpruned one keeps every width."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from optuna.trial import FixedTrial
@@ -187,7 +188,13 @@ def test_sampled_knobs_round_trip_through_the_study_parameters():
                                                       finetune=1.0, quant="int8", qat=1.0))] \
             + [(size, r) for r in size_seeds]:
         params = _params(where, recipe)
-        assert _Search.sample(SimpleNamespace(space=where), FixedTrial(params)) == recipe
+        search = SimpleNamespace(space=where, bench=SimpleNamespace(reach=lambda round_to, protect: 1.0))
+        assert _Search.sample(search, FixedTrial(params)) == recipe
+    # a share deeper than the pass reaches with the sampled widths is asked as the deepest it reaches
+    shallow = SimpleNamespace(space=space, bench=SimpleNamespace(reach=lambda round_to, protect: 0.45))
+    assert _Search.sample(shallow, FixedTrial(_params(space, seeds[1]))) == replace(seeds[1], prune=0.45)
+    none_left = SimpleNamespace(space=space, bench=SimpleNamespace(reach=lambda round_to, protect: 0.0))
+    assert _Search.sample(none_left, FixedTrial(_params(space, seeds[1]))) == replace(seeds[1], prune=0.0, round_to=1)
     assert "round_to" not in _params(space, Recipe(quant="int8"))
 
 
@@ -202,6 +209,10 @@ def test_a_candidate_with_drop_to_spare_is_pushed_one_step_harder():
     assert _harder(space, Recipe(prune=0.6, quant="int8")) == [Recipe(prune=0.65, quant="int8")]
     assert _harder(space, Recipe(prune=0.65, sparsity=0.85)) == []
     assert _harder(space, Recipe(quant="int8", sensitive_float=1)) == []   # nothing to turn further
+    # no deeper than the pass reaches with the recipe's widths and protection
+    reach = {(16, 0): 0.5, (1, 0): 0.9}.get
+    assert _harder(space, Recipe(prune=0.45, round_to=16), lambda *key: reach(key)) == [Recipe(prune=0.5, round_to=16)]
+    assert _harder(space, Recipe(prune=0.5, round_to=16), lambda *key: reach(key)) == []
 
 
 def test_the_search_pushes_its_best_seed_while_it_keeps_the_drop(size_run):
@@ -242,3 +253,29 @@ def test_distillation_keeps_what_its_epochs_recover_in_the_pruning_range():
     gentle = Sensitivity(sweep={0.2: 84.0, 0.4: 83.5, 0.6: 80.0})
     assert gentle.max_prune(84.1, 1.0, epochs=0, ceiling=0.7) == pytest.approx(0.5)
     assert gentle.max_prune(84.1, 1.0, epochs=2, ceiling=0.7) == pytest.approx(0.6)
+
+
+def test_the_pruning_range_stops_where_the_pass_can_reach():
+    """The share sampled never exceeds what pruning every group by max_ratio removes (floored to
+    the sampling grid), and that reach is what the pruned graph really measures."""
+    from graphopt import trace
+    from graphopt.pass_manager import PassManager
+    from graphopt.search.sensitivity import Sensitivity, prune_reach
+
+    graph = trace(digits.trained_digits_cnn(), (torch.randn(1, 1, 8, 8),))
+    macs = graph.analysis("cost").macs
+    reaches = {}
+    for round_to, exclude in ((1, []), (8, ["features.3"]), (16, [])):
+        reaches[round_to] = reach = prune_reach(graph, exclude, round_to)
+        options = {"round_to": round_to, "exclude": exclude}
+        step = graphopt.get_pass("prune_channels")(target_macs=round(1 - reach + 1e-3, 4), **options)
+        pruned = PassManager([step], verify=False).run(graph).graph
+        assert 1 - pruned.analysis("cost").macs / macs == pytest.approx(reach, abs=2e-3)
+        with pytest.raises(PassFailed, match="cannot reach"):
+            deeper = graphopt.get_pass("prune_channels")(target_macs=round(1 - reach - 0.02, 4), **options)
+            PassManager([deeper], verify=False).run(graph)
+    assert reaches[1] > reaches[8] > reaches[16] > 0   # coarser widths, a protected layer: less to remove
+    assert prune_reach(graph, ["features.0", "features.3"]) == 0.0
+    capped = Sensitivity(sweep={0.2: 15.55, 0.4: 9.75}, reach=0.538)
+    assert capped.max_prune(84.1, 1.0, epochs=8, ceiling=0.7) == pytest.approx(0.5)
+    assert capped.max_prune(84.1, 1.0, epochs=0, ceiling=0.7) == pytest.approx(0.3)

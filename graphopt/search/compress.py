@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -252,7 +251,7 @@ class _Search:
     def sample(self, trial) -> Recipe:
         """Define-by-run: knobs that only matter with another (protect with prune) are asked only then."""
         s = self.space
-        prune = trial.suggest_float("prune", 0.0, s.max_prune, step=0.05) if s.max_prune > 0 else 0.0
+        prune = trial.suggest_float("prune", 0.0, s.max_prune, step=sens.GRID) if s.max_prune > 0 else 0.0
         scope = trial.suggest_categorical("scope", list(s.scopes)) if prune else "global"
         protect = trial.suggest_int("protect", 0, s.max_protect) if prune and s.max_protect else 0
         round_to = (trial.suggest_categorical("round_to", list(s.round_to)) if len(s.round_to) > 1
@@ -269,6 +268,10 @@ class _Search:
         floats = (trial.suggest_int("sensitive_float", 0, s.max_sensitive_float)
                   if quant == "int8" and s.max_sensitive_float else 0)
         qat = trial.suggest_categorical("qat", list(s.qat)) if quant == "int8" and len(s.qat) > 1 else 0.0
+        if prune:   # no deeper than these widths and protected layers let the pass go (the cache has it then)
+            prune = min(prune, self.bench.reach(round_to, protect))
+            if not prune:
+                scope, protect, round_to = "global", 0, 1
         return Recipe(prune=round(prune, 4), scope=scope, protect=protect, round_to=round_to, low_rank=low_rank,
                       finetune=finetune, sparsity=sparsity, share_bits=share, quant=quant, sensitive_float=floats,
                       qat=qat)
@@ -504,7 +507,7 @@ def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple
         while len(search.trials) < goal.max_trials and not out_of_time():
             # the best candidate so far, with half the allowed drop or more to spare, one step harder
             best = search.best()
-            harder = [r for r in _harder(space, best.recipe) if r.key() not in search.cache] \
+            harder = [r for r in _harder(space, best.recipe, search.bench.reach) if r.key() not in search.cache] \
                 if best is not None and best.drop <= search.bench.allowed_drop / 2 else []
             if not harder:
                 break
@@ -594,7 +597,7 @@ def _params(space: Space, recipe: Recipe) -> dict:
 def _seeds(space: Space) -> list[Recipe]:
     """Starting points that make an early stop worth having: the compounds that usually win."""
     finetune = max(space.finetune)
-    half = round(math.floor(round(space.max_prune / 2 / 0.05, 6)) * 0.05, 4)   # 0.7 / 2 / 0.05 is 6.999...
+    half = sens.on_grid(space.max_prune / 2)
     prunes = [p for p in (half, space.max_prune) if p > 0]
     if max(space.share_bits) > 0:   # size: Deep Compression's compound (sparse + shared) first; shared weights
         bits = [b for b in space.share_bits if b]
@@ -608,13 +611,15 @@ def _seeds(space: Space) -> list[Recipe]:
     return [Recipe(prune=p, finetune=finetune, quant=quant, round_to=space.round_to[0]) for p in prunes]
 
 
-def _harder(space: Space, recipe: Recipe) -> list[Recipe]:
+def _harder(space: Space, recipe: Recipe, reach: Callable[[int, int], float] | None = None) -> list[Recipe]:
     """The recipe one step further along each knob it already turns: pruning by PUSH of the MACs
-    (within the range), sparsity to the space's next level. (MobileNetV2's size seed, prune 30% +
-    sparsity 70% + 4-bit sharing, gained 2.5 points and stopped at 19.7x.)"""
+    (within the range and what ``reach(round_to, protect)`` says the pass can remove), sparsity to
+    the space's next level. (MobileNetV2's size seed, prune 30% + sparsity 70% + 4-bit sharing,
+    gained 2.5 points and stopped at 19.7x.)"""
     out = []
-    if recipe.prune and recipe.prune < space.max_prune:
-        out.append(replace(recipe, prune=round(min(recipe.prune + PUSH, space.max_prune), 4)))
+    deepest = min(space.max_prune, reach(recipe.round_to, recipe.protect) if reach else 1.0)
+    if recipe.prune and recipe.prune < deepest:
+        out.append(replace(recipe, prune=round(min(recipe.prune + PUSH, deepest), 4)))
     levels = sorted(level for level in space.sparsity if level > recipe.sparsity)
     if recipe.sparsity and levels:
         out.append(replace(recipe, sparsity=levels[0]))
@@ -658,6 +663,7 @@ def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed,
     except GraphoptError as exc:
         result.notes.append(f"no structured pruning: {exc}")
     if result.prune_layers:
+        result.reach = sens.prune_reach(base)
         result.sweep = sens.prune_sweep(base, lambda g: evaluator(eager_runner(g.gm), "the pruning sweep"))
     if context and goal.objective != "macs":
         try:
@@ -668,7 +674,7 @@ def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed,
         result.notes.append("no int8: calibration needs data")
     result.seconds = time.perf_counter() - started
     say(f"sensitivity: {len(result.prune_layers)} prunable layers, {len(result.quant_layers)} quantizable layers; "
-        f"pruning sweep (no fine-tuning) "
+        f"pruning reaches {result.reach:.0%} of the MACs; sweep (no fine-tuning) "
         + ", ".join(f"{r:.0%} -> {m:.4g}" for r, m in result.sweep.items()) + f" ({result.seconds:.1f} s)")
     return result
 
@@ -679,8 +685,7 @@ def _space(goal: Goal, context: dict, sensitivity: sens.Sensitivity, original: f
     if not sensitivity.prune_layers:
         changes.update(max_prune=0.0, max_protect=0)
     else:
-        changes["max_prune"] = round(sensitivity.max_prune(original, allowed, max(space.finetune),
-                                                           space.max_prune), 2)
+        changes["max_prune"] = sensitivity.max_prune(original, allowed, max(space.finetune), space.max_prune)
         changes["max_protect"] = min(space.max_protect, max(len(sensitivity.prune_layers) - 1, 0))
     if not sensitivity.quant_layers:   # no calibration data, or nothing int8 can run: weight coding stays
         changes.update(quant=tuple(q for q in space.quant if q != "int8"), max_sensitive_float=0)

@@ -103,7 +103,8 @@ def write_report(result: "CompressResult") -> str:
               + ", ".join(f"{k} ({v:.3g})" for k, v in sorted(s.quant_layers.items(), key=lambda kv: -kv[1])[:5])
               + ".", ""]
     if s.sweep:
-        lines += [_md(["MACs removed", "metric (no fine-tuning)"], [[f"{r:.0%}", _num(m)] for r, m in s.sweep.items()]),
+        lines += [f"Structured pruning removes at most {s.reach:.1%} of the MACs (every group cut by max_ratio).", "",
+                  _md(["MACs removed", "metric (no fine-tuning)"], [[f"{r:.0%}", _num(m)] for r, m in s.sweep.items()]),
                   ""]
     lines += [f"- {note}" for note in s.notes] + ([""] if s.notes else [])
     lines += ["## All trials", "", _md(["trial", "recipe", "status", "metric", "drop", "ms", "size", "s", "note"],

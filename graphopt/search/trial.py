@@ -22,6 +22,7 @@ from graphopt.report import pass_table
 
 from graphopt.search.goal import Goal
 from graphopt.search.recipe import Recipe
+from graphopt.search.sensitivity import on_grid, prune_reach
 
 EXTENSIONS = {"onnx": ".onnx", "onnx_int8": ".int8.onnx", "torchscript": ".pt", "torchscript_int8": ".int8.pt",
               "packed": ".gpk"}
@@ -149,6 +150,16 @@ class Workbench:
     finetune_batches: int | None
     progress: bool = False
     runners: dict[int, Callable] = field(default_factory=dict)   # this run's artifacts, for the final timing
+    reaches: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+
+    def reach(self, round_to: int, protect: int) -> float:
+        """The deepest pruning share on the search's grid that prune_channels reaches with these
+        widths and the ``protect`` most sensitive layers kept whole."""
+        key = (round_to, protect)
+        if key not in self.reaches:
+            share = prune_reach(self.base, self.protected_order[:protect], round_to)
+            self.reaches[key] = on_grid(share)
+        return self.reaches[key]
 
     def inputs(self) -> tuple:
         return batch_inputs(self.base.example_inputs, self.goal.batch_size)
