@@ -68,7 +68,7 @@ def prune_layer_sensitivity(base: Graph) -> dict[str, float]:
     layers = [group.targets(OUT)[0] for group in groups[:MAX_GROUPS]]
 
     def error(layer: str) -> float | None:
-        step = get_pass("prune_channels")(ratio=0.0, layers={layer: GROUP_RATIO})
+        step = get_pass("prune_channels")(ratio=0.0, overrides={layer: GROUP_RATIO})
         try:
             graph = PassManager([step], verify=False).run(base).graph
         except GraphoptError:
