@@ -204,11 +204,14 @@ def test_a_candidate_with_drop_to_spare_is_pushed_one_step_harder():
 
     space = Space(max_prune=0.65, sparsity=(0.0, 0.5, 0.7, 0.85))
     seed = Recipe(prune=0.3, finetune=8.0, sparsity=0.7, share_bits=4)
-    assert _harder(space, seed) == [Recipe(prune=0.4, finetune=8.0, sparsity=0.7, share_bits=4),
-                                    Recipe(prune=0.3, finetune=8.0, sparsity=0.85, share_bits=4)]
-    assert _harder(space, Recipe(prune=0.6, quant="int8")) == [Recipe(prune=0.65, quant="int8")]
-    assert _harder(space, Recipe(prune=0.65, sparsity=0.85)) == []
-    assert _harder(space, Recipe(quant="int8", sensitive_float=1)) == []   # nothing to turn further
+
+    def anywhere(round_to, protect):   # the pass reaches every share
+        return 1.0
+    assert _harder(space, seed, anywhere) == [Recipe(prune=0.4, finetune=8.0, sparsity=0.7, share_bits=4),
+                                              Recipe(prune=0.3, finetune=8.0, sparsity=0.85, share_bits=4)]
+    assert _harder(space, Recipe(prune=0.6, quant="int8"), anywhere) == [Recipe(prune=0.65, quant="int8")]
+    assert _harder(space, Recipe(prune=0.65, sparsity=0.85), anywhere) == []
+    assert _harder(space, Recipe(quant="int8", sensitive_float=1), anywhere) == []   # nothing to turn further
     # no deeper than the pass reaches with the recipe's widths and protection
     reach = {(16, 0): 0.5, (1, 0): 0.9}.get
     assert _harder(space, Recipe(prune=0.45, round_to=16), lambda *key: reach(key)) == [Recipe(prune=0.5, round_to=16)]
