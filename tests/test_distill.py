@@ -178,3 +178,24 @@ def test_probing_the_learning_rate_trains_at_the_one_whose_first_steps_do_best()
     stats = distill(student, teacher, train_batches, DistillConfig(epochs=1, lr=1.0, probe_lr=True), progress=False)
     assert stats["lr"] in (0.1, 0.01) and stats["restarts"] == 0 and stats["steps"] == 23
     assert top1_accuracy(student, digits.test_batches()) >= 0.9
+
+
+def test_epoch_seconds_times_the_steps_not_the_set_up_and_leaves_the_weights():
+    """Each batch costs 20 ms to read, and counting the epoch (10 batches, no length) reads them all
+    again on every run: the estimate is the epoch's 10 steps (~0.2 s), not the counting pass."""
+    import time
+
+    from graphopt.training.distill import epoch_seconds
+
+    teacher, student = _damaged_student()
+    images, labels = next(iter(train_batches()))
+
+    def slow():
+        for _ in range(10):
+            time.sleep(0.02)
+            yield images, labels
+    before = {k: v.clone() for k, v in student.gm.state_dict().items()}
+    seconds = epoch_seconds(student, teacher, slow, DistillConfig(epochs=1.0))
+    assert 0.18 <= seconds <= 0.6
+    assert all(torch.equal(before[k], v) for k, v in student.gm.state_dict().items())
+    assert epoch_seconds(student, teacher, iter([(images, labels)] * 3), DistillConfig(epochs=1.0)) is None

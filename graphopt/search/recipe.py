@@ -94,6 +94,27 @@ class Recipe:
         return "onnx_int8" if self.quant == "int8" else "onnx"
 
 
+# the longer recoveries a search may ask for where epochs are cheap (the Fashion-MNIST CNN pruned
+# by half to widths of 16: -1.37 points after 8 epochs of distillation, +0.08 after 16, +0.91 after 32)
+LONG_RECOVERY = (16.0, 32.0)
+RECOVERY_SHARE = 1 / 6   # one candidate's fine-tuning may take this share of the time budget
+
+
+def longest_recovery(goal: Goal, epoch_seconds: float | None) -> float:
+    """The longest distillation (in epochs) the search samples: 8, or the longest of
+    ``LONG_RECOVERY`` whose fine-tuning fits in a sixth of ``max_minutes`` at ``epoch_seconds``
+    an epoch (a size candidate fine-tunes three times: after pruning, sparsity and sharing), so a
+    search over a small model runs the recovery it needs and one over a large model still builds
+    its seeds and push steps. (Unpruned students on 2 cores: MobileNetV2 45 s an epoch, 8 epochs
+    in 40 minutes; the Fashion-MNIST CNN 7.3 s, 16 epochs in 15 minutes; the digits CNN 0.6 s,
+    8 epochs for size in 2 minutes.)"""
+    if not epoch_seconds:
+        return 8.0
+    phases = 3 if goal.objective == "size" else 1
+    fits = [e for e in LONG_RECOVERY if e * epoch_seconds * phases <= RECOVERY_SHARE * goal.max_minutes * 60]
+    return max(fits, default=8.0)
+
+
 @dataclass(frozen=True)
 class Space:
     """The ranges a search samples from; narrowed by the sensitivity stage."""
@@ -111,10 +132,13 @@ class Space:
     notes: list[str] = field(default_factory=list, compare=False)
 
     @staticmethod
-    def for_goal(goal: Goal, has_train_data: bool) -> "Space":
+    def for_goal(goal: Goal, has_train_data: bool, epoch_seconds: float | None = None) -> "Space":
         # deep cuts need the long recovery: MobileNetV2 at 65% of its MACs pruned, 78.9% after 4
         # epochs of distillation, 83.3% after 8 (84.1% unpruned); 2 epochs bring back a 50% cut
         finetune = (0.0, 1.0, 2.0, 8.0) if has_train_data else (0.0,)
+        if has_train_data:
+            longest = longest_recovery(goal, epoch_seconds)
+            finetune += (longest,) if longest > 8.0 else ()
         if goal.objective == "size":
             return Space(finetune=finetune, sparsity=(0.0, 0.5, 0.7, 0.85), share_bits=(0, 6, 5, 4),
                          quant=("fp32", "int8-weights"), max_sensitive_float=0)

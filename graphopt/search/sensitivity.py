@@ -8,12 +8,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from graphopt.distributed import active, map_shared
+from graphopt.distributed import active, broadcast_object, map_shared
 from graphopt.pruning.channels import OUT, channel_groups
 from graphopt.errors import GraphoptError
 from graphopt.ir import Graph
 from graphopt.pass_base import PassContext, get_pass
 from graphopt.pass_manager import PassManager
+from graphopt.training.distill import DistillConfig, epoch_seconds
 from graphopt.verify import compare_outputs
 
 SWEEP = (0.2, 0.4, 0.6, 0.8)     # shares of the MACs removed, before any fine-tuning
@@ -31,6 +32,7 @@ class Sensitivity:
     quant_layers: dict[str, float] = field(default_factory=dict)   # layer -> output error, quantized alone
     sweep: dict[float, float] = field(default_factory=dict)        # share of MACs pruned -> metric, no fine-tune
     reach: float = 1.0                                             # most of the MACs structured pruning removes
+    epoch_seconds: float | None = None                             # one epoch of distillation, measured
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -54,6 +56,7 @@ class Sensitivity:
     def to_dict(self) -> dict:
         return {"prune_layers": self.prune_layers, "quant_layers": self.quant_layers,
                 "sweep": {str(k): v for k, v in self.sweep.items()}, "reach": round(self.reach, 4),
+                "epoch_seconds": None if self.epoch_seconds is None else round(self.epoch_seconds, 2),
                 "notes": self.notes, "seconds": round(self.seconds, 2)}
 
 
@@ -96,6 +99,16 @@ def prune_reach(base: Graph, exclude: list[str] | None = None, round_to: int = 1
     except GraphoptError:   # nothing left to prune (every group excluded or blocked)
         return 0.0
     return 1 - choice.estimate["macs"] / max(base.analysis("cost").macs, 1)
+
+
+def distill_epoch_seconds(base: Graph, data, max_batches: int | None) -> float | None:
+    """One epoch of the recovery the trials run (distillation from ``base``, ``max_batches`` a
+    epoch), timed on a few steps of an unpruned student: pruned students cost less, so the search
+    plans on the safe side. Rank 0's measurement under torchrun (every rank must build the same
+    search space). None where the data cannot tell an epoch's length."""
+    config = DistillConfig(epochs=1.0, max_batches=max_batches)
+    seconds = epoch_seconds(base.clone(), base, data, config)
+    return broadcast_object(seconds) if active() else seconds
 
 
 def on_grid(share: float) -> float:

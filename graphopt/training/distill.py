@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -223,6 +224,31 @@ def distill(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Itera
             student.gm.load_state_dict(start)
             lr /= 10
     raise AssertionError("unreachable: the last attempt does not watch for divergence")
+
+
+def epoch_seconds(student: Graph, teacher: Graph, data: Callable[[], Iterable] | Iterable, config: DistillConfig,
+                  steps: int = 6) -> float | None:
+    """What one epoch of ``distill`` with ``config`` costs on this machine: a run of ``steps``
+    more steps than a short one, the difference (so the set-up both share, such as counting a
+    loader's batches, is left out) times the batches of an epoch; the student's weights are left
+    as they were. None where the epoch's length cannot be told (a one-shot iterator, no ``max_batches``)."""
+    config.check()
+    per_epoch = _EpochPlan(data, config).per_epoch()
+    if not per_epoch:
+        return None
+    start = copy.deepcopy(student.gm.state_dict())
+    took = []
+    try:
+        for limit in (1, 1, 1 + steps):   # the first run warms up
+            began = time.perf_counter()
+            done = _train(student, teacher, data, config, config.lr, False, None, None, watch=False, limit=limit)
+            took.append((time.perf_counter() - began, done["steps"]))
+    finally:
+        student.gm.load_state_dict(start)
+    (short, short_steps), (long, long_steps) = took[1], took[2]
+    if long_steps <= short_steps:   # the epoch is one step long
+        return long * per_epoch / long_steps
+    return max(long - short, 0.0) / (long_steps - short_steps) * per_epoch
 
 
 BACKOFFS = 2          # restarts at a tenth of the learning rate
