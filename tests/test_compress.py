@@ -270,9 +270,34 @@ def test_the_longest_recovery_follows_the_cost_of_an_epoch_and_the_budget():
     assert longest_recovery(Goal(objective="latency", max_minutes=40), 45.0) == 8.0
     assert longest_recovery(size, 7.3) == 8.0 and longest_recovery(size, 1.0) == 32.0
     assert longest_recovery(latency, None) == 8.0
-    assert Space.for_goal(latency, has_train_data=True, epoch_seconds=7.3).finetune == (0.0, 1.0, 2.0, 8.0, 16.0)
+    assert Space.for_goal(latency, has_train_data=True, longest=16.0).finetune == (0.0, 1.0, 2.0, 8.0, 16.0)
     assert Space.for_goal(latency, has_train_data=True).finetune == (0.0, 1.0, 2.0, 8.0)
-    assert Space.for_goal(latency, has_train_data=False, epoch_seconds=1.0).finetune == (0.0,)
+    assert Space.for_goal(latency, has_train_data=False, longest=32.0).finetune == (0.0,)
+
+
+def test_a_resumed_run_keeps_the_recovery_it_measured_first(tmp_path, monkeypatch):
+    """The longest recovery hangs on a timing: a resumed run must not land on the other side of a
+    threshold (another search space, another study); a file that says something else is ignored."""
+    import importlib
+
+    from graphopt.search import sensitivity as sens
+
+    search = importlib.import_module("graphopt.search.compress")   # the package's name is the function
+    base = graphopt.trace(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8))
+    goal, context = Goal(objective="latency", max_minutes=15), {"train_data": digits.train_batches}
+    timings = iter([1.0, 100.0, 100.0])
+    monkeypatch.setattr(sens, "distill_epoch_seconds", lambda *args: next(timings))
+
+    def recovery(resume):
+        return search._recovery(base, context, goal, 97.5, 200, str(tmp_path), resume)
+    assert recovery(resume=True) == (1.0, 32.0)
+    assert recovery(resume=True) == (1.0, 32.0)       # read back, not measured again
+    assert recovery(resume=False) == (100.0, 8.0)     # a fresh run measures
+    path = tmp_path / "recovery.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "longest_recovery": 1e9}))
+    assert recovery(resume=True) == (100.0, 8.0)      # not a level the search has: measured again
+    assert next(timings, None) is None
 
 
 def test_latency_seeds_prune_in_fp32_where_int8_runs_slower_than_the_original():

@@ -39,7 +39,7 @@ from graphopt.search import baselines as peer
 from graphopt.search import sensitivity as sens
 from graphopt.search.frontier import choose, pareto_front
 from graphopt.search.goal import Goal, make_goal
-from graphopt.search.recipe import Recipe, Space
+from graphopt.search.recipe import LONG_RECOVERY, Recipe, Space, longest_recovery
 from graphopt.search.trial import (EXTENSIONS, Evaluator, Trial, Workbench, batch_inputs, calls_per_sample,
                                    eager_runner, time_ms, torch_runner)
 
@@ -416,7 +416,8 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
     say(f"original: metric {original.metric:.4g}, {original.latency_ms:.3g} ms in {goal.timed_in()}; "
         f"allowed drop {allowed:.3g}")
 
-    sensitivity = _sensitivity_stage(base, evaluator, context, goal, original.metric, allowed, finetune_batches, say)
+    sensitivity = _sensitivity_stage(base, evaluator, context, goal, original.metric, allowed, finetune_batches,
+                                     out_dir, resume, say)
     space = _space(goal, context, sensitivity, original.metric, allowed)
     bench = Workbench(base, goal, evaluator, original.metric, allowed, context, out_dir,
                       sensitivity.protected_order(), finetune_batches,
@@ -671,8 +672,8 @@ def _measure_original(base: Graph, module: nn.Module, goal: Goal, evaluator: Eva
     return Point("original", metric, latency, report.bytes, path, f"{backend}, fp32", torch_runner(run))
 
 
-def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed, finetune_batches,
-                       say) -> sens.Sensitivity:
+def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed, finetune_batches, out_dir,
+                       resume, say) -> sens.Sensitivity:
     started = time.perf_counter()
     result = sens.Sensitivity()
     try:
@@ -691,7 +692,8 @@ def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed,
         result.notes.append("no int8: calibration needs data")
     if context and result.prune_layers:
         try:
-            result.epoch_seconds = sens.distill_epoch_seconds(base, context["train_data"], finetune_batches)
+            result.epoch_seconds, result.longest_recovery = _recovery(base, context, goal, original_metric,
+                                                                      finetune_batches, out_dir, resume)
         except GraphoptError as exc:   # the trials' own distillation will name it
             result.notes.append(f"recovery cost not measured: {exc}")
     result.seconds = time.perf_counter() - started
@@ -704,8 +706,36 @@ def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed,
     return result
 
 
+def _recovery(base: Graph, context: dict, goal: Goal, original_metric: float, finetune_batches: int | None,
+              out_dir: str, resume: bool) -> tuple[float | None, float]:
+    """The cost of a distillation epoch and the longest recovery it allows, measured once per
+    ``out_dir``: a resumed run (even with a longer ``max_minutes``) keeps the search space, and so
+    the study, it started with, however the timing of a second measurement would fall."""
+    path = os.path.join(out_dir, "recovery.json")
+    key = hashlib.sha256(json.dumps([goal.model_dump(exclude={"max_minutes", "max_trials"}), len(list(base.nodes)),
+                                     original_metric, finetune_batches], default=str).encode()).hexdigest()[:12]
+    saved = None
+    if resume and distributed.is_main() and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None
+    if distributed.active():
+        saved = distributed.broadcast_object(saved)
+    if isinstance(saved, dict) and saved.get("key") == key and saved.get("longest_recovery") in (8.0, *LONG_RECOVERY) \
+            and isinstance(saved.get("epoch_seconds"), (int, float, type(None))):   # anything else: measured again
+        return saved["epoch_seconds"], float(saved["longest_recovery"])
+    seconds = sens.distill_epoch_seconds(base, context["train_data"], finetune_batches)
+    longest = longest_recovery(goal, seconds)
+    if distributed.is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(path, {"key": key, "epoch_seconds": seconds, "longest_recovery": longest})
+    return seconds, longest
+
+
 def _space(goal: Goal, context: dict, sensitivity: sens.Sensitivity, original: float, allowed: float) -> Space:
-    space = Space.for_goal(goal, has_train_data=bool(context), epoch_seconds=sensitivity.epoch_seconds)
+    space = Space.for_goal(goal, has_train_data=bool(context), longest=sensitivity.longest_recovery)
     changes: dict[str, Any] = {}
     if not sensitivity.prune_layers:
         changes.update(max_prune=0.0, max_protect=0)

@@ -10,7 +10,6 @@ from graphopt.files import atomic_path
 from graphopt.report import human
 
 from graphopt.search.plots import write_plots
-from graphopt.search.recipe import longest_recovery
 
 if TYPE_CHECKING:
     from graphopt.search.compress import CompressResult
@@ -109,7 +108,7 @@ def write_report(result: "CompressResult") -> str:
                   ""]
     if s.epoch_seconds:
         lines += [f"One epoch of distillation takes {s.epoch_seconds:.1f} s here (unpruned student): the longest "
-                  f"recovery a candidate may ask for is {longest_recovery(result.goal, s.epoch_seconds):g} epochs.", ""]
+                  f"recovery a candidate may ask for is {s.longest_recovery:g} epochs.", ""]
     lines += [f"- {note}" for note in s.notes] + ([""] if s.notes else [])
     lines += ["## All trials", "", _md(["trial", "recipe", "status", "metric", "drop", "ms", "size", "s", "note"],
               [[t.number, t.recipe.label(), t.status, _num(t.metric), _num(t.drop, ".3g"), _num(t.latency_ms),

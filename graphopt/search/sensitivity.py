@@ -33,6 +33,7 @@ class Sensitivity:
     sweep: dict[float, float] = field(default_factory=dict)        # share of MACs pruned -> metric, no fine-tune
     reach: float = 1.0                                             # most of the MACs structured pruning removes
     epoch_seconds: float | None = None                             # one epoch of distillation, measured
+    longest_recovery: float = 8.0                                  # the longest distillation sampled (epochs)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -57,6 +58,7 @@ class Sensitivity:
         return {"prune_layers": self.prune_layers, "quant_layers": self.quant_layers,
                 "sweep": {str(k): v for k, v in self.sweep.items()}, "reach": round(self.reach, 4),
                 "epoch_seconds": None if self.epoch_seconds is None else round(self.epoch_seconds, 2),
+                "longest_recovery": self.longest_recovery,
                 "notes": self.notes, "seconds": round(self.seconds, 2)}
 
 
