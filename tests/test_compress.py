@@ -94,6 +94,19 @@ def test_stopped_early_it_still_answers(tmp_path):
     assert r.chosen is not None
 
 
+def test_a_round_starts_only_while_the_time_left_holds_the_slowest_trial():
+    from graphopt.search.compress import _out_of_time
+    from graphopt.search.recipe import Recipe
+    from graphopt.search.trial import Trial
+
+    done = [Trial(0, Recipe(), "onnx", seconds=1.0), Trial(1, Recipe(prune=0.5, finetune=32), "onnx", seconds=190.0)]
+    assert not _out_of_time(done, now=500.0, deadline=810.0)   # 310 s left
+    assert _out_of_time(done, now=720.0, deadline=810.0)       # 90 s left: the next could take 190
+    failed = [Trial(0, Recipe(prune=0.5), "onnx", seconds=300.0, status="failed")]
+    assert not _out_of_time(failed, now=900.0, deadline=810.0)   # nothing measured yet: one more
+    assert not _out_of_time([], now=900.0, deadline=810.0)
+
+
 def test_an_unreachable_goal_reports_the_shortfall(tmp_path):
     # cosine similarity to the original cannot stay at exactly 100 once anything is compressed
     r = compress(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8), evaluate="cosine",

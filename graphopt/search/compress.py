@@ -475,8 +475,8 @@ def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple
     def room() -> int:
         return min(ranks, goal.max_trials - len(search.trials))
 
-    def out_of_time() -> bool:   # never before one candidate has been measured: an answer, not "nothing"
-        return time.perf_counter() > deadline and any(t.status == "complete" for t in search.trials)
+    def out_of_time() -> bool:
+        return _out_of_time(search.trials, time.perf_counter(), deadline)
     search.bar = tqdm(total=goal.max_trials, initial=len(search.trials), desc="compress",
                       disable=not search.progress, leave=True)
     try:
@@ -534,6 +534,15 @@ def _trials(search: _Search, space: Space, goal: Goal, deadline: float) -> tuple
     if len(search.trials) < goal.max_trials and stopped_by == "max_trials":
         stopped_by = "max_minutes"
     return stopped_by, accuracy_control
+
+
+def _out_of_time(trials: list[Trial], now: float, deadline: float) -> bool:
+    """Never before one candidate has been measured (an answer, not "nothing"); after that, a
+    round starts only while the time left holds the slowest trial so far, so the run ends
+    within max_minutes (the Fashion-MNIST CNN's last candidate, 32 epochs of distillation,
+    190 s, started 9 s before the trials' deadline: the run took 16.7 of its 15 minutes)."""
+    slowest = max((t.seconds for t in trials), default=0.0)
+    return now + slowest > deadline and any(t.status == "complete" for t in trials)
 
 
 def _shared_original(base: Graph, module: nn.Module, goal: Goal, evaluator: Evaluator, out_dir: str) -> Point:
