@@ -22,9 +22,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _digits(out_dir, **goal):
+    # at most 8 epochs of distillation: budgets here are long so that max_trials ends the runs, and
+    # would let the digits CNN's cheap epochs run 32
     return compress(digits.trained_digits_cnn(), torch.randn(1, 1, 8, 8), evaluate="top1",
                     eval_data=digits.test_batches, data=digits.train_batches,
-                    goal={"max_drop": 1.0, **goal}, out_dir=str(out_dir), progress=False)
+                    goal={"max_drop": 1.0, "max_finetune_epochs": 8, **goal}, out_dir=str(out_dir), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,9 @@ def test_report_plots_and_json_describe_the_run(size_run):
     assert data["chosen"]["number"] == r.chosen.number
     assert len(data["trials"]) == len(r.trials)
     assert data["chosen_factors"]["smaller"] == pytest.approx(r.fp32_file_bytes / r.chosen.size_bytes)
+    # the goal's cap on distillation holds, where 30 minutes would have let the digits CNN run 32 epochs
+    assert "is 8 epochs (the goal's max_finetune_epochs)" in text
+    assert max(t.recipe.finetune for t in r.trials) == 8.0
 
 
 def test_a_resumed_study_builds_nothing_again(size_run):
@@ -286,6 +291,7 @@ def test_the_longest_recovery_follows_the_cost_of_an_epoch_and_the_budget():
     assert Space.for_goal(latency, has_train_data=True, longest=16.0).finetune == (0.0, 1.0, 2.0, 8.0, 16.0)
     assert Space.for_goal(latency, has_train_data=True).finetune == (0.0, 1.0, 2.0, 8.0)
     assert Space.for_goal(latency, has_train_data=False, longest=32.0).finetune == (0.0,)
+    assert Space.for_goal(latency, has_train_data=True, longest=4.0).finetune == (0.0, 1.0, 2.0, 4.0)   # a cap
 
 
 def test_a_resumed_run_keeps_the_recovery_it_measured_first(tmp_path, monkeypatch):

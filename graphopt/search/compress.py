@@ -699,7 +699,9 @@ def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed,
             result.notes.append(f"no int8: {exc}")
     elif goal.objective != "macs":
         result.notes.append("no int8: calibration needs data")
-    if context and result.prune_layers:
+    if goal.max_finetune_epochs is not None:   # the user's cap: nothing to measure
+        result.longest_recovery = float(goal.max_finetune_epochs)
+    elif context and result.prune_layers:
         try:
             result.epoch_seconds, result.longest_recovery = _recovery(base, context, goal, original_metric,
                                                                       finetune_batches, out_dir, resume)

@@ -20,7 +20,9 @@ class Goal(BaseModel):
     percent, so 1.0 is one point); ``max_relative_drop`` instead: a fraction of the original's
     value. ``objective``: ``latency`` (median ms at ``batch_size`` in ``runtime``), ``size`` (bytes
     of the artifact on disk: the packed format) or ``macs``. ``max_minutes``/``max_trials`` bound
-    the search; whatever has been found when either runs out is the answer."""
+    the search; whatever has been found when either runs out is the answer. ``max_finetune_epochs``
+    caps a candidate's distillation (by default 8 epochs, or 16/32 where the measured cost of an
+    epoch and ``max_minutes`` allow)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,6 +34,7 @@ class Goal(BaseModel):
     threads: int = Field(default=2, ge=1, le=256)
     max_minutes: float = Field(default=15.0, gt=0)
     max_trials: int = Field(default=40, ge=1)
+    max_finetune_epochs: float | None = Field(default=None, gt=0, le=1000)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -135,10 +135,8 @@ class Space:
     def for_goal(goal: Goal, has_train_data: bool, longest: float = 8.0) -> "Space":
         # deep cuts need the long recovery: MobileNetV2 at 65% of its MACs pruned, 78.9% after 4
         # epochs of distillation, 83.3% after 8 (84.1% unpruned); 2 epochs bring back a 50% cut;
-        # ``longest`` (from ``longest_recovery``) adds a longer one where epochs are cheap
-        finetune = (0.0, 1.0, 2.0, 8.0) if has_train_data else (0.0,)
-        if has_train_data and longest > 8.0:
-            finetune += (longest,)
+        # ``longest`` (``longest_recovery``, or the goal's cap) is the last level
+        finetune = tuple(e for e in (0.0, 1.0, 2.0, 8.0) if e < longest) + (longest,) if has_train_data else (0.0,)
         if goal.objective == "size":
             return Space(finetune=finetune, sparsity=(0.0, 0.5, 0.7, 0.85), share_bits=(0, 6, 5, 4),
                          quant=("fp32", "int8-weights"), max_sensitive_float=0)

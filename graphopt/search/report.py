@@ -109,6 +109,9 @@ def write_report(result: "CompressResult") -> str:
     if s.epoch_seconds:
         lines += [f"One epoch of distillation takes {s.epoch_seconds:.1f} s here (unpruned student): the longest "
                   f"recovery a candidate may ask for is {s.longest_recovery:g} epochs.", ""]
+    elif result.goal.max_finetune_epochs is not None:
+        lines += [f"The longest recovery a candidate may ask for is {s.longest_recovery:g} epochs "
+                  "(the goal's max_finetune_epochs).", ""]
     lines += [f"- {note}" for note in s.notes] + ([""] if s.notes else [])
     lines += ["## All trials", "", _md(["trial", "recipe", "status", "metric", "drop", "ms", "size", "s", "note"],
               [[t.number, t.recipe.label(), t.status, _num(t.metric), _num(t.drop, ".3g"), _num(t.latency_ms),
