@@ -147,6 +147,7 @@ def test_evaluate_failures_name_the_trial(tmp_path):
     ({"max_drop": -1}, "max_drop: Input should be greater than or equal to 0"),
     ({"max_drop": 1, "max_relative_drop": 0.01}, "not both"),
     ({"max_trails": 3}, "max_trails: Extra inputs are not permitted"),
+    ({"max_finetune_epochs": 0}, "max_finetune_epochs: Input should be greater than 0"),
 ])
 def test_goal_fields_are_checked(fields, message):
     with pytest.raises(ConfigError, match=message):

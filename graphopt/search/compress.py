@@ -422,9 +422,7 @@ def _run(graph, module, goal, evaluator, context, out_dir, resume, finetune_batc
     bench = Workbench(base, goal, evaluator, original.metric, allowed, context, out_dir,
                       sensitivity.protected_order(), finetune_batches,
                       reaches={(1, 0): sens.on_grid(sensitivity.reach)})   # the stage measured that one
-    fingerprint = hashlib.sha256(json.dumps([goal.model_dump(exclude={"max_minutes", "max_trials"}),
-                                             repr(space), len(list(base.nodes)), original.metric],
-                                            default=str).encode()).hexdigest()[:12]
+    fingerprint = _digest(goal, repr(space), len(list(base.nodes)), original.metric)
     bench.folder = os.path.join(out_dir, fingerprint)
     if not distributed.is_main():   # under torchrun: build a share of each round, then take rank 0's answer
         _serve(bench)
@@ -717,14 +715,19 @@ def _sensitivity_stage(base, evaluator, context, goal, original_metric, allowed,
     return result
 
 
+def _digest(goal: Goal, *parts: Any) -> str:
+    """A short name for a run's settings, the goal's budget left out (a longer run resumes a shorter one)."""
+    return hashlib.sha256(json.dumps([goal.model_dump(exclude={"max_minutes", "max_trials"}), *parts],
+                                     default=str).encode()).hexdigest()[:12]
+
+
 def _recovery(base: Graph, context: dict, goal: Goal, original_metric: float, finetune_batches: int | None,
               out_dir: str, resume: bool) -> tuple[float | None, float]:
     """The cost of a distillation epoch and the longest recovery it allows, measured once per
     ``out_dir``: a resumed run (even with a longer ``max_minutes``) keeps the search space, and so
     the study, it started with, however the timing of a second measurement would fall."""
     path = os.path.join(out_dir, "recovery.json")
-    key = hashlib.sha256(json.dumps([goal.model_dump(exclude={"max_minutes", "max_trials"}), len(list(base.nodes)),
-                                     original_metric, finetune_batches], default=str).encode()).hexdigest()[:12]
+    key = _digest(goal, len(list(base.nodes)), original_metric, finetune_batches)
     saved = None
     if resume and distributed.is_main() and os.path.isfile(path):
         try:

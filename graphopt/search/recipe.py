@@ -106,8 +106,8 @@ def longest_recovery(goal: Goal, epoch_seconds: float | None) -> float:
     an epoch (a size candidate fine-tunes three times: after pruning, sparsity and sharing), so a
     search over a small model runs the recovery it needs and one over a large model still builds
     its seeds and push steps. (Unpruned students on 2 cores: MobileNetV2 45 s an epoch, 8 epochs
-    in 40 minutes; the Fashion-MNIST CNN 7.3 s, 16 epochs in 15 minutes; the digits CNN 0.6 s,
-    8 epochs for size in 2 minutes.)"""
+    in 40 minutes; the Fashion-MNIST CNN 4.5-7.3 s, 32 or 16 epochs in 15 minutes; the digits CNN
+    0.6 s, 8 epochs for size in 2 minutes.)"""
     if not epoch_seconds:
         return 8.0
     phases = 3 if goal.objective == "size" else 1
