@@ -605,6 +605,11 @@ def _params(space: Space, recipe: Recipe) -> dict:
     return params
 
 
+def _int8_alone(recipe: Recipe) -> bool:
+    """int8 and nothing else (some layers may stay float): what accuracy control builds."""
+    return recipe == Recipe(quant="int8", sensitive_float=recipe.sensitive_float)
+
+
 def _int8_pays(trials: list[Trial], goal: Goal) -> bool:
     """Whether int8 ran faster than the original's own export, where both were measured (latency
     goals: the accuracy-control trials run before the seeds). The Fashion-MNIST CNN's int8 runs at
@@ -613,7 +618,7 @@ def _int8_pays(trials: list[Trial], goal: Goal) -> bool:
         return True
     timed = {t.recipe: t.latency_ms for t in trials if t.status == "complete" and t.latency_ms is not None}
     original = timed.get(Recipe())
-    int8 = [ms for recipe, ms in timed.items() if recipe == Recipe(quant="int8", sensitive_float=recipe.sensitive_float)]
+    int8 = [ms for recipe, ms in timed.items() if _int8_alone(recipe)]
     return original is None or not int8 or min(int8) < original
 
 
@@ -652,8 +657,7 @@ def _harder(space: Space, recipe: Recipe, reach: Callable[[int, int], float]) ->
 
 def _accuracy_control(trials: list[Trial]) -> Trial | None:
     """The accuracy-control baseline read from the trials: int8 with the fewest float layers within the drop."""
-    ok = [t for t in trials if t.feasible and t.recipe.quant == "int8" and t.recipe == Recipe(
-        quant="int8", sensitive_float=t.recipe.sensitive_float)]
+    ok = [t for t in trials if t.feasible and _int8_alone(t.recipe)]
     return min(ok, key=lambda t: t.recipe.sensitive_float, default=None)
 
 

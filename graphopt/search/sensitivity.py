@@ -106,8 +106,9 @@ def prune_reach(base: Graph, exclude: list[str] | None = None, round_to: int = 1
 def distill_epoch_seconds(base: Graph, data, max_batches: int | None) -> float | None:
     """One epoch of the recovery the trials run (distillation from ``base``, at most
     ``max_batches`` batches an epoch), timed on a few steps of an unpruned student: pruned
-    students cost less, so the search plans on the safe side. Rank 0's measurement under torchrun (every rank must build the same
-    search space). None where the data cannot tell an epoch's length."""
+    students cost less, so the search plans on the safe side. Rank 0's measurement under
+    torchrun (every rank must build the same search space). None where the data cannot tell an
+    epoch's length."""
     config = DistillConfig(epochs=1.0, max_batches=max_batches)
     seconds = epoch_seconds(base.clone(), base, data, config)
     return broadcast_object(seconds) if active() else seconds
