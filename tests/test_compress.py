@@ -202,6 +202,11 @@ def test_sampled_knobs_round_trip_through_the_study_parameters():
     size = Space.for_goal(Goal(objective="size"), has_train_data=True)
     size_seeds = _seeds(size)
     assert size_seeds[0].sparsity and size_seeds[0].share_bits == 4   # Deep Compression's compound first
+    # at half the range, then a grid step short of its end
+    assert [(s.prune, s.sparsity, s.share_bits) for s in size_seeds] == [(0.35, 0.7, 4), (0.65, 0.7, 4),
+                                                                        (0.35, 0.0, 5), (0.7, 0.0, 5)]
+    assert [s.prune for s in _seeds(replace(size, max_prune=0.05))] == [0.0, 0.05]   # sparse and shared, unpruned
+    assert [s.prune for s in _seeds(replace(size, max_prune=0.0))] == [0.0]
     for where, recipe in [(space, r) for r in (*seeds, Recipe(), Recipe(quant="int8", sensitive_float=2),
                                                Recipe(prune=0.3, scope="uniform", protect=1, round_to=8,
                                                       finetune=1.0, quant="int8", qat=1.0))] \
@@ -235,16 +240,27 @@ def test_a_candidate_with_drop_to_spare_is_pushed_one_step_harder():
     reach = {(16, 0): 0.5, (1, 0): 0.9}.get
     assert _harder(space, Recipe(prune=0.45, round_to=16), lambda *key: reach(key)) == [Recipe(prune=0.5, round_to=16)]
     assert _harder(space, Recipe(prune=0.5, round_to=16), lambda *key: reach(key)) == []
+    # no deeper than a grid step short of a built recipe that lost too much and differs only in pruning
+    lost = [Recipe(prune=0.6, finetune=8.0, sparsity=0.7, share_bits=4), Recipe(prune=0.45, share_bits=4)]
+    assert _harder(space, Recipe(prune=0.5, finetune=8.0, sparsity=0.7, share_bits=4), anywhere, lost)[0].prune == 0.55
+    assert _harder(space, Recipe(prune=0.55, finetune=8.0, sparsity=0.7, share_bits=4), anywhere, lost) \
+        == [Recipe(prune=0.55, finetune=8.0, sparsity=0.85, share_bits=4)]
+    assert _harder(space, Recipe(prune=0.3, finetune=8.0, sparsity=0.7, share_bits=4), anywhere, lost)[0].prune == 0.4
 
 
 def test_the_search_pushes_its_best_seed_while_it_keeps_the_drop(size_run):
     from dataclasses import replace
 
-    seed = size_run.trials[0].recipe   # Deep Compression's compound comes first
-    assert seed.sparsity and seed.share_bits
-    assert size_run.trials[0].drop <= size_run.allowed_drop / 2   # the digits CNN keeps its accuracy
-    pushed = {replace(seed, prune=round(seed.prune + 0.1, 4)), replace(seed, sparsity=0.85)}
-    assert pushed & {t.recipe for t in size_run.trials[1:]}
+    trials = size_run.trials
+    half, deep = trials[0].recipe, trials[1].recipe   # Deep Compression's compound, at half the range and near its end
+    assert half.sparsity and half.share_bits and deep == replace(half, prune=deep.prune) and deep.prune > half.prune
+    assert trials[0].drop <= size_run.allowed_drop / 2   # the digits CNN keeps its accuracy
+
+    def one_step(before, after):
+        return (after == replace(before, prune=after.prune) and 0 < after.prune - before.prune <= 0.1 + 1e-9) \
+            or after == replace(before, sparsity=0.85)
+    spare = [t for t in trials[:4] if t.feasible and t.drop <= size_run.allowed_drop / 2]
+    assert spare and any(one_step(s.recipe, t.recipe) for s in spare for t in trials[4:])
 
 
 def test_a_rounded_recipe_prunes_to_whole_blocks():
@@ -280,14 +296,17 @@ def test_distillation_keeps_what_its_epochs_recover_in_the_pruning_range():
 def test_the_longest_recovery_follows_the_cost_of_an_epoch_and_the_budget():
     """Unpruned students on 2 cores: the Fashion-MNIST CNN, 7.3 s an epoch, gets 16 epochs in a
     15-minute latency search (+0.08 points at half its MACs, -1.37 after 8); MobileNetV2, 45 s,
-    keeps 8 in 40 minutes; a size candidate fine-tunes three times, so it keeps 8 at 7.3 s."""
+    keeps 8 in 40 minutes; a size candidate fine-tunes three times and may take 0.4 of the budget
+    (a size search lives on its two seeds and a push): 16 epochs at 7.3 s, 8 at 8 s."""
     from graphopt.search.recipe import Space, longest_recovery
 
     latency, size = Goal(objective="latency", max_minutes=15), Goal(objective="size", max_minutes=15)
     assert longest_recovery(latency, 7.3) == 16.0
     assert longest_recovery(latency, 1.0) == 32.0
     assert longest_recovery(Goal(objective="latency", max_minutes=40), 45.0) == 8.0
-    assert longest_recovery(size, 7.3) == 8.0 and longest_recovery(size, 1.0) == 32.0
+    assert longest_recovery(size, 7.3) == 16.0 and longest_recovery(size, 8.0) == 8.0
+    assert longest_recovery(size, 2.0) == 32.0
+    assert longest_recovery(Goal(objective="size", max_minutes=60), 45.0) == 8.0   # MobileNetV2
     assert longest_recovery(latency, None) == 8.0
     assert Space.for_goal(latency, has_train_data=True, longest=16.0).finetune == (0.0, 1.0, 2.0, 8.0, 16.0)
     assert Space.for_goal(latency, has_train_data=True).finetune == (0.0, 1.0, 2.0, 8.0)
