@@ -1,6 +1,8 @@
 """Pruning split/chunk, channel shuffle, GroupNorm and hand-written attention heads: channel
 counts after pruning, the size literals and split sizes rewritten in the graph, and the
 oracle (the pruned graph equals the original with the removed channels masked)."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +12,8 @@ from graphopt import PassContext, PassManager
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript as ts_backend
 from graphopt.pruning.channels import channel_groups
+from graphopt.errors import ConfigError
+from graphopt.modules import PrunedLayerNorm
 from graphopt.passes import PruneChannels
 from graphopt.passes.pruning_importance import L1
 from graphopt.tools import minilm
@@ -471,6 +475,49 @@ def test_a_residual_stream_a_layer_norm_normalises_prunes_exactly_twice_and_expo
     packed.export(result.graph, tmp_path / "stream.gpk")
     loaded = packed.load(tmp_path / "stream.gpk")
     torch.testing.assert_close(loaded.run(x), result.graph.run(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_stats_over_the_kept_channels_give_plain_layer_norms_at_scale(tmp_path):
+    """``layer_norm_stats="kept"``: each pruned LayerNorm becomes a plain (fused) nn.LayerNorm over
+    the channels kept, weight x sqrt(traced / kept) and eps x traced / kept, exact against the
+    masked original normalising the same channels, in one step or two, and it exports."""
+    torch.manual_seed(0)
+    model = Stream().eval()
+    for norm in model.norms:
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.normal_(norm.bias)
+    x = torch.randn(2, 5, 6)
+    graph = graphopt.trace(model, x)
+    once = PassManager([PruneChannels(ratio=0.25, layer_norm_stats="kept")]).run(graph)
+    twice = PassManager([PruneChannels(ratio=0.25, layer_norm_stats="kept")] * 2).run(graph)
+    steps = PassManager([PruneChannels(ratio=1 - 0.75 ** 2, steps=2, layer_norm_stats="kept")]).run(graph)
+    for result in (once, twice, steps):
+        assert all(r.contract_error < 1e-5 for r in result.records[1:])
+        norms = [m for m in result.graph.modules().values() if isinstance(m, nn.LayerNorm)]
+        assert len(norms) == 3 and not any(isinstance(m, PrunedLayerNorm) for m in result.graph.modules().values())
+    # the stream's norms, 16 -> 9 channels: the original's weights at the kept channels, x sqrt(16 / 9)
+    norm = twice.graph.modules()["norms.0"]
+    kept = norm.normalized_shape[0]
+    assert kept == 9 and norm.eps == pytest.approx(1e-5 * 16 / 9)
+    original = model.norms[0].weight.detach()
+    unscaled = norm.weight.detach() / math.sqrt(16 / 9)                            # the weights kept, rescaled
+    assert (unscaled[:, None] - original[None, :]).abs().min(dim=1).values.max() < 1e-6
+    # the rescale keeps the output near the exact statistics' ("all": the masked original), where
+    # the same LayerNorms without it are not
+    exact = PassManager([PruneChannels(ratio=0.25)] * 2).run(graph)
+    bare = twice.graph.clone()
+    for m in bare.modules().values():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = 1e-5
+            with torch.no_grad():
+                m.weight /= math.sqrt(16 / 9)
+    many = torch.randn(64, 5, 6)
+    with torch.no_grad():
+        target = exact.graph.run(many)
+        assert (twice.graph.run(many) - target).norm() < 0.5 * (bare.run(many) - target).norm()
+    onnx_backend.export(twice.graph, tmp_path / "kept.onnx")   # checked in onnxruntime against the graph
+    with pytest.raises(ConfigError, match="layer_norm_stats"):
+        PruneChannels(ratio=0.25, layer_norm_stats="some")
 
 
 class HeadSizeFromWidth(nn.Module):
