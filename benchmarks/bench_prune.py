@@ -4,10 +4,10 @@
     python -m benchmarks.bench_prune accuracy [--epochs 3]
 
 speed: each model pruned to 50% of its MACs by graphopt (prune_channels, L2, round_to 32 unless
---round-to says otherwise; a pruned LayerNorm normalises the channels kept, a plain nn.LayerNorm as
-Torch-Pruning leaves it: layer_norm_stats="kept") and, as a column, by Torch-Pruning 1.6 (MetaPruner, L2 magnitude, same
-MACs target found by bisection, the same round_to, halved while its uniform steps land more than 3%
-under the target; `pip install --no-deps torch-pruning==1.6.1`). Latency is measured in torch
+--round-to says otherwise; a pruned LayerNorm normalises the channels kept, a plain nn.LayerNorm
+as Torch-Pruning leaves it: layer_norm_stats="kept") and, as a column, by Torch-Pruning 1.6
+(MetaPruner, L2 magnitude, same MACs target found by bisection, the same round_to, halved while
+its uniform steps land more than 3% under the target; `pip install --no-deps torch-pruning==1.6.1`). Latency is measured in torch
 eager (NCHW, and channels_last: oneDNN's native layout, the usual CPU inference setting) and in
 onnxruntime, batch 1 and 16, 2 threads; ratios are dense / pruned (higher is faster). Each runtime
 is timed in its own block, its variants interleaved round by round (each timed call preceded
