@@ -451,16 +451,19 @@ class Stream(nn.Module):
         return self.head(self.norms[2](x).mean(1))
 
 
-def test_a_residual_stream_a_layer_norm_normalises_prunes_exactly_twice_and_exports(tmp_path):
-    from graphopt.modules import PrunedLayerNorm
-
+def _stream() -> tuple[nn.Module, torch.Tensor, graphopt.Graph]:
+    """A Stream with LayerNorm affines away from identity, an input and its graph."""
     torch.manual_seed(0)
     model = Stream().eval()
     for norm in model.norms:
         nn.init.uniform_(norm.weight, 0.5, 1.5)
         nn.init.normal_(norm.bias)
     x = torch.randn(2, 5, 6)
-    graph = graphopt.trace(model, x)
+    return model, x, graphopt.trace(model, x)
+
+
+def test_a_residual_stream_a_layer_norm_normalises_prunes_exactly_twice_and_exports(tmp_path):
+    model, x, graph = _stream()
     stream = next(g for g in channel_groups(graph).groups if any(m.target == "embed" for m in g.members))
     assert not stream.blocked and stream.size == 16
     result = PassManager([PruneChannels(ratio=0.25), PruneChannels(ratio=0.25)]).run(graph)
@@ -481,13 +484,7 @@ def test_layer_norm_stats_over_the_kept_channels_give_plain_layer_norms_at_scale
     """``layer_norm_stats="kept"``: each pruned LayerNorm becomes a plain (fused) nn.LayerNorm over
     the channels kept, weight x sqrt(traced / kept) and eps x traced / kept, exact against the
     masked original normalising the same channels, in one step or two, and it exports."""
-    torch.manual_seed(0)
-    model = Stream().eval()
-    for norm in model.norms:
-        nn.init.uniform_(norm.weight, 0.5, 1.5)
-        nn.init.normal_(norm.bias)
-    x = torch.randn(2, 5, 6)
-    graph = graphopt.trace(model, x)
+    model, x, graph = _stream()
     once = PassManager([PruneChannels(ratio=0.25, layer_norm_stats="kept")]).run(graph)
     twice = PassManager([PruneChannels(ratio=0.25, layer_norm_stats="kept")] * 2).run(graph)
     steps = PassManager([PruneChannels(ratio=1 - 0.75 ** 2, steps=2, layer_norm_stats="kept")]).run(graph)
