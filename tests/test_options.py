@@ -32,7 +32,7 @@ def _row(model, name):
 def test_the_model_has_one_field_per_option_with_its_default():
     model = PruneChannels.options_model()
     assert list(model.model_fields) == ["ratio", "target_macs", "target_params", "importance", "scope", "max_ratio",
-                                        "round_to", "layers", "exclude", "overrides", "steps"]
+                                        "round_to", "layers", "exclude", "overrides", "steps", "layer_norm_stats"]
     assert model.model_fields["max_ratio"].default == 0.9
     assert PruneChannels.options_model() is model   # built once per class
     assert list(options_model("onnx").model_fields) == ["opset", "simplify", "tolerance", "dynamic_batch"]
@@ -47,8 +47,9 @@ def test_the_model_has_one_field_per_option_with_its_default():
     ({"ratio": 0.3, "layers": "conv*"}, r"option 'layers' must be list[str] or None, got str 'conv*' (write ['conv*'])"),
     ({"ratio": 0.3, "overrides": {"a": 2.0}}, "option 'overrides' must be a table of float values or None"),
     ({"ratio": 0.3, "scop": "global"}, "unknown option 'scop'; valid options: ratio, target_macs, target_params, "
-                                       "importance, scope, max_ratio, round_to, layers, exclude, overrides, steps "
-                                       "(did you mean 'scope'?)"),
+                                       "importance, scope, max_ratio, round_to, layers, exclude, overrides, steps, "
+                                       "layer_norm_stats (did you mean 'scope'?)"),
+    ({"ratio": 0.3, "layer_norm_stats": "some"}, "option 'layer_norm_stats' must be one of all, kept, got str 'some'"),
     ({"ratio": 0.3, "target_params": 0.5}, "pass 'prune_channels': give exactly one of ratio, target_macs, "
                                            "target_params (got ratio, target_params)"),
 ])
