@@ -637,7 +637,7 @@ def _seeds(space: Space, int8: bool = True) -> list[Recipe]:
             # at half the range (safe), then a grid step short of its end (sparsity and sharing
             # lose their own share): the smallest within a point were deep (MobileNetV2 pruned by
             # 60%, +1.85 points, 26.9x; the Fashion-MNIST CNN by 60%, -0.87, 21.2x), and pushing
-            # there from half by 10% steps took MobileNetV2 four candidates and 40 minutes
+            # there from half by 10% steps took MobileNetV2 three candidates and 29 minutes
             deep = sens.on_grid(space.max_prune - sens.GRID)
             sparse = space.sparsity[len(space.sparsity) // 2]
             seeds[:0] = [Recipe(prune=p, finetune=finetune, share_bits=min(bits), sparsity=sparse)

@@ -110,7 +110,7 @@ def longest_recovery(goal: Goal, epoch_seconds: float | None) -> float:
     ``LONG_RECOVERY`` whose fine-tuning fits in its share of ``max_minutes`` at ``epoch_seconds``
     an epoch, so a search over a small model runs the recovery it needs and one over a large
     model still builds its seeds and push steps. (Unpruned students on 2 cores: MobileNetV2 45 s
-    an epoch, 8 epochs in 40 minutes for latency and in 60 for size; the Fashion-MNIST CNN
+    an epoch, 8 epochs in 40 minutes for latency and in 50 for size; the Fashion-MNIST CNN
     4.5-7.3 s, 16 or 32 epochs in 15 minutes; the digits CNN 0.7 s, 16 epochs for size in 2.)"""
     if not epoch_seconds:
         return 8.0
