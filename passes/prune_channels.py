@@ -254,11 +254,10 @@ class PruneChannels(Pass):
             summaries.append(choice.summary())
             resized: dict[str, set[int]] | None = {} if self.layer_norm_stats == "kept" else None
             for (name, dim), removed in self.apply(graph, choice, masked, resized).items():
-                current = keeps.get((name, dim), torch.arange(original.attr(name).shape[dim]))
-                keeps[(name, dim)] = current[[i for i in range(len(current)) if i not in removed]]
+                keeps[(name, dim)] = _without(keeps.get((name, dim), original.attr(name).shape[dim]), removed)
             for target, removed in (resized or {}).items():
-                current = norms.get(target, torch.arange(original.gm.get_submodule(target).normalized_shape[0]))
-                norms[target] = current[[i for i in range(len(current)) if i not in removed]]
+                width = original.gm.get_submodule(target).normalized_shape[0]
+                norms[target] = _without(norms.get(target, width), removed)
         first = summaries[0]
         stats = {"groups": first["groups"], "prunable": first["prunable"], "blocked": first["blocked"],
                  "channels_removed": sum(s["removed"] for s in summaries), "importance": self.importance.name}
@@ -330,7 +329,7 @@ class PruneChannels(Pass):
             resize_group_norm(graph, target, positions)
         for target, (width, count, removed) in layer_norms.items():
             sliced = graph.gm.get_submodule(target)
-            graph.replace_module(target, _kept_stats_norm(sliced, width - removed, width)
+            graph.replace_module(target, _kept_stats_norm(sliced, sliced.weight, sliced.bias, width - removed, width)
                                  if self.layer_norm_stats == "kept"
                                  else PrunedLayerNorm.from_sliced(sliced, width - removed, count))
         _freeze_reads(graph, reads)
@@ -413,37 +412,38 @@ def _rewrite_literals(graph: Graph, edits: dict[tuple[str, int, int, str, int], 
         node.args = tuple(args)
 
 
-def _kept_stats_norm(sliced: nn.Module, kept: int, width: int) -> nn.LayerNorm:
-    """A LayerNorm whose weights were cut from ``width`` channels to ``kept``, as a plain
-    nn.LayerNorm over the channels kept, its output kept at scale (see PruneChannels'
-    ``layer_norm_stats``)."""
-    norm = nn.LayerNorm(kept, eps=sliced.eps * width / kept, elementwise_affine=sliced.weight is not None,
-                        bias=sliced.bias is not None)
+def _without(kept: torch.Tensor | int, removed: set[int]) -> torch.Tensor:
+    """The original indices ``kept`` (or all ``kept`` of them) less the positions ``removed`` from them."""
+    kept = torch.arange(kept) if isinstance(kept, int) else kept
+    return kept[[i for i in range(len(kept)) if i not in removed]]
+
+
+def _kept_stats_norm(norm: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None, kept: int,
+                     width: int) -> nn.LayerNorm:
+    """``norm`` (``width`` channels) as a plain nn.LayerNorm over ``kept`` of them with ``weight`` and
+    ``bias`` (already cut to those), its output kept at scale (see PruneChannels' ``layer_norm_stats``)."""
+    out = nn.LayerNorm(kept, eps=norm.eps * width / kept, elementwise_affine=weight is not None, bias=bias is not None)
     with torch.no_grad():
-        if sliced.weight is not None:
-            norm.weight = nn.Parameter(sliced.weight.detach() * math.sqrt(width / kept),
-                                       requires_grad=sliced.weight.requires_grad)
-        if sliced.bias is not None:
-            norm.bias = nn.Parameter(sliced.bias.detach().clone(), requires_grad=sliced.bias.requires_grad)
-    return norm.to(sliced.weight.device if sliced.weight is not None else "cpu")
+        if weight is not None:
+            out.weight = nn.Parameter(weight.detach() * math.sqrt(width / kept), requires_grad=weight.requires_grad)
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return out.to(weight.device if weight is not None else "cpu")
 
 
 class _KeptStatsReference(nn.Module):
-    """The masked original's LayerNorm under ``layer_norm_stats="kept"``: normalises the ``keep``
-    channels alone as ``_kept_stats_norm`` does, zeros where channels were removed."""
+    """The masked original's LayerNorm under ``layer_norm_stats="kept"``: the ``keep`` channels
+    through the LayerNorm the pruned graph holds, zeros where channels were removed."""
 
     def __init__(self, norm: nn.Module, keep: torch.Tensor):
         super().__init__()
-        width, kept = norm.normalized_shape[0], len(keep)
         self.register_buffer("keep", keep.to(norm.weight.device if norm.weight is not None else "cpu"))
-        self.eps, self.scale = norm.eps * width / kept, math.sqrt(width / kept)
-        self.weight, self.bias = norm.weight, norm.bias
+        self.norm = _kept_stats_norm(norm, None if norm.weight is None else norm.weight[self.keep],
+                                     None if norm.bias is None else norm.bias[self.keep], len(keep),
+                                     norm.normalized_shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight[self.keep] * self.scale if self.weight is not None else None
-        bias = self.bias[self.keep] if self.bias is not None else None
-        y = nn.functional.layer_norm(x.index_select(-1, self.keep), (len(self.keep),), weight, bias, self.eps)
-        return torch.zeros_like(x).index_copy(-1, self.keep, y)
+        return torch.zeros_like(x).index_copy(-1, self.keep, self.norm(x.index_select(-1, self.keep)))
 
 
 def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor], masked: set[tuple[str, int]],
@@ -451,8 +451,6 @@ def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor], masked:
     """The original graph (edited in place: the pass's own copy) with the removed positions of
     every ``masked`` tensor zeroed (see ``PruneChannels.apply``), and each LayerNorm of ``norms``
     normalising its kept channels alone: what the pruned graph must compute exactly."""
-    for target, keep in (norms or {}).items():
-        original.replace_module(target, _KeptStatsReference(original.gm.get_submodule(target), keep))
     with torch.no_grad():
         for (name, dim), keep in keeps.items():
             if (name, dim) in masked:
@@ -460,6 +458,8 @@ def _masked(original: Graph, keeps: dict[tuple[str, int], torch.Tensor], masked:
                 gone = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
                 gone[keep] = False
                 tensor.index_fill_(dim, gone.nonzero().flatten(), 0)
+    for target, keep in (norms or {}).items():   # after the zeroing: these hold the kept weights only
+        original.replace_module(target, _KeptStatsReference(original.gm.get_submodule(target), keep))
     return original
 
 
