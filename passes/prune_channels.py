@@ -278,7 +278,7 @@ class PruneChannels(Pass):
         literal_edits: dict[tuple[str, int, int, str], int] = defaultdict(int)
         split_edits: dict[tuple[str, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
         group_norms: dict[str, set[int]] = defaultdict(set)
-        layer_norms: dict[str, tuple[int, int, int]] = {}   # target -> (width now, traced width, removed)
+        layer_norms: dict[str, tuple[int, int, set[int]]] = {}   # target -> (width now, traced width, removed)
         means: dict[str, tuple[int, int]] = {}              # mean node -> (width it averages, removed)
         reads: dict[str, int] = {}                          # width read at run time -> its traced value
         depthwise = set()
@@ -309,10 +309,7 @@ class PruneChannels(Pass):
                 norm = modules.get(m.target) if m.role == NORM else None
                 if isinstance(norm, _LAYER_NORMS):
                     width = norm.normalized_shape[0]
-                    layer_norms[m.target] = (width, getattr(norm, "count", width),
-                                             layer_norms.get(m.target, (0, 0, 0))[2] + len(positions))
-                    if resized is not None:
-                        resized.setdefault(m.target, set()).update(positions)
+                    layer_norms.setdefault(m.target, (width, getattr(norm, "count", width), set()))[2].update(positions)
                 module_tensors = _tensors_of(graph, m)
                 for tensor_name, axis in module_tensors:
                     cuts[tensor_name][axis] |= positions
@@ -328,10 +325,11 @@ class PruneChannels(Pass):
         for target, positions in group_norms.items():
             resize_group_norm(graph, target, positions)
         for target, (width, count, removed) in layer_norms.items():
-            sliced = graph.gm.get_submodule(target)
-            graph.replace_module(target, _kept_stats_norm(sliced, sliced.weight, sliced.bias, width - removed, width)
-                                 if self.layer_norm_stats == "kept"
-                                 else PrunedLayerNorm.from_sliced(sliced, width - removed, count))
+            sliced, kept = graph.gm.get_submodule(target), width - len(removed)
+            graph.replace_module(target, _kept_stats_norm(sliced, sliced.weight, sliced.bias, kept, width)
+                                 if self.layer_norm_stats == "kept" else PrunedLayerNorm.from_sliced(sliced, kept, count))
+            if resized is not None:
+                resized[target] = removed
         _freeze_reads(graph, reads)
         _rewrite_literals(graph, literal_edits)
         for node_name, (width, removed) in means.items():
